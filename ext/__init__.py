@@ -1,0 +1,18 @@
+"""Native kernels of the gateway (Cython), each with a plain NumPy/Python twin of the same signature.
+
+`TENSORGATE_NO_EXTENSIONS=1` selects the twins, as aiohttp's AIOHTTP_NO_EXTENSIONS does; tests run
+both and compare. `USING_EXTENSIONS` says which are loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+USING_EXTENSIONS = not os.environ.get("TENSORGATE_NO_EXTENSIONS")
+
+if USING_EXTENSIONS:
+    from gateway.ext.tensorcheck import bytes_element_count
+else:
+    from gateway.ext.tensorcheck_py import bytes_element_count
+
+__all__ = ["USING_EXTENSIONS", "bytes_element_count"]

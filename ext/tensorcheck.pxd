@@ -1,0 +1,1 @@
+cpdef Py_ssize_t bytes_element_count(const unsigned char[::1] data) except -2

@@ -1,0 +1,81 @@
+"""The gateway's configuration: one YAML file, validated once at load, errors naming the key path.
+
+    listen: 127.0.0.1:8101
+    pools:
+      gpu: {backends: ["10.0.0.5:8001"]}
+      cpu: {backends: ["127.0.0.1:9001", "127.0.0.1:9002"]}
+    models:            # optional; without it every model the backends report is routed
+      resnet: {pools: [gpu, cpu]}   # preference order
+
+Optional sections: `server` (limits), `upstream` (streams per backend), `health` (check interval),
+`routing` (retry policy). Each stage owns its dataclass; this module composes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from gateway.configfile import load_dataclass
+from gateway.errors import ConfigError
+from gateway.routing.config import ModelRoute, RoutingConfig
+from gateway.server.config import ServerConfig
+from gateway.upstream.config import HealthConfig, PoolConfig, UpstreamConfig, parse_address
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: str
+    """host:port the gateway's gRPC server binds (port 0 picks a free one)."""
+    pools: dict[str, PoolConfig]
+    """Named pools of Triton backends."""
+    models: dict[str, ModelRoute] | None = None
+    """Routes per model; when absent, every model a backend reports is routed over all pools, in
+    the order they are written."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def validate(self, path: str) -> None:
+        host, port = self.listen.rpartition(":")[::2]
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError("listen", f"expected host:port (port 0 for any free port), got {self.listen!r}")
+        if not self.pools:
+            raise ConfigError("pools", "expected at least one pool")
+        for model, route in (self.models or {}).items():
+            for index, pool in enumerate(route.pools):
+                if pool not in self.pools:
+                    raise ConfigError(
+                        f"models.{model}.pools[{index}]",
+                        f"unknown pool {pool!r}; expected one of: {', '.join(self.pools)}",
+                    )
+
+    def default_pool_order(self) -> tuple[str, ...]:
+        return tuple(self.pools)
+
+    def with_listen(self, listen: str) -> "GatewayConfig":
+        return dataclasses.replace(self, listen=listen)
+
+
+def config_from_mapping(data: Any) -> GatewayConfig:
+    return load_dataclass(GatewayConfig, data)
+
+
+def load_config(path: str | os.PathLike) -> GatewayConfig:
+    """Read and validate a YAML config file; ConfigError names the key path of any problem."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data = yaml.safe_load(stream)
+    except OSError as error:
+        raise ConfigError("", f"cannot read config file {os.fspath(path)!r}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError("", f"{os.fspath(path)} is not valid YAML: {error}") from error
+    return config_from_mapping(data)
+
+
+__all__ = ["GatewayConfig", "PoolConfig", "ModelRoute", "load_config", "config_from_mapping", "parse_address"]

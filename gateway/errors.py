@@ -1,0 +1,80 @@
+"""The gateway's error tree; every class maps to the gRPC status a client can act on.
+
+    GatewayError                      base; carries `code` (grpc.StatusCode) and a message
+    ├── InvalidArgument               bad tensor, shape, datatype, byte size, parameters
+    ├── NotFound                      unknown model or version
+    ├── Unavailable                   no healthy backend for the model, backend connection lost
+    ├── ResourceExhausted             queue full, message over the size limit
+    ├── DeadlineExceeded              the client's deadline ran out at the gateway
+    ├── Unimplemented                 an API that cannot cross the gateway (shared memory)
+    ├── PermissionDenied              an API the gateway refuses on purpose (repository control)
+    └── BackendError                  a status reported by a Triton backend, passed through
+
+    ConfigError (ValueError)          invalid configuration; names the key path
+
+Errors are raised as these classes inside the gateway and translated to a gRPC status only at the
+front door (gateway/server/), the way httpx translates only at layer boundaries.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class GatewayError(Exception):
+    """An error that ends one request with a gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.code.name}: {self.message}>"
+
+
+class InvalidArgument(GatewayError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(GatewayError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(GatewayError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(GatewayError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(GatewayError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unimplemented(GatewayError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class PermissionDenied(GatewayError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class BackendError(GatewayError):
+    """A failure reported by a Triton backend; its status code is passed through to the client."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, backend: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.backend = backend
+
+
+class ConfigError(ValueError):
+    """Invalid configuration. `path` is the dotted key path of the offending value."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path or '<root>'}: {message}")
+        self.path = path
+        self.reason = message

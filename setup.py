@@ -1,0 +1,68 @@
+"""Build steps that pyproject.toml cannot declare: the Cython kernels and the protocol descriptors.
+
+- `ext/*.pyx` are compiled into the importable package `gateway.ext` (the folder shows the native
+  boundary; the import path stays one name).
+- `protos/*.proto` are compiled by grpcio-tools into one FileDescriptorSet,
+  `gateway/protocol/tensorgate.binpb`, which the gateway loads into a private descriptor pool
+  (see gateway/protocol/__init__.py for why not the default pool).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DESCRIPTOR_SET = os.path.join("gateway", "protocol", "tensorgate.binpb")
+
+
+def compile_protos() -> None:
+    """Run protoc (from grpcio-tools) over protos/ into the descriptor set, if it is stale."""
+    protos = sorted(glob.glob(os.path.join(HERE, "protos", "*.proto")))
+    target = os.path.join(HERE, DESCRIPTOR_SET)
+    if os.path.exists(target) and all(os.path.getmtime(p) <= os.path.getmtime(target) for p in protos):
+        return
+    command = [
+        sys.executable, "-m", "grpc_tools.protoc",
+        f"--proto_path={os.path.join(HERE, 'protos')}",
+        f"--descriptor_set_out={target}",
+        "--include_imports",
+        *[os.path.basename(p) for p in protos],
+    ]
+    subprocess.check_call(command, cwd=os.path.join(HERE, "protos"))
+
+
+def extensions() -> list[Extension]:
+    modules = []
+    for source in sorted(glob.glob(os.path.join("ext", "*.pyx"))):
+        name = os.path.splitext(os.path.basename(source))[0]
+        modules.append(
+            Extension(
+                f"gateway.ext.{name}",
+                [source],
+                include_dirs=[numpy.get_include()],
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+                extra_compile_args=["-O3"],
+            )
+        )
+    return cythonize(modules, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
+
+
+# Every setuptools entry point (wheel, sdist, editable install) passes through here, so generating the
+# descriptor set at this point keeps one build path for all of them.
+compile_protos()
+setup(
+    packages=[
+        "gateway",
+        *[f"gateway.{p}" for p in ("protocol", "server", "routing", "upstream", "local", "batching", "drift", "telemetry", "bench")],
+        "gateway.ext",
+    ],
+    package_dir={"gateway": "gateway", "gateway.ext": "ext"},
+    ext_modules=extensions(),
+)
