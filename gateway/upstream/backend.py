@@ -6,6 +6,7 @@ import enum
 import itertools
 import logging
 import time
+from typing import Callable
 
 import grpc
 
@@ -57,6 +58,7 @@ class Backend:
         self.served = 0
         self.failed = 0
         self.changed_at = time.monotonic()
+        self.on_change: Callable[[], None] = lambda: None
 
     def __repr__(self) -> str:
         return (
@@ -74,13 +76,18 @@ class Backend:
     # ---- health ------------------------------------------------------------------------------
 
     def mark(self, health: Health, detail: str, ready_models: frozenset[tuple[str, str]] | None = None) -> None:
-        if ready_models is not None:
+        changed = health is not self.health
+        if ready_models is not None and ready_models != self.ready_models:
             self.ready_models = ready_models
+            changed = True
         if health is not self.health:
-            log.warning("backend %s (%s): %s -> %s: %s", self.address, self.pool, self.health.value, health.value, detail)
+            level = logging.INFO if health is Health.HEALTHY else logging.WARNING
+            log.log(level, "backend %s (%s): %s -> %s: %s", self.address, self.pool, self.health.value, health.value, detail)
             self.changed_at = time.monotonic()
         self.health = health
         self.health_detail = detail
+        if changed:
+            self.on_change()
 
     def _stream_broke(self, reason: str) -> None:
         # Passive ejection: a broken stream takes the backend out of rotation at once; the next

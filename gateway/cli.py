@@ -1,0 +1,120 @@
+"""`tensorgate` command line: serve, local-triton, demo.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid configuration (the error names the
+key path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from gateway.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _install_loop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is a dependency; fall back only where it cannot be built
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(config) -> None:
+    from gateway.server.app import Gateway
+
+    gateway = Gateway(config)
+    await gateway.start()
+    print(f"tensorgate serving on {gateway.address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+
+    try:
+        config = load_config(args.config)
+        if args.listen:
+            config = config.with_listen(args.listen)
+    except ConfigError as error:
+        print(f"tensorgate: invalid config {args.config}: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    _install_loop()
+    asyncio.run(_serve(config))
+    return 0
+
+
+def cmd_local_triton(args: argparse.Namespace) -> int:
+    from gateway.local.triton import LocalTriton, TritonLaunchError, default_model_repository
+
+    repository = args.model_repository or default_model_repository()
+    try:
+        triton = LocalTriton(repository, name=args.name, grpc_port=args.grpc_port, log_dir=args.log_dir).start()
+    except TritonLaunchError as error:
+        print(f"tensorgate: {error}", file=sys.stderr)
+        return 1
+    print(f"Triton serving {repository} on {triton.grpc_address} (gRPC), {triton.http_address} (HTTP), "
+          f"metrics on {triton.metrics_address}; log: {triton.log_path}", flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        triton.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    _install_loop()
+    return asyncio.run(run_demo(requests=args.requests, concurrency=args.concurrency, log_dir=args.log_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensorgate", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="YAML config file")
+    serve.add_argument("--listen", help="override the config's listen address (host:port)")
+    serve.set_defaults(run=cmd_serve)
+
+    local = commands.add_parser("local-triton", help="run one local Triton server from the nvidia-pytriton wheel")
+    local.add_argument("--model-repository", help="model repository (default: the bundled examples)")
+    local.add_argument("--grpc-port", type=int, default=0, help="gRPC port (default: a free one)")
+    local.add_argument("--name", default="triton")
+    local.add_argument("--log-dir")
+    local.set_defaults(run=cmd_local_triton)
+
+    demo = commands.add_parser("demo", help="two local Tritons as two pools, the gateway in front, traffic through it")
+    demo.add_argument("--requests", type=int, default=2000)
+    demo.add_argument("--concurrency", type=int, default=16)
+    demo.add_argument("--log-dir", default=None, help="where Triton logs are kept (default: a temp dir)")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

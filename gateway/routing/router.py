@@ -1,0 +1,73 @@
+"""Model (and version) → its pools in preference order → a healthy backend, by power of two choices.
+
+The candidate lists are derived from the fleet and rebuilt only when the fleet's health or model
+sets change (its `generation`), so a routing decision on the hot path is two dict lookups and two
+random picks.
+"""
+
+from __future__ import annotations
+
+import random
+
+from gateway.errors import NotFound, Unavailable
+from gateway.routing.config import ModelRoute
+from gateway.upstream.backend import Backend
+from gateway.upstream.fleet import Fleet
+
+#: Why a backend was picked; reported in routing statistics.
+PREFERRED, SPILL = "preferred", "spill"
+
+
+class Router:
+    def __init__(self, fleet: Fleet, routes: dict[str, ModelRoute] | None, rng: random.Random | None = None) -> None:
+        self._fleet = fleet
+        self._routes = routes
+        self._default_pools = tuple(fleet.pools)
+        self._random = rng or random.Random()
+        self._tables: dict[tuple[str, str], list[list[Backend]]] = {}
+        fleet.on_change(self._tables.clear)
+        self.decisions = {PREFERRED: 0, SPILL: 0}
+
+    def __repr__(self) -> str:
+        return f"<Router routes={'all' if self._routes is None else sorted(self._routes)} decisions={self.decisions}>"
+
+    def pools_of(self, model: str) -> tuple[str, ...] | None:
+        """The model's pools in preference order; None if the config does not route it."""
+        if self._routes is None:
+            return self._default_pools
+        route = self._routes.get(model)
+        return route.pools if route is not None else None
+
+    def routes(self, model: str) -> bool:
+        return self.pools_of(model) is not None
+
+    def _table(self, model: str, version: str) -> list[list[Backend]]:
+        key = (model, version)
+        table = self._tables.get(key)
+        if table is None:
+            pools = self.pools_of(model) or ()
+            table = [
+                [b for b in self._fleet.pools[pool] if b.healthy and b.serves(model, version)] for pool in pools
+            ]
+            self._tables[key] = table
+        return table
+
+    def choose(self, model: str, version: str, exclude: Backend | None = None) -> Backend:
+        """A healthy backend for the model from its most preferred pool that has one."""
+        for rank, candidates in enumerate(self._table(model, version)):
+            if exclude is not None:
+                candidates = [b for b in candidates if b is not exclude]
+            if not candidates:
+                continue
+            self.decisions[PREFERRED if rank == 0 else SPILL] += 1
+            if len(candidates) == 1:
+                return candidates[0]
+            first, second = self._random.sample(candidates, 2)
+            return first if first.outstanding <= second.outstanding else second
+        if self.pools_of(model) is None:
+            raise NotFound(f"model '{model}' is not routed by this gateway")
+        pools = ", ".join(self.pools_of(model) or ())
+        raise Unavailable(
+            f"model '{model}'{f' version {version}' if version else ''}: no healthy backend in pools [{pools}]"
+            + (" other than the one that just failed" if exclude is not None else "")
+        )

@@ -1,0 +1,236 @@
+"""The request path of one inference: resolve → validate → dispatch → observe.
+
+    resolve    model name/version → ModelEntry (signature, statistics); NOT_FOUND when unknown
+    validate   gateway/server/validation.py, before anything is forwarded
+    dispatch   a Dispatcher: DirectDispatcher routes and sends; the batching stage wraps it
+    observe    observers see every finished request (statistics now; drift and metrics later)
+
+The stages are seams: each later stage (batching, drift, telemetry) plugs in here without the gRPC
+handlers knowing about it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Protocol
+
+from gateway.errors import GatewayError, InvalidArgument, Unavailable
+from gateway.routing.router import Router
+from gateway.routing.sequences import SequenceTable
+from gateway.server.stats import ModelStats
+from gateway.server.validation import ModelSignature, validate_request
+from gateway.upstream.backend import Backend
+from gateway.upstream.catalog import ModelCatalog
+
+DEFAULT_SEQUENCE_IDLE_S = 60.0
+
+
+@dataclass
+class ModelEntry:
+    """A routed model version as the hot path sees it: resolved once, then a dict lookup."""
+
+    name: str
+    version: str
+    signature: ModelSignature
+    stats: ModelStats = field(default_factory=ModelStats)
+
+
+#: An observer sees (entry, request, response or None, elapsed ns, error or None) for each request.
+Observer = Callable[[ModelEntry, object, object, int, "GatewayError | None"], None]
+
+
+class Dispatcher(Protocol):
+    async def infer(self, entry: ModelEntry, request, deadline: float | None): ...
+
+    def infer_decoupled(self, entry: ModelEntry, request, deadline: float | None) -> AsyncIterator: ...
+
+
+def sequence_of(request) -> tuple[object, bool, bool] | None:
+    """(sequence id, start, end) of a stateful request, or None if it carries no sequence id."""
+    parameters = request.parameters
+    if "sequence_id" not in parameters:
+        return None
+    value = parameters["sequence_id"]
+    kind = value.WhichOneof("parameter_choice")
+    sequence_id = value.string_param if kind == "string_param" else (
+        value.int64_param if kind == "int64_param" else value.uint64_param
+    )
+    if not sequence_id:
+        return None
+    start = "sequence_start" in parameters and parameters["sequence_start"].bool_param
+    end = "sequence_end" in parameters and parameters["sequence_end"].bool_param
+    return sequence_id, start, end
+
+
+class DirectDispatcher:
+    """Routes each request to a backend and sends it there; retries once elsewhere on UNAVAILABLE."""
+
+    def __init__(self, router: Router, sequences: SequenceTable, retry_unavailable: bool = True, clock=time.monotonic):
+        self.router = router
+        self.sequences = sequences
+        self.retry_unavailable = retry_unavailable
+        self._clock = clock
+
+    def _pick(self, entry: ModelEntry, request) -> tuple[Backend, tuple | None]:
+        sequence = sequence_of(request) if entry.signature.sequence else None
+        if sequence is None:
+            return self.router.choose(entry.name, entry.version), None
+        sequence_id, start, _ = sequence
+        backend = None if start else self.sequences.lookup(entry.name, sequence_id)
+        if backend is not None and not backend.healthy:
+            self.sequences.end(entry.name, sequence_id)
+            raise Unavailable(
+                f"sequence {sequence_id!r} of model '{entry.name}' lived on backend {backend.address}, which is "
+                "no longer healthy; its state is lost: start the sequence again"
+            )
+        if backend is None:
+            backend = self.router.choose(entry.name, entry.version)
+            idle = entry.signature.sequence_idle_s or DEFAULT_SEQUENCE_IDLE_S
+            self.sequences.bind(entry.name, sequence_id, backend, idle)
+        return backend, sequence
+
+    def _set_timeout(self, request, deadline: float | None) -> None:
+        # Triton takes a per-request timeout (µs) as the "timeout" parameter: the client's deadline,
+        # carried across the stream, which has no per-message deadline of its own.
+        if deadline is not None and "timeout" not in request.parameters:
+            remaining_us = int((deadline - self._clock()) * 1e6)
+            request.parameters["timeout"].int64_param = max(remaining_us, 1)
+
+    async def infer(self, entry: ModelEntry, request, deadline: float | None):
+        backend, sequence = self._pick(entry, request)
+        self._set_timeout(request, deadline)
+        try:
+            return await backend.infer(request)
+        except Unavailable:
+            retry_allowed = (
+                self.retry_unavailable
+                and (sequence is None or sequence[1])
+                and (deadline is None or deadline - self._clock() > 0.001)
+            )
+            if not retry_allowed:
+                raise
+            retry_backend = self.router.choose(entry.name, entry.version, exclude=backend)
+            if sequence is not None:
+                self.sequences.bind(entry.name, sequence[0], retry_backend, self.sequences_idle(entry))
+            return await retry_backend.infer(request)
+        finally:
+            if sequence is not None and sequence[2]:
+                self.sequences.end(entry.name, sequence[0])
+
+    def sequences_idle(self, entry: ModelEntry) -> float:
+        return entry.signature.sequence_idle_s or DEFAULT_SEQUENCE_IDLE_S
+
+    async def infer_decoupled(self, entry: ModelEntry, request, deadline: float | None):
+        backend, sequence = self._pick(entry, request)
+        self._set_timeout(request, deadline)
+        try:
+            async for response in backend.infer_decoupled(request):
+                yield response
+        finally:
+            if sequence is not None and sequence[2]:
+                self.sequences.end(entry.name, sequence[0])
+
+
+class Pipeline:
+    """Resolves, validates, dispatches and observes inference requests."""
+
+    def __init__(self, catalog: ModelCatalog, router: Router, dispatcher: Dispatcher) -> None:
+        self.catalog = catalog
+        self.router = router
+        self.dispatcher = dispatcher
+        self.observers: list[Observer] = [self._count]
+        self._entries: dict[tuple[str, str], ModelEntry] = {}
+
+    def __repr__(self) -> str:
+        return f"<Pipeline models={len(self._entries)} observers={len(self.observers)}>"
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    async def resolve(self, model: str, version: str) -> ModelEntry:
+        entry = self._entries.get((model, version))
+        if entry is not None:
+            return entry
+        if not model:
+            raise InvalidArgument("model_name is empty; expected the name of a model")
+        if not self.router.routes(model):
+            raise self.catalog.not_found(model, version)
+        info = await self.catalog.get(model, version)
+        signature = info.signature
+        # One entry per concrete version, shared by the unversioned alias that points at it.
+        concrete = self._entries.get((model, signature.version))
+        if concrete is None:
+            concrete = ModelEntry(model, signature.version, signature)
+            self._entries[(model, signature.version)] = concrete
+        if version:
+            self._entries[(model, version)] = concrete
+        return concrete
+
+    def forget_unversioned(self) -> None:
+        """The default version of a model may move when the fleet changes: resolve it again."""
+        for key in [k for k in self._entries if not k[1]]:
+            del self._entries[key]
+
+    async def infer(self, request, deadline: float | None):
+        started = time.perf_counter_ns()
+        entry = await self.resolve(request.model_name, request.model_version)
+        validate_request(request, entry.signature)
+        if entry.signature.decoupled:
+            raise InvalidArgument(
+                f"model '{entry.name}' is decoupled (it may send any number of responses); "
+                "use the streaming API (ModelStreamInfer) for it, not ModelInfer"
+            )
+        client_id = request.id
+        response = None
+        error = None
+        try:
+            response = await self.dispatcher.infer(entry, request, deadline)
+            response.id = client_id
+            return response
+        except GatewayError as failure:
+            error = failure
+            raise
+        finally:
+            elapsed = time.perf_counter_ns() - started
+            for observe in self.observers:
+                observe(entry, request, response, elapsed, error)
+
+    async def infer_stream(self, request, deadline: float | None):
+        """Yield every response of one request (one for ordinary models, any number if decoupled)."""
+        entry = await self.resolve(request.model_name, request.model_version)
+        validate_request(request, entry.signature)
+        if not entry.signature.decoupled:
+            yield await self.infer(request, deadline)
+            return
+        started = time.perf_counter_ns()
+        client_id = request.id
+        wants_final_flag = (
+            "triton_enable_empty_final_response" in request.parameters
+            and request.parameters["triton_enable_empty_final_response"].bool_param
+        )
+        error = None
+        try:
+            async for response in self.dispatcher.infer_decoupled(entry, request, deadline):
+                response.id = client_id
+                if not wants_final_flag:
+                    # The gateway always asks the backend to flag the last response (to know when
+                    # the request is complete); a client that did not ask gets Triton's own
+                    # behaviour: no empty final response and no flag.
+                    final = response.parameters.get("triton_final_response")
+                    if final is not None:
+                        del response.parameters["triton_final_response"]
+                        if final.bool_param and not response.outputs:
+                            continue
+                yield response
+        except GatewayError as failure:
+            error = failure
+            raise
+        finally:
+            elapsed = time.perf_counter_ns() - started
+            for observe in self.observers:
+                observe(entry, request, None, elapsed, error)
+
+    @staticmethod
+    def _count(entry: ModelEntry, request, response, elapsed_ns: int, error) -> None:
+        entry.stats.record(error is None, elapsed_ns)

@@ -1,0 +1,97 @@
+"""Model metadata and config, fetched from a backend that serves the model and cached.
+
+Model versions are immutable endpoints, so a (model, version) entry never goes stale while that
+version exists; entries for the unversioned name are refreshed when the fleet changes, since the
+default version may move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from gateway.errors import GatewayError, NotFound, Unavailable
+from gateway.protocol import pb
+from gateway.server.validation import ModelSignature
+from gateway.upstream.fleet import Fleet
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the gateway knows of one model version, as its backends report it."""
+
+    metadata: object  # inference.ModelMetadataResponse
+    config: object  # inference.ModelConfigResponse
+    signature: ModelSignature
+
+
+class ModelCatalog:
+    def __init__(self, fleet: Fleet, timeout_s: float = 5.0) -> None:
+        self._fleet = fleet
+        self._timeout_s = timeout_s
+        self._entries: dict[tuple[str, str], ModelInfo] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Future] = {}
+        fleet.on_change(self._forget_unversioned)
+
+    def __repr__(self) -> str:
+        return f"<ModelCatalog entries={len(self._entries)}>"
+
+    def _forget_unversioned(self) -> None:
+        for key in [k for k in self._entries if not k[1]]:
+            del self._entries[key]
+
+    def cached(self, model: str, version: str) -> ModelInfo | None:
+        return self._entries.get((model, version))
+
+    async def get(self, model: str, version: str) -> ModelInfo:
+        """The model's info; fetched once (concurrent callers share the fetch)."""
+        key = (model, version)
+        info = self._entries.get(key)
+        if info is not None:
+            return info
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch(model, version))
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, model: str, version: str) -> ModelInfo:
+        candidates = [b for b in self._fleet.backends() if b.serves(model, version)]
+        candidates.sort(key=lambda b: not b.healthy)
+        if not candidates:
+            raise self.not_found(model, version)
+        last_error: GatewayError | None = None
+        for backend in candidates:
+            try:
+                metadata = await backend.call(
+                    "ModelMetadata",
+                    pb.ModelMetadataRequest(name=model, version=version),
+                    pb.ModelMetadataResponse,
+                    self._timeout_s,
+                )
+                config = await backend.call(
+                    "ModelConfig",
+                    pb.ModelConfigRequest(name=model, version=version),
+                    pb.ModelConfigResponse,
+                    self._timeout_s,
+                )
+            except GatewayError as error:
+                last_error = error
+                continue
+            info = ModelInfo(metadata, config, ModelSignature.from_backend(metadata, config))
+            self._entries[(model, version)] = info
+            return info
+        raise Unavailable(f"model '{model}': no backend answered for its metadata: {last_error.message}")
+
+    def not_found(self, model: str, version: str) -> NotFound:
+        known = self._fleet.known_models()
+        if version and (model, "") in known:
+            versions = sorted(v for m, v in known if m == model and v)
+            return NotFound(
+                f"model '{model}' has no version '{version}' on any backend; available versions: {', '.join(versions)}"
+            )
+        names = sorted({m for m, _ in known})
+        return NotFound(
+            f"model '{model}' is not served by any backend; available models: {', '.join(names) or 'none'}"
+        )

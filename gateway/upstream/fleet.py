@@ -1,0 +1,100 @@
+"""All backends of all pools, and the background health checks that keep their state current."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import grpc
+
+from gateway.errors import GatewayError
+from gateway.protocol import pb
+from gateway.upstream.backend import Backend, Health
+from gateway.upstream.config import HealthConfig, PoolConfig, UpstreamConfig
+
+log = logging.getLogger(__name__)
+
+
+class Fleet:
+    """The pools of backends. `generation` changes whenever any backend's health or models change,
+    so routing tables derived from the fleet know when to rebuild."""
+
+    def __init__(self, pools: dict[str, PoolConfig], upstream: UpstreamConfig, health: HealthConfig) -> None:
+        self.pools: dict[str, list[Backend]] = {
+            name: [Backend(address, name, upstream) for address in pool.backends] for name, pool in pools.items()
+        }
+        self.health_config = health
+        self.generation = 0
+        self._listeners: list[Callable[[], None]] = []
+        self._tasks: list[asyncio.Task] = []
+        for backend in self.backends():
+            backend.on_change = self._changed
+
+    def __repr__(self) -> str:
+        healthy = sum(b.healthy for b in self.backends())
+        return f"<Fleet pools={list(self.pools)} backends={len(self.backends())} healthy={healthy}>"
+
+    def backends(self) -> list[Backend]:
+        return [backend for pool in self.pools.values() for backend in pool]
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        self.generation += 1
+        for listener in self._listeners:
+            listener()
+
+    def known_models(self) -> set[tuple[str, str]]:
+        """(model, version) pairs some backend reported ready at its last successful check."""
+        return {key for backend in self.backends() for key in backend.ready_models}
+
+    # ---- health checks -----------------------------------------------------------------------
+
+    async def start(self, wait_s: float = 10.0) -> None:
+        """Start health checking; wait (up to wait_s) until every backend has been checked once."""
+        self._tasks = [asyncio.ensure_future(self._check_loop(b)) for b in self.backends()]
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while any(b.health is Health.UNKNOWN for b in self.backends()):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+
+    async def check(self, backend: Backend) -> None:
+        """One active check: ServerReady, then the ready models of RepositoryIndex."""
+        timeout = self.health_config.timeout_s
+        try:
+            ready = await backend.call("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse, timeout)
+            if not ready.ready:
+                backend.mark(Health.UNHEALTHY, "server reports not ready")
+                return
+            index = await backend.call(
+                "RepositoryIndex", pb.RepositoryIndexRequest(ready=True), pb.RepositoryIndexResponse, timeout
+            )
+        except (GatewayError, grpc.aio.AioRpcError, asyncio.TimeoutError) as error:
+            backend.mark(Health.UNHEALTHY, f"health check failed: {getattr(error, 'message', error)!r}")
+            return
+        models = set()
+        for model in index.models:
+            if model.state and model.state != "READY":
+                continue
+            models.add((model.name, model.version))
+            models.add((model.name, ""))
+        backend.mark(Health.HEALTHY, "ready", frozenset(models))
+
+    async def _check_loop(self, backend: Backend) -> None:
+        while True:
+            try:
+                await self.check(backend)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a checker bug must never stop checking
+                log.exception("health check of %s failed unexpectedly", backend.address)
+            await asyncio.sleep(self.health_config.interval_s)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(b.close() for b in self.backends()), return_exceptions=True)
