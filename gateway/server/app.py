@@ -26,6 +26,7 @@ class Gateway:
 
     `await Gateway(config).start()` binds the port (config.listen; port 0 picks one, see `address`),
     checks every backend once, and serves; `await gateway.stop()` drains in-flight requests.
+    Construct it inside the event loop that will serve it: grpc.aio channels bind to that loop.
     """
 
     def __init__(self, config: GatewayConfig) -> None:

@@ -22,6 +22,7 @@ from gateway.server.stats import ModelStats
 from gateway.server.validation import ModelSignature, validate_request
 from gateway.upstream.backend import Backend
 from gateway.upstream.catalog import ModelCatalog
+from gateway.upstream.stream import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
 
 DEFAULT_SEQUENCE_IDLE_S = 60.0
 
@@ -172,7 +173,9 @@ class Pipeline:
         for key in [k for k in self._entries if not k[1]]:
             del self._entries[key]
 
-    async def infer(self, request, deadline: float | None):
+    async def infer(self, request, deadline: float | None, streaming: bool = False):
+        """One response for one request. Unary answers drop `triton_final_response`, which Triton
+        puts on stream responses only (the backend call rides a stream; the client's may not)."""
         started = time.perf_counter_ns()
         entry = await self.resolve(request.model_name, request.model_version)
         validate_request(request, entry.signature)
@@ -187,6 +190,8 @@ class Pipeline:
         try:
             response = await self.dispatcher.infer(entry, request, deadline)
             response.id = client_id
+            if not streaming and FINAL_FLAG_RESPONSE in response.parameters:
+                del response.parameters[FINAL_FLAG_RESPONSE]
             return response
         except GatewayError as failure:
             error = failure
@@ -201,27 +206,24 @@ class Pipeline:
         entry = await self.resolve(request.model_name, request.model_version)
         validate_request(request, entry.signature)
         if not entry.signature.decoupled:
-            yield await self.infer(request, deadline)
+            yield await self.infer(request, deadline, streaming=True)
             return
         started = time.perf_counter_ns()
         client_id = request.id
         wants_final_flag = (
-            "triton_enable_empty_final_response" in request.parameters
-            and request.parameters["triton_enable_empty_final_response"].bool_param
+            FINAL_FLAG_REQUEST in request.parameters and request.parameters[FINAL_FLAG_REQUEST].bool_param
         )
         error = None
         try:
             async for response in self.dispatcher.infer_decoupled(entry, request, deadline):
                 response.id = client_id
-                if not wants_final_flag:
-                    # The gateway always asks the backend to flag the last response (to know when
-                    # the request is complete); a client that did not ask gets Triton's own
-                    # behaviour: no empty final response and no flag.
-                    final = response.parameters.get("triton_final_response")
-                    if final is not None:
-                        del response.parameters["triton_final_response"]
-                        if final.bool_param and not response.outputs:
-                            continue
+                if not wants_final_flag and not response.outputs:
+                    # The gateway always asks the backend for the empty final response (to know
+                    # when the request is complete); a client that did not ask for it gets
+                    # Triton's own behaviour: no empty final response.
+                    final = response.parameters.get(FINAL_FLAG_RESPONSE)
+                    if final is not None and final.bool_param:
+                        continue
                 yield response
         except GatewayError as failure:
             error = failure

@@ -1,0 +1,327 @@
+"""Closed-loop gRPC load generator for KServe v2 / Triton ModelInfer, with a minimal client cost.
+
+N workers share one grpc.aio channel (uvloop); each sends one prebuilt, serialized ModelInferRequest
+as raw bytes (no serializers on either side) and sends the next as soon as the answer arrives. Load
+runs for a warm-up, then a measured window (a duration or a request count); every request that
+completes inside the window is counted and its latency (perf_counter_ns, send to answer) kept.
+
+    python -m gateway.bench.loadgen --target 127.0.0.1:8001 --model simple_scale \
+        --concurrency 64 --seconds 5 --json
+
+Run it in a process of its own (`run_load_in_subprocess`) when the process being measured is
+Python too, so the two do not share a GIL. `--cpu-pid PID` (repeatable) reads those processes' CPU
+time at the edges of the measured window, so CPU per request covers exactly the counted requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from gateway.bench.cpu import cpu_seconds_many
+
+__all__ = [
+    "LoadResult",
+    "MODEL_INFER_METHOD",
+    "build_infer_request",
+    "run_load",
+    "run_load_in_subprocess",
+    "run_load_sync",
+]
+
+MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+_NUMPY_DTYPES = {
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+}
+_MAX_ERROR_SAMPLES = 5
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class LoadResult:
+    """What one load run measured. Latencies are of requests completed inside the window."""
+
+    requests: int
+    """Requests answered successfully inside the measured window."""
+    errors: int
+    """Requests that failed inside the measured window."""
+    seconds: float
+    """Length of the measured window."""
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    error_samples: list[str]
+    """Up to a few distinct error messages, `CODE: details`."""
+    concurrency: int = 0
+    mean_ms: float = 0.0
+    cpu_seconds: dict[int, float] = field(default_factory=dict)
+    """CPU seconds each watched pid used during the window (see --cpu-pid)."""
+    client_cpu_seconds: float = 0.0
+    """CPU seconds the load generator itself used during the window."""
+
+    def cpu_us_per_request(self, pid: int) -> float:
+        """CPU µs per successful request that process `pid` spent during the window."""
+        if not self.requests:
+            return float("nan")
+        return self.cpu_seconds[pid] / self.requests * 1e6
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoadResult":
+        data = json.loads(text)
+        data["cpu_seconds"] = {int(pid): used for pid, used in data.get("cpu_seconds", {}).items()}
+        return cls(**data)
+
+    def summary(self) -> str:
+        text = (
+            f"{self.requests} requests in {self.seconds:.2f} s at concurrency {self.concurrency}: "
+            f"{self.rps:,.0f} req/s, p50 {self.p50_ms:.3f} ms, p90 {self.p90_ms:.3f} ms, "
+            f"p99 {self.p99_ms:.3f} ms, {self.errors} errors"
+        )
+        for pid in self.cpu_seconds:
+            text += f"; pid {pid}: {self.cpu_us_per_request(pid):.0f} CPU µs/request"
+        if self.error_samples:
+            text += "\n  errors: " + "; ".join(self.error_samples)
+        return text
+
+
+def build_infer_request(
+    model: str,
+    *,
+    rows: int = 1,
+    cols: int = 16,
+    input_name: str = "INPUT0",
+    datatype: str = "FP32",
+    model_version: str = "",
+) -> bytes:
+    """A serialized ModelInferRequest with one [rows, cols] input in raw_input_contents."""
+    from gateway.protocol import pb
+
+    values = np.arange(rows * cols, dtype=_NUMPY_DTYPES[datatype]).reshape(rows, cols)
+    request = pb.ModelInferRequest(model_name=model, model_version=model_version)
+    tensor = request.inputs.add()
+    tensor.name = input_name
+    tensor.datatype = datatype
+    tensor.shape.extend(values.shape)
+    request.raw_input_contents.append(values.tobytes())
+    return request.SerializeToString()
+
+
+class _Window:
+    """Shared state of one run: which completions count, and what they measured."""
+
+    def __init__(self, max_requests: int | None) -> None:
+        self.start_ns = 1 << 62  # nothing counts until the window opens
+        self.end_ns = 1 << 62
+        self.stop = False
+        self.max_requests = max_requests
+        self.latencies_ns = array.array("q")
+        self.errors = 0
+        self.error_samples: list[str] = []
+        self.done = asyncio.Event()
+
+    def record_error(self, message: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < _MAX_ERROR_SAMPLES and message not in self.error_samples:
+            self.error_samples.append(message)
+
+
+async def _worker(call, payload: bytes, window: _Window, timeout: float) -> None:
+    latencies = window.latencies_ns
+    clock = time.perf_counter_ns
+    while not window.stop:
+        sent = clock()
+        try:
+            await call(payload, timeout=timeout)
+        except grpc.RpcError as error:
+            answered = clock()
+            if window.start_ns <= answered <= window.end_ns:
+                window.record_error(f"{error.code().name}: {error.details()}")
+                if window.max_requests is not None and len(latencies) + window.errors >= window.max_requests:
+                    window.done.set()  # a count run against a failing target must still end
+            continue
+        answered = clock()
+        if window.start_ns <= answered <= window.end_ns:
+            latencies.append(answered - sent)
+            if window.max_requests is not None and len(latencies) >= window.max_requests:
+                window.done.set()
+
+
+async def run_load(
+    target: str,
+    payload: bytes,
+    *,
+    concurrency: int = 64,
+    seconds: float | None = 5.0,
+    requests: int | None = None,
+    warmup_seconds: float = 0.5,
+    cpu_pids: Sequence[int] = (),
+    timeout: float = 30.0,
+) -> LoadResult:
+    """Closed-loop load on `target` for `seconds` (or until `requests` complete) after a warm-up."""
+    if (seconds is None) == (requests is None):
+        raise ValueError("give exactly one of seconds or requests")
+    options = [
+        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+        call = channel.unary_unary(MODEL_INFER_METHOD)  # bytes in, bytes out
+        window = _Window(requests)
+        workers = [asyncio.ensure_future(_worker(call, payload, window, timeout)) for _ in range(concurrency)]
+        try:
+            if warmup_seconds > 0:
+                await asyncio.sleep(warmup_seconds)
+            cpu_before = cpu_seconds_many(cpu_pids)
+            client_before = time.process_time()
+            window.start_ns = time.perf_counter_ns()
+            window.end_ns = 1 << 62
+            if requests is not None:
+                await window.done.wait()
+            else:
+                await asyncio.sleep(seconds)
+            window.end_ns = time.perf_counter_ns()
+            cpu_after = cpu_seconds_many(cpu_pids)
+            client_used = time.process_time() - client_before
+            window.stop = True
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+    return _result(window, concurrency, {pid: cpu_after[pid] - cpu_before[pid] for pid in cpu_pids}, client_used)
+
+
+def _result(window: _Window, concurrency: int, cpu_used: dict[int, float], client_used: float) -> LoadResult:
+    latencies_ms = np.frombuffer(window.latencies_ns, dtype=np.int64) / 1e6
+    if window.max_requests is not None:
+        latencies_ms = latencies_ms[: window.max_requests]
+    seconds = (window.end_ns - window.start_ns) / 1e9
+    if latencies_ms.size:
+        p50, p90, p99 = np.percentile(latencies_ms, [50, 90, 99])
+        mean = float(latencies_ms.mean())
+    else:
+        p50 = p90 = p99 = mean = float("nan")
+    return LoadResult(
+        requests=int(latencies_ms.size),
+        errors=window.errors,
+        seconds=seconds,
+        rps=latencies_ms.size / seconds if seconds > 0 else 0.0,
+        p50_ms=float(p50),
+        p90_ms=float(p90),
+        p99_ms=float(p99),
+        error_samples=window.error_samples,
+        concurrency=concurrency,
+        mean_ms=mean,
+        cpu_seconds=cpu_used,
+        client_cpu_seconds=client_used,
+    )
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_load_sync(target: str, payload: bytes, **kwargs) -> LoadResult:
+    """run_load on a fresh uvloop event loop, in this process."""
+    _install_uvloop()
+    return asyncio.run(run_load(target, payload, **kwargs))
+
+
+def run_load_in_subprocess(
+    target: str,
+    model: str,
+    *,
+    concurrency: int = 64,
+    seconds: float | None = 5.0,
+    requests: int | None = None,
+    warmup_seconds: float = 0.5,
+    rows: int = 1,
+    cols: int = 16,
+    input_name: str = "INPUT0",
+    datatype: str = "FP32",
+    cpu_pids: Sequence[int] = (),
+    python: str = sys.executable,
+    timeout: float | None = None,
+) -> LoadResult:
+    """Run the load in a process of its own (`python -m gateway.bench.loadgen ... --json`)."""
+    args = [
+        python, "-m", "gateway.bench.loadgen",
+        "--target", target, "--model", model,
+        "--concurrency", str(concurrency),
+        "--warmup", str(warmup_seconds),
+        "--rows", str(rows), "--cols", str(cols),
+        "--input", input_name, "--datatype", datatype,
+        "--json",
+    ]  # fmt: skip
+    args += ["--seconds", str(seconds)] if requests is None else ["--requests", str(requests)]
+    for pid in cpu_pids:
+        args += ["--cpu-pid", str(pid)]
+    if timeout is None:
+        timeout = 120.0 + warmup_seconds + (seconds or 0.0)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return LoadResult.from_json(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.bench.loadgen", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="host:port of a KServe v2 gRPC server")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--model-version", default="")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight (workers)")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--seconds", type=float, help="length of the measured window (default 5)")
+    amount.add_argument("--requests", type=int, help="measure this many requests instead of a duration")
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds of load before the window opens")
+    parser.add_argument("--rows", type=int, default=1, help="rows per request (batch dimension)")
+    parser.add_argument("--cols", type=int, default=16, help="elements per row")
+    parser.add_argument("--input", default="INPUT0", help="input tensor name")
+    parser.add_argument("--datatype", default="FP32", choices=sorted(_NUMPY_DTYPES))
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
+    parser.add_argument("--cpu-pid", type=int, action="append", default=[], help="pid whose CPU time to measure")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    args = parser.parse_args(argv)
+    if args.seconds is None and args.requests is None:
+        args.seconds = 5.0
+    payload = build_infer_request(
+        args.model, rows=args.rows, cols=args.cols, input_name=args.input, datatype=args.datatype,
+        model_version=args.model_version,
+    )  # fmt: skip
+    result = run_load_sync(
+        args.target, payload, concurrency=args.concurrency, seconds=args.seconds, requests=args.requests,
+        warmup_seconds=args.warmup, cpu_pids=args.cpu_pid, timeout=args.timeout,
+    )  # fmt: skip
+    print(result.to_json() if args.json else result.summary(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

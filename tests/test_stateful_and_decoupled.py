@@ -1,0 +1,102 @@
+"""Decoupled models stream all their responses through the gateway, in order; sequences stick to the
+backend that started them, so results equal those of one Triton."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from gateway.testing import GatewayThread
+
+
+def _repeat_inputs(values):
+    tensor = triton_grpc.InferInput("IN", [len(values)], "INT32")
+    tensor.set_data_from_numpy(np.array(values, dtype=np.int32))
+    return [tensor]
+
+
+def _collect(address, send, expected, timeout=30):
+    results: queue.Queue = queue.Queue()
+    client = triton_grpc.InferenceServerClient(address)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    send(client)
+    collected = [results.get(timeout=timeout) for _ in range(expected)]
+    client.stop_stream()
+    client.close()
+    return collected
+
+
+@pytest.mark.parametrize("empty_final", [False, True])
+def test_decoupled_responses_arrive_in_order(triton, gateway, empty_final):
+    values = [11, 22, 33, 44, 55]
+    expected = len(values) + (1 if empty_final else 0)
+
+    def send(client):
+        client.async_stream_infer(
+            "repeat_decoupled", _repeat_inputs(values), request_id="dec", enable_empty_final_response=empty_final
+        )
+
+    direct = _collect(triton.grpc_address, send, expected)
+    through = _collect(gateway.address, send, expected)
+    assert all(error is None for _, error in through), through
+    for (a, _), (b, _) in zip(direct, through):
+        assert b.get_response().id == "dec"
+        assert dict(b.get_response().parameters) == dict(a.get_response().parameters)
+        if a.get_response().outputs:
+            np.testing.assert_array_equal(b.as_numpy("OUT"), a.as_numpy("OUT"))
+            np.testing.assert_array_equal(b.as_numpy("IDX"), a.as_numpy("IDX"))
+    outs = [int(r.as_numpy("OUT")[0]) for r, _ in through if r.get_response().outputs]
+    assert outs == values
+
+
+def test_decoupled_model_over_unary_is_refused(gateway):
+    client = triton_grpc.InferenceServerClient(gateway.address)
+    with pytest.raises(triton_grpc.InferenceServerException) as error:
+        client.infer("repeat_decoupled", _repeat_inputs([1]))
+    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "ModelStreamInfer" in error.value.message()
+
+
+def _sequence_inputs(value):
+    tensor = triton_grpc.InferInput("INPUT", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+    return [tensor]
+
+
+def _run_sequences(address, sequences: dict, *, streaming: bool):
+    """Interleave several sequences; return {sequence id: [running sums]}."""
+    sums = {sid: [] for sid in sequences}
+    client = triton_grpc.InferenceServerClient(address)
+    steps = max(len(values) for values in sequences.values())
+    for step in range(steps):
+        for sid, values in sequences.items():
+            if step >= len(values):
+                continue
+            result = client.infer(
+                "accumulate_sequence",
+                _sequence_inputs(values[step]),
+                sequence_id=sid,
+                sequence_start=step == 0,
+                sequence_end=step == len(values) - 1,
+            )
+            sums[sid].append(int(result.as_numpy("OUTPUT")[0, 0]))
+    client.close()
+    return sums
+
+
+def test_sequences_over_two_backends_equal_one_triton(tritons, triton):
+    rng = np.random.default_rng(3)
+    sequences = {1000 + i: [int(v) for v in rng.integers(1, 100, size=6)] for i in range(8)}
+    # One pool of two backends: without stickiness, steps of a sequence would land on both.
+    config = {"listen": "127.0.0.1:0", "pools": {"both": {"backends": [t.grpc_address for t in tritons]}}}
+    with GatewayThread(config) as gateway:
+        through = _run_sequences(gateway.address, sequences, streaming=False)
+        assert gateway.call(lambda: len(gateway.gateway.sequences)) == 0  # every sequence ended
+        served = gateway.call(lambda: [b.served for b in gateway.gateway.fleet.backends()])
+    direct = _run_sequences(triton.grpc_address, sequences, streaming=False)
+    assert through == direct
+    assert through == {sid: list(np.cumsum(values)) for sid, values in sequences.items()}
+    assert all(count > 0 for count in served), f"both backends should have served sequences: {served}"
