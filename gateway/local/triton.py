@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import ctypes
+import functools
 import importlib.util
 import os
 import queue
@@ -32,8 +34,9 @@ import urllib.error
 import urllib.request
 import uuid
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = [
     "LocalTriton",
@@ -73,7 +76,9 @@ def triton_binary() -> Path:
     """The tritonserver executable inside the installed nvidia-pytriton wheel."""
     binary = _pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
     if not os.access(binary, os.X_OK):
-        raise TritonLaunchError(f"nvidia-pytriton is installed but {binary} is missing or not executable")
+        raise TritonLaunchError(
+            f"nvidia-pytriton is installed but {binary} is missing or not executable"
+        )
     return binary
 
 
@@ -102,12 +107,14 @@ def _python_backend_files() -> list[Path]:
 
 
 def default_model_repository() -> Path:
-    """The example model repository: $TENSORGATE_MODEL_REPOSITORY, else the checkout's examples/models.
+    """The example models: $TENSORGATE_MODEL_REPOSITORY, else the checkout's examples/models.
 
     Raises FileNotFoundError when neither exists (e.g. tensorgate installed from a wheel).
     """
     override = os.environ.get("TENSORGATE_MODEL_REPOSITORY")
-    path = Path(override) if override else Path(__file__).resolve().parents[2] / "examples" / "models"
+    path = (
+        Path(override) if override else Path(__file__).resolve().parents[2] / "examples" / "models"
+    )
     if not path.is_dir():
         raise FileNotFoundError(
             f"model repository {path} does not exist; set TENSORGATE_MODEL_REPOSITORY to one"
@@ -155,7 +162,7 @@ if sys.platform.startswith("linux"):
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """preexec_fn: SIGKILL this child when the spawning thread's process goes away."""
+    """preexec_fn: have the kernel SIGKILL this child when the thread that forked it ends."""
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         # The parent may have died between fork and prctl; then no signal would ever come.
@@ -180,7 +187,9 @@ class _Spawner:
         with self._lock:
             # is_alive() is also False in a forked child, where the thread does not exist.
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="tensorgate-triton-spawner", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="tensorgate-triton-spawner", daemon=True
+                )
                 self._thread.start()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._jobs.put((future, args, kwargs))
@@ -198,7 +207,9 @@ class _Spawner:
 
 
 _spawner = _Spawner()
-_live: "weakref.WeakSet[LocalTriton]" = weakref.WeakSet()
+_live: weakref.WeakSet[LocalTriton] = weakref.WeakSet()
+# A forked child must not kill its parent's servers when it exits.
+os.register_at_fork(after_in_child=_live.clear)
 
 
 @atexit.register
@@ -206,10 +217,8 @@ def _kill_leftovers() -> None:
     # A server whose owner forgot stop(): kill it now rather than leave it to PDEATHSIG, so its
     # temporary files are removed too.
     for server in list(_live):
-        try:
+        with contextlib.suppress(Exception):  # best effort at interpreter exit
             server.kill()
-        except Exception:  # noqa: BLE001 -- best effort at interpreter exit
-            pass
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -260,7 +269,11 @@ class LocalTriton:
         self.metrics_port = metrics_port or find_free_port()
         self.extra_args = tuple(extra_args)
         self.log_verbose = log_verbose
-        self._log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="tensorgate-triton-"))
+        self._log_dir = (
+            Path(log_dir)
+            if log_dir is not None
+            else Path(tempfile.mkdtemp(prefix="tensorgate-triton-"))
+        )
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self._proc: subprocess.Popen | None = None
         self._backend_dir: Path | None = None
@@ -320,6 +333,10 @@ class LocalTriton:
         with self._lock:
             if self.is_running:
                 raise TritonLaunchError(f"{self!r} is already running")
+            if not self.model_repository.is_dir():
+                raise TritonLaunchError(
+                    f"model repository {self.model_repository} is not a directory"
+                )
             binary = triton_binary()
             backend_dir = self._prepare_backend_dir()
             args = self._command(binary, backend_dir)
@@ -336,7 +353,7 @@ class LocalTriton:
                     env=self._environment(),
                     # Own process group: kill() and stop() reach the backend stubs too.
                     start_new_session=True,
-                    preexec_fn=lambda pid=os.getpid(): _die_with_parent(pid),
+                    preexec_fn=functools.partial(_die_with_parent, os.getpid()),
                 )
             _live.add(self)
             try:
@@ -453,7 +470,9 @@ class LocalTriton:
 
     def _wait_ready(self, deadline: float, log_offset: int, timeout: float) -> None:
         assert self._proc is not None
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy for loopback
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({})
+        )  # no proxy for loopback
         url = f"http://{self.http_address}/v2/health/ready"
         while True:
             returncode = self._proc.poll()
@@ -462,7 +481,11 @@ class LocalTriton:
                     f"{self.name}: tritonserver exited with code {returncode} before it was ready; "
                     f"log {self.log_path}, last lines:\n{self._log_tail(log_offset)}"
                 )
-            if self._http_ready(opener, url) and _accepts(self.grpc_port) and _accepts(self.metrics_port):
+            if (
+                self._http_ready(opener, url)
+                and _accepts(self.grpc_port)
+                and _accepts(self.metrics_port)
+            ):
                 return
             if time.monotonic() > deadline:
                 raise TritonLaunchError(
@@ -492,10 +515,8 @@ class LocalTriton:
     def _signal_group(self, sig: signal.Signals) -> None:
         if self._proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def _after_exit(self) -> None:
         """Once the server has exited: make sure no stub outlives it, remove temporary files."""
