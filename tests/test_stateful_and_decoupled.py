@@ -52,11 +52,14 @@ def test_decoupled_responses_arrive_in_order(triton, gateway, empty_final):
     assert outs == values
 
 
-def test_decoupled_model_over_unary_is_refused(gateway):
-    client = triton_grpc.InferenceServerClient(gateway.address)
-    with pytest.raises(triton_grpc.InferenceServerException) as error:
-        client.infer("repeat_decoupled", _repeat_inputs([1]))
-    assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+def test_decoupled_model_over_unary_is_refused_like_triton(triton, gateway):
+    statuses = []
+    for address in (triton.grpc_address, gateway.address):
+        client = triton_grpc.InferenceServerClient(address)
+        with pytest.raises(triton_grpc.InferenceServerException) as error:
+            client.infer("repeat_decoupled", _repeat_inputs([1]))
+        statuses.append(error.value.status())
+    assert statuses[1] == statuses[0] == "StatusCode.UNIMPLEMENTED"
     assert "ModelStreamInfer" in error.value.message()
 
 

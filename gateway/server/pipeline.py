@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Protocol
 
-from gateway.errors import GatewayError, InvalidArgument, Unavailable
+from gateway.errors import GatewayError, InvalidArgument, Unavailable, Unimplemented
 from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
 from gateway.server.stats import ModelStats
@@ -180,7 +180,8 @@ class Pipeline:
         entry = await self.resolve(request.model_name, request.model_version)
         validate_request(request, entry.signature)
         if entry.signature.decoupled:
-            raise InvalidArgument(
+            # Triton answers UNIMPLEMENTED here too; the gateway says what to do instead.
+            raise Unimplemented(
                 f"model '{entry.name}' is decoupled (it may send any number of responses); "
                 "use the streaming API (ModelStreamInfer) for it, not ModelInfer"
             )

@@ -44,6 +44,11 @@ class Backend:
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.http2.max_pings_without_data", 0),
+            # A backend that comes back should be found by the next health check, not after
+            # gRPC's default reconnect backoff (up to two minutes).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
             # Each backend gets its own connection even when addresses repeat across pools.
             ("grpc.use_local_subchannel_pool", 1),
         ]

@@ -1,0 +1,71 @@
+"""The `tensorgate` command: a malformed config is a clear error and exit code 2; `serve` serves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from gateway.local.triton import find_free_port
+
+TENSORGATE = [sys.executable, "-m", "gateway"]
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("listen: 127.0.0.1:8101\n", "pools: required key is missing"),
+        ("listen: 127.0.0.1:8101\npools: {cpu: {backends: [nohost]}}\n", "pools.cpu.backends[0]: expected host:port"),
+        ("listen: 127.0.0.1:8101\npools: {cpu: {backends: ['h:1']}}\nmodels: {m: {pools: [gpu]}}\n",
+         "models.m.pools[0]: unknown pool 'gpu'"),
+        ("listen: 127.0.0.1:8101\npools: {cpu: {backends: ['h:1'], weight: 3}}\n", "pools.cpu.weight: unknown key"),
+        ("listen: 127.0.0.1:8101\npools: {cpu: {backends: ['h:1']}}\nhealth: {interval_s: -1}\n",
+         "health.interval_s: expected a positive number"),
+        ("listen: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_malformed_config_exits_2_naming_the_key(tmp_path, text, fragment):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    result = subprocess.run([*TENSORGATE, "serve", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    result = subprocess.run(
+        [*TENSORGATE, "serve", "--config", str(tmp_path / "absent.yaml")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "cannot read config file" in result.stderr
+
+
+def test_serve_from_config_file(tmp_path, tritons):
+    port = find_free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        "pools:\n"
+        f"  gpu: {{backends: ['{tritons[0].grpc_address}']}}\n"
+        f"  cpu: {{backends: ['{tritons[1].grpc_address}']}}\n"
+        "models:\n"
+        "  simple_scale: {pools: [gpu, cpu]}\n"
+    )
+    process = subprocess.Popen([*TENSORGATE, "serve", "--config", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving on" in process.stdout.readline()
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+        tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+        assert client.infer("simple_scale", [tensor]).as_numpy("OUTPUT0")[0, 0] == 2.0
+        # Only the configured model is routed.
+        with pytest.raises(triton_grpc.InferenceServerException) as error:
+            client.get_model_metadata("add_sub")
+        assert error.value.status() == "StatusCode.NOT_FOUND"
+        assert [m.name for m in client.get_model_repository_index().models] == ["simple_scale"]
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
