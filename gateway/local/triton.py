@@ -16,8 +16,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
-import ctypes
-import functools
 import importlib.util
 import os
 import queue
@@ -151,23 +149,18 @@ def find_free_port() -> int:
 
 # ------------------------------------------------------------------ dying with the parent process
 
-_PR_SET_PDEATHSIG = 1
-_libc: Any = None
-if sys.platform.startswith("linux"):
-    try:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.prctl  # noqa: B018 -- resolve the symbol now, never between fork and exec
-    except (OSError, AttributeError):
-        _libc = None
+# The kernel's PR_SET_PDEATHSIG is set by util-linux `setpriv --pdeathsig KILL`, which then execs
+# tritonserver (the setting survives exec). It is not set from a preexec_fn: running Python in a
+# forked child of a process whose gRPC threads are busy crashes the child (seen here: SIGSEGV in
+# threading._after_fork), while Popen without preexec_fn forks and execs without running Python.
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """preexec_fn: have the kernel SIGKILL this child when the thread that forked it ends."""
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        # The parent may have died between fork and prctl; then no signal would ever come.
-        if os.getppid() != parent_pid:
-            os._exit(1)
+def _die_with_parent(args: list[str]) -> list[str]:
+    """`args` wrapped so the server is SIGKILLed when the thread that spawned it ends."""
+    if _SETPRIV is None:
+        return args  # the atexit handler below still stops servers on a normal exit
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *args]
 
 
 class _Spawner:
@@ -346,14 +339,13 @@ class LocalTriton:
                 log_offset = log.tell()
                 began = time.monotonic()
                 self._proc = _spawner.popen(
-                    args,
+                    _die_with_parent(args),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=self._environment(),
                     # Own process group: kill() and stop() reach the backend stubs too.
                     start_new_session=True,
-                    preexec_fn=functools.partial(_die_with_parent, os.getpid()),
                 )
             _live.add(self)
             try:
