@@ -78,7 +78,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     _install_loop()
-    return asyncio.run(run_demo(requests=args.requests, concurrency=args.concurrency, log_dir=args.log_dir))
+    # The demo narrates failover itself; the gateway's own warnings would interleave with it.
+    logging.getLogger("gateway").setLevel(logging.ERROR)
+    return asyncio.run(run_demo(seconds=args.seconds, concurrency=args.concurrency, log_dir=args.log_dir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.set_defaults(run=cmd_local_triton)
 
     demo = commands.add_parser("demo", help="two local Tritons as two pools, the gateway in front, traffic through it")
-    demo.add_argument("--requests", type=int, default=2000)
+    demo.add_argument("--seconds", type=float, default=15.0, help="how long to drive traffic")
     demo.add_argument("--concurrency", type=int, default=16)
     demo.add_argument("--log-dir", default=None, help="where Triton logs are kept (default: a temp dir)")
     demo.set_defaults(run=cmd_demo)

@@ -1,0 +1,185 @@
+"""`tensorgate demo`: two local Triton servers as two pools, the gateway in front, traffic through it.
+
+What it shows, on any machine with the `local` extra installed and no GPU needed:
+  1. routing — a model mix spread over pool `primary`, with `standby` as the spill-over pool;
+  2. failover — part-way through, the primary Triton is SIGKILLed: traffic moves to the standby
+     pool without failed requests, and when the primary returns it takes traffic again;
+  3. a readable summary: requests, errors, latency percentiles per model, who served what.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from gateway.config import config_from_mapping
+from gateway.local.triton import LocalTriton, default_model_repository
+from gateway.protocol import pb
+from gateway.server.app import Gateway
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _request(model: str, rng: np.random.Generator) -> bytes:
+    """A serialized ModelInferRequest for one of the example models, with random contents."""
+    request = pb.ModelInferRequest(model_name=model)
+
+    def add(name: str, array: np.ndarray, datatype: str) -> None:
+        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        request.raw_input_contents.append(array.tobytes())
+
+    rows = int(rng.integers(1, 5))
+    if model in ("simple_scale", "mlp"):
+        add("INPUT0", rng.standard_normal((rows, 16)).astype(np.float32), "FP32")
+    elif model == "add_sub":
+        add("INPUT0", rng.standard_normal((rows, 16)).astype(np.float32), "FP32")
+        add("INPUT1", rng.standard_normal((rows, 16)).astype(np.float32), "FP32")
+    elif model == "bytes_reverse":
+        words = [f"request-{int(rng.integers(1e6))}".encode() for _ in range(rows)]
+        request.inputs.add(name="TEXT", datatype="BYTES", shape=[rows, 1])
+        request.raw_input_contents.append(b"".join(len(w).to_bytes(4, "little") + w for w in words))
+    return request.SerializeToString()
+
+
+@dataclass
+class Tally:
+    latencies_ms: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    errors: collections.Counter = field(default_factory=collections.Counter)
+    done: int = 0
+
+
+def _progress(tally: Tally, seconds: float, elapsed: float, note: str) -> None:
+    width = 24
+    filled = min(width, int(width * elapsed / seconds))
+    recent = [v for values in tally.latencies_ms.values() for v in values[-200:]]
+    p50 = f"{np.percentile(recent, 50):6.2f} ms" if recent else "     - ms"
+    line = (f"\r  [{'#' * filled}{'.' * (width - filled)}] {elapsed:4.1f} s {tally.done:>7} requests  "
+            f"errors {sum(tally.errors.values()):>3}  p50 {p50}  {note[:48]:<48}")
+    sys.stdout.write(line)
+    sys.stdout.flush()
+
+
+async def _drive(address: str, until: float, concurrency: int, tally: Tally) -> None:
+    """Closed-loop traffic of four models from `concurrency` workers until the monotonic time `until`."""
+    models = ["simple_scale", "add_sub", "mlp", "bytes_reverse"]
+    rng = np.random.default_rng(0)
+    payloads = {m: [_request(m, rng) for _ in range(16)] for m in models}
+    async with grpc.aio.insecure_channel(address) as channel:
+        infer = channel.unary_unary(INFER_METHOD)
+
+        async def worker(index: int) -> None:
+            sent = index
+            while time.monotonic() < until:
+                sent += concurrency
+                model = models[sent % len(models)]
+                started = time.perf_counter()
+                try:
+                    await infer(payloads[model][sent % 16], timeout=10)
+                    tally.latencies_ms[model].append((time.perf_counter() - started) * 1000)
+                except grpc.aio.AioRpcError as error:
+                    tally.errors[f"{model}: {error.code().name} {error.details()[:60]}"] += 1
+                tally.done += 1
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+
+
+def _summary(gateway: Gateway, tally: Tally, seconds: float, pools: dict[str, LocalTriton], timeline: list[str]) -> str:
+    lines = ["", "tensorgate demo — summary", "=" * 72]
+    ok = sum(len(v) for v in tally.latencies_ms.values())
+    failed = sum(tally.errors.values())
+    lines.append(f"requests   {ok + failed} in {seconds:.1f} s ({(ok + failed) / seconds:,.0f} req/s), "
+                 f"{ok} succeeded, {failed} failed")
+    lines.append("")
+    lines.append(f"{'model':<16}{'requests':>10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+    for model, values in sorted(tally.latencies_ms.items()):
+        p50, p90, p99 = np.percentile(values, [50, 90, 99])
+        lines.append(f"{model:<16}{len(values):>10}{p50:>10.2f}{p90:>10.2f}{p99:>10.2f}{max(values):>10.2f}")
+    lines.append("")
+    lines.append(f"{'pool':<10}{'backend':<18}{'served':>10}{'failed':>8}  health")
+    for backend in gateway.fleet.backends():
+        lines.append(f"{backend.pool:<10}{backend.address:<18}{backend.served:>10}{backend.failed:>8}  {backend.health.value}")
+    lines.append(f"routing    {gateway.router.decisions[ 'preferred']} to the preferred pool, "
+                 f"{gateway.router.decisions['spill']} spilled to the next")
+    if tally.errors:
+        lines.append("")
+        lines.append("errors:")
+        lines.extend(f"  {count:>5} × {what}" for what, count in tally.errors.most_common(5))
+    lines.append("")
+    lines.append("what happened:")
+    lines.extend(f"  {event}" for event in timeline)
+    if tally.errors:
+        lines.append("")
+        lines.append("Triton logs kept: " + ", ".join(str(t.log_path) for t in pools.values()))
+    return "\n".join(lines)
+
+
+async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | None = None) -> int:
+    log_dir = log_dir or tempfile.mkdtemp(prefix="tensorgate-demo-")
+    print("tensorgate demo: starting two local Triton servers from the nvidia-pytriton wheel ...")
+    repository = default_model_repository()
+    pools = {
+        "primary": LocalTriton(repository, name="primary", log_dir=log_dir),
+        "standby": LocalTriton(repository, name="standby", log_dir=log_dir),
+    }
+    await asyncio.gather(*(asyncio.to_thread(t.start) for t in pools.values()))
+    for name, triton in pools.items():
+        print(f"  pool {name:<8} Triton on {triton.grpc_address}  (started in {triton.startup_seconds:.1f} s)")
+    config = config_from_mapping({
+        "listen": "127.0.0.1:0",
+        "pools": {name: {"backends": [t.grpc_address]} for name, t in pools.items()},
+        "health": {"interval_s": 0.25, "timeout_s": 0.5},
+    })
+    gateway = await Gateway(config).start()
+    print(f"  gateway  on {gateway.address}  (point tritonclient here)")
+    print(f"\ndriving 4 models for {seconds:.0f} s, {concurrency} requests in flight; the primary Triton is "
+          f"killed at {seconds * 0.25:.0f} s and restarted at {seconds * 0.45:.0f} s:")
+    tally = Tally()
+    timeline: list[str] = []
+    started = time.monotonic()
+    driver = asyncio.ensure_future(_drive(gateway.address, started + seconds, concurrency, tally))
+    primary = gateway.fleet.pools["primary"][0]
+
+    def mark(event: str) -> str:
+        timeline.append(f"{time.monotonic() - started:5.1f} s, {tally.done:>6} requests: {event}")
+        return event
+
+    try:
+        note = mark("routing to pool primary")
+        killed = restarted = back = False
+        restart: asyncio.Future | None = None
+        while not driver.done():
+            elapsed = time.monotonic() - started
+            if not killed and elapsed >= seconds * 0.25:
+                pools["primary"].kill()
+                killed = True
+                note = mark("primary Triton SIGKILLed; requests spill to pool standby")
+            if killed and not restarted and elapsed >= seconds * 0.45:
+                restart = asyncio.ensure_future(asyncio.to_thread(pools["primary"].restart))
+                restarted = True
+                note = mark("primary Triton restarting on the same port")
+            if restart is not None and restart.done() and primary.healthy and not back:
+                back = True
+                note = mark("primary healthy again; traffic returns to it")
+            _progress(tally, seconds, elapsed, note)
+            await asyncio.sleep(0.2)
+        await driver
+        if restart is not None:
+            await restart
+        _progress(tally, seconds, seconds, note)
+        print(_summary(gateway, tally, time.monotonic() - started, pools, timeline))
+    finally:
+        driver.cancel()
+        await gateway.stop(grace=0)
+        for triton in pools.values():
+            triton.kill()
+    if log_dir.startswith(tempfile.gettempdir()) and not tally.errors:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return 0 if not tally.errors else 1
