@@ -1,6 +1,9 @@
 """End-to-end benchmark: the gateway against direct Triton and a bare grpc.aio echo server, one run.
 
-    python benchmarks/bench_gateway.py [--quick] [--json OUT]
+    python benchmarks/bench_gateway.py [--quick] [--json OUT] [--gateway-env NAME=VALUE ...]
+
+`--gateway-env` sets variables in the gateway process alone, for gRPC settings that only the
+environment reaches (GRPC_EXPERIMENTS, GRPC_POLL_STRATEGY, …): gRPC reads them when it is imported.
 
 Starts one local Triton with the example models, the gateway (`tensorgate serve`) in front of it and
 the echo server, each a process of its own; the load generator is a process of its own too. Then,
@@ -73,9 +76,10 @@ def _wait_for_line(proc: subprocess.Popen, log_path: Path, marker: str, timeout:
     raise RuntimeError(f"{proc.args} did not print {marker!r} within {timeout:.0f} s:\n{text[-3000:]}")
 
 
-def _spawn(args: list[str], log_path: Path, marker: str) -> subprocess.Popen:
+def _spawn(args: list[str], log_path: Path, marker: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(log_path, "wb")
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            env=None if env is None else {**os.environ, **env})  # fmt: skip
     log.close()
     try:
         _wait_for_line(proc, log_path, marker, timeout=60)
@@ -248,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="measured seconds per run (default 4, --quick 2)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds before each window (default 1, --quick 0.5)")
     parser.add_argument("--streams", type=int, help="gateway upstream.streams_per_backend (default: the gateway's)")
+    parser.add_argument("--gateway-env", metavar="NAME=VALUE", action="append", default=[],
+                        help="environment variable for the gateway process only (repeatable), e.g. GRPC_EXPERIMENTS=…")
     parser.add_argument("--json", metavar="OUT", help="write the figures and every raw result to OUT")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -264,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.streams:
             gateway_config["upstream"] = {"streams_per_backend": args.streams}
         config.write_text(json.dumps(gateway_config))  # JSON is YAML
+        gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
         gateway = _spawn([sys.executable, "-m", "gateway", "serve", "--config", str(config)], workdir / "gateway.log",
-                         "tensorgate serving on")  # fmt: skip
+                         "tensorgate serving on", gateway_env)  # fmt: skip
         echo = _spawn([sys.executable, "-m", "gateway.bench.echo", "--port", str(echo_port)], workdir / "echo.log",
                       "echo serving on")  # fmt: skip
         addresses = {"direct": triton.grpc_address, "gateway": f"127.0.0.1:{gateway_port}", "echo": f"127.0.0.1:{echo_port}"}
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine,
             "settings": {"model": MODEL, "rows": ROWS, "cols": COLS, "rounds": rounds, "seconds": seconds,
                          "warmup": warmup, "high_concurrency": HIGH_CONCURRENCY,
-                         "gateway_config": gateway_config},
+                         "gateway_config": gateway_config, "gateway_env": gateway_env},
             "targets": {k: (list(v) if v else None) for k, v in TARGETS.items()},
             "figures": {key: value["median"] for key, value in summary.items()},
             "spread": summary,

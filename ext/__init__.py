@@ -11,8 +11,26 @@ import os
 USING_EXTENSIONS = not os.environ.get("TENSORGATE_NO_EXTENSIONS")
 
 if USING_EXTENSIONS:
+    from gateway.ext.batching import bytes_typed_to_raw, gather, gather_into, scatter, scatter_bytes, typed_to_raw
     from gateway.ext.tensorcheck import bytes_element_count
 else:
+    from gateway.ext.batching_py import (
+        bytes_typed_to_raw,
+        gather,
+        gather_into,
+        scatter,
+        scatter_bytes,
+        typed_to_raw,
+    )
     from gateway.ext.tensorcheck_py import bytes_element_count
 
-__all__ = ["USING_EXTENSIONS", "bytes_element_count"]
+__all__ = [
+    "USING_EXTENSIONS",
+    "bytes_element_count",
+    "bytes_typed_to_raw",
+    "gather",
+    "gather_into",
+    "scatter",
+    "scatter_bytes",
+    "typed_to_raw",
+]

@@ -8,7 +8,7 @@
       resnet: {pools: [gpu, cpu]}   # preference order
 
 Optional sections: `server` (limits), `upstream` (streams per backend), `health` (check interval),
-`routing` (retry policy). Each stage owns its dataclass; this module composes them.
+`routing` (retry policy), `batching` (gateway-side dynamic batching, per model). Each stage owns its dataclass; this module composes them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from gateway.batching.config import BatchingConfig
 from gateway.configfile import load_dataclass
 from gateway.errors import ConfigError
 from gateway.routing.config import ModelRoute, RoutingConfig
@@ -40,6 +41,7 @@ class GatewayConfig:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def validate(self, path: str) -> None:
         host, port = self.listen.rpartition(":")[::2]

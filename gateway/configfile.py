@@ -32,6 +32,8 @@ def _type_name(tp: Any) -> str:
 
 def convert(tp: Any, value: Any, path: str) -> Any:
     """Convert `value` to type `tp` (a dataclass, a container or a scalar), or raise ConfigError."""
+    if tp is Any:  # a value its owner validates itself (e.g. per-model overrides)
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [arg for arg in typing.get_args(tp) if arg is not type(None)]

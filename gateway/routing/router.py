@@ -52,6 +52,10 @@ class Router:
             self._tables[key] = table
         return table
 
+    def healthy_count(self, model: str, version: str) -> int:
+        """Healthy backends that serve the model, over all its pools."""
+        return sum(len(candidates) for candidates in self._table(model, version))
+
     def choose(self, model: str, version: str, exclude: Backend | None = None) -> Backend:
         """A healthy backend for the model from its most preferred pool that has one."""
         for rank, candidates in enumerate(self._table(model, version)):

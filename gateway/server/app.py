@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.batching.dispatcher import BatchingDispatcher
 from gateway.config import GatewayConfig
 from gateway.protocol import INFERENCE_SERVICE, POOL
 from gateway.routing.router import Router
@@ -35,8 +36,9 @@ class Gateway:
         self.catalog = ModelCatalog(self.fleet)
         self.router = Router(self.fleet, config.models)
         self.sequences = SequenceTable()
-        self.dispatcher = DirectDispatcher(self.router, self.sequences, config.routing.retry_unavailable)
-        self.pipeline = Pipeline(self.catalog, self.router, self.dispatcher)
+        self.direct = DirectDispatcher(self.router, self.sequences, config.routing.retry_unavailable)
+        self.batching = BatchingDispatcher(self.direct, config.batching, self.router)
+        self.pipeline = Pipeline(self.catalog, self.router, self.batching)
         self.fleet.on_change(self.pipeline.forget_unversioned)
         self.inference = InferenceService(self.pipeline, self.fleet, self.catalog)
         self._server: grpc.aio.Server | None = None
@@ -90,7 +92,21 @@ class Gateway:
         if self._server is not None:
             await self._server.stop(self.config.server.grace_s if grace is None else grace)
             self._server = None
+        await self.batching.close()
         await self.fleet.close()
+
+    def statistics(self) -> dict:
+        """Live state for people and tests: backends, routing decisions, batching per model."""
+        return {
+            "backends": {
+                b.address: {"pool": b.pool, "health": b.health.value, "outstanding": b.outstanding,
+                            "served": b.served, "failed": b.failed}
+                for b in self.fleet.backends()
+            },
+            "routing": dict(self.router.decisions),
+            "sequences": len(self.sequences),
+            "batching": self.batching.statistics(),
+        }
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -1,0 +1,143 @@
+"""The batching stage: a Dispatcher that queues batchable requests and sends them as batches.
+
+It wraps the DirectDispatcher (routing + upstream): a batch is one request to it. Requests of
+models that cannot be batched — max_batch_size 0, stateful, decoupled, batching off — go straight
+through.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.batching.config import BatchingConfig, BatchingPolicy
+from gateway.batching.merge import batch_key, merge, split
+from gateway.batching.queue import BatchQueue, Pending
+from gateway.batching.stats import BatchStats
+from gateway.errors import InvalidArgument
+from gateway.ext import bytes_typed_to_raw, typed_to_raw
+from gateway.routing.router import Router
+from gateway.server.pipeline import DirectDispatcher, ModelEntry
+from gateway.server.validation import CONTENTS_FIELD
+
+log = logging.getLogger(__name__)
+
+
+class _ModelBatching:
+    """Batching state of one model version: its policy, its queues (one per batch key), its stats."""
+
+    def __init__(self, entry: ModelEntry, policy: BatchingPolicy, max_rows: int) -> None:
+        self.entry = entry
+        self.policy = policy
+        self.max_rows = max_rows
+        self.queues: dict[tuple, BatchQueue] = {}
+        self.stats = BatchStats()
+
+    def __repr__(self) -> str:
+        return f"<ModelBatching {self.entry.name} v{self.entry.version} max_rows={self.max_rows} queues={len(self.queues)}>"
+
+
+def to_raw(request) -> None:
+    """Convert a request's typed contents to raw_input_contents in place (one request at a time, so
+    a value out of range for its datatype fails this request alone, never its batch-mates)."""
+    if request.raw_input_contents or not request.inputs:
+        return
+    raw = []
+    for tensor in request.inputs:
+        try:
+            if tensor.datatype == "BYTES":
+                raw.append(bytes_typed_to_raw(tensor.contents.bytes_contents))
+            else:
+                raw.append(typed_to_raw(getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype]), tensor.datatype))
+        except ValueError as error:
+            raise InvalidArgument(f"input '{tensor.name}' of model '{request.model_name}': {error}") from None
+    for tensor in request.inputs:
+        tensor.ClearField("contents")
+    request.raw_input_contents.extend(raw)
+
+
+def _priority(request) -> int:
+    value = request.parameters.get("priority")
+    if value is None:
+        return 0
+    kind = value.WhichOneof("parameter_choice")
+    return int(getattr(value, kind)) if kind in ("int64_param", "uint64_param") else 0
+
+
+class BatchingDispatcher:
+    def __init__(self, direct: DirectDispatcher, config: BatchingConfig, router: Router) -> None:
+        self.direct = direct
+        self.config = config
+        self.router = router
+        self._models: dict[tuple[str, str], _ModelBatching | None] = {}
+
+    def __repr__(self) -> str:
+        active = [m for m in self._models.values() if m is not None]
+        return f"<BatchingDispatcher models={len(active)} queues={sum(len(m.queues) for m in active)}>"
+
+    def _batching_of(self, entry: ModelEntry) -> _ModelBatching | None:
+        key = (entry.name, entry.version)
+        if key in self._models:
+            return self._models[key]
+        signature = entry.signature
+        policy = self.config.policy_for(entry.name)
+        batchable = policy.enabled and signature.max_batch_size > 0 and not signature.sequence and not signature.decoupled
+        state = None
+        if batchable:
+            max_rows = min(policy.max_batch_size or signature.max_batch_size, signature.max_batch_size)
+            state = _ModelBatching(entry, policy, max_rows)
+        self._models[key] = state
+        return state
+
+    async def infer(self, entry: ModelEntry, request, deadline: float | None):
+        batching = self._batching_of(entry)
+        if batching is None:
+            return await self.direct.infer(entry, request, deadline)
+        to_raw(request)
+        key = batch_key(request)
+        queue = batching.queues.get(key)
+        if queue is None:
+            queue = self._new_queue(batching)
+            batching.queues[key] = queue
+        rows = request.inputs[0].shape[0] if request.inputs else 1
+        return await queue.put(request, rows, deadline, _priority(request))
+
+    def infer_decoupled(self, entry: ModelEntry, request, deadline: float | None):
+        return self.direct.infer_decoupled(entry, request, deadline)
+
+    def _new_queue(self, batching: _ModelBatching) -> BatchQueue:
+        entry = batching.entry
+        per_backend = batching.policy.inflight_batches_per_backend
+
+        def capacity() -> int:
+            return max(1, self.router.healthy_count(entry.name, entry.version)) * per_backend
+
+        async def send(batch: list[Pending]) -> None:
+            rows = [p.rows for p in batch]
+            deadlines = [p.deadline for p in batch if p.deadline is not None]
+            merged = merge([p.request for p in batch], rows)
+            response = await self.direct.infer(entry, merged, min(deadlines) if deadlines else None)
+            for pending, single in zip(batch, split(response, rows)):
+                if not pending.future.done():
+                    pending.future.set_result(single)
+
+        return BatchQueue(entry.name, batching.policy, batching.max_rows, send, capacity, batching.stats)
+
+    def statistics(self) -> dict[str, dict]:
+        """Per model ('name' or 'name:version'): batch sizes, queue delay, dispatch reasons, queues."""
+        report = {}
+        for (name, version), batching in sorted(self._models.items()):
+            if batching is None:
+                continue
+            snapshot = batching.stats.snapshot()
+            snapshot["mode"] = batching.policy.mode
+            snapshot["max_batch_rows"] = batching.max_rows
+            snapshot["waiting"] = sum(q.size for q in batching.queues.values())
+            snapshot["backend_latency_ms"] = max((q.backend_latency_s for q in batching.queues.values()), default=0) * 1e3
+            report[f"{name}:{version}"] = snapshot
+        return report
+
+    async def close(self) -> None:
+        for batching in self._models.values():
+            if batching is not None:
+                for queue in batching.queues.values():
+                    await queue.close()

@@ -1,0 +1,247 @@
+"""One batching queue: requests of one (model, version, batch key) waiting to be sent together.
+
+A batch leaves the queue when
+    full       its rows reach the model's max batch size (or the next request would overflow it);
+    preferred  its rows reach a preferred batch size;
+    delay      the oldest request has waited max_queue_delay_us (fixed mode; the cap in adaptive);
+    deadline   a waiting request's deadline would pass before the delay ends;
+    capacity   (adaptive) the model's backends have room for another batch in flight.
+
+Invariants: every request's future is resolved exactly once — with its own response, with the
+batch's error, with DEADLINE_EXCEEDED when its deadline passed while it waited (it is then never
+sent), or it was cancelled by its caller and is skipped. A request never waits longer than
+max_queue_delay_us because of batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Awaitable, Callable
+
+from gateway.batching.config import BatchingPolicy
+from gateway.batching.stats import BatchStats
+import grpc
+
+from gateway.errors import BackendError, DeadlineExceeded, GatewayError, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+FULL, PREFERRED, DELAY, DEADLINE, CAPACITY = "full", "preferred", "delay", "deadline", "capacity"
+
+#: Least time before a waiting request's deadline at which its batch is sent.
+MIN_DEADLINE_MARGIN_S = 0.002
+
+#: Smoothing of the backend latency estimate (per batch).
+LATENCY_EWMA_ALPHA = 0.2
+
+
+class Pending:
+    """A request waiting in a batch queue."""
+
+    __slots__ = ("request", "rows", "future", "deadline", "enqueued")
+
+    def __init__(self, request, rows: int, future: asyncio.Future, deadline: float | None, enqueued: float) -> None:
+        self.request = request
+        self.rows = rows
+        self.future = future
+        self.deadline = deadline
+        self.enqueued = enqueued
+
+
+SendBatch = Callable[[list[Pending]], Awaitable[None]]
+
+
+class BatchQueue:
+    """Requests of one batch key, by priority level; sends batches through `send`.
+
+    `capacity()` says how many batches of this model may be in flight (adaptive mode).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        policy: BatchingPolicy,
+        max_rows: int,
+        send: SendBatch,
+        capacity: Callable[[], int],
+        stats: BatchStats,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.policy = policy
+        self.max_rows = max_rows
+        self.preferred = frozenset(s for s in policy.preferred_batch_sizes if s <= max_rows)
+        self.adaptive = policy.mode == "adaptive"
+        self.max_delay_s = policy.max_queue_delay_us / 1e6
+        self._send = send
+        self._capacity = capacity
+        self._clock = clock
+        self.stats = stats
+        self._levels: list[collections.deque[Pending]] = [collections.deque() for _ in range(policy.priority_levels)]
+        self.size = 0  # requests waiting
+        self.rows = 0  # rows waiting
+        self.inflight = 0  # batches sent, not yet answered
+        self.backend_latency_s = 0.0  # EWMA of send → response, per batch
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def __repr__(self) -> str:
+        return (
+            f"<BatchQueue {self.model} {self.policy.mode} waiting={self.size} rows={self.rows} "
+            f"inflight={self.inflight} latency={self.backend_latency_s * 1e3:.2f}ms>"
+        )
+
+    # ---- admission -----------------------------------------------------------------------------
+
+    def put(self, request, rows: int, deadline: float | None, priority: int) -> asyncio.Future:
+        """Queue a validated request; the returned future resolves to its own response."""
+        now = self._clock()
+        if self.size >= self.policy.max_queue_size:
+            self.stats.rejected_full += 1
+            raise ResourceExhausted(
+                f"model '{self.model}': batching queue is full ({self.policy.max_queue_size} requests waiting); "
+                "retry later or raise batching max_queue_size"
+            )
+        if deadline is not None and deadline - now < self.backend_latency_s:
+            self.stats.rejected_deadline += 1
+            raise DeadlineExceeded(
+                f"model '{self.model}': the request's deadline ({(deadline - now) * 1e3:.2f} ms left) cannot be "
+                f"met: its backend answers in ~{self.backend_latency_s * 1e3:.2f} ms; the request was not sent"
+            )
+        future = asyncio.get_running_loop().create_future()
+        level = self._level(priority)
+        self._levels[level].append(Pending(request, rows, future, deadline, now))
+        self.size += 1
+        self.rows += rows
+        self._schedule(now)
+        return future
+
+    def _level(self, priority: int) -> int:
+        levels = len(self._levels)
+        effective = priority or self.policy.default_priority or levels
+        return min(max(effective, 1), levels) - 1
+
+    # ---- when to send --------------------------------------------------------------------------
+
+    def _schedule(self, now: float) -> None:
+        """Send every batch that is due now; arm the timer for the next one that will be."""
+        while self.size:
+            reason = self._due(now)
+            if reason is None:
+                break
+            self._dispatch(reason, now)
+        self._arm_timer(now)
+
+    def _due(self, now: float) -> str | None:
+        if self.rows >= self.max_rows:
+            return FULL
+        if self.rows in self.preferred:
+            return PREFERRED
+        if self.adaptive and self.inflight < self._capacity():
+            return CAPACITY
+        oldest = min((level[0].enqueued for level in self._levels if level), default=now)
+        if now - oldest >= self.max_delay_s:
+            return DELAY
+        if self._earliest_deadline() is not None and self._earliest_deadline() - now <= self._deadline_margin():
+            return DEADLINE
+        return None
+
+    def _deadline_margin(self) -> float:
+        # Send a request while its deadline still leaves the backend time to answer (and a floor
+        # for the first batches, before any latency has been observed).
+        return max(self.backend_latency_s * 1.5, MIN_DEADLINE_MARGIN_S)
+
+    def _earliest_deadline(self) -> float | None:
+        deadlines = [p.deadline for level in self._levels for p in level if p.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def _arm_timer(self, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.size:
+            return
+        oldest = min(level[0].enqueued for level in self._levels if level)
+        wake = oldest + self.max_delay_s
+        earliest = self._earliest_deadline()
+        if earliest is not None:
+            wake = min(wake, earliest - self._deadline_margin())
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(wake - now, 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._schedule(self._clock())
+
+    # ---- sending -------------------------------------------------------------------------------
+
+    def _take(self, now: float) -> list[Pending]:
+        """Up to max_rows rows of live requests, highest priority first, FIFO within a level."""
+        batch: list[Pending] = []
+        rows = 0
+        for level in self._levels:
+            while level:
+                head = level[0]
+                if head.future.done():  # its caller went away
+                    level.popleft()
+                    self.size -= 1
+                    self.rows -= head.rows
+                    continue
+                if head.deadline is not None and head.deadline <= now:
+                    level.popleft()
+                    self.size -= 1
+                    self.rows -= head.rows
+                    self.stats.expired += 1
+                    head.future.set_exception(
+                        DeadlineExceeded(f"model '{self.model}': deadline passed while waiting for a batch; not sent")
+                    )
+                    continue
+                if rows + head.rows > self.max_rows:
+                    return batch
+                level.popleft()
+                self.size -= 1
+                self.rows -= head.rows
+                batch.append(head)
+                rows += head.rows
+        return batch
+
+    def _dispatch(self, reason: str, now: float) -> None:
+        batch = self._take(now)
+        if not batch:
+            return
+        self.inflight += 1
+        self.stats.record_batch(reason, sum(p.rows for p in batch), [now - p.enqueued for p in batch])
+        task = asyncio.ensure_future(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[Pending]) -> None:
+        started = self._clock()
+        try:
+            await self._send(batch)
+        except GatewayError as error:
+            self._fail(batch, error)
+        except Exception as error:  # a gateway bug must not leave requests waiting forever
+            log.exception("model '%s': batch failed unexpectedly", self.model)
+            self._fail(batch, BackendError(grpc.StatusCode.INTERNAL, f"internal gateway error while batching: {error!r}"))
+        finally:
+            elapsed = self._clock() - started
+            self.backend_latency_s += LATENCY_EWMA_ALPHA * (elapsed - self.backend_latency_s)
+            self.inflight -= 1
+            if self.size:
+                self._schedule(self._clock())
+
+    @staticmethod
+    def _fail(batch: list[Pending], error: GatewayError) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
