@@ -33,6 +33,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_gateway.py
 
 clean:

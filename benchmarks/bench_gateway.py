@@ -1,23 +1,35 @@
 """End-to-end benchmark: the gateway against direct Triton and a bare grpc.aio echo server, one run.
 
-    python benchmarks/bench_gateway.py [--quick] [--json OUT] [--gateway-env NAME=VALUE ...]
+    python benchmarks/bench_gateway.py [--quick] [--only issue2|batching] [--json OUT]
+                                       [--batching JSON] [--gateway-env NAME=VALUE ...]
 
-`--gateway-env` sets variables in the gateway process alone, for gRPC settings that only the
+`--gateway-env` sets variables in the gateway processes alone, for gRPC settings that only the
 environment reaches (GRPC_EXPERIMENTS, GRPC_POLL_STRATEGY, …): gRPC reads them when it is imported.
 
-Starts one local Triton with the example models, the gateway (`tensorgate serve`) in front of it and
-the echo server, each a process of its own; the load generator is a process of its own too. Then,
-in rounds that alternate the order of baseline and subject, measures on `simple_scale` with 1×16
-FP32 requests:
+Starts one local Triton with the example models, two gateways (`tensorgate serve`) in front of it —
+one with gateway batching off (`batching: {default: {enabled: false}}`, the pass-through path) and
+one with the default batching config (adaptive; `--batching` replaces it) — and the echo server, each a process of its own;
+the load generator is a process of its own too. Then, in rounds that alternate the order of
+baseline and subject, measures with 1×16 FP32 requests:
 
+issue 2 (`--only issue2`), on `simple_scale`, through the pass-through gateway (batching OFF):
   (a) the gateway process's CPU µs per request at 64 in flight, against the echo server's (the cost
-      of a bare grpc.aio server on uvloop) at the same load;
+      of a bare grpc.aio server on uvloop) at the same load; also, for information, the batching
+      gateway's CPU µs per request at the same load;
   (b) requests/s through the gateway ÷ requests/s direct to Triton, 64 in flight;
   (c) the p50 and p99 latency the gateway adds at concurrency 1.
 
+issue 3 (`--only batching`), 64 in flight, through the batching gateway (adaptive, defaults):
+  (d) backend-bound: rps via the gateway on `fixed_cost` ÷ rps direct to `fixed_cost` (Triton
+      dynamic batching off), and ÷ rps direct to `fixed_cost_dynbatch` (Triton batching on);
+      tiny CPU-bound: the same with `simple_scale` / `simple_scale_dynbatch`.
+      With each: the mean batch size Triton executed (Δinference_count ÷ Δexecution_count of
+      Triton's own ModelStatistics over the run, read with tritonclient) and the gateway's CPU µs
+      per request.
+
 Prints medians over rounds (min–max in brackets) of the per-round ratios, each next to its target.
-Client, gateway and Triton share this machine's cores, so absolute figures move with the machine;
-the ratios, measured back to back, are what to compare.
+Client, gateways and Triton share this machine's cores, so absolute figures move with the machine;
+the ratios, measured back to back against the same Triton, are what to compare.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +55,24 @@ from gateway.local.triton import LocalTriton, default_model_repository, find_fre
 MODEL = "simple_scale"
 ROWS, COLS = 1, 16
 HIGH_CONCURRENCY = 64
+SECTIONS = ("issue2", "batching")
+# Models of the batching section: (gateway model, direct baseline without / with Triton batching).
+BATCHING_CASES = {
+    "fixed": ("fixed_cost", "fixed_cost_dynbatch"),
+    "scale": ("simple_scale", "simple_scale_dynbatch"),
+}
 
 # Targets: name -> (comparison, value). None: no target set yet, the figure is reported only.
 TARGETS = {
     "cpu_ratio": ("<=", 1.5),
+    "cpu_ratio_batching_on": None,
     "rps_ratio": None,
     "added_p50_ms": None,
     "added_p99_ms": None,
+    "fixed_vs_direct": (">=", 5.0),
+    "fixed_vs_dynbatch": (">=", 0.9),
+    "scale_vs_direct": (">=", 1.5),
+    "scale_vs_dynbatch": (">=", 1.0),
 }
 # Reference points from DESIGN.md ("What a Python hop costs"), a naive grpc.aio pass-through proxy.
 NAIVE_PROXY = {
@@ -100,74 +123,208 @@ def _stop(proc: subprocess.Popen | None) -> None:
         proc.wait()
 
 
-def _wait_serving(target: str, what: str, timeout: float = 60.0) -> None:
-    """Until `target` answers ModelInfer for MODEL without errors (the gateway learns models async)."""
+def _wait_serving(target: str, what: str, model: str = MODEL, timeout: float = 60.0) -> None:
+    """Until `target` answers ModelInfer for `model` without errors (the gateway learns models async)."""
     deadline = time.monotonic() + timeout
     while True:
-        result = run_load_in_subprocess(target, MODEL, concurrency=1, requests=20, warmup_seconds=0, rows=ROWS, cols=COLS)
+        result = run_load_in_subprocess(target, model, concurrency=1, requests=20, warmup_seconds=0, rows=ROWS, cols=COLS)
         if result.errors == 0:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} at {target} still failing after {timeout:.0f} s: {result.error_samples}")
+            raise RuntimeError(f"{what} at {target} still failing on {model} after {timeout:.0f} s: {result.error_samples}")
         time.sleep(0.5)
+
+
+def _process_group(pgid: int) -> list[int]:
+    """Live processes of group `pgid` (Triton and its Python-backend stubs), read from /proc."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry.name))
+    return sorted(members)
+
+
+class TritonStats:
+    """Triton's own ModelStatistics, read with tritonclient: how many rows (inference_count) and
+    executions (execution_count) a model has done, so a run's mean executed batch size is
+    Δinference_count ÷ Δexecution_count."""
+
+    def __init__(self, address: str) -> None:
+        import tritonclient.grpc
+
+        self._client = tritonclient.grpc.InferenceServerClient(address)
+
+    def counts(self, model: str) -> tuple[int, int]:
+        response = self._client.get_inference_statistics(model_name=model)
+        rows = executions = 0
+        for stats in response.model_stats:
+            rows += stats.inference_count
+            executions += stats.execution_count
+        return rows, executions
+
+    def close(self) -> None:
+        self._client.close()
 
 
 # -------------------------------------------------------------------------------------- figures
 
 
-def _load(target: str, concurrency: int, seconds: float, warmup: float, cpu_pids: list[int]) -> LoadResult:
+@dataclass(frozen=True)
+class Run:
+    """One load run: `target` (a role in `addresses`), `model`, `concurrency`; CPU watched of
+    `watch` (roles) plus, for every target but the echo server, Triton and its stubs."""
+
+    target: str
+    model: str
+    concurrency: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.target}:{self.model}@{self.concurrency}"
+
+
+def _plan(sections: list[str]) -> list[Run]:
+    """Every run of one round, baseline next to subject, without duplicates."""
+    runs: list[Run] = []
+    if "issue2" in sections:
+        runs += [
+            Run("echo", MODEL, HIGH_CONCURRENCY),
+            Run("gateway", MODEL, HIGH_CONCURRENCY),
+            Run("direct", MODEL, HIGH_CONCURRENCY),
+            Run("batchgw", MODEL, HIGH_CONCURRENCY),
+            Run("direct", MODEL, 1),
+            Run("gateway", MODEL, 1),
+        ]
+    if "batching" in sections:
+        for model, dynbatch in BATCHING_CASES.values():
+            runs += [
+                Run("direct", model, HIGH_CONCURRENCY),
+                Run("batchgw", model, HIGH_CONCURRENCY),
+                Run("direct", dynbatch, HIGH_CONCURRENCY),
+            ]
+    unique: dict[str, Run] = {}
+    for run in runs:
+        unique.setdefault(run.label, run)
+    return list(unique.values())
+
+
+def _load(run: Run, addresses: dict[str, str], seconds: float, warmup: float, cpu_pids: list[int]) -> LoadResult:
     result = run_load_in_subprocess(
-        target, MODEL, concurrency=concurrency, seconds=seconds, warmup_seconds=warmup,
+        addresses[run.target], run.model, concurrency=run.concurrency, seconds=seconds, warmup_seconds=warmup,
         rows=ROWS, cols=COLS, cpu_pids=cpu_pids,
     )  # fmt: skip
     if result.errors:
-        print(f"  warning: {result.errors} errors from {target}: {result.error_samples}", file=sys.stderr)
+        print(f"  warning: {result.errors} errors from {run.label}: {result.error_samples}", file=sys.stderr)
     return result
 
 
-def _round(index: int, addresses: dict[str, str], pids: dict[str, int], seconds: float, warmup: float) -> dict[str, LoadResult]:
-    """One round: every (target, concurrency) once; odd rounds run them in reverse order."""
-    plan = [
-        ("echo@64", "echo", HIGH_CONCURRENCY, [pids["echo"]]),
-        ("gateway@64", "gateway", HIGH_CONCURRENCY, [pids["gateway"], pids["triton"]]),
-        ("direct@64", "direct", HIGH_CONCURRENCY, [pids["triton"]]),
-        ("direct@1", "direct", 1, [pids["triton"]]),
-        ("gateway@1", "gateway", 1, [pids["gateway"], pids["triton"]]),
-    ]
-    if index % 2:
-        plan.reverse()
-    results = {}
-    for label, target, concurrency, cpu_pids in plan:
-        results[label] = _load(addresses[target], concurrency, seconds, warmup, cpu_pids)
-        print(f"  round {index + 1} {label:<11} {results[label].summary()}", flush=True)
-    return results
+def _round(index: int, plan: list[Run], addresses: dict[str, str], pids: dict[str, int], triton_pids: list[int],
+           stats: TritonStats, seconds: float, warmup: float) -> tuple[dict[str, LoadResult], dict[str, float]]:  # fmt: skip
+    """One round: every run once; odd rounds run them in reverse order. Also returns, per run, the
+    mean batch size Triton executed during it (nan for the echo server)."""
+    order = list(reversed(plan)) if index % 2 else plan
+    results, batch = {}, {}
+    for run in order:
+        watch = [pids[run.target]] if run.target in ("echo", "gateway", "batchgw") else []
+        if run.target != "echo":
+            watch += triton_pids
+        before = stats.counts(run.model) if run.target != "echo" else None
+        results[run.label] = _load(run, addresses, seconds, warmup, watch)
+        if before is not None:
+            after = stats.counts(run.model)
+            executions = after[1] - before[1]
+            batch[run.label] = (after[0] - before[0]) / executions if executions else float("nan")
+        else:
+            batch[run.label] = float("nan")
+        result = results[run.label]
+        line = (f"  round {index + 1} {run.label:<32} {result.rps:>8,.0f} req/s  p50 {result.p50_ms:7.3f} ms  "
+                f"p99 {result.p99_ms:7.3f} ms  {result.errors} err")  # fmt: skip
+        if run.target in pids and run.target != "triton":
+            line += f"  {run.target} {result.cpu_us_per_request(pids[run.target]):.0f} CPU µs/req"
+        if run.target != "echo":
+            line += f"  Triton+stubs {_cpu_us(result, triton_pids):.0f} CPU µs/req  Triton mean batch {batch[run.label]:.2f}"
+        print(line, flush=True)
+        if result.error_samples:
+            print(f"    errors: {'; '.join(result.error_samples)}", flush=True)
+    return results, batch
 
 
-def _figures(results: dict[str, LoadResult], pids: dict[str, int]) -> dict[str, float]:
-    echo, gw64, direct64 = results["echo@64"], results["gateway@64"], results["direct@64"]
-    gw1, direct1 = results["gateway@1"], results["direct@1"]
-    return {
-        "echo_cpu_us": echo.cpu_us_per_request(pids["echo"]),
-        "gateway_cpu_us": gw64.cpu_us_per_request(pids["gateway"]),
-        "cpu_ratio": gw64.cpu_us_per_request(pids["gateway"]) / echo.cpu_us_per_request(pids["echo"]),
-        "triton_cpu_us_direct": direct64.cpu_us_per_request(pids["triton"]),
-        "triton_cpu_us_via_gateway": gw64.cpu_us_per_request(pids["triton"]),
-        "client_cpu_us_direct": direct64.client_cpu_seconds / direct64.requests * 1e6,
-        "client_cpu_us_via_gateway": gw64.client_cpu_seconds / gw64.requests * 1e6,
-        "direct_rps": direct64.rps,
-        "gateway_rps": gw64.rps,
-        "echo_rps": echo.rps,
-        "rps_ratio": gw64.rps / direct64.rps,
-        "direct_p50_ms_c64": direct64.p50_ms,
-        "gateway_p50_ms_c64": gw64.p50_ms,
-        "direct_p50_ms": direct1.p50_ms,
-        "gateway_p50_ms": gw1.p50_ms,
-        "added_p50_ms": gw1.p50_ms - direct1.p50_ms,
-        "direct_p99_ms": direct1.p99_ms,
-        "gateway_p99_ms": gw1.p99_ms,
-        "added_p99_ms": gw1.p99_ms - direct1.p99_ms,
-        "errors": sum(r.errors for r in results.values()),
-    }
+def _cpu_us(result: LoadResult, pids: list[int]) -> float:
+    if not result.requests:
+        return float("nan")
+    return sum(result.cpu_seconds.get(pid, 0.0) for pid in pids) / result.requests * 1e6
+
+
+def _figures(sections: list[str], results: dict[str, LoadResult], batch: dict[str, float], pids: dict[str, int],
+             triton_pids: list[int]) -> dict[str, float]:  # fmt: skip
+    def get(target: str, model: str, concurrency: int = HIGH_CONCURRENCY) -> tuple[LoadResult, str]:
+        label = Run(target, model, concurrency).label
+        return results[label], label
+
+    figures: dict[str, float] = {}
+    if "issue2" in sections:
+        (echo, _), (gw64, _), (direct64, _) = get("echo", MODEL), get("gateway", MODEL), get("direct", MODEL)
+        (bgw64, bgw_label), (gw1, _), (direct1, _) = get("batchgw", MODEL), get("gateway", MODEL, 1), get("direct", MODEL, 1)
+        echo_cpu = echo.cpu_us_per_request(pids["echo"])
+        figures.update({
+            "echo_cpu_us": echo_cpu,
+            "gateway_cpu_us": gw64.cpu_us_per_request(pids["gateway"]),
+            "cpu_ratio": gw64.cpu_us_per_request(pids["gateway"]) / echo_cpu,
+            "batchgw_cpu_us": bgw64.cpu_us_per_request(pids["batchgw"]),
+            "cpu_ratio_batching_on": bgw64.cpu_us_per_request(pids["batchgw"]) / echo_cpu,
+            "batchgw_rps": bgw64.rps,
+            "batchgw_mean_batch": batch[bgw_label],
+            "triton_cpu_us_direct": direct64.cpu_us_per_request(pids["triton"]),
+            "triton_cpu_us_via_gateway": gw64.cpu_us_per_request(pids["triton"]),
+            "triton_all_cpu_us_direct": _cpu_us(direct64, triton_pids),
+            "triton_all_cpu_us_via_gateway": _cpu_us(gw64, triton_pids),
+            "client_cpu_us_direct": direct64.client_cpu_seconds / direct64.requests * 1e6,
+            "client_cpu_us_via_gateway": gw64.client_cpu_seconds / gw64.requests * 1e6,
+            "direct_rps": direct64.rps,
+            "gateway_rps": gw64.rps,
+            "echo_rps": echo.rps,
+            "rps_ratio": gw64.rps / direct64.rps,
+            "direct_p50_ms_c64": direct64.p50_ms,
+            "gateway_p50_ms_c64": gw64.p50_ms,
+            "direct_p50_ms": direct1.p50_ms,
+            "gateway_p50_ms": gw1.p50_ms,
+            "added_p50_ms": gw1.p50_ms - direct1.p50_ms,
+            "direct_p99_ms": direct1.p99_ms,
+            "gateway_p99_ms": gw1.p99_ms,
+            "added_p99_ms": gw1.p99_ms - direct1.p99_ms,
+        })  # fmt: skip
+    if "batching" in sections:
+        for case, (model, dynbatch) in BATCHING_CASES.items():
+            (direct, d_label), (dyn, y_label), (via, g_label) = get("direct", model), get("direct", dynbatch), get("batchgw", model)
+            figures.update({
+                f"{case}_direct_rps": direct.rps,
+                f"{case}_dynbatch_rps": dyn.rps,
+                f"{case}_gateway_rps": via.rps,
+                f"{case}_vs_direct": via.rps / direct.rps,
+                f"{case}_vs_dynbatch": via.rps / dyn.rps,
+                f"{case}_batch_direct": batch[d_label],
+                f"{case}_batch_dynbatch": batch[y_label],
+                f"{case}_batch_gateway": batch[g_label],
+                f"{case}_gateway_cpu_us": via.cpu_us_per_request(pids["batchgw"]),
+                f"{case}_triton_all_cpu_us_direct": _cpu_us(direct, triton_pids),
+                f"{case}_triton_all_cpu_us_dynbatch": _cpu_us(dyn, triton_pids),
+                f"{case}_triton_all_cpu_us_gateway": _cpu_us(via, triton_pids),
+                f"{case}_client_cpu_us_gateway": via.client_cpu_seconds / via.requests * 1e6 if via.requests else float("nan"),
+                f"{case}_client_cpu_us_direct": direct.client_cpu_seconds / direct.requests * 1e6 if direct.requests else float("nan"),
+                f"{case}_p50_ms_direct": direct.p50_ms,
+                f"{case}_p50_ms_dynbatch": dyn.p50_ms,
+                f"{case}_p50_ms_gateway": via.p50_ms,
+                f"{case}_p99_ms_gateway": via.p99_ms,
+            })  # fmt: skip
+    figures["errors"] = sum(r.errors for r in results.values())
+    return figures
 
 
 def _summarize(per_round: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -190,7 +347,14 @@ def _verdict(key: str, value: float) -> tuple[str, str]:
     return f"{'≤' if op == '<=' else '≥'} {bound:g}", "met" if ok else "MISSED"
 
 
-def _table(summary: dict[str, dict[str, float]], rounds: int) -> str:
+def _render(header: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: int) -> str:
     def med(key: str, fmt: str) -> str:
         return format(summary[key]["median"], fmt)
 
@@ -198,34 +362,65 @@ def _table(summary: dict[str, dict[str, float]], rounds: int) -> str:
         s = summary[key]
         return f"{format(s['median'], fmt)} [{format(s['min'], fmt)}–{format(s['max'], fmt)}]" if rounds > 1 else format(s["median"], fmt)
 
-    rows = [
-        ("(a) CPU µs/request, 64 in flight", f"echo {med('echo_cpu_us', '.0f')}", f"{med('gateway_cpu_us', '.0f')}",
-         f"×{spread('cpu_ratio', '.2f')}", "cpu_ratio"),
-        ("(b) requests/s, 64 in flight", f"direct {med('direct_rps', ',.0f')}", f"{med('gateway_rps', ',.0f')}",
-         f"×{spread('rps_ratio', '.2f')}", "rps_ratio"),
-        ("(c) p50 latency, concurrency 1", f"direct {med('direct_p50_ms', '.3f')} ms", f"{med('gateway_p50_ms', '.3f')} ms",
-         f"{spread('added_p50_ms', '+.3f')} ms", "added_p50_ms"),
-        ("    p99 latency, concurrency 1", f"direct {med('direct_p99_ms', '.3f')} ms", f"{med('gateway_p99_ms', '.3f')} ms",
-         f"{spread('added_p99_ms', '+.3f')} ms", "added_p99_ms"),
-    ]  # fmt: skip
-    header = ("measure", "baseline", "gateway", "ratio / added", "target", "", "naive proxy (DESIGN.md)")
     lines = []
-    body = []
-    for title, base, subject, ratio, key in rows:
-        target, verdict = _verdict(key, summary[key]["median"])
-        body.append((title, base, subject, ratio, target, verdict, NAIVE_PROXY.get(key, "")))
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    for row in [header, *body]:
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("")
-    lines.append(
-        f"context (medians): Triton server CPU µs/request {med('triton_cpu_us_direct', '.0f')} direct, "
-        f"{med('triton_cpu_us_via_gateway', '.0f')} via gateway (Python stub not counted); "
-        f"load-generator CPU µs/request {med('client_cpu_us_direct', '.0f')} direct, "
-        f"{med('client_cpu_us_via_gateway', '.0f')} via gateway; echo {med('echo_rps', ',.0f')} req/s; "
-        f"p50 at 64 in flight {med('direct_p50_ms_c64', '.2f')} ms direct, {med('gateway_p50_ms_c64', '.2f')} ms via gateway"
-    )
+    if "issue2" in sections:
+        rows = [
+            ("(a) CPU µs/request, 64 in flight", f"echo {med('echo_cpu_us', '.0f')}", f"{med('gateway_cpu_us', '.0f')}",
+             f"×{spread('cpu_ratio', '.2f')}", "cpu_ratio"),
+            ("    same, batching ON (info)", f"echo {med('echo_cpu_us', '.0f')}", f"{med('batchgw_cpu_us', '.0f')}",
+             f"×{spread('cpu_ratio_batching_on', '.2f')}", "cpu_ratio_batching_on"),
+            ("(b) requests/s, 64 in flight", f"direct {med('direct_rps', ',.0f')}", f"{med('gateway_rps', ',.0f')}",
+             f"×{spread('rps_ratio', '.2f')}", "rps_ratio"),
+            ("(c) p50 latency, concurrency 1", f"direct {med('direct_p50_ms', '.3f')} ms", f"{med('gateway_p50_ms', '.3f')} ms",
+             f"{spread('added_p50_ms', '+.3f')} ms", "added_p50_ms"),
+            ("    p99 latency, concurrency 1", f"direct {med('direct_p99_ms', '.3f')} ms", f"{med('gateway_p99_ms', '.3f')} ms",
+             f"{spread('added_p99_ms', '+.3f')} ms", "added_p99_ms"),
+        ]  # fmt: skip
+        body = []
+        for title, base, subject, ratio, key in rows:
+            target, verdict = _verdict(key, summary[key]["median"])
+            body.append((title, base, subject, ratio, target, verdict, NAIVE_PROXY.get(key, "")))
+        lines.append(f"issue 2 — {MODEL}, gateway batching OFF (pass-through) unless noted")
+        lines += _render(("measure", "baseline", "gateway", "ratio / added", "target", "", "naive proxy (DESIGN.md)"), body)
+        lines.append("")
+        lines.append(
+            f"context (medians): Triton server CPU µs/request {med('triton_cpu_us_direct', '.0f')} direct, "
+            f"{med('triton_cpu_us_via_gateway', '.0f')} via gateway (with Python stubs "
+            f"{med('triton_all_cpu_us_direct', '.0f')}, {med('triton_all_cpu_us_via_gateway', '.0f')}); "
+            f"load-generator CPU µs/request {med('client_cpu_us_direct', '.0f')} direct, "
+            f"{med('client_cpu_us_via_gateway', '.0f')} via gateway; echo {med('echo_rps', ',.0f')} req/s; "
+            f"p50 at 64 in flight {med('direct_p50_ms_c64', '.2f')} ms direct, {med('gateway_p50_ms_c64', '.2f')} ms via gateway; "
+            f"batching gateway {med('batchgw_rps', ',.0f')} req/s (Triton mean batch {med('batchgw_mean_batch', '.1f')})"
+        )  # fmt: skip
+    if "batching" in sections:
+        if lines:
+            lines.append("")
+        body = []
+        for case, (model, dynbatch) in BATCHING_CASES.items():
+            for baseline, suffix in ((model, "direct"), (dynbatch, "dynbatch")):
+                key = f"{case}_vs_{suffix}"
+                target, verdict = _verdict(key, summary[key]["median"])
+                body.append((
+                    f"(d) {model} via gateway ÷ direct {baseline}",
+                    f"{med(f'{case}_{suffix}_rps', ',.0f')} req/s (batch {med(f'{case}_batch_{suffix}', '.1f')})",
+                    f"{med(f'{case}_gateway_rps', ',.0f')} req/s (batch {med(f'{case}_batch_gateway', '.1f')})",
+                    f"×{spread(key, '.2f')}", target, verdict,
+                    f"{med(f'{case}_gateway_cpu_us', '.0f')}",
+                ))  # fmt: skip
+        lines.append(f"issue 3 — gateway batching ON (adaptive, defaults), {ROWS}×{COLS} FP32, {HIGH_CONCURRENCY} in flight; "
+                     "batch = Triton's mean executed batch size (ΔModelStatistics)")  # fmt: skip
+        lines += _render(("measure", "baseline (direct Triton)", "via batching gateway", "rps ratio", "target", "",
+                          "gateway CPU µs/req"), body)  # fmt: skip
+        lines.append("")
+        for case, (model, dynbatch) in BATCHING_CASES.items():
+            lines.append(
+                f"context {model} (medians): p50 {med(f'{case}_p50_ms_direct', '.2f')} ms direct, "
+                f"{med(f'{case}_p50_ms_dynbatch', '.2f')} ms {dynbatch}, {med(f'{case}_p50_ms_gateway', '.2f')} ms via gateway "
+                f"(p99 {med(f'{case}_p99_ms_gateway', '.2f')}); Triton+stubs CPU µs/request "
+                f"{med(f'{case}_triton_all_cpu_us_direct', '.0f')} direct, {med(f'{case}_triton_all_cpu_us_dynbatch', '.0f')} "
+                f"{dynbatch}, {med(f'{case}_triton_all_cpu_us_gateway', '.0f')} via gateway; load-generator CPU µs/request "
+                f"{med(f'{case}_client_cpu_us_direct', '.0f')} direct, {med(f'{case}_client_cpu_us_gateway', '.0f')} via gateway"
+            )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -238,8 +433,14 @@ def _machine() -> dict[str, str]:
                 break
     except OSError:
         pass
+    versions = {}
+    for module in ("grpc", "numpy"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            versions[module] = "?"
     return {"cpus": str(os.cpu_count()), "cpu_model": model, "python": platform.python_version(),
-            "platform": platform.platform()}  # fmt: skip
+            "grpcio": versions["grpc"], "numpy": versions["numpy"], "platform": platform.platform()}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -248,67 +449,91 @@ def _machine() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s per measurement")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section: issue2 (a–c) or batching (d); default both")
     parser.add_argument("--rounds", type=int, help="rounds, alternating order (default 3, --quick 1)")
     parser.add_argument("--seconds", type=float, help="measured seconds per run (default 4, --quick 2)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds before each window (default 1, --quick 0.5)")
     parser.add_argument("--streams", type=int, help="gateway upstream.streams_per_backend (default: the gateway's)")
+    parser.add_argument("--batching", metavar="JSON",
+                        help="`batching:` section of the batching gateway's config (default: none, the gateway's "
+                             "defaults), e.g. '{\"default\": {\"max_queue_delay_us\": 1000}}'")
     parser.add_argument("--gateway-env", metavar="NAME=VALUE", action="append", default=[],
-                        help="environment variable for the gateway process only (repeatable), e.g. GRPC_EXPERIMENTS=…")
+                        help="environment variable for the gateway processes only (repeatable), e.g. GRPC_EXPERIMENTS=…")
     parser.add_argument("--json", metavar="OUT", help="write the figures and every raw result to OUT")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 4.0)
     warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
+    sections = [args.only] if args.only else list(SECTIONS)
+    plan = _plan(sections)
 
     workdir = Path(tempfile.mkdtemp(prefix="tensorgate-bench-"))
-    triton = gateway = echo = None
+    triton = stats = None
+    procs: dict[str, subprocess.Popen] = {}
+    gateway_configs: dict[str, dict] = {}
     try:
         triton = LocalTriton(default_model_repository(), name="bench-triton", log_dir=workdir).start()
-        gateway_port, echo_port = find_free_port(), find_free_port()
-        config = workdir / "gateway.yaml"
-        gateway_config = {"listen": f"127.0.0.1:{gateway_port}", "pools": {"cpu": {"backends": [triton.grpc_address]}}}
-        if args.streams:
-            gateway_config["upstream"] = {"streams_per_backend": args.streams}
-        config.write_text(json.dumps(gateway_config))  # JSON is YAML
         gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
-        gateway = _spawn([sys.executable, "-m", "gateway", "serve", "--config", str(config)], workdir / "gateway.log",
-                         "tensorgate serving on", gateway_env)  # fmt: skip
-        echo = _spawn([sys.executable, "-m", "gateway.bench.echo", "--port", str(echo_port)], workdir / "echo.log",
-                      "echo serving on")  # fmt: skip
-        addresses = {"direct": triton.grpc_address, "gateway": f"127.0.0.1:{gateway_port}", "echo": f"127.0.0.1:{echo_port}"}
-        pids = {"triton": triton.pid, "gateway": gateway.pid, "echo": echo.pid}
-        for name, address in addresses.items():
-            _wait_serving(address, name)
-        print(f"bench: {MODEL} {ROWS}×{COLS} FP32, {rounds} round(s) × {seconds:g} s (+{warmup:g} s warm-up); "
-              f"pids {pids}; logs in {workdir}", flush=True)  # fmt: skip
+        addresses = {"direct": triton.grpc_address}
+        roles = {run.target for run in plan}
+        batching_on = json.loads(args.batching) if args.batching else None
+        for role, batching in (("gateway", {"default": {"enabled": False}}), ("batchgw", batching_on)):
+            if role not in roles:
+                continue
+            port = find_free_port()
+            config = {"listen": f"127.0.0.1:{port}", "pools": {"cpu": {"backends": [triton.grpc_address]}}}
+            if args.streams:
+                config["upstream"] = {"streams_per_backend": args.streams}
+            if batching is not None:
+                config["batching"] = batching
+            gateway_configs[role] = config
+            path = workdir / f"{role}.yaml"
+            path.write_text(json.dumps(config))  # JSON is YAML
+            procs[role] = _spawn([sys.executable, "-m", "gateway", "serve", "--config", str(path)], workdir / f"{role}.log",
+                                 "tensorgate serving on", gateway_env)  # fmt: skip
+            addresses[role] = f"127.0.0.1:{port}"
+        if "echo" in roles:
+            echo_port = find_free_port()
+            procs["echo"] = _spawn([sys.executable, "-m", "gateway.bench.echo", "--port", str(echo_port)],
+                                   workdir / "echo.log", "echo serving on")  # fmt: skip
+            addresses["echo"] = f"127.0.0.1:{echo_port}"
+        pids = {"triton": triton.pid, **{role: proc.pid for role, proc in procs.items()}}
+        triton_pids = _process_group(triton.pid)
+        for role, model in sorted({(run.target, run.model) for run in plan}):
+            _wait_serving(addresses[role], role, model)
+        stats = TritonStats(triton.grpc_address)
+        print(f"bench: {', '.join(sections)}; {ROWS}×{COLS} FP32, {rounds} round(s) × {seconds:g} s (+{warmup:g} s warm-up) "
+              f"× {len(plan)} runs; pids {pids}, Triton group {triton_pids}; logs in {workdir}", flush=True)  # fmt: skip
 
         raw_rounds = []
         per_round = []
         for index in range(rounds):
-            results = _round(index, addresses, pids, seconds, warmup)
-            raw_rounds.append({label: asdict(result) for label, result in results.items()})
-            per_round.append(_figures(results, pids))
+            results, batch = _round(index, plan, addresses, pids, triton_pids, stats, seconds, warmup)
+            raw_rounds.append({label: {**asdict(result), "triton_mean_batch": batch[label]} for label, result in results.items()})
+            per_round.append(_figures(sections, results, batch, pids, triton_pids))
         summary = _summarize(per_round)
     finally:
-        _stop(gateway)
-        _stop(echo)
+        if stats is not None:
+            stats.close()
+        for proc in procs.values():
+            _stop(proc)
         if triton is not None:
             triton.stop()
 
     machine = _machine()
     print()
-    print(f"tensorgate gateway benchmark — {MODEL}, {ROWS}×{COLS} FP32; {rounds} round(s) × {seconds:g} s; "
+    print(f"tensorgate gateway benchmark — {ROWS}×{COLS} FP32; {rounds} round(s) × {seconds:g} s; "
           f"median [min–max] of per-round figures; {machine['cpus']} CPUs ({machine['cpu_model']}), "
-          f"Python {machine['python']}")  # fmt: skip
-    print(_table(summary, rounds))
+          f"Python {machine['python']}, grpcio {machine['grpcio']}, numpy {machine['numpy']}")  # fmt: skip
+    print(_table(sections, summary, rounds))
     if summary["errors"]["max"]:
         print("WARNING: requests failed during measurement (see the round lines above)")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "machine": machine,
-            "settings": {"model": MODEL, "rows": ROWS, "cols": COLS, "rounds": rounds, "seconds": seconds,
-                         "warmup": warmup, "high_concurrency": HIGH_CONCURRENCY,
-                         "gateway_config": gateway_config, "gateway_env": gateway_env},
+            "settings": {"sections": sections, "rows": ROWS, "cols": COLS, "rounds": rounds, "seconds": seconds,
+                         "warmup": warmup, "high_concurrency": HIGH_CONCURRENCY, "plan": [run.label for run in plan],
+                         "gateway_configs": gateway_configs, "gateway_env": gateway_env},
             "targets": {k: (list(v) if v else None) for k, v in TARGETS.items()},
             "figures": {key: value["median"] for key, value in summary.items()},
             "spread": summary,

@@ -106,8 +106,20 @@ def _summary(gateway: Gateway, tally: Tally, seconds: float, pools: dict[str, Lo
     lines.append(f"{'pool':<10}{'backend':<18}{'served':>10}{'failed':>8}  health")
     for backend in gateway.fleet.backends():
         lines.append(f"{backend.pool:<10}{backend.address:<18}{backend.served:>10}{backend.failed:>8}  {backend.health.value}")
-    lines.append(f"routing    {gateway.router.decisions[ 'preferred']} to the preferred pool, "
+    lines.append(f"routing    {gateway.router.decisions['preferred']} to the preferred pool, "
                  f"{gateway.router.decisions['spill']} spilled to the next")
+    lines.append("")
+    lines.append("batches the gateway formed (adaptive mode: sent at once while backends are free, "
+                 "gathered while they are busy)")
+    lines.append(f"{'model':<16}{'requests':>10}{'batches':>9}{'mean rows':>11}{'largest':>9}"
+                 f"{'mean wait µs':>14}  why sent")
+    for key, batching in gateway.batching.statistics().items():
+        if not batching["batches"]:
+            continue
+        reasons = ", ".join(f"{why} {count}" for why, count in sorted(batching["reasons"].items()))
+        lines.append(f"{key.split(':')[0]:<16}{batching['requests']:>10}{batching['batches']:>9}"
+                     f"{batching['mean_batch_rows']:>11.1f}{max(batching['batch_sizes']):>9}"
+                     f"{batching['mean_queue_delay_us']:>14.0f}  {reasons}")
     if tally.errors:
         lines.append("")
         lines.append("errors:")
@@ -135,7 +147,7 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
     config = config_from_mapping({
         "listen": "127.0.0.1:0",
         "pools": {name: {"backends": [t.grpc_address]} for name, t in pools.items()},
-        "health": {"interval_s": 0.25, "timeout_s": 0.5},
+        "health": {"interval_s": 0.25, "timeout_s": 1.0},
     })
     gateway = await Gateway(config).start()
     print(f"  gateway  on {gateway.address}  (point tritonclient here)")

@@ -243,3 +243,22 @@ async def test_priority_levels_fill_batches_first():
     # the rest in arrival order, and what does not fit waits for the window.
     assert sent == [["high-a", "low-a"], ["low-b"]]
     assert queue.stats.reasons == {"full": 1, "delay": 1}
+
+
+def test_model_statistics_show_the_gateways_batches(tmp_path):
+    from tests.conftest import start_tritons
+
+    (own_triton,) = start_tritons(1, tmp_path, "stats")  # no other traffic reaches this backend
+    try:
+        with batching_gateway([own_triton], default={"mode": "fixed", "max_queue_delay_us": 20_000}) as gateway:
+            asyncio.run(_infer_all(gateway.address, [("add_sub", 1, seed) for seed in range(12)]))
+            client = triton_grpc.InferenceServerClient(gateway.address)
+            stats = client.get_inference_statistics("add_sub").model_stats[0]
+            own = gateway.call(gateway.gateway.statistics)["batching"]["add_sub:1"]
+    finally:
+        own_triton.kill()
+    assert stats.inference_count == own["requests"] == 12
+    assert stats.inference_stats.queue.count >= 12  # the gateway's queue is counted
+    # The backend saw the gateway's batches: fewer executions than requests, batches above one row.
+    assert stats.execution_count == own["batches"] < 12
+    assert max(b.batch_size for b in stats.batch_stats) > 1

@@ -69,3 +69,14 @@ def test_serve_from_config_file(tmp_path, tritons):
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
+
+
+def test_example_config_is_valid():
+    from pathlib import Path
+
+    from gateway.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "examples" / "gateway.yaml")
+    assert list(config.pools) == ["primary", "standby"]
+    assert config.batching.policy_for("fixed_cost").mode == "fixed"
+    assert config.batching.policy_for("simple_scale").mode == "adaptive"

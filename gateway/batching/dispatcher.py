@@ -122,6 +122,10 @@ class BatchingDispatcher:
 
         return BatchQueue(entry.name, batching.policy, batching.max_rows, send, capacity, batching.stats)
 
+    def batch_stats(self, model: str, version: str) -> BatchStats | None:
+        batching = self._models.get((model, version))
+        return batching.stats if batching is not None else None
+
     def statistics(self) -> dict[str, dict]:
         """Per model ('name' or 'name:version'): batch sizes, queue delay, dispatch reasons, queues."""
         report = {}

@@ -145,18 +145,29 @@ class BatchQueue:
         oldest = min((level[0].enqueued for level in self._levels if level), default=now)
         if now - oldest >= self.max_delay_s:
             return DELAY
-        if self._earliest_deadline() is not None and self._earliest_deadline() - now <= self._deadline_margin():
+        send_by = self._send_by()
+        if send_by is not None and now >= send_by:
             return DEADLINE
         return None
 
-    def _deadline_margin(self) -> float:
-        # Send a request while its deadline still leaves the backend time to answer (and a floor
-        # for the first batches, before any latency has been observed).
-        return max(self.backend_latency_s * 1.5, MIN_DEADLINE_MARGIN_S)
+    def _send_by(self) -> float | None:
+        """The latest moment the waiting requests' deadlines allow their batch to leave.
 
-    def _earliest_deadline(self) -> float | None:
-        deadlines = [p.deadline for level in self._levels for p in level if p.deadline is not None]
-        return min(deadlines) if deadlines else None
+        A request must leave while its deadline still leaves the backend time to answer: twice
+        the observed backend latency, a tenth of the time the request had when it arrived (the
+        estimate may lag a busy backend), and never less than MIN_DEADLINE_MARGIN_S.
+        """
+        latency_margin = max(2 * self.backend_latency_s, MIN_DEADLINE_MARGIN_S)
+        send_by = None
+        for level in self._levels:
+            for pending in level:
+                if pending.deadline is None:
+                    continue
+                margin = max(latency_margin, 0.1 * (pending.deadline - pending.enqueued))
+                candidate = pending.deadline - margin
+                if send_by is None or candidate < send_by:
+                    send_by = candidate
+        return send_by
 
     def _arm_timer(self, now: float) -> None:
         if self._timer is not None:
@@ -166,9 +177,9 @@ class BatchQueue:
             return
         oldest = min(level[0].enqueued for level in self._levels if level)
         wake = oldest + self.max_delay_s
-        earliest = self._earliest_deadline()
-        if earliest is not None:
-            wake = min(wake, earliest - self._deadline_margin())
+        send_by = self._send_by()
+        if send_by is not None:
+            wake = min(wake, send_by)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(wake - now, 0.0), self._on_timer)
 

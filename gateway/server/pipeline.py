@@ -46,6 +46,9 @@ class Dispatcher(Protocol):
 
     def infer_decoupled(self, entry: ModelEntry, request, deadline: float | None) -> AsyncIterator: ...
 
+    def batch_stats(self, model: str, version: str):
+        """The model's BatchStats, or None when the dispatcher does not batch it."""
+
 
 def sequence_of(request) -> tuple[object, bool, bool] | None:
     """(sequence id, start, end) of a stateful request, or None if it carries no sequence id."""
@@ -119,6 +122,9 @@ class DirectDispatcher:
             if sequence is not None and sequence[2]:
                 self.sequences.end(entry.name, sequence[0])
 
+    def batch_stats(self, model: str, version: str) -> None:
+        return None  # the direct path never batches
+
     def sequences_idle(self, entry: ModelEntry) -> float:
         return entry.signature.sequence_idle_s or DEFAULT_SEQUENCE_IDLE_S
 
@@ -173,43 +179,53 @@ class Pipeline:
         for key in [k for k in self._entries if not k[1]]:
             del self._entries[key]
 
-    async def infer(self, request, deadline: float | None, streaming: bool = False):
-        """One response for one request. Unary answers drop `triton_final_response`, which Triton
-        puts on stream responses only (the backend call rides a stream; the client's may not)."""
-        started = time.perf_counter_ns()
+    async def _admit(self, request) -> ModelEntry:
+        """Resolve the request's model and validate the request against it."""
         entry = await self.resolve(request.model_name, request.model_version)
         validate_request(request, entry.signature)
+        return entry
+
+    def _observe(self, entry: ModelEntry, request, response, started_ns: int, error) -> None:
+        elapsed = time.perf_counter_ns() - started_ns
+        for observe in self.observers:
+            observe(entry, request, response, elapsed, error)
+
+    async def infer(self, request, deadline: float | None):
+        """One response for one request (ModelInfer)."""
+        started = time.perf_counter_ns()
+        entry = await self._admit(request)
         if entry.signature.decoupled:
             # Triton answers UNIMPLEMENTED here too; the gateway says what to do instead.
             raise Unimplemented(
                 f"model '{entry.name}' is decoupled (it may send any number of responses); "
                 "use the streaming API (ModelStreamInfer) for it, not ModelInfer"
             )
+        response = await self._infer_one(entry, request, deadline, started)
+        # The backend call rode a stream; Triton puts `triton_final_response` on stream responses only.
+        if FINAL_FLAG_RESPONSE in response.parameters:
+            del response.parameters[FINAL_FLAG_RESPONSE]
+        return response
+
+    async def _infer_one(self, entry: ModelEntry, request, deadline: float | None, started: int):
         client_id = request.id
-        response = None
-        error = None
+        response = error = None
         try:
             response = await self.dispatcher.infer(entry, request, deadline)
             response.id = client_id
-            if not streaming and FINAL_FLAG_RESPONSE in response.parameters:
-                del response.parameters[FINAL_FLAG_RESPONSE]
             return response
         except GatewayError as failure:
             error = failure
             raise
         finally:
-            elapsed = time.perf_counter_ns() - started
-            for observe in self.observers:
-                observe(entry, request, response, elapsed, error)
+            self._observe(entry, request, response, started, error)
 
     async def infer_stream(self, request, deadline: float | None):
         """Yield every response of one request (one for ordinary models, any number if decoupled)."""
-        entry = await self.resolve(request.model_name, request.model_version)
-        validate_request(request, entry.signature)
-        if not entry.signature.decoupled:
-            yield await self.infer(request, deadline, streaming=True)
-            return
         started = time.perf_counter_ns()
+        entry = await self._admit(request)
+        if not entry.signature.decoupled:
+            yield await self._infer_one(entry, request, deadline, started)
+            return
         client_id = request.id
         wants_final_flag = (
             FINAL_FLAG_REQUEST in request.parameters and request.parameters[FINAL_FLAG_REQUEST].bool_param
@@ -230,9 +246,7 @@ class Pipeline:
             error = failure
             raise
         finally:
-            elapsed = time.perf_counter_ns() - started
-            for observe in self.observers:
-                observe(entry, request, None, elapsed, error)
+            self._observe(entry, request, None, started, error)
 
     @staticmethod
     def _count(entry: ModelEntry, request, response, elapsed_ns: int, error) -> None:

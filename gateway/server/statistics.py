@@ -1,9 +1,10 @@
 """ModelStatistics as the gateway answers it: its own view, completed by its backends' where available.
 
 Per model version, `inference_count` and `inference_stats.success/fail` are the gateway's own
-(requests it answered, end-to-end time at the gateway); the stages only a backend can see — queue,
+(requests it answered, end-to-end time at the gateway); `queue` is the time requests waited in the
+gateway's batching queue plus the backends' own queue time; the stages only a backend can see —
 compute_input, compute_infer, compute_output, execution_count, batch_stats — are summed over every
-healthy backend that serves the version.
+healthy backend that serves the version (batch_stats therefore shows the batches the gateway formed).
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ async def model_statistics(pipeline: Pipeline, fleet: Fleet, request, time_remai
     timeout = min(time_remaining or 2.0, 2.0)
     response = pb.ModelStatisticsResponse()
     for entry in entries:
-        _fill(response.model_stats.add(), entry, await _backend_statistics(fleet, entry.name, entry.version, timeout))
+        stats = response.model_stats.add()
+        _fill(stats, entry, await _backend_statistics(fleet, entry.name, entry.version, timeout))
+        batching = pipeline.dispatcher.batch_stats(entry.name, entry.version)
+        if batching is not None:
+            stats.inference_stats.queue.count += batching.requests
+            stats.inference_stats.queue.ns += int(batching.queue_delay_s_total * 1e9)
     return response
 
 

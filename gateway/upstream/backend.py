@@ -58,6 +58,7 @@ class Backend:
         self._unary_methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self.health = Health.UNKNOWN
         self.health_detail = "not checked yet"
+        self.failed_checks = 0  # consecutive failed active checks
         self.ready_models: frozenset[tuple[str, str]] = frozenset()
         self.outstanding = 0
         self.served = 0

@@ -39,8 +39,13 @@ class HealthConfig:
     """Seconds between two checks of one backend."""
     timeout_s: float = 1.0
     """A check that takes longer counts as failed."""
+    unhealthy_after: int = 2
+    """Consecutive failed checks before a healthy backend is taken out of rotation (one slow
+    check on a busy machine is not an outage). A broken connection ejects it at once."""
 
     def validate(self, path: str) -> None:
+        if self.unhealthy_after < 1:
+            raise ConfigError(f"{path}.unhealthy_after", "expected at least 1")
         if self.interval_s <= 0:
             raise ConfigError(f"{path}.interval_s", "expected a positive number of seconds")
         if self.timeout_s <= 0:

@@ -67,14 +67,15 @@ class Fleet:
         try:
             ready = await backend.call("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse, timeout)
             if not ready.ready:
-                backend.mark(Health.UNHEALTHY, "server reports not ready")
+                self._failed(backend, "server reports not ready")
                 return
             index = await backend.call(
                 "RepositoryIndex", pb.RepositoryIndexRequest(ready=True), pb.RepositoryIndexResponse, timeout
             )
         except (GatewayError, grpc.aio.AioRpcError, asyncio.TimeoutError) as error:
-            backend.mark(Health.UNHEALTHY, f"health check failed: {getattr(error, 'message', error)!r}")
+            self._failed(backend, f"health check failed: {getattr(error, 'message', error)!r}")
             return
+        backend.failed_checks = 0
         models = set()
         for model in index.models:
             if model.state and model.state != "READY":
@@ -82,6 +83,11 @@ class Fleet:
             models.add((model.name, model.version))
             models.add((model.name, ""))
         backend.mark(Health.HEALTHY, "ready", frozenset(models))
+
+    def _failed(self, backend: Backend, reason: str) -> None:
+        backend.failed_checks += 1
+        if backend.health is not Health.HEALTHY or backend.failed_checks >= self.health_config.unhealthy_after:
+            backend.mark(Health.UNHEALTHY, reason)
 
     async def _check_loop(self, backend: Backend) -> None:
         while True:

@@ -1,4 +1,4 @@
-"""fixed_cost: a fixed 2 ms per execute call, whatever the batch; OUTPUT0 = INPUT0."""
+"""fixed_cost (and fixed_cost_dynbatch, whose model.py links here): 2 ms per execute call, whatever the batch; OUTPUT0 = INPUT0."""
 
 import time
 

@@ -1,4 +1,4 @@
-"""simple_scale: OUTPUT0 = INPUT0 * 2 (FP32 [batch, 16])."""
+"""simple_scale (and simple_scale_dynbatch, whose model.py links here): OUTPUT0 = INPUT0 * 2 (FP32 [batch, 16])."""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils

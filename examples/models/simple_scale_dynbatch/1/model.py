@@ -1,16 +1,1 @@
-"""simple_scale_dynbatch: simple_scale (OUTPUT0 = INPUT0 * 2) behind Triton's dynamic batcher."""
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests: list) -> list:
-        # The dynamic batcher hands several requests to one call; each still
-        # carries its own batch and gets its own response.
-        responses = []
-        for request in requests:
-            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
-            y = (x * np.float32(2)).astype(np.float32, copy=False)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", y)]))
-        return responses
+../../simple_scale/1/model.py
