@@ -354,7 +354,8 @@ def _render(header: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
     return lines
 
 
-def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: int) -> str:
+def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: int,
+           batching_label: str = "adaptive, defaults") -> str:
     def med(key: str, fmt: str) -> str:
         return format(summary[key]["median"], fmt)
 
@@ -407,7 +408,7 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
                     f"×{spread(key, '.2f')}", target, verdict,
                     f"{med(f'{case}_gateway_cpu_us', '.0f')}",
                 ))  # fmt: skip
-        lines.append(f"issue 3 — gateway batching ON (adaptive, defaults), {ROWS}×{COLS} FP32, {HIGH_CONCURRENCY} in flight; "
+        lines.append(f"issue 3 — gateway batching ON ({batching_label}), {ROWS}×{COLS} FP32, {HIGH_CONCURRENCY} in flight; "
                      "batch = Triton's mean executed batch size (ΔModelStatistics)")  # fmt: skip
         lines += _render(("measure", "baseline (direct Triton)", "via batching gateway", "rps ratio", "target", "",
                           "gateway CPU µs/req"), body)  # fmt: skip
@@ -525,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tensorgate gateway benchmark — {ROWS}×{COLS} FP32; {rounds} round(s) × {seconds:g} s; "
           f"median [min–max] of per-round figures; {machine['cpus']} CPUs ({machine['cpu_model']}), "
           f"Python {machine['python']}, grpcio {machine['grpcio']}, numpy {machine['numpy']}")  # fmt: skip
-    print(_table(sections, summary, rounds))
+    print(_table(sections, summary, rounds, f"batching: {args.batching}" if args.batching else "adaptive, defaults"))
     if summary["errors"]["max"]:
         print("WARNING: requests failed during measurement (see the round lines above)")
     if args.json:

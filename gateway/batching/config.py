@@ -28,7 +28,9 @@ class BatchingPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
     """A batch that reaches one of these sizes (in rows) is sent at once."""
     max_queue_delay_us: int = 500
-    """Longest a request waits for batch-mates (fixed mode), or at most (adaptive mode)."""
+    """Fixed mode: longest a request waits for batch-mates. Adaptive mode: the floor of the wait
+    cap, which is otherwise twice the observed backend latency (a busy backend's batch in flight
+    comes back within about one latency)."""
     max_queue_size: int = 4096
     """Requests waiting per model beyond this are refused at once with RESOURCE_EXHAUSTED."""
     priority_levels: int = 1

@@ -112,6 +112,12 @@ class BatchingDispatcher:
             return max(1, self.router.healthy_count(entry.name, entry.version)) * per_backend
 
         async def send(batch: list[Pending]) -> None:
+            if len(batch) == 1:  # nothing to merge: the request goes as it came
+                only = batch[0]
+                response = await self.direct.infer(entry, only.request, only.deadline)
+                if not only.future.done():
+                    only.future.set_result(response)
+                return
             rows = [p.rows for p in batch]
             deadlines = [p.deadline for p in batch if p.deadline is not None]
             merged = merge([p.request for p in batch], rows)

@@ -3,14 +3,15 @@
 A batch leaves the queue when
     full       its rows reach the model's max batch size (or the next request would overflow it);
     preferred  its rows reach a preferred batch size;
-    delay      the oldest request has waited max_queue_delay_us (fixed mode; the cap in adaptive);
+    delay      the oldest request has waited the delay cap: max_queue_delay_us in fixed mode; in
+               adaptive mode the larger of that and twice the observed backend latency;
     deadline   a waiting request's deadline would pass before the delay ends;
     capacity   (adaptive) the model's backends have room for another batch in flight.
 
 Invariants: every request's future is resolved exactly once — with its own response, with the
 batch's error, with DEADLINE_EXCEEDED when its deadline passed while it waited (it is then never
-sent), or it was cancelled by its caller and is skipped. A request never waits longer than
-max_queue_delay_us because of batching.
+sent), or it was cancelled by its caller and is skipped. A request never waits longer than the
+delay cap because of batching.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class BatchQueue:
         self.inflight = 0  # batches sent, not yet answered
         self.backend_latency_s = 0.0  # EWMA of send → response, per batch
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the armed timer fires (monotonic)
+        self._with_deadline = 0  # waiting requests that carry a deadline
         self._tasks: set[asyncio.Task] = set()
 
     def __repr__(self) -> str:
@@ -116,6 +119,8 @@ class BatchQueue:
         self._levels[level].append(Pending(request, rows, future, deadline, now))
         self.size += 1
         self.rows += rows
+        if deadline is not None:
+            self._with_deadline += 1
         self._schedule(now)
         return future
 
@@ -142,13 +147,26 @@ class BatchQueue:
             return PREFERRED
         if self.adaptive and self.inflight < self._capacity():
             return CAPACITY
-        oldest = min((level[0].enqueued for level in self._levels if level), default=now)
-        if now - oldest >= self.max_delay_s:
+        if now - self._oldest() >= self._delay_cap():
             return DELAY
         send_by = self._send_by()
         if send_by is not None and now >= send_by:
             return DEADLINE
         return None
+
+    def _oldest(self) -> float:
+        return min(level[0].enqueued for level in self._levels if level)
+
+    def _delay_cap(self) -> float:
+        """Longest a request waits for batch-mates.
+
+        Fixed mode: max_queue_delay_us. Adaptive mode: while the backends are busy, requests wait
+        for a batch in flight to come back — about one backend latency — so the cap follows the
+        observed latency and max_queue_delay_us is only its floor.
+        """
+        if self.adaptive:
+            return max(self.max_delay_s, 2 * self.backend_latency_s)
+        return self.max_delay_s
 
     def _send_by(self) -> float | None:
         """The latest moment the waiting requests' deadlines allow their batch to leave.
@@ -157,6 +175,8 @@ class BatchQueue:
         the observed backend latency, a tenth of the time the request had when it arrived (the
         estimate may lag a busy backend), and never less than MIN_DEADLINE_MARGIN_S.
         """
+        if not self._with_deadline:
+            return None
         latency_margin = max(2 * self.backend_latency_s, MIN_DEADLINE_MARGIN_S)
         send_by = None
         for level in self._levels:
@@ -170,18 +190,23 @@ class BatchQueue:
         return send_by
 
     def _arm_timer(self, now: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Make sure a timer fires by the next moment a batch may become due.
+
+        An armed timer that fires no later than needed is kept (re-arming on every request would
+        cost a timer handle per request); one that fires early finds nothing due and re-arms.
+        """
         if not self.size:
             return
-        oldest = min(level[0].enqueued for level in self._levels if level)
-        wake = oldest + self.max_delay_s
+        wake = self._oldest() + self._delay_cap()
         send_by = self._send_by()
         if send_by is not None:
             wake = min(wake, send_by)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(max(wake - now, 0.0), self._on_timer)
+        if self._timer is not None:
+            if self._timer_at <= wake:
+                return
+            self._timer.cancel()
+        self._timer_at = wake
+        self._timer = asyncio.get_running_loop().call_later(max(wake - now, 0.0), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -197,14 +222,10 @@ class BatchQueue:
             while level:
                 head = level[0]
                 if head.future.done():  # its caller went away
-                    level.popleft()
-                    self.size -= 1
-                    self.rows -= head.rows
+                    self._pop(level)
                     continue
                 if head.deadline is not None and head.deadline <= now:
-                    level.popleft()
-                    self.size -= 1
-                    self.rows -= head.rows
+                    self._pop(level)
                     self.stats.expired += 1
                     head.future.set_exception(
                         DeadlineExceeded(f"model '{self.model}': deadline passed while waiting for a batch; not sent")
@@ -212,12 +233,17 @@ class BatchQueue:
                     continue
                 if rows + head.rows > self.max_rows:
                     return batch
-                level.popleft()
-                self.size -= 1
-                self.rows -= head.rows
-                batch.append(head)
+                batch.append(self._pop(level))
                 rows += head.rows
         return batch
+
+    def _pop(self, level: collections.deque) -> Pending:
+        pending = level.popleft()
+        self.size -= 1
+        self.rows -= pending.rows
+        if pending.deadline is not None:
+            self._with_deadline -= 1
+        return pending
 
     def _dispatch(self, reason: str, now: float) -> None:
         batch = self._take(now)
