@@ -62,6 +62,7 @@ setup(
         "gateway",
         *[f"gateway.{p}" for p in ("protocol", "server", "routing", "upstream", "local", "batching", "drift", "telemetry", "bench")],
         "gateway.ext",
+        "gateway.ext.drift",
     ],
     package_dir={"gateway": "gateway", "gateway.ext": "ext"},
     ext_modules=extensions(),

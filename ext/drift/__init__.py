@@ -1,0 +1,115 @@
+"""Drift statistics of monitored tensors: Numba kernels, each with a plain NumPy twin of the same signature.
+
+On the hot path (one call per request or batch block, `nogil`, in place):
+    update_histogram(counts, edges, block)     binned counts + below / above / NaN / inf   histogram.py
+    update_moments(state, block)               running count, mean, M2 (Welford / Chan)    moments.py
+    update_buckets(counts, values)             hashed buckets of integer categories        categorical.py
+    update_bytes_buckets(counts, raw)          hashed buckets of KServe BYTES elements     categorical.py
+When a window closes, one call per statistic, float64[F] out:
+    population_stability_index, jensen_shannon_distance, ks_statistic, wasserstein_distance,
+    chi_square_statistic (histograms int64[F, B+4]; modules psi, jensen_shannon, ks, wasserstein, chi_square);
+    psi_table, jensen_shannon_table, chi_square_table (frequency tables int64[F, K]).
+
+`TENSORGATE_NO_EXTENSIONS=1` exports the `*_numpy` twins under the same names (as gateway.ext does).
+Kernels compile on first call and are cached on disk (`cache=True`, in this package's __pycache__);
+`warm_up()` compiles every one for the dtypes the gateway feeds them, so no request pays for it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from gateway.ext import USING_EXTENSIONS
+from gateway.ext.drift import categorical, chi_square, histogram, jensen_shannon, ks, moments, psi, wasserstein
+from gateway.ext.drift.categorical import as_raw
+from gateway.ext.drift.chi_square import chi_square_test
+from gateway.ext.drift.histogram import ABOVE, BELOW, INF, NAN, new_histogram, quantile_edges
+from gateway.ext.drift.moments import new_moments, variance
+from gateway.ext.drift.psi import fold_tails
+
+KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_numpy" in the same module
+    "update_histogram": histogram,
+    "update_moments": moments,
+    "merge_moments": moments,
+    "update_buckets": categorical,
+    "update_bytes_buckets": categorical,
+    "psi": psi,
+    "psi_table": psi,
+    "jensen_shannon": jensen_shannon,
+    "jensen_shannon_table": jensen_shannon,
+    "ks": ks,
+    "wasserstein": wasserstein,
+    "chi_square": chi_square,
+    "chi_square_table": chi_square,
+}
+
+_suffix = "" if USING_EXTENSIONS else "_numpy"
+update_histogram = getattr(histogram, "update_histogram" + _suffix)
+update_moments = getattr(moments, "update_moments" + _suffix)
+merge_moments = getattr(moments, "merge_moments" + _suffix)
+update_buckets = getattr(categorical, "update_buckets" + _suffix)
+update_bytes_buckets = getattr(categorical, "update_bytes_buckets" + _suffix)
+# The histogram statistics take longer names: the short ones are their modules.
+population_stability_index = getattr(psi, "psi" + _suffix)
+psi_table = getattr(psi, "psi_table" + _suffix)
+jensen_shannon_distance = getattr(jensen_shannon, "jensen_shannon" + _suffix)
+jensen_shannon_table = getattr(jensen_shannon, "jensen_shannon_table" + _suffix)
+ks_statistic = getattr(ks, "ks" + _suffix)
+wasserstein_distance = getattr(wasserstein, "wasserstein" + _suffix)
+chi_square_statistic = getattr(chi_square, "chi_square" + _suffix)
+chi_square_table = getattr(chi_square, "chi_square_table" + _suffix)
+
+
+def warm_up() -> float:
+    """Compile (or load from the disk cache) every kernel for the argument types the gateway uses.
+
+    Blocks: float32 and float64, C-contiguous, writable and read-only (np.frombuffer over a request's
+    raw contents is read-only, a distinct Numba type); categories int32 and int64; BYTES as a
+    read-only or writable uint8 buffer. Returns the seconds it took. A no-op under
+    TENSORGATE_NO_EXTENSIONS=1.
+    """
+    started = time.perf_counter()
+    if not USING_EXTENSIONS:
+        return 0.0
+    features, bins, buckets = 2, 4, 8
+    edges = histogram.quantile_edges(np.arange(8.0).reshape(4, 2), bins)
+    counts = new_histogram(edges)
+    state = new_moments(features)
+    for dtype in (np.float32, np.float64):
+        block = np.zeros((3, features), dtype)
+        for variant in (block, _read_only(block)):
+            histogram.update_histogram(counts, edges, variant)
+            moments.update_moments(state, variant)
+    moments.merge_moments(state, state)
+    table = np.ones((features, buckets), np.int64)
+    for dtype in (np.int32, np.int64):
+        values = np.zeros((3, features), dtype)
+        categorical.update_buckets(table, values)
+        categorical.update_buckets(table, _read_only(values))
+    raw = b"\x01\x00\x00\x00a\x00\x00\x00\x00"
+    categorical.update_bytes_buckets(table, np.frombuffer(raw, np.uint8))
+    categorical.update_bytes_buckets(table, np.frombuffer(bytearray(raw), np.uint8))
+    for histograms in (psi.psi, jensen_shannon.jensen_shannon, ks.ks, chi_square.chi_square):
+        histograms(counts, counts)
+    wasserstein.wasserstein(counts, counts, edges)
+    for tables in (psi.psi_table, jensen_shannon.jensen_shannon_table, chi_square.chi_square_table):
+        tables(table, table)
+    return time.perf_counter() - started
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+__all__ = [
+    "ABOVE", "BELOW", "INF", "KERNELS", "NAN", "USING_EXTENSIONS",
+    "as_raw", "chi_square_statistic", "chi_square_table", "chi_square_test", "fold_tails",
+    "jensen_shannon_distance", "jensen_shannon_table", "ks_statistic", "merge_moments", "new_histogram",
+    "new_moments", "population_stability_index", "psi_table", "quantile_edges", "update_buckets",
+    "update_bytes_buckets", "update_histogram", "update_moments", "variance", "warm_up",
+    "wasserstein_distance",
+]

@@ -1,0 +1,104 @@
+"""Chi-square statistic of homogeneity of every feature between a reference and a current count table.
+
+The 2 x K contingency table (reference row, current row) of a feature gives
+
+    X² = sum over rows r and columns k with a non-zero column total of (O_rk - E_rk)² / E_rk,
+    E_rk = row_total_r * column_total_k / N
+
+the statistic of `scipy.stats.chi2_contingency(table, correction=False)` with the all-zero columns
+dropped, with (non-zero columns - 1) degrees of freedom. Meant for categorical features
+(`chi_square_table` on categorical.py's buckets); `chi_square` takes histograms int64[F, B+4] with
+BELOW folded into the first bin, ABOVE into the last, NAN and INF left out. The kernels return the
+statistic; `chi_square_test` adds the p-value with SciPy, off the hot path. A feature with no counted
+value on either side gets NaN.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from gateway.ext.drift.jensen_shannon import _share
+from gateway.ext.drift.psi import fold_tails
+
+
+@numba.njit(nogil=True, cache=True)
+def _chi_square(reference, current, bins, fold):
+    features = reference.shape[0]
+    if current.shape[0] != features or current.shape[1] != reference.shape[1] or bins < 1:
+        raise ValueError("reference and current must be count tables of the same shape")
+    result = np.empty(features, np.float64)
+    for feature in range(features):
+        reference_total = 0.0
+        current_total = 0.0
+        for index in range(bins):
+            reference_total += _share(reference, feature, index, bins, fold)
+            current_total += _share(current, feature, index, bins, fold)
+        if reference_total == 0.0 or current_total == 0.0:
+            result[feature] = np.nan
+            continue
+        total = reference_total + current_total
+        statistic = 0.0
+        for index in range(bins):
+            observed_reference = _share(reference, feature, index, bins, fold)
+            observed_current = _share(current, feature, index, bins, fold)
+            column = observed_reference + observed_current
+            if column == 0.0:
+                continue
+            expected_reference = reference_total * column / total
+            expected_current = current_total * column / total
+            statistic += (observed_reference - expected_reference) ** 2 / expected_reference
+            statistic += (observed_current - expected_current) ** 2 / expected_current
+        result[feature] = statistic
+    return result
+
+
+@numba.njit(nogil=True, cache=True)
+def chi_square(reference, current):
+    """float64[F]: chi-square statistic of homogeneity between histograms int64[F, B+4]."""
+    return _chi_square(reference, current, reference.shape[1] - 4, True)
+
+
+@numba.njit(nogil=True, cache=True)
+def chi_square_table(reference, current):
+    """float64[F]: chi-square statistic of homogeneity between frequency tables int64[F, K]."""
+    return _chi_square(reference, current, reference.shape[1], False)
+
+
+def chi_square_table_numpy(reference, current):
+    """NumPy twin of `chi_square_table`."""
+    reference, current = np.asarray(reference, np.float64), np.asarray(current, np.float64)
+    if reference.shape != current.shape:
+        raise ValueError("reference and current must be count tables of the same shape")
+    rows = np.stack([reference, current], axis=1)  # [F, 2, K]
+    row_totals = rows.sum(axis=2, keepdims=True)
+    column_totals = rows.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = row_totals * column_totals / rows.sum(axis=(1, 2), keepdims=True)
+        terms = np.where(column_totals > 0, (rows - expected) ** 2 / expected, 0.0)
+    empty = (row_totals[:, :, 0] == 0).any(axis=1)
+    return np.where(empty, np.nan, terms.sum(axis=(1, 2)))
+
+
+def chi_square_numpy(reference, current):
+    """NumPy twin of `chi_square`."""
+    return chi_square_table_numpy(fold_tails(reference), fold_tails(current))
+
+
+def degrees_of_freedom(reference, current) -> np.ndarray:
+    """int64[F]: non-zero columns - 1 of each feature's table (pass frequency tables, or folded histograms)."""
+    return (np.count_nonzero(np.asarray(reference) + np.asarray(current), axis=1) - 1).astype(np.int64)
+
+
+def chi_square_test(reference, current, histogram: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(statistic, p-value) float64[F] each; p is NaN where a feature has fewer than 2 non-zero columns."""
+    from scipy.stats import chi2
+
+    if histogram:
+        statistic = chi_square(reference, current)
+        dof = degrees_of_freedom(fold_tails(reference), fold_tails(current))
+    else:
+        statistic = chi_square_table(reference, current)
+        dof = degrees_of_freedom(reference, current)
+    pvalue = np.where(dof >= 1, chi2.sf(statistic, np.maximum(dof, 1)), np.nan)
+    return statistic, pvalue
