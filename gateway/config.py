@@ -8,7 +8,8 @@
       resnet: {pools: [gpu, cpu]}   # preference order
 
 Optional sections: `server` (limits), `upstream` (streams per backend), `health` (check interval),
-`routing` (retry policy), `batching` (gateway-side dynamic batching, per model). Each stage owns its dataclass; this module composes them.
+`routing` (retry policy), `batching` (gateway-side dynamic batching, per model), `drift` (drift
+monitoring of model inputs and outputs, alerts and retraining captures). Each stage owns its dataclass; this module composes them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import yaml
 
 from gateway.batching.config import BatchingConfig
 from gateway.configfile import load_dataclass
+from gateway.drift.config import DriftConfig
 from gateway.errors import ConfigError
 from gateway.routing.config import ModelRoute, RoutingConfig
 from gateway.server.config import ServerConfig
@@ -42,6 +44,7 @@ class GatewayConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
     def validate(self, path: str) -> None:
         host, port = self.listen.rpartition(":")[::2]

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.batching.dispatcher import BatchingDispatcher
 from gateway.config import GatewayConfig
+from gateway.drift.stage import DriftStage
 from gateway.protocol import INFERENCE_SERVICE, POOL
 from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
@@ -40,6 +41,9 @@ class Gateway:
         self.batching = BatchingDispatcher(self.direct, config.batching, self.router)
         self.pipeline = Pipeline(self.catalog, self.router, self.batching)
         self.fleet.on_change(self.pipeline.forget_unversioned)
+        self.drift = DriftStage(config.drift)
+        if self.drift.monitors:
+            self.pipeline.observers.append(self.drift.observer)
         self.inference = InferenceService(self.pipeline, self.fleet, self.catalog)
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task | None = None
@@ -74,6 +78,8 @@ class Gateway:
         self.port = server.add_insecure_port(self.config.listen)
         if not self.port:
             raise OSError(f"cannot listen on {self.config.listen}")
+        if self.drift.monitors:
+            await self.drift.start()
         await self.fleet.start()
         await server.start()
         self._server = server
@@ -93,6 +99,7 @@ class Gateway:
             await self._server.stop(self.config.server.grace_s if grace is None else grace)
             self._server = None
         await self.batching.close()
+        await self.drift.close()
         await self.fleet.close()
 
     def statistics(self) -> dict:
@@ -106,6 +113,7 @@ class Gateway:
             "routing": dict(self.router.decisions),
             "sequences": len(self.sequences),
             "batching": self.batching.statistics(),
+            "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},
         }
 
     async def wait(self) -> None:

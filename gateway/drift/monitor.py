@@ -1,0 +1,250 @@
+"""Drift monitors: binned statistics of a model's tensors over sliding windows, against a reference.
+
+    TensorMonitor   one tensor: its features, reference edges and counts, sub-window histograms
+    ModelMonitor    one model: its tensor monitors, alert states, reservoir, the latest report
+
+Hot path: `ModelMonitor.observe(request, response)` — one compiled histogram update per watched
+tensor per (sampled) request. When a sub-window fills, the window (the last `sub_windows`
+sub-windows) is compared with the reference and alerts are updated; that is the cold path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from gateway.drift.alerts import OK, AlertState
+from gateway.drift.config import ModelDriftConfig
+from gateway.drift.reservoir import Reservoir
+from gateway.ext import drift as kernels
+
+#: numpy dtype of each numeric KServe datatype (BYTES tensors are not histogrammed here).
+NUMPY_DTYPES = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16,
+    "FP16": np.float16, "UINT32": np.uint32, "INT32": np.int32, "FP32": np.float32,
+    "UINT64": np.uint64, "INT64": np.int64, "FP64": np.float64,
+}
+
+STATISTIC_KERNELS: dict[str, Callable] = {
+    "psi": lambda ref, cur, edges: kernels.population_stability_index(ref, cur),
+    "js": lambda ref, cur, edges: kernels.jensen_shannon_distance(ref, cur),
+    "ks": lambda ref, cur, edges: kernels.ks_statistic(ref, cur),
+    "wasserstein": lambda ref, cur, edges: kernels.wasserstein_distance(ref, cur, edges),
+    "chi_square": lambda ref, cur, edges: kernels.chi_square_statistic(ref, cur),
+}
+
+
+def tensor_block(datatype: str, shape, raw: bytes, features: tuple[int, ...], reduction: str) -> np.ndarray | None:
+    """The [rows, F] float block a tensor contributes, or None if it is not numeric."""
+    dtype = NUMPY_DTYPES.get(datatype)
+    if dtype is None or not shape:
+        return None
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape[0], int(np.prod(shape[1:], dtype=np.int64)))
+    if reduction == "mean":
+        array = array.mean(axis=1, keepdims=True, dtype=np.float64)
+    elif reduction == "l2":
+        array = np.sqrt(np.square(array, dtype=np.float64).sum(axis=1, keepdims=True))
+    elif features:
+        array = array[:, list(features)]
+    if array.dtype not in (np.float32, np.float64):
+        array = array.astype(np.float64)
+    return np.ascontiguousarray(array)
+
+
+@dataclass
+class FeatureReport:
+    tensor: str
+    feature: int
+    statistics: dict[str, float]
+    level: str
+
+
+class TensorMonitor:
+    """Histograms of one tensor's features: the reference, and a ring of sub-window histograms."""
+
+    def __init__(self, name: str, kind: str, config: ModelDriftConfig) -> None:
+        self.name = name
+        self.kind = kind  # "input" or "output"
+        self.config = config
+        self.features = config.features.get(name, ())
+        self.reduction = config.reduction.get(name, "none")
+        self.sub_window_rows = max(1, config.window_rows // config.sub_windows)
+        self.edges: np.ndarray | None = None
+        self.reference: np.ndarray | None = None
+        self._learning: list[np.ndarray] = []
+        self._learned_rows = 0
+        self._ring: list[np.ndarray] = []
+        self._current: np.ndarray | None = None
+        self._current_rows = 0
+        self._current_started = time.monotonic()
+
+    def __repr__(self) -> str:
+        state = "learning" if self.reference is None else f"{len(self._ring)} sub-windows"
+        return f"<TensorMonitor {self.kind} {self.name} {state} rows={self._current_rows}>"
+
+    def set_reference(self, data: np.ndarray) -> None:
+        """Bin edges from the reference's quantiles (every bin starts with mass), and its counts."""
+        data = np.ascontiguousarray(data, dtype=np.float64).reshape(len(data), -1)
+        self.edges = kernels.quantile_edges(data, self.config.bins)
+        self.reference = kernels.update_histogram(kernels.new_histogram(self.edges), self.edges, data)
+        self._ring.clear()
+        self._current = kernels.new_histogram(self.edges)
+        self._current_rows = 0
+
+    def set_reference_counts(self, edges: np.ndarray, counts: np.ndarray) -> None:
+        self.edges = np.ascontiguousarray(edges, dtype=np.float64)
+        self.reference = np.ascontiguousarray(counts, dtype=np.int64)
+        self._ring.clear()
+        self._current = kernels.new_histogram(self.edges)
+        self._current_rows = 0
+
+    def update(self, block: np.ndarray) -> bool:
+        """Count a [rows, F] block; True when a sub-window just closed and a full window is ready."""
+        if self.reference is None:
+            self._learning.append(np.array(block, dtype=np.float64))
+            self._learned_rows += len(block)
+            if self._learned_rows >= self.config.reference.learn_rows:
+                self.set_reference(np.concatenate(self._learning))
+                self._learning.clear()
+            return False
+        kernels.update_histogram(self._current, self.edges, block)
+        self._current_rows += len(block)
+        timed_out = (
+            self.config.window_seconds is not None
+            and time.monotonic() - self._current_started >= self.config.window_seconds / self.config.sub_windows
+        )
+        if self._current_rows < self.sub_window_rows and not (timed_out and self._current_rows):
+            return False
+        self._ring.append(self._current)
+        if len(self._ring) > self.config.sub_windows:
+            self._ring.pop(0)
+        self._current = kernels.new_histogram(self.edges)
+        self._current_rows = 0
+        self._current_started = time.monotonic()
+        return len(self._ring) == self.config.sub_windows
+
+    def window(self) -> np.ndarray:
+        return np.sum(self._ring, axis=0)
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        current = self.window()
+        return {name: np.asarray(fn(self.reference, current, self.edges)) for name, fn in STATISTIC_KERNELS.items()}
+
+
+class ModelMonitor:
+    """All drift state of one model; `observe` is called once per finished request."""
+
+    def __init__(self, model: str, config: ModelDriftConfig, on_alert: Callable[[dict], None], reservoir_rows: int) -> None:
+        self.model = model
+        self.config = config
+        self.on_alert = on_alert
+        self.tensors: dict[tuple[str, str], TensorMonitor] = {}
+        self.alert_states: dict[tuple[str, int, str], AlertState] = {}
+        self.reservoir = Reservoir(reservoir_rows)
+        self.windows_evaluated = 0
+        self.alerts_fired = 0
+        self.last_report: dict | None = None
+        self._sample_every = max(1, round(1 / config.sample_rate))
+        self._seen = 0
+        self._watch_inputs = set(config.inputs) if (config.inputs or config.outputs) else None
+        self._watch_outputs = set(config.outputs)
+
+    def __repr__(self) -> str:
+        return f"<ModelMonitor {self.model} tensors={len(self.tensors)} windows={self.windows_evaluated} alerts={self.alerts_fired}>"
+
+    def _monitor(self, name: str, kind: str) -> TensorMonitor:
+        key = (kind, name)
+        monitor = self.tensors.get(key)
+        if monitor is None:
+            monitor = TensorMonitor(name, kind, self.config)
+            self.tensors[key] = monitor
+        return monitor
+
+    def observe(self, request, response) -> None:
+        self._seen += 1
+        if self._seen % self._sample_every:
+            return
+        closed = False
+        sample: dict[str, np.ndarray] = {}
+        raw_inputs = request.raw_input_contents
+        for index, tensor in enumerate(request.inputs):
+            if self._watch_inputs is not None and tensor.name not in self._watch_inputs:
+                continue
+            if not raw_inputs:
+                continue  # typed contents: converted to raw only on the batching path
+            block = tensor_block(tensor.datatype, tensor.shape, raw_inputs[index], *self._shape_of(tensor.name))
+            if block is not None:
+                closed |= self._monitor(tensor.name, "input").update(block)
+                sample[f"input/{tensor.name}"] = block
+        if response is not None and self._watch_outputs:
+            for index, tensor in enumerate(response.outputs):
+                if tensor.name in self._watch_outputs and index < len(response.raw_output_contents):
+                    block = tensor_block(tensor.datatype, tensor.shape, response.raw_output_contents[index], *self._shape_of(tensor.name))
+                    if block is not None:
+                        closed |= self._monitor(tensor.name, "output").update(block)
+                        sample[f"output/{tensor.name}"] = block
+        if sample and len({len(v) for v in sample.values()}) == 1:
+            self.reservoir.offer(sample)
+        if closed:
+            self.evaluate()
+
+    def _shape_of(self, name: str) -> tuple[tuple[int, ...], str]:
+        return self.config.features.get(name, ()), self.config.reduction.get(name, "none")
+
+    def evaluate(self) -> dict:
+        """Compare every full window with its reference, update alert states, and report."""
+        features: list[dict] = []
+        now = time.time()
+        for (kind, name), monitor in self.tensors.items():
+            if monitor.reference is None or len(monitor._ring) < self.config.sub_windows:
+                continue
+            stats = monitor.statistics()
+            for feature in range(monitor.reference.shape[0]):
+                values = {stat: float(array[feature]) for stat, array in stats.items()}
+                level = OK
+                for stat, (warning, alert) in self.config.thresholds.items():
+                    key = (f"{kind}/{name}", feature, stat)
+                    state = self.alert_states.get(key)
+                    if state is None:
+                        state = AlertState(warning, alert, self.config.consecutive, self.config.clear_after)
+                        self.alert_states[key] = state
+                    changed = state.observe(values[stat])
+                    if changed is not None:
+                        self._fire(kind, name, monitor, feature, stat, values, changed, now)
+                    level = max(level, state.level, key=["ok", "warning", "alert"].index)
+                features.append({"tensor": f"{kind}/{name}", "feature": self._feature_label(monitor, feature),
+                                 "statistics": values, "level": level})
+        self.windows_evaluated += 1
+        self.last_report = {
+            "model": self.model, "time": now, "window_rows": self.config.window_rows,
+            "windows_evaluated": self.windows_evaluated, "features": features,
+        }
+        return self.last_report
+
+    @staticmethod
+    def _feature_label(monitor: TensorMonitor, feature: int) -> int:
+        return monitor.features[feature] if monitor.features else feature
+
+    def _fire(self, kind, name, monitor, feature, stat, values, level, now) -> None:
+        if level != OK:
+            self.alerts_fired += 1
+        self.on_alert({
+            "model": self.model, "tensor": f"{kind}/{name}", "feature": self._feature_label(monitor, feature),
+            "statistic": stat, "value": values[stat], "level": level,
+            "thresholds": list(self.config.thresholds[stat]), "time": now, "statistics": values,
+        })
+
+    def histograms(self) -> dict[str, dict]:
+        """Reference and current window counts per tensor (for reports, plots and merging)."""
+        out = {}
+        for (kind, name), monitor in self.tensors.items():
+            if monitor.reference is None:
+                continue
+            out[f"{kind}/{name}"] = {
+                "edges": monitor.edges.tolist(), "reference": monitor.reference.tolist(),
+                "current": monitor.window().tolist() if monitor._ring else None,
+            }
+        return out

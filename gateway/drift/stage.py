@@ -1,0 +1,119 @@
+"""The drift stage: one ModelMonitor per configured model, fed by a pipeline observer; alert sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from gateway.drift.config import DriftConfig, ModelDriftConfig
+from gateway.drift.monitor import ModelMonitor
+from gateway.drift.sinks import CaptureSink, LogSink, WebhookSink
+from gateway.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class DriftStage:
+    """Watches the configured models. `hooks` receive every alert (the telemetry stage adds one)."""
+
+    def __init__(self, config: DriftConfig) -> None:
+        self.config = config
+        self.alerts: list[dict] = []
+        self.observe_errors = 0
+        self.hooks: list = [self.alerts.append, LogSink()]
+        self.webhook = WebhookSink(config.webhook) if config.webhook else None
+        if self.webhook is not None:
+            self.hooks.append(self.webhook)
+        self.capture = CaptureSink(config.capture_dir, self._evidence) if config.capture_dir else None
+        if self.capture is not None:
+            self.hooks.append(self.capture)
+        self.monitors = {
+            model: ModelMonitor(model, model_config, self._emit, config.reservoir_rows)
+            for model, model_config in config.models.items()
+        }
+        for model, model_config in config.models.items():
+            self._load_reference(model, model_config)
+
+    def __repr__(self) -> str:
+        return f"<DriftStage models={sorted(self.monitors)} alerts={len(self.alerts)}>"
+
+    def _emit(self, alert: dict) -> None:
+        for hook in self.hooks:
+            try:
+                hook(alert)
+            except Exception:  # a sink must never fail the request that closed the window
+                log.exception("drift alert sink %r failed", hook)
+
+    def _evidence(self, model: str) -> tuple[dict, dict]:
+        monitor = self.monitors[model]
+        report = dict(monitor.last_report or {})
+        report["histograms"] = monitor.histograms()
+        return report, monitor.reservoir.arrays()
+
+    def _load_reference(self, model: str, config: ModelDriftConfig) -> None:
+        reference = config.reference
+        monitor = self.monitors[model]
+        if reference.profile:
+            profile = json.loads(Path(reference.profile).read_text())
+            for key, entry in profile.items():
+                kind, _, name = key.partition("/")
+                monitor._monitor(name, kind).set_reference_counts(np.array(entry["edges"]), np.array(entry["reference"]))
+        elif reference.file:
+            path = Path(reference.file)
+            if path.suffix == ".npz":
+                with np.load(path) as arrays:
+                    for name in arrays.files:
+                        monitor._monitor(name, "input").set_reference(self._features(config, name, arrays[name]))
+            else:
+                names = config.inputs
+                if len(names) != 1:
+                    raise ConfigError(f"drift.models.{model}.reference.file",
+                                      "a .npy reference needs exactly one tensor in `inputs`; use .npz for several")
+                monitor._monitor(names[0], "input").set_reference(self._features(config, names[0], np.load(path)))
+
+    @staticmethod
+    def _features(config: ModelDriftConfig, name: str, data: np.ndarray) -> np.ndarray:
+        from gateway.drift.monitor import tensor_block
+
+        data = np.ascontiguousarray(data)
+        dtype = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64"}.get(data.dtype, "FP64")
+        data = data.astype(np.float32 if dtype == "FP32" else np.float64)
+        return tensor_block(dtype, data.shape, data.tobytes(), config.features.get(name, ()), config.reduction.get(name, "none"))
+
+    def observer(self, entry, request, response, elapsed_ns: int, error) -> None:
+        """Pipeline observer: count the tensors of every successful request of a watched model."""
+        if error is not None:
+            return
+        monitor = self.monitors.get(entry.name)
+        if monitor is None:
+            return
+        try:
+            monitor.observe(request, response)
+        except Exception:  # drift bookkeeping must never fail the request it watches
+            self.observe_errors += 1
+            if self.observe_errors == 1 or self.observe_errors % 1000 == 0:
+                log.exception("drift monitor of model '%s' failed (%d times)", entry.name, self.observe_errors)
+
+    def report(self, model: str) -> dict:
+        monitor = self.monitors[model]
+        report = dict(monitor.last_report or {"model": model, "windows_evaluated": 0, "features": []})
+        report["histograms"] = monitor.histograms()
+        report["alerts"] = [a for a in self.alerts if a["model"] == model]
+        return report
+
+    async def start(self) -> None:
+        from gateway.ext import drift as kernels
+
+        # Compile (or load from the disk cache) every kernel now, never on a request.
+        seconds = await asyncio.to_thread(kernels.warm_up)
+        log.info("drift kernels ready in %.2f s", seconds)
+        if self.webhook is not None:
+            self.webhook.start()
+
+    async def close(self) -> None:
+        if self.webhook is not None:
+            await self.webhook.close()

@@ -1,0 +1,171 @@
+"""Drift monitoring: detection through the real gateway, false alarms, robustness, sinks that never block."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from gateway.drift.config import ModelDriftConfig, ReferenceConfig
+from gateway.drift.monitor import ModelMonitor
+from gateway.protocol import pb
+from gateway.testing import GatewayThread
+
+FEATURES = 16
+ROWS = 64
+
+
+def _request(block: np.ndarray) -> bytes:
+    request = pb.ModelInferRequest(model_name="simple_scale")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=list(block.shape))
+    request.raw_input_contents.append(block.astype(np.float32).tobytes())
+    return request.SerializeToString()
+
+
+def _send(address: str, blocks) -> float:
+    """Send the blocks in order, 8 in flight; return the slowest request's seconds."""
+
+    async def run():
+        slowest = 0.0
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            for start in range(0, len(blocks), 8):
+                began = time.perf_counter()
+                await asyncio.gather(*(call(_request(b), timeout=10) for b in blocks[start:start + 8]))
+                slowest = max(slowest, time.perf_counter() - began)
+        return slowest
+
+    return asyncio.run(run())
+
+
+def _blocks(rng, count: int, shift: float = 0.0, feature: int = 3) -> list[np.ndarray]:
+    blocks = [rng.standard_normal((ROWS, FEATURES)) for _ in range(count)]
+    for block in blocks:
+        block[:, feature] += shift
+    return blocks
+
+
+def test_half_sigma_shift_of_one_feature_alerts_within_two_windows(tritons, tmp_path):
+    reference = np.random.default_rng(1).standard_normal((20_000, FEATURES)).astype(np.float32)
+    np.save(tmp_path / "training.npy", reference)
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"cpu": {"backends": [tritons[0].grpc_address]}},
+        "drift": {
+            "capture_dir": str(tmp_path / "captures"),
+            "models": {"simple_scale": {"inputs": ["INPUT0"], "window_rows": 5000,
+                                        "reference": {"file": str(tmp_path / "training.npy")}}},
+        },
+    }
+    rng = np.random.default_rng(2)
+    with GatewayThread(config) as gateway:
+        _send(gateway.address, _blocks(rng, 160))  # 10,240 rows as trained: two full windows
+        assert gateway.call(lambda: list(gateway.gateway.drift.alerts)) == []
+        _send(gateway.address, _blocks(rng, 2 * 5000 // ROWS, shift=0.5))  # two windows, shifted
+        alerts = gateway.call(lambda: list(gateway.gateway.drift.alerts))
+        report = gateway.call(lambda: gateway.gateway.drift.report("simple_scale"))
+    raised = [a for a in alerts if a["level"] != "ok"]
+    assert raised, "a 0.5σ shift must raise an alert within two windows"
+    assert {a["feature"] for a in raised} == {3}, raised
+    assert all(a["tensor"] == "input/INPUT0" for a in raised)
+    flagged = [f for f in report["features"] if f["level"] != "ok"]
+    assert [f["feature"] for f in flagged] == [3]
+    time.sleep(0.5)  # captures are written by a worker thread
+    captures = sorted((tmp_path / "captures" / "simple_scale").iterdir())
+    assert captures
+    evidence = json.loads((captures[0] / "report.json").read_text())
+    assert evidence["alert"]["feature"] == 3
+    assert "input/INPUT0" in evidence["report"]["histograms"]
+    with np.load(captures[0] / "sample.npz") as sample:
+        assert sample["input__INPUT0"].shape[1] == FEATURES
+
+
+def _fake_request(block: np.ndarray):
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="X", datatype="FP64", shape=list(block.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(block, np.float64).tobytes())
+    return request
+
+
+def test_two_hundred_quiet_windows_raise_at_most_one_alert():
+    """Monitor-level (no gateway): 1,000,000 rows from the reference distribution."""
+    fired = []
+    monitor = ModelMonitor("m", ModelDriftConfig(window_rows=5000, reference=ReferenceConfig(learn_rows=20_000)),
+                           fired.append, reservoir_rows=10)
+    rng = np.random.default_rng(5)
+    for _ in range(20 + 200 * 5):  # 20 blocks learn the reference, then 200 windows of 5 blocks
+        monitor.observe(_fake_request(rng.standard_normal((1000, FEATURES))), None)
+    assert monitor.windows_evaluated >= 200 * 5 - 5  # the window slides every sub-window
+    raised = [a for a in fired if a["level"] != "ok"]
+    assert len(raised) <= 1, raised
+
+
+def test_hostile_values_are_counted_not_crashed():
+    fired = []
+    config = ModelDriftConfig(window_rows=100, sub_windows=2, bins=16, reference=ReferenceConfig(learn_rows=5))
+    monitor = ModelMonitor("m", config, fired.append, reservoir_rows=10)
+    constant = np.ones((5, 3))  # a constant feature and fewer reference rows than bins
+    monitor.observe(_fake_request(constant), None)
+    tensor = monitor.tensors[("input", "X")]
+    assert tensor.reference is not None
+    weird = np.array([[np.nan, np.inf, -np.inf], [1e300, -1e300, 1.0], [1.0, 1.0, 1.0]] * 40)
+    monitor.observe(_fake_request(weird), None)  # fills a sub-window (50 rows) at once
+    monitor.observe(_fake_request(np.empty((0, 3))), None)  # an empty block
+    monitor.observe(_fake_request(weird), None)  # the second sub-window: the window is full
+    window = tensor.window()
+    assert window.sum() == 2 * weird.size  # every value counted: a bin, below/above, NaN or inf
+    assert monitor.last_report is not None
+    for feature in monitor.last_report["features"]:
+        assert all(np.isfinite(v) or np.isnan(v) for v in feature["statistics"].values())
+
+
+def _hanging_server():
+    """A TCP server that accepts and never answers (a webhook receiver that hangs)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(connection)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, accepted
+
+
+@pytest.mark.parametrize("receiver", ["hangs", "refuses"])
+def test_webhook_that_hangs_or_refuses_never_slows_requests(tritons, receiver):
+    if receiver == "hangs":
+        listener, accepted = _hanging_server()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/alerts"
+    else:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/alerts"
+        probe.close()  # nothing listens there: connections are refused
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"cpu": {"backends": [tritons[0].grpc_address]}},
+        "drift": {"webhook": url, "models": {"simple_scale": {
+            "window_rows": 640, "sub_windows": 1, "consecutive": 1,
+            "thresholds": {"psi": [0.0, 0.0]},  # every window alerts: the webhook is always busy
+            "reference": {"learn_rows": 640}}}},
+    }
+    rng = np.random.default_rng(3)
+    with GatewayThread(config) as gateway:
+        slowest = _send(gateway.address, _blocks(rng, 120))
+        alerts = gateway.call(lambda: len(gateway.gateway.drift.alerts))
+    assert alerts > 0
+    assert slowest < 1.0, f"a request waited {slowest:.2f} s behind the webhook"
