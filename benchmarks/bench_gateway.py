@@ -1,6 +1,6 @@
 """End-to-end benchmark: the gateway against direct Triton and a bare grpc.aio echo server, one run.
 
-    python benchmarks/bench_gateway.py [--quick] [--only issue2|batching] [--json OUT]
+    python benchmarks/bench_gateway.py [--quick] [--only issue2|batching|drift] [--json OUT]
                                        [--batching JSON] [--gateway-env NAME=VALUE ...]
 
 `--gateway-env` sets variables in the gateway processes alone, for gRPC settings that only the
@@ -26,6 +26,13 @@ issue 3 (`--only batching`), 64 in flight, through the batching gateway (adaptiv
       With each: the mean batch size Triton executed (Δinference_count ÷ Δexecution_count of
       Triton's own ModelStatistics over the run, read with tritonclient) and the gateway's CPU µs
       per request.
+
+issue 4 (`--only drift`), on `simple_scale`, 64 in flight: the batching gateway (default batching
+  config) against a third gateway with the SAME config plus `drift: {models: {simple_scale: {}}}`
+  (drift defaults: every input watched, 16 bins, window 5000 rows, reference learned from the first
+  5000 rows). Both are first primed with DRIFT_PRIME_REQUESTS requests, so the drift gateway has
+  learned its reference and is evaluating windows before anything is measured. Reports each
+  gateway's CPU µs per request and the ratio on ÷ off (target ≤ 1.05), with req/s and batch sizes.
 
 Prints medians over rounds (min–max in brackets) of the per-round ratios, each next to its target.
 Client, gateways and Triton share this machine's cores, so absolute figures move with the machine;
@@ -55,7 +62,11 @@ from gateway.local.triton import LocalTriton, default_model_repository, find_fre
 MODEL = "simple_scale"
 ROWS, COLS = 1, 16
 HIGH_CONCURRENCY = 64
-SECTIONS = ("issue2", "batching")
+SECTIONS = ("issue2", "batching", "drift")
+# Requests sent through each drift-section gateway before measuring: more than the drift
+# reference's learn_rows (5000 by default), so the measured window is steady-state monitoring.
+DRIFT_PRIME_REQUESTS = 8000
+DRIFT_CONFIG = {"models": {MODEL: {}}}
 # Models of the batching section: (gateway model, direct baseline without / with Triton batching).
 BATCHING_CASES = {
     "fixed": ("fixed_cost", "fixed_cost_dynbatch"),
@@ -73,6 +84,8 @@ TARGETS = {
     "fixed_vs_dynbatch": (">=", 0.9),
     "scale_vs_direct": (">=", 1.5),
     "scale_vs_dynbatch": (">=", 1.0),
+    "drift_cpu_ratio": ("<=", 1.05),
+    "drift_rps_ratio": None,
 }
 # Reference points from DESIGN.md ("What a Python hop costs"), a naive grpc.aio pass-through proxy.
 NAIVE_PROXY = {
@@ -99,13 +112,14 @@ def _wait_for_line(proc: subprocess.Popen, log_path: Path, marker: str, timeout:
     raise RuntimeError(f"{proc.args} did not print {marker!r} within {timeout:.0f} s:\n{text[-3000:]}")
 
 
-def _spawn(args: list[str], log_path: Path, marker: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _spawn(args: list[str], log_path: Path, marker: str, env: dict[str, str] | None = None,
+           timeout: float = 60.0) -> subprocess.Popen:
     log = open(log_path, "wb")
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                             env=None if env is None else {**os.environ, **env})  # fmt: skip
     log.close()
     try:
-        _wait_for_line(proc, log_path, marker, timeout=60)
+        _wait_for_line(proc, log_path, marker, timeout=timeout)
     except BaseException:
         _stop(proc)
         raise
@@ -209,6 +223,8 @@ def _plan(sections: list[str]) -> list[Run]:
                 Run("batchgw", model, HIGH_CONCURRENCY),
                 Run("direct", dynbatch, HIGH_CONCURRENCY),
             ]
+    if "drift" in sections:
+        runs += [Run("batchgw", MODEL, HIGH_CONCURRENCY), Run("driftgw", MODEL, HIGH_CONCURRENCY)]
     unique: dict[str, Run] = {}
     for run in runs:
         unique.setdefault(run.label, run)
@@ -232,7 +248,7 @@ def _round(index: int, plan: list[Run], addresses: dict[str, str], pids: dict[st
     order = list(reversed(plan)) if index % 2 else plan
     results, batch = {}, {}
     for run in order:
-        watch = [pids[run.target]] if run.target in ("echo", "gateway", "batchgw") else []
+        watch = [pids[run.target]] if run.target in ("echo", "gateway", "batchgw", "driftgw") else []
         if run.target != "echo":
             watch += triton_pids
         before = stats.counts(run.model) if run.target != "echo" else None
@@ -323,6 +339,21 @@ def _figures(sections: list[str], results: dict[str, LoadResult], batch: dict[st
                 f"{case}_p50_ms_gateway": via.p50_ms,
                 f"{case}_p99_ms_gateway": via.p99_ms,
             })  # fmt: skip
+    if "drift" in sections:
+        (off, off_label), (on, on_label) = get("batchgw", MODEL), get("driftgw", MODEL)
+        off_cpu, on_cpu = off.cpu_us_per_request(pids["batchgw"]), on.cpu_us_per_request(pids["driftgw"])
+        figures.update({
+            "drift_off_cpu_us": off_cpu,
+            "drift_on_cpu_us": on_cpu,
+            "drift_cpu_ratio": on_cpu / off_cpu,
+            "drift_off_rps": off.rps,
+            "drift_on_rps": on.rps,
+            "drift_rps_ratio": on.rps / off.rps,
+            "drift_off_batch": batch[off_label],
+            "drift_on_batch": batch[on_label],
+            "drift_off_p50_ms": off.p50_ms,
+            "drift_on_p50_ms": on.p50_ms,
+        })  # fmt: skip
     figures["errors"] = sum(r.errors for r in results.values())
     return figures
 
@@ -422,6 +453,26 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
                 f"{dynbatch}, {med(f'{case}_triton_all_cpu_us_gateway', '.0f')} via gateway; load-generator CPU µs/request "
                 f"{med(f'{case}_client_cpu_us_direct', '.0f')} direct, {med(f'{case}_client_cpu_us_gateway', '.0f')} via gateway"
             )  # fmt: skip
+    if "drift" in sections:
+        if lines:
+            lines.append("")
+        body = []
+        for title, base, subject, key, fmt in (
+            ("(e) gateway CPU µs/request, drift on ÷ off", f"{med('drift_off_cpu_us', '.0f')} µs",
+             f"{med('drift_on_cpu_us', '.0f')} µs", "drift_cpu_ratio", ".3f"),
+            ("    requests/s, drift on ÷ off (info)", f"{med('drift_off_rps', ',.0f')} req/s",
+             f"{med('drift_on_rps', ',.0f')} req/s", "drift_rps_ratio", ".3f"),
+        ):  # fmt: skip
+            target, verdict = _verdict(key, summary[key]["median"])
+            body.append((title, base, subject, f"×{spread(key, fmt)}", target, verdict))
+        lines.append(f"issue 4 — {MODEL}, {HIGH_CONCURRENCY} in flight, two gateways with the default batching config, "
+                     f"one adding drift: {json.dumps(DRIFT_CONFIG)} (drift defaults)")  # fmt: skip
+        lines += _render(("measure", "drift off", "drift on", "ratio", "target", ""), body)
+        lines.append("")
+        lines.append(
+            f"context (medians): Triton mean batch {med('drift_off_batch', '.2f')} off, {med('drift_on_batch', '.2f')} on; "
+            f"p50 {med('drift_off_p50_ms', '.2f')} ms off, {med('drift_on_p50_ms', '.2f')} ms on"
+        )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -435,13 +486,14 @@ def _machine() -> dict[str, str]:
     except OSError:
         pass
     versions = {}
-    for module in ("grpc", "numpy"):
+    for module in ("grpc", "numpy", "numba"):
         try:
             versions[module] = __import__(module).__version__
         except ImportError:
             versions[module] = "?"
     return {"cpus": str(os.cpu_count()), "cpu_model": model, "python": platform.python_version(),
-            "grpcio": versions["grpc"], "numpy": versions["numpy"], "platform": platform.platform()}  # fmt: skip
+            "grpcio": versions["grpc"], "numpy": versions["numpy"], "numba": versions["numba"],
+            "platform": platform.platform()}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -450,7 +502,7 @@ def _machine() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s per measurement")
-    parser.add_argument("--only", choices=SECTIONS, help="run one section: issue2 (a–c) or batching (d); default both")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section: issue2 (a–c), batching (d) or drift (e); default all")
     parser.add_argument("--rounds", type=int, help="rounds, alternating order (default 3, --quick 1)")
     parser.add_argument("--seconds", type=float, help="measured seconds per run (default 4, --quick 2)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds before each window (default 1, --quick 0.5)")
@@ -478,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         addresses = {"direct": triton.grpc_address}
         roles = {run.target for run in plan}
         batching_on = json.loads(args.batching) if args.batching else None
-        for role, batching in (("gateway", {"default": {"enabled": False}}), ("batchgw", batching_on)):
+        for role, batching, drift in (("gateway", {"default": {"enabled": False}}, None), ("batchgw", batching_on, None),
+                                      ("driftgw", batching_on, DRIFT_CONFIG)):  # fmt: skip
             if role not in roles:
                 continue
             port = find_free_port()
@@ -487,11 +540,14 @@ def main(argv: list[str] | None = None) -> int:
                 config["upstream"] = {"streams_per_backend": args.streams}
             if batching is not None:
                 config["batching"] = batching
+            if drift is not None:
+                config["drift"] = drift
             gateway_configs[role] = config
             path = workdir / f"{role}.yaml"
             path.write_text(json.dumps(config))  # JSON is YAML
+            # The drift gateway compiles (cold: ~10 s) or loads its Numba kernels before it serves.
             procs[role] = _spawn([sys.executable, "-m", "gateway", "serve", "--config", str(path)], workdir / f"{role}.log",
-                                 "tensorgate serving on", gateway_env)  # fmt: skip
+                                 "tensorgate serving on", gateway_env, timeout=180 if drift else 60)  # fmt: skip
             addresses[role] = f"127.0.0.1:{port}"
         if "echo" in roles:
             echo_port = find_free_port()
@@ -502,6 +558,14 @@ def main(argv: list[str] | None = None) -> int:
         triton_pids = _process_group(triton.pid)
         for role, model in sorted({(run.target, run.model) for run in plan}):
             _wait_serving(addresses[role], role, model)
+        if "drift" in sections:
+            for role in ("batchgw", "driftgw"):
+                primed = run_load_in_subprocess(addresses[role], MODEL, concurrency=HIGH_CONCURRENCY,
+                                                requests=DRIFT_PRIME_REQUESTS, warmup_seconds=0, rows=ROWS, cols=COLS)  # fmt: skip
+                print(f"primed {role} with {primed.requests} requests ({primed.errors} errors)", flush=True)
+            for line in (workdir / "driftgw.log").read_text(errors="replace").splitlines():
+                if "drift" in line:
+                    print(f"  driftgw log: {line.strip()}", flush=True)
         stats = TritonStats(triton.grpc_address)
         print(f"bench: {', '.join(sections)}; {ROWS}×{COLS} FP32, {rounds} round(s) × {seconds:g} s (+{warmup:g} s warm-up) "
               f"× {len(plan)} runs; pids {pids}, Triton group {triton_pids}; logs in {workdir}", flush=True)  # fmt: skip
@@ -525,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"tensorgate gateway benchmark — {ROWS}×{COLS} FP32; {rounds} round(s) × {seconds:g} s; "
           f"median [min–max] of per-round figures; {machine['cpus']} CPUs ({machine['cpu_model']}), "
-          f"Python {machine['python']}, grpcio {machine['grpcio']}, numpy {machine['numpy']}")  # fmt: skip
+          f"Python {machine['python']}, grpcio {machine['grpcio']}, numpy {machine['numpy']}, numba {machine['numba']}")  # fmt: skip
     print(_table(sections, summary, rounds, f"batching: {args.batching}" if args.batching else "adaptive, defaults"))
     if summary["errors"]["max"]:
         print("WARNING: requests failed during measurement (see the round lines above)")
@@ -542,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
             "raw": raw_rounds,
         }, indent=2))  # fmt: skip
         print(f"figures written to {args.json}")
+    if "driftgw" in gateway_configs:
+        failures = [line for line in (workdir / "driftgw.log").read_text(errors="replace").splitlines() if "failed" in line]
+        print(f"drift gateway log: {len(failures)} 'failed' lines" + (f", first: {failures[0]}" if failures else ""))
     return 0
 
 

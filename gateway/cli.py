@@ -1,4 +1,4 @@
-"""`tensorgate` command line: serve, local-triton, demo.
+"""`tensorgate` command line: serve, local-triton, drift report, demo.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid configuration (the error names the
 key path).
@@ -82,6 +82,12 @@ def cmd_local_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift_report(args: argparse.Namespace) -> int:
+    from gateway.admin.drift_cli import cmd_drift_report as run
+
+    return run(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -107,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--name", default="triton")
     local.add_argument("--log-dir")
     local.set_defaults(run=cmd_local_triton)
+
+    drift = commands.add_parser("drift", help="drift monitoring of a running gateway")
+    drift_commands = drift.add_subparsers(dest="drift_command", required=True)
+    report = drift_commands.add_parser("report", help="print a model's per-feature drift table")
+    report.add_argument("--gateway", required=True, help="the gateway's address (host:port)")
+    report.add_argument("model")
+    report.add_argument("--plot", help="also draw reference vs current histograms of the most drifted features (PNG)")
+    report.add_argument("--save-profile", help="save the current window as a reference profile (JSON)")
+    report.set_defaults(run=cmd_drift_report)
 
     demo = commands.add_parser("demo", help="two local Tritons as two pools, the gateway in front, traffic through it")
     demo.add_argument("--seconds", type=float, default=15.0, help="how long to drive traffic")

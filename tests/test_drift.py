@@ -71,6 +71,7 @@ def test_half_sigma_shift_of_one_feature_alerts_within_two_windows(tritons, tmp_
         _send(gateway.address, _blocks(rng, 2 * 5000 // ROWS, shift=0.5))  # two windows, shifted
         alerts = gateway.call(lambda: list(gateway.gateway.drift.alerts))
         report = gateway.call(lambda: gateway.gateway.drift.report("simple_scale"))
+        _check_admin_api_and_cli(gateway.address, tmp_path)
     raised = [a for a in alerts if a["level"] != "ok"]
     assert raised, "a 0.5σ shift must raise an alert within two windows"
     assert {a["feature"] for a in raised} == {3}, raised
@@ -169,3 +170,37 @@ def test_webhook_that_hangs_or_refuses_never_slows_requests(tritons, receiver):
         alerts = gateway.call(lambda: len(gateway.gateway.drift.alerts))
     assert alerts > 0
     assert slowest < 1.0, f"a request waited {slowest:.2f} s behind the webhook"
+
+
+def _check_admin_api_and_cli(address: str, tmp_path) -> None:
+    """The admin gRPC service and `tensorgate drift report` see the same drift."""
+    import subprocess
+    import sys
+
+    from gateway.admin.drift_service import SERVICE, _messages
+
+    plot = tmp_path / "drift.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "drift", "report", "--gateway", address, "simple_scale", "--plot", str(plot)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    table = [line for line in result.stdout.splitlines() if "input/INPUT0" in line]
+    assert "  3  " in table[0] and table[0].rstrip().endswith(("alert", "warning")), table[0]  # most drifted first
+    assert plot.stat().st_size > 10_000
+    messages = _messages()
+    with grpc.insecure_channel(address) as channel:
+        def call(method, request, response):
+            return channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=lambda m: m.SerializeToString(),
+                                       response_deserializer=messages[response].FromString)(request, timeout=10)
+
+        listed = call("ListAlerts", messages["ListAlertsRequest"](model="simple_scale"), "ListAlertsResponse")
+        assert {a.feature for a in listed.alerts} == {3}
+        with pytest.raises(grpc.RpcError) as error:
+            call("GetDriftReport", messages["DriftReportRequest"](model="mlp"), "DriftReport")
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        answer = call("SetReference", messages["SetReferenceRequest"](model="simple_scale", from_current_window=True),
+                      "SetReferenceResponse")
+        assert "current window" in answer.message
+        answer = call("ResetReference", messages["ResetReferenceRequest"](model="simple_scale"), "SetReferenceResponse")
+        assert "learning" in answer.message

@@ -101,6 +101,14 @@ class TensorMonitor:
         self._current = kernels.new_histogram(self.edges)
         self._current_rows = 0
 
+    def forget_reference(self) -> None:
+        """Learn the reference again from the next rows."""
+        self.edges = self.reference = self._current = None
+        self._ring.clear()
+        self._learning.clear()
+        self._learned_rows = 0
+        self._current_rows = 0
+
     def update(self, block: np.ndarray) -> bool:
         """Count a [rows, F] block; True when a sub-window just closed and a full window is ready."""
         if self.reference is None:

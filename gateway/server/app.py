@@ -9,6 +9,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.admin.drift_service import SERVICE as DRIFT_SERVICE
+from gateway.admin.drift_service import DriftService
 from gateway.batching.dispatcher import BatchingDispatcher
 from gateway.config import GatewayConfig
 from gateway.drift.stage import DriftStage
@@ -67,11 +69,12 @@ class Gateway:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        server.add_generic_rpc_handlers((self.inference.handler(),))
+        server.add_generic_rpc_handlers((self.inference.handler(), DriftService(self.drift).handler()))
         health_servicer = _HealthServicer(self.fleet)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (INFERENCE_SERVICE, DRIFT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
             server,
             pool=POOL,
         )
