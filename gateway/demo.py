@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import shutil
+import os
 import sys
 import tempfile
 import time
@@ -26,10 +26,13 @@ from gateway.protocol import pb
 from gateway.server.app import Gateway
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+DRIFTED_FEATURE = 3
+DRIFT_AT = 0.55  # share of the run after which simple_scale's inputs drift
 
 
-def _request(model: str, rng: np.random.Generator) -> bytes:
-    """A serialized ModelInferRequest for one of the example models, with random contents."""
+def _request(model: str, rng: np.random.Generator, shift: float = 0.0) -> bytes:
+    """A serialized ModelInferRequest for one of the example models, with random contents;
+    `shift` moves feature 3 of simple_scale's input (the drift the demo injects)."""
     request = pb.ModelInferRequest(model_name=model)
 
     def add(name: str, array: np.ndarray, datatype: str) -> None:
@@ -38,7 +41,9 @@ def _request(model: str, rng: np.random.Generator) -> bytes:
 
     rows = int(rng.integers(1, 5))
     if model in ("simple_scale", "mlp"):
-        add("INPUT0", rng.standard_normal((rows, 16)).astype(np.float32), "FP32")
+        values = rng.standard_normal((rows, 16)).astype(np.float32)
+        values[:, DRIFTED_FEATURE] += shift
+        add("INPUT0", values, "FP32")
     elif model == "add_sub":
         add("INPUT0", rng.standard_normal((rows, 16)).astype(np.float32), "FP32")
         add("INPUT1", rng.standard_normal((rows, 16)).astype(np.float32), "FP32")
@@ -67,11 +72,14 @@ def _progress(tally: Tally, seconds: float, elapsed: float, note: str) -> None:
     sys.stdout.flush()
 
 
-async def _drive(address: str, until: float, concurrency: int, tally: Tally) -> None:
-    """Closed-loop traffic of four models from `concurrency` workers until the monotonic time `until`."""
+async def _drive(address: str, until: float, concurrency: int, tally: Tally, drift_from: float) -> None:
+    """Closed-loop traffic of four models from `concurrency` workers until the monotonic time
+    `until`; from `drift_from` on, simple_scale's inputs are shifted."""
     models = ["simple_scale", "add_sub", "mlp", "bytes_reverse"]
     rng = np.random.default_rng(0)
-    payloads = {m: [_request(m, rng) for _ in range(16)] for m in models}
+    pool = 512  # distinct requests per model, so the drift monitor sees a distribution
+    payloads = {m: [_request(m, rng) for _ in range(pool)] for m in models}
+    drifted = [_request("simple_scale", rng, shift=1.0) for _ in range(pool)]
     async with grpc.aio.insecure_channel(address) as channel:
         infer = channel.unary_unary(INFER_METHOD)
 
@@ -81,8 +89,9 @@ async def _drive(address: str, until: float, concurrency: int, tally: Tally) -> 
                 sent += concurrency
                 model = models[sent % len(models)]
                 started = time.perf_counter()
+                choices = drifted if model == "simple_scale" and time.monotonic() >= drift_from else payloads[model]
                 try:
-                    await infer(payloads[model][sent % 16], timeout=10)
+                    await infer(choices[(sent // len(models)) % pool], timeout=10)
                     tally.latencies_ms[model].append((time.perf_counter() - started) * 1000)
                 except grpc.aio.AioRpcError as error:
                     tally.errors[f"{model}: {error.code().name} {error.details()[:60]}"] += 1
@@ -148,15 +157,23 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
         "listen": "127.0.0.1:0",
         "pools": {name: {"backends": [t.grpc_address]} for name, t in pools.items()},
         "health": {"interval_s": 0.25, "timeout_s": 1.0},
+        # Watch simple_scale's input: reference learned from its first 3,000 rows, windows of 2,000.
+        "drift": {
+            "capture_dir": os.path.join(log_dir, "captures"),
+            "models": {"simple_scale": {"window_rows": 2000, "reference": {"learn_rows": 3000}}},
+        },
     })
     gateway = await Gateway(config).start()
     print(f"  gateway  on {gateway.address}  (point tritonclient here)")
     print(f"\ndriving 4 models for {seconds:.0f} s, {concurrency} requests in flight; the primary Triton is "
-          f"killed at {seconds * 0.25:.0f} s and restarted at {seconds * 0.45:.0f} s:")
+          f"killed at {seconds * 0.25:.0f} s and restarted at {seconds * 0.45:.0f} s; at {seconds * DRIFT_AT:.0f} s "
+          f"feature {DRIFTED_FEATURE} of simple_scale's input drifts by 1σ:")
     tally = Tally()
     timeline: list[str] = []
     started = time.monotonic()
-    driver = asyncio.ensure_future(_drive(gateway.address, started + seconds, concurrency, tally))
+    driver = asyncio.ensure_future(
+        _drive(gateway.address, started + seconds, concurrency, tally, started + seconds * DRIFT_AT)
+    )
     primary = gateway.fleet.pools["primary"][0]
 
     def mark(event: str) -> str:
@@ -165,7 +182,8 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
 
     try:
         note = mark("routing to pool primary")
-        killed = restarted = back = False
+        killed = restarted = back = drifting = False
+        alerts_seen = 0
         restart: asyncio.Future | None = None
         while not driver.done():
             elapsed = time.monotonic() - started
@@ -180,6 +198,13 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
             if restart is not None and restart.done() and primary.healthy and not back:
                 back = True
                 note = mark("primary healthy again; traffic returns to it")
+            if not drifting and elapsed >= seconds * DRIFT_AT:
+                drifting = True
+                note = mark(f"simple_scale's input feature {DRIFTED_FEATURE} shifts by 1σ")
+            for alert in gateway.drift.alerts[alerts_seen:]:
+                note = mark(f"drift {alert['level']}: simple_scale {alert['tensor']}[{alert['feature']}] "
+                            f"{alert['statistic']} = {alert['value']:.3f}")
+            alerts_seen = len(gateway.drift.alerts)
             _progress(tally, seconds, elapsed, note)
             await asyncio.sleep(0.2)
         await driver
@@ -187,11 +212,14 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
             await restart
         _progress(tally, seconds, seconds, note)
         print(_summary(gateway, tally, time.monotonic() - started, pools, timeline))
+        captures = gateway.drift.capture.written if gateway.drift.capture else []
+        print(f"\ndrift: {len(gateway.drift.alerts)} alert events; retraining evidence "
+              f"(report.json + sample.npz) in {len(captures)} capture folder(s)"
+              + (f", the first: {captures[0]}" if captures else ""))
     finally:
         driver.cancel()
         await gateway.stop(grace=0)
         for triton in pools.values():
             triton.kill()
-    if log_dir.startswith(tempfile.gettempdir()) and not tally.errors:
-        shutil.rmtree(log_dir, ignore_errors=True)
+    # The folder holds the Triton logs and the drift captures: kept for the user to look at.
     return 0 if not tally.errors else 1
