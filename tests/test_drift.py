@@ -204,3 +204,19 @@ def _check_admin_api_and_cli(address: str, tmp_path) -> None:
         assert "current window" in answer.message
         answer = call("ResetReference", messages["ResetReferenceRequest"](model="simple_scale"), "SetReferenceResponse")
         assert "learning" in answer.message
+
+
+def test_reservoir_keeps_a_uniform_sample():
+    from gateway.drift.reservoir import Reservoir
+
+    kept = np.zeros(10_000)
+    for trial in range(200):
+        reservoir = Reservoir(100, seed=trial)
+        for start in range(0, 10_000, 7):  # requests of 7 rows
+            reservoir.offer({"x": np.arange(start, min(start + 7, 10_000)).reshape(-1, 1)})
+        sample = reservoir.arrays()["x"][:, 0]
+        assert len(sample) == 100 and len(set(sample)) == 100
+        kept[sample] += 1
+    # Every tenth of the stream holds about a tenth of the kept rows (expected 2,000 of 20,000).
+    per_tenth = kept.reshape(10, -1).sum(axis=1)
+    assert np.all(np.abs(per_tenth - 2000) < 250), per_tenth

@@ -10,6 +10,7 @@ sub-windows) is compared with the reference and alerts are updated; that is the 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -42,7 +43,7 @@ def tensor_block(datatype: str, shape, raw: bytes, features: tuple[int, ...], re
     dtype = NUMPY_DTYPES.get(datatype)
     if dtype is None or not shape:
         return None
-    array = np.frombuffer(raw, dtype=dtype).reshape(shape[0], int(np.prod(shape[1:], dtype=np.int64)))
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape[0], math.prod(shape[1:]))
     if reduction == "mean":
         array = array.mean(axis=1, keepdims=True, dtype=np.float64)
     elif reduction == "l2":
