@@ -220,3 +220,57 @@ def test_reservoir_keeps_a_uniform_sample():
     # Every tenth of the stream holds about a tenth of the kept rows (expected 2,000 of 20,000).
     per_tenth = kept.reshape(10, -1).sum(axis=1)
     assert np.all(np.abs(per_tenth - 2000) < 250), per_tenth
+
+
+def _bytes_request(words: list[bytes]):
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="TEXT", datatype="BYTES", shape=[len(words), 1])
+    request.raw_input_contents.append(b"".join(len(w).to_bytes(4, "little") + w for w in words))
+    return request
+
+
+def test_categorical_bytes_tensor_drift_is_detected():
+    """A BYTES input whose category mix changes raises an alert; values of any length are fine."""
+    fired = []
+    config = ModelDriftConfig(window_rows=2000, reference=ReferenceConfig(learn_rows=2000))
+    monitor = ModelMonitor("m", config, fired.append, reservoir_rows=10)
+    rng = np.random.default_rng(0)
+    usual = [b"cat", b"dog", b"", b"x" * 10_000, "h\u00e9llo".encode()]
+    for _ in range(60):  # reference, then quiet windows: no alert
+        monitor.observe(_bytes_request([usual[i] for i in rng.integers(0, 5, 100)]), None)
+    assert [a for a in fired if a["level"] != "ok"] == []
+    assert monitor.tensors[("input", "TEXT")].reference.sum() == 2000
+    novel = usual + [b"parrot", b"llama"]
+    for _ in range(60):  # new categories take most of the traffic
+        monitor.observe(_bytes_request([novel[i] for i in rng.integers(3, 7, 100)]), None)
+    raised = [a for a in fired if a["level"] != "ok"]
+    assert raised and raised[0]["tensor"] == "input/TEXT" and raised[0]["statistic"] == "psi"
+
+
+def test_outputs_and_sampling(tritons):
+    """Outputs are watched too, and sample_rate counts only that share of the requests."""
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"cpu": {"backends": [tritons[0].grpc_address]}},
+        "drift": {"models": {"add_sub": {"outputs": ["OUTPUT1"], "sample_rate": 0.5,
+                                         "reference": {"learn_rows": 100_000}}}},
+    }
+    rng = np.random.default_rng(4)
+
+    def request():
+        message = pb.ModelInferRequest(model_name="add_sub")
+        for name in ("INPUT0", "INPUT1"):
+            message.inputs.add(name=name, datatype="FP32", shape=[4, 16])
+            message.raw_input_contents.append(rng.standard_normal((4, 16)).astype(np.float32).tobytes())
+        return message.SerializeToString()
+
+    async def send():
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            for _ in range(100):
+                await call(request(), timeout=10)
+
+    with GatewayThread(config) as gateway:
+        asyncio.run(send())
+        tensors = gateway.call(lambda: {k: m._learned_rows for k, m in gateway.gateway.drift.monitors["add_sub"].tensors.items()})
+    assert tensors == {("output", "OUTPUT1"): 200}  # 50 of 100 requests × 4 rows; inputs not watched

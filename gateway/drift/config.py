@@ -41,6 +41,8 @@ class ModelDriftConfig:
     over the non-batch dimensions, giving one feature per row."""
     bins: int = 16
     """Bins per feature; edges come from reference quantiles, so every bin starts with mass."""
+    buckets: int = 64
+    """Hashed frequency buckets per feature of a BYTES (categorical) tensor."""
     window_rows: int = 5000
     """Rows in one window."""
     sub_windows: int = 5
@@ -61,6 +63,8 @@ class ModelDriftConfig:
         for tensor, how in self.reduction.items():
             if how not in REDUCTIONS:
                 raise ConfigError(f"{path}.reduction.{tensor}", f"expected one of {', '.join(REDUCTIONS)}, got {how!r}")
+        if self.buckets < 2:
+            raise ConfigError(f"{path}.buckets", "expected at least 2 buckets")
         if self.bins < 2:
             raise ConfigError(f"{path}.bins", "expected at least 2 bins")
         if self.sub_windows < 1 or self.window_rows < self.sub_windows:

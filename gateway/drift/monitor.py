@@ -120,7 +120,14 @@ class TensorMonitor:
                 self._learning.clear()
             return False
         kernels.update_histogram(self._current, self.edges, block)
-        self._current_rows += len(block)
+        return self._count_rows(len(block))
+
+    def _fresh(self) -> np.ndarray:
+        return kernels.new_histogram(self.edges)
+
+    def _count_rows(self, rows: int) -> bool:
+        """Account `rows` just counted; close the sub-window when it is full (or timed out)."""
+        self._current_rows += rows
         timed_out = (
             self.config.window_seconds is not None
             and time.monotonic() - self._current_started >= self.config.window_seconds / self.config.sub_windows
@@ -130,7 +137,7 @@ class TensorMonitor:
         self._ring.append(self._current)
         if len(self._ring) > self.config.sub_windows:
             self._ring.pop(0)
-        self._current = kernels.new_histogram(self.edges)
+        self._current = self._fresh()
         self._current_rows = 0
         self._current_started = time.monotonic()
         return len(self._ring) == self.config.sub_windows
@@ -141,6 +148,62 @@ class TensorMonitor:
     def statistics(self) -> dict[str, np.ndarray]:
         current = self.window()
         return {name: np.asarray(fn(self.reference, current, self.edges)) for name, fn in STATISTIC_KERNELS.items()}
+
+
+CATEGORICAL_STATISTICS: dict[str, Callable] = {
+    "psi": lambda ref, cur: kernels.psi_table(ref, cur),
+    "js": lambda ref, cur: kernels.jensen_shannon_table(ref, cur),
+    "chi_square": lambda ref, cur: kernels.chi_square_table(ref, cur),
+}
+
+
+class CategoricalMonitor(TensorMonitor):
+    """A BYTES (categorical) tensor: hashed frequency buckets per feature instead of value bins.
+
+    The reference is the bucket counts of the first learn_rows rows (or a profile); ks and
+    wasserstein have no meaning for categories and are not computed.
+    """
+
+    def __init__(self, name: str, kind: str, config: ModelDriftConfig) -> None:
+        super().__init__(name, kind, config)
+        self._learned: np.ndarray | None = None
+
+    def _new_counts(self, features: int) -> np.ndarray:
+        return np.zeros((features, self.config.buckets), dtype=np.int64)
+
+    def forget_reference(self) -> None:
+        super().forget_reference()
+        self._learned = None
+
+    def update_raw(self, raw: bytes, features: int) -> bool:
+        """Count one request's raw BYTES elements ([rows, features] row-major)."""
+        elements = kernels.as_raw(raw)
+        if self.reference is None:
+            if self._learned is None:
+                self._learned = self._new_counts(features)
+            kernels.update_bytes_buckets(self._learned, elements)
+            self._learned_rows = int(self._learned.sum()) // features
+            if self._learned_rows >= self.config.reference.learn_rows:
+                self.set_reference_counts(np.zeros((features, 0)), self._learned)
+                self._learned = None
+            return False
+        before = int(self._current.sum())
+        kernels.update_bytes_buckets(self._current, elements)
+        return self._count_rows((int(self._current.sum()) - before) // features)
+
+    def set_reference_counts(self, edges: np.ndarray, counts: np.ndarray) -> None:
+        self.edges = np.asarray(edges, dtype=np.float64)
+        self.reference = np.ascontiguousarray(counts, dtype=np.int64)
+        self._ring.clear()
+        self._current = self._new_counts(self.reference.shape[0])
+        self._current_rows = 0
+
+    def _fresh(self) -> np.ndarray:
+        return self._new_counts(self.reference.shape[0])
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        current = self.window()
+        return {name: np.asarray(fn(self.reference, current)) for name, fn in CATEGORICAL_STATISTICS.items()}
 
 
 class ModelMonitor:
@@ -172,6 +235,14 @@ class ModelMonitor:
             self.tensors[key] = monitor
         return monitor
 
+    def _categorical(self, name: str, kind: str) -> CategoricalMonitor:
+        key = (kind, name)
+        monitor = self.tensors.get(key)
+        if monitor is None:
+            monitor = CategoricalMonitor(name, kind, self.config)
+            self.tensors[key] = monitor
+        return monitor
+
     def observe(self, request, response) -> None:
         self._seen += 1
         if self._seen % self._sample_every:
@@ -184,6 +255,10 @@ class ModelMonitor:
                 continue
             if not raw_inputs:
                 continue  # typed contents: converted to raw only on the batching path
+            if tensor.datatype == "BYTES":
+                features = math.prod(tensor.shape[1:]) if len(tensor.shape) > 1 else 1
+                closed |= self._categorical(tensor.name, "input").update_raw(raw_inputs[index], features)
+                continue
             block = tensor_block(tensor.datatype, tensor.shape, raw_inputs[index], *self._shape_of(tensor.name))
             if block is not None:
                 closed |= self._monitor(tensor.name, "input").update(block)
@@ -215,6 +290,8 @@ class ModelMonitor:
                 values = {stat: float(array[feature]) for stat, array in stats.items()}
                 level = OK
                 for stat, (warning, alert) in self.config.thresholds.items():
+                    if stat not in values:  # e.g. ks or wasserstein of a categorical tensor
+                        continue
                     key = (f"{kind}/{name}", feature, stat)
                     state = self.alert_states.get(key)
                     if state is None:
@@ -253,6 +330,7 @@ class ModelMonitor:
             if monitor.reference is None:
                 continue
             out[f"{kind}/{name}"] = {
+                "categorical": isinstance(monitor, CategoricalMonitor),
                 "edges": monitor.edges.tolist(), "reference": monitor.reference.tolist(),
                 "current": monitor.window().tolist() if monitor._ring else None,
             }
