@@ -34,6 +34,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_drift.py
 	$(PY) benchmarks/bench_gateway.py
 
 clean:

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
 import sys
 import time
-import timeit
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +31,7 @@ import numpy as np
 import pytest
 
 import gateway.ext.drift as drift
+from gateway.bench.measure import best_time, format_time, machine, table
 from gateway.ext.drift import categorical, histogram, jensen_shannon, ks, moments, psi, wasserstein
 
 FEATURES = 16
@@ -154,39 +152,7 @@ CASES = [
 
 # ------------------------------------------------------------------------------------------ measuring
 
-def best_time(calls: dict[str, Callable[[], object]], rounds: int, round_s: float,
-              clock: Callable[[], float] = time.process_time) -> dict[str, float]:
-    """Best seconds per call of each, over `rounds` rounds that take turns (so drift hits all alike)."""
-    timers = {name: timeit.Timer(call, timer=clock) for name, call in calls.items()}
-    loops = {}
-    for name, timer in timers.items():
-        number, elapsed = timer.autorange()
-        loops[name] = max(1, int(number * round_s / max(elapsed, 1e-9)))
-    best = {name: float("inf") for name in calls}
-    names = list(calls)
-    for round_index in range(rounds):
-        for name in names[round_index % len(names):] + names[: round_index % len(names)]:
-            best[name] = min(best[name], timers[name].timeit(loops[name]) / loops[name])
-    return best
 
-
-def format_time(seconds: float) -> str:
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{model}, {os.cpu_count()} CPUs, load {load:.1f}; Python {platform.python_version()}, "
-            f"NumPy {np.__version__}, Numba {__import__('numba').__version__}")
 
 
 def row(case: Case, got: dict[str, float]) -> list[str]:
@@ -200,12 +166,7 @@ def row(case: Case, got: dict[str, float]) -> list[str]:
             case.target_text(), case.met(numba_s, ratio)]
 
 
-def table(rows: list[list[str]]) -> str:
-    header = ["kernel", "size", "Numba", "ns/value", "NumPy twin", "np.histogram loop", "ratio", "target", "result"]
-    widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
-    lines = [" | ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *rows]]
-    lines.insert(1, "-+-".join("-" * width for width in widths))
-    return "\n".join(lines)
+HEADER = ["kernel", "size", "Numba", "ns/value", "NumPy twin", "np.histogram loop", "ratio", "target", "result"]
 
 
 FOOTNOTE = ("ratio = np.histogram loop time / Numba time where there is a baseline, else NumPy twin time / "
@@ -226,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     rounds, round_s = (3, 0.02) if arguments.quick else (7, 0.1)
     clock = time.perf_counter if arguments.wall else time.process_time
-    print(f"machine: {machine()}")
+    print(f"machine: {machine('numpy', 'numba')}")
     print(f"clock: {'wall (perf_counter)' if arguments.wall else 'CPU time of this process (process_time)'}")
     print(f"warm_up: {drift.warm_up():.3f} s (compiled code loaded from the disk cache when warm)")
     print(f"rounds: {rounds} x ~{round_s * 1e3:g} ms per implementation, best round kept\n", flush=True)
     rows = [row(case, best_time(calls_for(case), rounds, round_s, clock)) for case in CASES]
-    print(table(rows))
+    print(table(HEADER, rows))
     print(FOOTNOTE)
     return 0
 
@@ -253,7 +214,7 @@ def ratio_table(request):
     if rows:
         capture = request.config.pluginmanager.getplugin("capturemanager")
         with capture.global_and_fixture_disabled():
-            print(f"\n\nmachine: {machine()}\n{table(rows)}\n{FOOTNOTE}")
+            print(f"\n\nmachine: {machine('numpy', 'numba')}\n{table(HEADER, rows)}\n{FOOTNOTE}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name.replace(" ", "_") for case in CASES])

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
 import sys
-import timeit
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import pytest
 
+from gateway.bench.measure import best_time, format_time, machine, table
 from gateway.ext import batching, batching_py
 from gateway.protocol import pb
 
@@ -165,39 +163,7 @@ CASES = [
 
 # ------------------------------------------------------------------------------------------ measuring
 
-def best_time(calls: dict[str, Callable[[], object]], rounds: int, round_s: float) -> dict[str, float]:
-    """Best seconds per call of each, over `rounds` rounds that take turns (so drift hits all alike)."""
-    timers = {name: timeit.Timer(call) for name, call in calls.items()}
-    loops = {}
-    for name, timer in timers.items():
-        number, elapsed = timer.autorange()
-        loops[name] = max(1, int(number * round_s / max(elapsed, 1e-9)))
-    best = {name: float("inf") for name in calls}
-    names = list(calls)
-    for round_index in range(rounds):
-        for name in names[round_index % len(names):] + names[: round_index % len(names)]:
-            best[name] = min(best[name], timers[name].timeit(loops[name]) / loops[name])
-    return best
 
-
-def format_time(seconds: float) -> str:
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{model}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}; "
-        f"Python {platform.python_version()}, NumPy {np.__version__}"
-    )
 
 
 def row(case: Case, cython_s: float, twin_s: float | None, baseline_s: float) -> list[str]:
@@ -208,12 +174,7 @@ def row(case: Case, cython_s: float, twin_s: float | None, baseline_s: float) ->
     ]
 
 
-def table(rows: list[list[str]]) -> str:
-    header = ["kernel", "size", "Cython", "NumPy twin", "copyto baseline", "ratio", "target", "result"]
-    widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
-    lines = [" | ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in [header, *rows]]
-    lines.insert(1, "-+-".join("-" * width for width in widths))
-    return "\n".join(lines)
+HEADER = ["kernel", "size", "Cython", "NumPy twin", "copyto baseline", "ratio", "target", "result"]
 
 
 FOOTNOTE = (
@@ -227,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
     arguments = parser.parse_args(argv)
     rounds, round_s = (3, 0.02) if arguments.quick else (7, 0.1)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine('numpy')}")
     print(f"rounds: {rounds} x ~{round_s * 1e3:g} ms per implementation, best round kept\n", flush=True)
     rows = []
     for case in CASES:
@@ -236,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds, round_s,
         )
         rows.append(row(case, best["cython"], best["twin"], best["baseline"]))
-    print(table(rows))
+    print(table(HEADER, rows))
     print(FOOTNOTE)
     return 0
 
@@ -257,7 +218,7 @@ def ratio_table(request):
     if rows:
         capture = request.config.pluginmanager.getplugin("capturemanager")
         with capture.global_and_fixture_disabled():
-            print(f"\n\nmachine: {machine()}\n{table(rows)}\n{FOOTNOTE}")
+            print(f"\n\nmachine: {machine('numpy')}\n{table(HEADER, rows)}\n{FOOTNOTE}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name.replace(" ", "_") for case in CASES])

@@ -227,19 +227,12 @@ class ModelMonitor:
     def __repr__(self) -> str:
         return f"<ModelMonitor {self.model} tensors={len(self.tensors)} windows={self.windows_evaluated} alerts={self.alerts_fired}>"
 
-    def _monitor(self, name: str, kind: str) -> TensorMonitor:
+    def _monitor(self, name: str, kind: str, monitor_type: type = TensorMonitor) -> TensorMonitor:
+        """The monitor of a tensor, made on first sight (numeric, or CategoricalMonitor for BYTES)."""
         key = (kind, name)
         monitor = self.tensors.get(key)
         if monitor is None:
-            monitor = TensorMonitor(name, kind, self.config)
-            self.tensors[key] = monitor
-        return monitor
-
-    def _categorical(self, name: str, kind: str) -> CategoricalMonitor:
-        key = (kind, name)
-        monitor = self.tensors.get(key)
-        if monitor is None:
-            monitor = CategoricalMonitor(name, kind, self.config)
+            monitor = monitor_type(name, kind, self.config)
             self.tensors[key] = monitor
         return monitor
 
@@ -257,7 +250,7 @@ class ModelMonitor:
                 continue  # typed contents: converted to raw only on the batching path
             if tensor.datatype == "BYTES":
                 features = math.prod(tensor.shape[1:]) if len(tensor.shape) > 1 else 1
-                closed |= self._categorical(tensor.name, "input").update_raw(raw_inputs[index], features)
+                closed |= self._monitor(tensor.name, "input", CategoricalMonitor).update_raw(raw_inputs[index], features)
                 continue
             block = tensor_block(tensor.datatype, tensor.shape, raw_inputs[index], *self._shape_of(tensor.name))
             if block is not None:

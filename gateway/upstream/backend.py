@@ -11,7 +11,7 @@ from typing import Callable
 import grpc
 
 from gateway.errors import BackendError, DeadlineExceeded, Unavailable
-from gateway.protocol import INFERENCE_SERVICE, pb
+from gateway.protocol import INFERENCE_SERVICE
 from gateway.upstream.config import UpstreamConfig
 from gateway.upstream.stream import InferStream, StreamClosed
 
