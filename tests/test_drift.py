@@ -273,3 +273,37 @@ def test_outputs_and_sampling(tritons):
         asyncio.run(send())
         tensors = gateway.call(lambda: {k: m._learned_rows for k, m in gateway.gateway.drift.monitors["add_sub"].tensors.items()})
     assert tensors == {("output", "OUTPUT1"): 200}  # 50 of 100 requests × 4 rows; inputs not watched
+
+
+def test_wide_tensor_reductions_give_one_feature_per_channel():
+    from gateway.drift.monitor import tensor_block
+
+    images = np.random.default_rng(0).standard_normal((5, 3, 4, 4)).astype(np.float32)  # [rows, C, H, W]
+    mean = tensor_block("FP32", images.shape, images.tobytes(), (), "mean")
+    np.testing.assert_allclose(mean, images.reshape(5, 3, -1).mean(axis=2), rtol=1e-6)
+    l2 = tensor_block("FP32", images.shape, images.tobytes(), (), "l2")
+    np.testing.assert_allclose(l2, np.linalg.norm(images.reshape(5, 3, -1), axis=2), rtol=1e-5)
+    embeddings = images.reshape(5, -1)  # [rows, D]: one norm per row
+    assert tensor_block("FP32", embeddings.shape, embeddings.tobytes(), (), "l2").shape == (5, 1)
+    picked = tensor_block("FP32", embeddings.shape, embeddings.tobytes(), (0, 7), "none")
+    np.testing.assert_array_equal(picked, embeddings[:, [0, 7]])
+
+
+def test_npz_reference_and_windows_by_time(tmp_path):
+    """A reference from a training .npz, and sub-windows closed by time for a quiet model."""
+    from gateway.drift.stage import DriftStage
+    from gateway.drift.config import DriftConfig
+
+    training = np.random.default_rng(1).standard_normal((5000, 4))
+    np.savez(tmp_path / "training.npz", X=training)
+    config = DriftConfig(models={"m": ModelDriftConfig(
+        window_rows=1_000_000, sub_windows=2, window_seconds=0.2,
+        reference=ReferenceConfig(file=str(tmp_path / "training.npz")))})
+    stage = DriftStage(config)
+    monitor = stage.monitors["m"]
+    tensor = monitor.tensors[("input", "X")]
+    assert tensor.reference.sum() == training.size  # every value of the file in the reference
+    for _ in range(3):  # a trickle: far below window_rows, so only time closes the sub-windows
+        monitor.observe(_fake_request(np.random.default_rng(2).standard_normal((10, 4))), None)
+        time.sleep(0.11)
+    assert monitor.windows_evaluated >= 1

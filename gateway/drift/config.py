@@ -37,8 +37,9 @@ class ModelDriftConfig:
     features: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Per tensor, the columns to watch (default: every column of a [batch, F] tensor)."""
     reduction: dict[str, str] = field(default_factory=dict)
-    """Per tensor, a per-row reduction for wide tensors (images, embeddings): none, mean or l2
-    over the non-batch dimensions, giving one feature per row."""
+    """Per tensor, a reduction for wide tensors: none, mean or l2 — per row and channel over the
+    trailing dimensions of a [rows, C, ...] tensor (one feature per channel of an image), or per
+    row of a [rows, D] tensor (one feature per embedding)."""
     bins: int = 16
     """Bins per feature; edges come from reference quantiles, so every bin starts with mass."""
     buckets: int = 64

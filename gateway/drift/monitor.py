@@ -39,16 +39,27 @@ STATISTIC_KERNELS: dict[str, Callable] = {
 
 
 def tensor_block(datatype: str, shape, raw: bytes, features: tuple[int, ...], reduction: str) -> np.ndarray | None:
-    """The [rows, F] float block a tensor contributes, or None if it is not numeric."""
+    """The [rows, F] float block a tensor contributes, or None if it is not numeric.
+
+    `reduction` (mean or l2) summarizes wide tensors per row and channel: a [rows, C, ...] tensor
+    (an image, a sequence of embeddings) gives one feature per channel, reduced over the trailing
+    dimensions; a [rows, D] tensor (an embedding) gives one feature per row. `features` then picks
+    columns of the result.
+    """
     dtype = NUMPY_DTYPES.get(datatype)
     if dtype is None or not shape:
         return None
-    array = np.frombuffer(raw, dtype=dtype).reshape(shape[0], math.prod(shape[1:]))
-    if reduction == "mean":
-        array = array.mean(axis=1, keepdims=True, dtype=np.float64)
-    elif reduction == "l2":
-        array = np.sqrt(np.square(array, dtype=np.float64).sum(axis=1, keepdims=True))
-    elif features:
+    rows = shape[0]
+    if reduction != "none":
+        channels = shape[1] if len(shape) > 2 else 1
+        array = np.frombuffer(raw, dtype=dtype).reshape(rows, channels, -1) if rows else np.empty((0, channels, 1))
+        if reduction == "mean":
+            array = array.mean(axis=2, dtype=np.float64)
+        else:
+            array = np.sqrt(np.square(array, dtype=np.float64).sum(axis=2))
+    else:
+        array = np.frombuffer(raw, dtype=dtype).reshape(rows, math.prod(shape[1:]))
+    if features:
         array = array[:, list(features)]
     if array.dtype not in (np.float32, np.float64):
         array = array.astype(np.float64)
