@@ -9,7 +9,8 @@
 
 Optional sections: `server` (limits), `upstream` (streams per backend), `health` (check interval),
 `routing` (retry policy), `batching` (gateway-side dynamic batching, per model), `drift` (drift
-monitoring of model inputs and outputs, alerts and retraining captures). Each stage owns its dataclass; this module composes them.
+monitoring of model inputs and outputs, alerts and retraining captures), `telemetry` (OpenTelemetry
+metrics: a Prometheus scrape endpoint and/or OTLP export). Each stage owns its dataclass; this module composes them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gateway.drift.config import DriftConfig
 from gateway.errors import ConfigError
 from gateway.routing.config import ModelRoute, RoutingConfig
 from gateway.server.config import ServerConfig
+from gateway.telemetry.config import TelemetryConfig
 from gateway.upstream.config import HealthConfig, PoolConfig, UpstreamConfig, parse_address
 
 
@@ -45,6 +47,7 @@ class GatewayConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def validate(self, path: str) -> None:
         host, port = self.listen.rpartition(":")[::2]

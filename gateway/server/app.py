@@ -19,6 +19,7 @@ from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
 from gateway.server.inference import InferenceService
 from gateway.server.pipeline import DirectDispatcher, Pipeline
+from gateway.telemetry.stage import TelemetryStage
 from gateway.upstream.catalog import ModelCatalog
 from gateway.upstream.fleet import Fleet
 
@@ -46,6 +47,10 @@ class Gateway:
         self.drift = DriftStage(config.drift)
         if self.drift.monitors:
             self.pipeline.observers.append(self.drift.observer)
+        self.telemetry = TelemetryStage(config.telemetry, self) if config.telemetry.enabled else None
+        if self.telemetry is not None:
+            self.pipeline.observers.append(self.telemetry.observer)
+            self.drift.hooks.append(self.telemetry.drift_hook)
         self.inference = InferenceService(self.pipeline, self.fleet, self.catalog)
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task | None = None
@@ -83,6 +88,8 @@ class Gateway:
             raise OSError(f"cannot listen on {self.config.listen}")
         if self.drift.monitors:
             await self.drift.start()
+        if self.telemetry is not None:
+            self.telemetry.start()
         await self.fleet.start()
         await server.start()
         self._server = server
@@ -103,6 +110,8 @@ class Gateway:
             self._server = None
         await self.batching.close()
         await self.drift.close()
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.close)  # a final OTLP export may wait on the network
         await self.fleet.close()
 
     def statistics(self) -> dict:

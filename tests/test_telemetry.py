@@ -1,0 +1,162 @@
+"""Telemetry: the gateway's metrics as a real Prometheus server scrapes and stores them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from gateway.config import config_from_mapping
+from gateway.errors import ConfigError
+from gateway.testing import GatewayThread
+
+PROMETHEUS = "/usr/bin/prometheus"
+MODEL = "simple_scale"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except OSError as error:
+            last = error
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """A real Prometheus scraping 127.0.0.1:<metrics port> every second; yields (metrics port, API URL)."""
+    if not os.access(PROMETHEUS, os.X_OK):
+        pytest.fail(f"{PROMETHEUS} not found: install it (`apt-get install -y prometheus`; .ci/run does)")
+    metrics_port, web_port = _free_port(), _free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: tensorgate\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
+    )
+    log = open(tmp_path / "prometheus.log", "wb")
+    process = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{web_port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{web_port}"
+    try:
+        def ready():
+            assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            with urllib.request.urlopen(f"{api}/-/ready", timeout=2) as response:
+                return response.status == 200
+
+        _wait(ready, 30, "Prometheus to be ready")
+        yield metrics_port, api
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _query(api: str, promql: str) -> float | None:
+    body = _get_json(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    assert body["status"] == "success", body
+    result = body["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+def _send(address: str, count: int) -> None:
+    client = triton_grpc.InferenceServerClient(address)
+    tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+    try:
+        for _ in range(count):
+            result = client.infer(MODEL, [tensor], client_timeout=10)
+            assert result.as_numpy("OUTPUT0")[0, 0] == 2.0
+    finally:
+        client.close()
+
+
+def test_prometheus_scrapes_request_counter_and_histogram(tritons, prometheus):
+    metrics_port, api = prometheus
+    n = 37
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"primary": {"backends": [tritons[0].grpc_address]}},
+        "telemetry": {"prometheus_port": metrics_port, "prometheus_host": "127.0.0.1"},
+    }
+    with GatewayThread(config) as thread:
+        assert thread.gateway.telemetry.prometheus_port == metrics_port
+        _send(thread.address, n)
+        selector = f'{{model="{MODEL}",rpc_response_status_code="OK"}}'
+        requests = f"sum(tensorgate_requests_total{selector})"
+        durations = f"sum(tensorgate_request_duration_seconds_count{selector})"
+        _wait(lambda: _query(api, requests) == n and _query(api, durations) == n, 30,
+              f"Prometheus to report {n} requests")
+        assert _query(api, requests) == n
+        assert _query(api, durations) == n
+        assert _query(api, f'sum(tensorgate_errors_total{{model="{MODEL}"}})') is None  # no errors, no series
+        assert _query(api, f'tensorgate_backend_healthy{{backend="{tritons[0].grpc_address}"}}') == 1
+        assert _query(api, f"sum(tensorgate_request_duration_seconds_sum{selector})") > 0
+        assert not thread.loop_errors
+
+
+def test_unreachable_otlp_collector_never_fails_requests(tritons):
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"primary": {"backends": [tritons[0].grpc_address]}},
+        "telemetry": {"otlp_endpoint": f"127.0.0.1:{_free_port()}", "otlp_interval_s": 0.1},
+    }
+    with GatewayThread(config) as thread:
+        started = time.monotonic()
+        _send(thread.address, 50)  # every request answered while exports fail in their own thread
+        assert time.monotonic() - started < 10
+        counts = thread.call(lambda: [s.count for s in thread.gateway.telemetry.aggregates.snapshot()])
+        assert counts == [50]
+        assert not thread.loop_errors
+
+
+@pytest.mark.parametrize(
+    ("telemetry", "path"),
+    [
+        ({"prometheus_port": 70000}, "telemetry.prometheus_port"),
+        ({"otlp_endpoint": "x", "otlp_interval_s": 0}, "telemetry.otlp_interval_s"),
+        ({"otlp_endpoint": "x", "otlp_headers": {"Api-Key": "k"}}, "telemetry.otlp_headers.Api-Key"),
+    ],
+)
+def test_config_errors_name_the_key_path(telemetry, path):
+    with pytest.raises(ConfigError) as raised:
+        config_from_mapping({"listen": "127.0.0.1:0", "pools": {"p": {"backends": ["127.0.0.1:1"]}},
+                             "telemetry": telemetry})
+    assert path in str(raised.value)
+
+
+def test_telemetry_off_by_default():
+    config = config_from_mapping({"listen": "127.0.0.1:0", "pools": {"p": {"backends": ["127.0.0.1:1"]}}})
+    assert not config.telemetry.enabled
