@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from gateway.config import config_from_mapping
-from gateway.local.triton import LocalTriton, default_model_repository
+from gateway.local.triton import LocalTriton, default_model_repository, find_free_port
 from gateway.protocol import pb
 from gateway.server.app import Gateway
 
@@ -142,6 +142,39 @@ def _summary(gateway: Gateway, tally: Tally, seconds: float, pools: dict[str, Lo
     return "\n".join(lines)
 
 
+def _from_metrics(port: int) -> str:
+    """The same run as the gateway's own metrics endpoint reports it (what Prometheus would scrape)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    requests: dict[str, float] = collections.Counter()
+    buckets: dict[str, dict[float, float]] = collections.defaultdict(lambda: collections.Counter())
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            model = sample.labels.get("model")
+            if sample.name == "tensorgate_requests_total" and model:
+                requests[model] += sample.value
+            elif sample.name == "tensorgate_request_duration_seconds_bucket" and model:
+                buckets[model][float(sample.labels["le"])] += sample.value
+    lines = ["", f"from the gateway's metrics (http://127.0.0.1:{port}/metrics):",
+             f"{'model':<16}{'requests':>10}{'p50 ≤':>10}{'p99 ≤':>10}   (upper bound of the histogram bucket)"]
+    for model in sorted(requests):
+        cumulative = sorted(buckets[model].items())
+        total = cumulative[-1][1] if cumulative else 0
+
+        def quantile(q: float) -> str:
+            for bound, count in cumulative:
+                if total and count >= q * total:
+                    return "inf" if bound == float("inf") else f"{bound * 1e3:.1f}ms"
+            return "-"
+
+        lines.append(f"{model:<16}{int(requests[model]):>10}{quantile(0.5):>10}{quantile(0.99):>10}")
+    return "\n".join(lines)
+
+
 async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | None = None) -> int:
     log_dir = log_dir or tempfile.mkdtemp(prefix="tensorgate-demo-")
     print("tensorgate demo: starting two local Triton servers from the nvidia-pytriton wheel ...")
@@ -153,10 +186,12 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
     await asyncio.gather(*(asyncio.to_thread(t.start) for t in pools.values()))
     for name, triton in pools.items():
         print(f"  pool {name:<8} Triton on {triton.grpc_address}  (started in {triton.startup_seconds:.1f} s)")
+    metrics_port = find_free_port()
     config = config_from_mapping({
         "listen": "127.0.0.1:0",
         "pools": {name: {"backends": [t.grpc_address]} for name, t in pools.items()},
         "health": {"interval_s": 0.25, "timeout_s": 1.0},
+        "telemetry": {"prometheus_port": metrics_port, "prometheus_host": "127.0.0.1"},
         # Watch simple_scale's input: reference learned from its first 3,000 rows, windows of 2,000.
         "drift": {
             "capture_dir": os.path.join(log_dir, "captures"),
@@ -165,6 +200,7 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
     })
     gateway = await Gateway(config).start()
     print(f"  gateway  on {gateway.address}  (point tritonclient here)")
+    print(f"  metrics  http://127.0.0.1:{metrics_port}/metrics  (Prometheus scrape endpoint, OpenTelemetry)")
     print(f"\ndriving 4 models for {seconds:.0f} s, {concurrency} requests in flight; the primary Triton is "
           f"killed at {seconds * 0.25:.0f} s and restarted at {seconds * 0.45:.0f} s; at {seconds * DRIFT_AT:.0f} s "
           f"feature {DRIFTED_FEATURE} of simple_scale's input drifts by 1σ:")
@@ -212,6 +248,7 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
             await restart
         _progress(tally, seconds, seconds, note)
         print(_summary(gateway, tally, time.monotonic() - started, pools, timeline))
+        print(await asyncio.to_thread(_from_metrics, metrics_port))
         captures = gateway.drift.capture.written if gateway.drift.capture else []
         print(f"\ndrift: {len(gateway.drift.alerts)} alert events; retraining evidence "
               f"(report.json + sample.npz) in {len(captures)} capture folder(s)"
