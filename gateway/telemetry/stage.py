@@ -78,13 +78,21 @@ class _Producing:
             log.exception("telemetry: producing the request histogram failed")
             extra = []
         if extra:
-            scope = ScopeMetrics(scope=SCOPE, metrics=extra, schema_url="")
             resources = list(metrics_data.resource_metrics) if metrics_data is not None else []
             if resources:
                 first = resources[0]
-                resources[0] = ResourceMetrics(first.resource, [*first.scope_metrics, scope], first.schema_url)
+                # Join the SDK's own ScopeMetrics of the same scope: the OTLP encoder keys scopes by
+                # identity, so a second ScopeMetrics("tensorgate") would replace the first.
+                scopes = list(first.scope_metrics)
+                for index, existing in enumerate(scopes):
+                    if existing.scope == SCOPE:
+                        scopes[index] = ScopeMetrics(SCOPE, [*existing.metrics, *extra], existing.schema_url)
+                        break
+                else:
+                    scopes.append(ScopeMetrics(scope=SCOPE, metrics=extra, schema_url=""))
+                resources[0] = ResourceMetrics(first.resource, scopes, first.schema_url)
             else:
-                resources = [ResourceMetrics(self._resource, [scope], "")]
+                resources = [ResourceMetrics(self._resource, [ScopeMetrics(scope=SCOPE, metrics=extra, schema_url="")], "")]
             metrics_data = MetricsData(resource_metrics=resources)
         super()._receive_metrics(metrics_data, timeout_millis=timeout_millis, **kwargs)
 

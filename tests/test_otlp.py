@@ -1,0 +1,191 @@
+"""Telemetry over OTLP: the gateway's metrics as a real OTLP/gRPC collector endpoint receives them.
+
+The receiver is the collector's own service definition (opentelemetry-proto's MetricsService),
+served by grpcio in a thread of its own; it keeps every ExportMetricsServiceRequest with the
+metadata it came with.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from gateway.testing import GatewayThread
+
+MODEL = "simple_scale"
+INTERVAL_S = 0.5
+
+
+class _Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """An OTLP/gRPC metrics endpoint on 127.0.0.1:`port` that stores what it is sent."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.lock = threading.Lock()
+        self.exports: list[tuple[metrics_service_pb2.ExportMetricsServiceRequest, dict[str, str]]] = []
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
+        assert self.port, f"could not bind 127.0.0.1:{port}"
+        self.server.start()
+
+    def Export(self, request, context):  # noqa: N802 (the service's method name)
+        with self.lock:
+            self.exports.append((request, dict(context.invocation_metadata())))
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    def received(self) -> list[tuple[metrics_service_pb2.ExportMetricsServiceRequest, dict[str, str]]]:
+        with self.lock:
+            return list(self.exports)
+
+    def stop(self) -> None:
+        self.server.stop(0).wait(5)
+
+
+@pytest.fixture
+def receiver():
+    server = _Receiver()
+    yield server
+    server.stop()
+
+
+def _attributes(point) -> dict:
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in point.attributes}
+
+
+def _metrics(request, name: str) -> list:
+    return [m for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics if m.name == name]
+
+
+def _counted(request, metric: str = "tensorgate.requests") -> int | None:
+    """MODEL's cumulative count in one export: the request counter's value or the histogram's count."""
+    counts = [p.as_int for m in _metrics(request, metric) if m.HasField("sum") for p in m.sum.data_points
+              if _attributes(p).get("model") == MODEL]
+    counts += [p.count for m in _metrics(request, metric) if m.HasField("histogram")
+               for p in m.histogram.data_points if _attributes(p).get("model") == MODEL]
+    return sum(counts) if counts else None
+
+
+def _wait_for_export(receiver: _Receiver, count: int, metric: str = "tensorgate.requests", timeout: float = 15.0):
+    """The first export in which `metric` counts `count` requests of MODEL, with its metadata."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for request, metadata in receiver.received():
+            if _counted(request, metric) == count:
+                return request, metadata
+        time.sleep(0.1)
+    exports = receiver.received()
+    last = exports[-1][0] if exports else None
+    names = sorted({m.name for rm in last.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}) if last else []
+    raise AssertionError(f"no OTLP export counted {count} requests of {MODEL} in {metric} within {timeout:.0f} s: "
+                         f"{len(exports)} exports, the last with {metric} = {last and _counted(last, metric)} "
+                         f"and metrics {names}")
+
+
+def _send(client: triton_grpc.InferenceServerClient, count: int, shape=(1, 16), model: str = MODEL) -> None:
+    tensor = triton_grpc.InferInput("INPUT0", list(shape), "FP32")
+    tensor.set_data_from_numpy(np.ones(shape, np.float32))
+    for _ in range(count):
+        result = client.infer(model, [tensor], client_timeout=10)
+        assert result.as_numpy("OUTPUT0")[0, 0] == 2.0
+
+
+def _refused(client, shape, model: str = MODEL) -> str:
+    with pytest.raises(InferenceServerException) as raised:
+        _send(client, 1, shape, model)
+    return raised.value.status()
+
+
+def test_otlp_receiver_gets_counter_histogram_resource_and_headers(tritons, receiver):
+    n = 23
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"primary": {"backends": [tritons[0].grpc_address]}},
+        "telemetry": {"otlp_endpoint": f"127.0.0.1:{receiver.port}", "otlp_interval_s": INTERVAL_S,
+                      "otlp_headers": {"x-tenant": "t1"}},
+    }
+    with GatewayThread(config) as thread:
+        client = triton_grpc.InferenceServerClient(thread.address)
+        try:
+            _send(client, n)
+            # Refused in admission (model resolution and request validation, before any backend
+            # call): the pipeline's observers never see these, so they are not counted.
+            assert _refused(client, (1, 8)) == "StatusCode.INVALID_ARGUMENT"
+            assert _refused(client, (1, 16), model="no_such_model") == "StatusCode.NOT_FOUND"
+        finally:
+            client.close()
+        request, metadata = _wait_for_export(receiver, n)
+        assert not thread.loop_errors
+
+    assert metadata.get("x-tenant") == "t1", metadata
+
+    assert request.resource_metrics
+    resource = {kv.key: kv.value.string_value for kv in request.resource_metrics[0].resource.attributes}
+    assert resource["service.name"] == "tensorgate"
+    assert resource["telemetry.sdk.name"] == "opentelemetry"
+    scopes = {sm.scope.name for rm in request.resource_metrics for sm in rm.scope_metrics}
+    assert scopes == {"tensorgate"}
+
+    # The request counter: one cumulative, monotonic point, all OK, for the model's concrete version.
+    [counter] = _metrics(request, "tensorgate.requests")
+    assert counter.unit == "{request}"
+    assert counter.sum.is_monotonic
+    assert counter.sum.aggregation_temporality == 2  # AGGREGATION_TEMPORALITY_CUMULATIVE
+    points = [p for p in counter.sum.data_points if _attributes(p)["model"] == MODEL]
+    assert len(points) == 1, [_attributes(p) for p in points]
+    attributes = _attributes(points[0])
+    assert attributes["rpc.response.status_code"] == "OK"
+    assert attributes["version"] == "1"
+    assert points[0].as_int == n
+    assert not _metrics(request, "tensorgate.errors") or all(
+        _attributes(p)["model"] != MODEL for m in _metrics(request, "tensorgate.errors") for p in m.sum.data_points)
+
+    # The duration histogram: the same series, count n, buckets that add up to it.
+    [duration] = _metrics(request, "tensorgate.request.duration")
+    assert duration.unit == "s"
+    assert duration.histogram.aggregation_temporality == 2
+    [point] = [p for p in duration.histogram.data_points if _attributes(p)["model"] == MODEL]
+    assert _attributes(point) == attributes
+    assert point.count == n
+    assert sum(point.bucket_counts) == point.count
+    assert len(point.bucket_counts) == len(point.explicit_bounds) + 1
+    assert 0 < point.min <= point.max and point.min * n <= point.sum <= point.max * n
+    assert point.start_time_unix_nano < point.time_unix_nano
+
+    # Gauges ride along in the same export.
+    [healthy] = _metrics(request, "tensorgate.backend.healthy")
+    assert {(_attributes(p)["backend"], p.as_int) for p in healthy.gauge.data_points} == {(tritons[0].grpc_address, 1)}
+
+
+def test_collector_going_away_mid_run_never_slows_requests(tritons, receiver):
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"primary": {"backends": [tritons[0].grpc_address]}},
+        "telemetry": {"otlp_endpoint": f"127.0.0.1:{receiver.port}", "otlp_interval_s": INTERVAL_S},
+    }
+    thread = GatewayThread(config).start()
+    try:
+        client = triton_grpc.InferenceServerClient(thread.address)
+        try:
+            _send(client, 5)
+            _wait_for_export(receiver, 5, "tensorgate.request.duration")
+            receiver.stop()  # exports now fail (and retry) in the reader's thread
+            started = time.monotonic()
+            _send(client, 40)
+            assert time.monotonic() - started < 5
+        finally:
+            client.close()
+        counts = thread.call(lambda: [s.count for s in thread.gateway.telemetry.aggregates.snapshot()])
+        assert counts == [45]
+        assert not thread.loop_errors
+    finally:
+        started = time.monotonic()
+        thread.stop()  # includes the final, bounded OTLP export to the collector that is gone
+    assert time.monotonic() - started < 10
