@@ -11,7 +11,8 @@ PIP := $(PY) -m pip
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip "setuptools>=77" wheel
-	$(PIP) install --quiet "Cython>=3.0" "numpy>=1.24,<2" "grpcio-tools>=1.66"
+	# grpcio-tools 1.82+ needs protobuf 7, while opentelemetry-proto (OTLP export) needs protobuf < 7.
+	$(PIP) install --quiet "Cython>=3.0" "numpy>=1.24,<2" "grpcio-tools>=1.66,<1.82"
 	$(PIP) install --quiet --no-build-isolation -e ".[test,bench]"
 	touch $(STAMP)
 
