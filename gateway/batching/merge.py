@@ -14,9 +14,9 @@ from typing import Sequence
 import grpc
 
 from gateway.errors import BackendError
-from gateway.ext import bytes_typed_to_raw, gather, scatter, scatter_bytes, typed_to_raw
+from gateway.ext import gather, scatter, scatter_bytes
 from gateway.protocol import pb
-from gateway.server.validation import CONTENTS_FIELD, ELEMENT_BYTES
+from gateway.server.validation import ELEMENT_BYTES
 
 #: Request parameters the gateway consumes itself; they do not split batches.
 SCHEDULING_PARAMETERS = frozenset({"priority", "timeout"})
@@ -39,18 +39,12 @@ def _parameters_key(parameters, skip: frozenset = frozenset()) -> tuple:
     return tuple(sorted((k, v.SerializeToString(deterministic=True)) for k, v in parameters.items() if k not in skip))
 
 
-def _raw_contents(request, index: int) -> bytes:
-    """The raw bytes of input `index`, converting typed contents when the client sent those."""
-    if request.raw_input_contents:
-        return request.raw_input_contents[index]
-    tensor = request.inputs[index]
-    if tensor.datatype == "BYTES":
-        return bytes_typed_to_raw(tensor.contents.bytes_contents)
-    return typed_to_raw(getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype]), tensor.datatype)
-
-
 def merge(requests: Sequence, rows: Sequence[int]):
-    """One ModelInferRequest holding `requests` stacked along the batch dimension."""
+    """One ModelInferRequest holding `requests` stacked along the batch dimension.
+
+    Every request carries raw contents: the dispatcher converts typed contents per request before
+    it queues them (so a bad value fails only its own request).
+    """
     first = requests[0]
     merged = pb.ModelInferRequest(model_name=first.model_name, model_version=first.model_version)
     total_rows = sum(rows)
@@ -60,7 +54,7 @@ def merge(requests: Sequence, rows: Sequence[int]):
         for request in requests:
             # Inputs may come in any order; the batch key guarantees the same set.
             index = name_order if request.inputs[name_order].name == name else _index_of(request, name)
-            parts.append(_raw_contents(request, index))
+            parts.append(request.raw_input_contents[index])
         merged_tensor = merged.inputs.add(name=name, datatype=tensor.datatype, shape=[total_rows, *tensor.shape[1:]])
         for key, value in tensor.parameters.items():
             merged_tensor.parameters[key].CopyFrom(value)

@@ -90,8 +90,7 @@ class DirectDispatcher:
             )
         if backend is None:
             backend = self.router.choose(entry.name, entry.version)
-            idle = entry.signature.sequence_idle_s or DEFAULT_SEQUENCE_IDLE_S
-            self.sequences.bind(entry.name, sequence_id, backend, idle)
+            self.sequences.bind(entry.name, sequence_id, backend, self.sequences_idle(entry))
         return backend, sequence
 
     def _set_timeout(self, request, deadline: float | None) -> None:
