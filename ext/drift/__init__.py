@@ -25,9 +25,8 @@ from gateway.ext import USING_EXTENSIONS
 from gateway.ext.drift import categorical, chi_square, histogram, jensen_shannon, ks, moments, psi, wasserstein
 from gateway.ext.drift.categorical import as_raw
 from gateway.ext.drift.chi_square import chi_square_test
-from gateway.ext.drift.histogram import ABOVE, BELOW, INF, NAN, new_histogram, quantile_edges
+from gateway.ext.drift.histogram import ABOVE, BELOW, INF, NAN, fold_tails, new_histogram, quantile_edges
 from gateway.ext.drift.moments import new_moments, variance
-from gateway.ext.drift.psi import fold_tails
 
 KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_numpy" in the same module
     "update_histogram": histogram,

@@ -18,30 +18,24 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gateway.ext.drift.jensen_shannon import _share
-from gateway.ext.drift.psi import fold_tails
+from gateway.ext.drift.histogram import check_same_shape, fold_tails, folded_count, folded_totals
 
 
 @numba.njit(nogil=True, cache=True)
 def _chi_square(reference, current, bins, fold):
+    check_same_shape(reference, current, bins)
     features = reference.shape[0]
-    if current.shape[0] != features or current.shape[1] != reference.shape[1] or bins < 1:
-        raise ValueError("reference and current must be count tables of the same shape")
     result = np.empty(features, np.float64)
     for feature in range(features):
-        reference_total = 0.0
-        current_total = 0.0
-        for index in range(bins):
-            reference_total += _share(reference, feature, index, bins, fold)
-            current_total += _share(current, feature, index, bins, fold)
+        reference_total, current_total = folded_totals(reference, current, feature, bins, fold)
         if reference_total == 0.0 or current_total == 0.0:
             result[feature] = np.nan
             continue
         total = reference_total + current_total
         statistic = 0.0
         for index in range(bins):
-            observed_reference = _share(reference, feature, index, bins, fold)
-            observed_current = _share(current, feature, index, bins, fold)
+            observed_reference = folded_count(reference, feature, index, bins, fold)
+            observed_current = folded_count(current, feature, index, bins, fold)
             column = observed_reference + observed_current
             if column == 0.0:
                 continue

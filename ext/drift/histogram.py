@@ -189,3 +189,45 @@ def quantile_edges(reference, bins: int) -> np.ndarray:
 def bin_widths(edges) -> np.ndarray:
     """float64[F, B]: the width of each in-range bin."""
     return np.diff(np.asarray(edges, np.float64), axis=1)
+
+
+# ---------------------------------------------------------------- folded tails, for PSI / JS / chi²
+# The statistics that compare bin shares fold BELOW into the first in-range bin and ABOVE into the
+# last (NAN and INF are left out); frequency tables [F, K] are used as they are (fold=False).
+
+
+def fold_tails(counts) -> np.ndarray:
+    """int64[F, B]: a histogram's in-range bins with BELOW added to the first and ABOVE to the last."""
+    counts = np.asarray(counts)
+    folded = counts[:, :-4].copy()
+    folded[:, 0] += counts[:, -4]
+    folded[:, -1] += counts[:, -3]
+    return folded
+
+
+@numba.njit(nogil=True, cache=True)
+def folded_count(counts, feature, index, bins, fold):
+    """counts[feature, index] as a float, with BELOW / ABOVE added to the edge bins when `fold`."""
+    count = np.float64(counts[feature, index])
+    if fold and index == 0:
+        count += counts[feature, bins]
+    if fold and index == bins - 1:
+        count += counts[feature, bins + 1]
+    return count
+
+
+@numba.njit(nogil=True, cache=True)
+def check_same_shape(reference, current, bins):
+    if current.shape[0] != reference.shape[0] or current.shape[1] != reference.shape[1] or bins < 1:
+        raise ValueError("reference and current must be count tables of the same shape")
+
+
+@numba.njit(nogil=True, cache=True)
+def folded_totals(reference, current, feature, bins, fold):
+    """(reference total, current total) of one feature's counted values (NAN / INF left out)."""
+    reference_total = 0.0
+    current_total = 0.0
+    for index in range(bins):
+        reference_total += folded_count(reference, feature, index, bins, fold)
+        current_total += folded_count(current, feature, index, bins, fold)
+    return reference_total, current_total

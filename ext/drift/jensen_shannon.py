@@ -16,38 +16,23 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gateway.ext.drift.psi import fold_tails
-
-
-@numba.njit(nogil=True, cache=True)
-def _share(counts, feature, index, bins, fold):
-    count = np.float64(counts[feature, index])
-    if fold and index == 0:
-        count += counts[feature, bins]
-    if fold and index == bins - 1:
-        count += counts[feature, bins + 1]
-    return count
+from gateway.ext.drift.histogram import check_same_shape, fold_tails, folded_count, folded_totals
 
 
 @numba.njit(nogil=True, cache=True)
 def _jensen_shannon(reference, current, bins, fold):
+    check_same_shape(reference, current, bins)
     features = reference.shape[0]
-    if current.shape[0] != features or current.shape[1] != reference.shape[1] or bins < 1:
-        raise ValueError("reference and current must be count tables of the same shape")
     result = np.empty(features, np.float64)
     for feature in range(features):
-        reference_total = 0.0
-        current_total = 0.0
-        for index in range(bins):
-            reference_total += _share(reference, feature, index, bins, fold)
-            current_total += _share(current, feature, index, bins, fold)
+        reference_total, current_total = folded_totals(reference, current, feature, bins, fold)
         if reference_total == 0.0 or current_total == 0.0:
             result[feature] = np.nan
             continue
         divergence = 0.0
         for index in range(bins):
-            p = _share(reference, feature, index, bins, fold) / reference_total
-            q = _share(current, feature, index, bins, fold) / current_total
+            p = folded_count(reference, feature, index, bins, fold) / reference_total
+            q = folded_count(current, feature, index, bins, fold) / current_total
             m = (p + q) / 2.0
             if p > 0.0:
                 divergence += p * np.log(p / m)

@@ -19,36 +19,25 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from gateway.ext.drift.histogram import check_same_shape, fold_tails, folded_count, folded_totals
+
 EPSILON = 1e-4
 
 
 @numba.njit(nogil=True, cache=True)
 def _psi(reference, current, bins, fold):
+    check_same_shape(reference, current, bins)
     features = reference.shape[0]
-    if current.shape[0] != features or current.shape[1] != reference.shape[1] or bins < 1:
-        raise ValueError("reference and current must be count tables of the same shape")
     result = np.empty(features, np.float64)
     for feature in range(features):
-        reference_total = 0.0
-        current_total = 0.0
-        for index in range(bins + 2 if fold else bins):
-            reference_total += reference[feature, index]
-            current_total += current[feature, index]
+        reference_total, current_total = folded_totals(reference, current, feature, bins, fold)
         if reference_total == 0.0 or current_total == 0.0:
             result[feature] = np.nan
             continue
         total = 0.0
         for index in range(bins):
-            expected = np.float64(reference[feature, index])
-            actual = np.float64(current[feature, index])
-            if fold and index == 0:
-                expected += reference[feature, bins]
-                actual += current[feature, bins]
-            if fold and index == bins - 1:
-                expected += reference[feature, bins + 1]
-                actual += current[feature, bins + 1]
-            p = max(expected / reference_total, EPSILON)
-            q = max(actual / current_total, EPSILON)
+            p = max(folded_count(reference, feature, index, bins, fold) / reference_total, EPSILON)
+            q = max(folded_count(current, feature, index, bins, fold) / current_total, EPSILON)
             total += (q - p) * np.log(q / p)
         result[feature] = total
     return result
@@ -64,15 +53,6 @@ def psi(reference, current):
 def psi_table(reference, current):
     """float64[F]: PSI between frequency tables int64[F, K]."""
     return _psi(reference, current, reference.shape[1], False)
-
-
-def fold_tails(counts) -> np.ndarray:
-    """int64[F, B]: a histogram's in-range bins with BELOW added to the first and ABOVE to the last."""
-    counts = np.asarray(counts)
-    folded = counts[:, :-4].copy()
-    folded[:, 0] += counts[:, -4]
-    folded[:, -1] += counts[:, -3]
-    return folded
 
 
 def psi_table_numpy(reference, current):
