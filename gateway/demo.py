@@ -115,8 +115,9 @@ def _summary(gateway: Gateway, tally: Tally, seconds: float, pools: dict[str, Lo
     lines.append(f"{'pool':<10}{'backend':<18}{'served':>10}{'failed':>8}  health")
     for backend in gateway.fleet.backends():
         lines.append(f"{backend.pool:<10}{backend.address:<18}{backend.served:>10}{backend.failed:>8}  {backend.health.value}")
-    lines.append(f"routing    {gateway.router.decisions['preferred']} to the preferred pool, "
-                 f"{gateway.router.decisions['spill']} spilled to the next")
+    decisions = gateway.router.decisions_by_reason()
+    lines.append(f"routing    {decisions['preferred']} to the preferred pool, {decisions['spill']} spilled to "
+                 f"the next, {decisions['failover']} retried elsewhere after a failure")
     lines.append("")
     lines.append("batches the gateway formed (adaptive mode: sent at once while backends are free, "
                  "gathered while they are busy)")

@@ -228,9 +228,9 @@ async def test_priority_levels_fill_batches_first():
     sent: list[list[str]] = []
 
     async def send(batch):
-        sent.append([p.request for p in batch])
+        sent.append([p.item for p in batch])
         for p in batch:
-            p.future.set_result(p.request)
+            p.future.set_result(p.item)
 
     policy = BatchingPolicy(mode="fixed", max_queue_delay_us=30_000, priority_levels=2)
     queue = BatchQueue("m", policy, max_rows=4, send=send, capacity=lambda: 1, stats=BatchStats())

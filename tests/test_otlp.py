@@ -1,57 +1,29 @@
 """Telemetry over OTLP: the gateway's metrics as a real OTLP/gRPC collector endpoint receives them.
 
-The receiver is the collector's own service definition (opentelemetry-proto's MetricsService),
-served by grpcio in a thread of its own; it keeps every ExportMetricsServiceRequest with the
-metadata it came with.
+The receiver (tests/otlp_receivers.py) is the collector's own service definition
+(opentelemetry-proto's MetricsService), served by grpcio in a thread of its own; it keeps every
+ExportMetricsServiceRequest with the metadata it came with.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import threading
 import time
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.testing import GatewayThread
+from tests.otlp_receivers import GrpcReceiver
 
 MODEL = "simple_scale"
 INTERVAL_S = 0.5
 
 
-class _Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):
-    """An OTLP/gRPC metrics endpoint on 127.0.0.1:`port` that stores what it is sent."""
-
-    def __init__(self, port: int = 0) -> None:
-        self.lock = threading.Lock()
-        self.exports: list[tuple[metrics_service_pb2.ExportMetricsServiceRequest, dict[str, str]]] = []
-        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
-        assert self.port, f"could not bind 127.0.0.1:{port}"
-        self.server.start()
-
-    def Export(self, request, context):  # noqa: N802 (the service's method name)
-        with self.lock:
-            self.exports.append((request, dict(context.invocation_metadata())))
-        return metrics_service_pb2.ExportMetricsServiceResponse()
-
-    def received(self) -> list[tuple[metrics_service_pb2.ExportMetricsServiceRequest, dict[str, str]]]:
-        with self.lock:
-            return list(self.exports)
-
-    def stop(self) -> None:
-        self.server.stop(0).wait(5)
-
-
 @pytest.fixture
 def receiver():
-    server = _Receiver()
+    server = GrpcReceiver()
     yield server
     server.stop()
 
@@ -73,7 +45,7 @@ def _counted(request, metric: str = "tensorgate.requests") -> int | None:
     return sum(counts) if counts else None
 
 
-def _wait_for_export(receiver: _Receiver, count: int, metric: str = "tensorgate.requests", timeout: float = 15.0):
+def _wait_for_export(receiver: GrpcReceiver, count: int, metric: str = "tensorgate.requests", timeout: float = 15.0):
     """The first export in which `metric` counts `count` requests of MODEL, with its metadata."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,13 +87,14 @@ def test_otlp_receiver_gets_counter_histogram_resource_and_headers(tritons, rece
         client = triton_grpc.InferenceServerClient(thread.address)
         try:
             _send(client, n)
-            # Refused in admission (model resolution and request validation, before any backend
-            # call): the pipeline's observers never see these, so they are not counted.
+            # Refused in admission (request validation, model resolution), before any backend call:
+            # counted as errors with no pool or backend; a model the fleet does not serve is
+            # reported as "_unknown", so client-chosen names cannot mint series.
             assert _refused(client, (1, 8)) == "StatusCode.INVALID_ARGUMENT"
             assert _refused(client, (1, 16), model="no_such_model") == "StatusCode.NOT_FOUND"
         finally:
             client.close()
-        request, metadata = _wait_for_export(receiver, n)
+        request, metadata = _wait_for_export(receiver, n + 1)
         assert not thread.loop_errors
 
     assert metadata.get("x-tenant") == "t1", metadata
@@ -133,26 +106,30 @@ def test_otlp_receiver_gets_counter_histogram_resource_and_headers(tritons, rece
     scopes = {sm.scope.name for rm in request.resource_metrics for sm in rm.scope_metrics}
     assert scopes == {"tensorgate"}
 
-    # The request counter: one cumulative, monotonic point, all OK, for the model's concrete version.
+    # The request counter: cumulative, monotonic; the served requests under the model's concrete
+    # version and the backend that served them, the refused ones under no backend.
     [counter] = _metrics(request, "tensorgate.requests")
     assert counter.unit == "{request}"
     assert counter.sum.is_monotonic
     assert counter.sum.aggregation_temporality == 2  # AGGREGATION_TEMPORALITY_CUMULATIVE
-    points = [p for p in counter.sum.data_points if _attributes(p)["model"] == MODEL]
-    assert len(points) == 1, [_attributes(p) for p in points]
-    attributes = _attributes(points[0])
-    assert attributes["rpc.response.status_code"] == "OK"
-    assert attributes["version"] == "1"
-    assert points[0].as_int == n
-    assert not _metrics(request, "tensorgate.errors") or all(
-        _attributes(p)["model"] != MODEL for m in _metrics(request, "tensorgate.errors") for p in m.sum.data_points)
+    by_status = {_attributes(p)["rpc.response.status_code"]: p for p in counter.sum.data_points
+                 if _attributes(p)["model"] == MODEL}
+    assert set(by_status) == {"OK", "INVALID_ARGUMENT"}, [_attributes(p) for p in counter.sum.data_points]
+    attributes = _attributes(by_status["OK"])
+    assert attributes == {"model": MODEL, "version": "1", "pool": "primary", "backend": tritons[0].grpc_address,
+                          "rpc.response.status_code": "OK"}
+    assert by_status["OK"].as_int == n
+    assert by_status["INVALID_ARGUMENT"].as_int == 1
+    assert _attributes(by_status["INVALID_ARGUMENT"])["backend"] == ""
+    [errors] = _metrics(request, "tensorgate.errors")
+    assert sorted((_attributes(p)["model"], _attributes(p)["rpc.response.status_code"], p.as_int)
+                  for p in errors.sum.data_points) == [("_unknown", "NOT_FOUND", 1), (MODEL, "INVALID_ARGUMENT", 1)]
 
     # The duration histogram: the same series, count n, buckets that add up to it.
     [duration] = _metrics(request, "tensorgate.request.duration")
     assert duration.unit == "s"
     assert duration.histogram.aggregation_temporality == 2
-    [point] = [p for p in duration.histogram.data_points if _attributes(p)["model"] == MODEL]
-    assert _attributes(point) == attributes
+    [point] = [p for p in duration.histogram.data_points if _attributes(p) == attributes]
     assert point.count == n
     assert sum(point.bucket_counts) == point.count
     assert len(point.bucket_counts) == len(point.explicit_bounds) + 1

@@ -25,7 +25,7 @@ from gateway.ext import USING_EXTENSIONS
 from gateway.ext.drift import categorical, chi_square, histogram, jensen_shannon, ks, moments, psi, wasserstein
 from gateway.ext.drift.categorical import as_raw
 from gateway.ext.drift.chi_square import chi_square_test
-from gateway.ext.drift.histogram import ABOVE, BELOW, INF, NAN, fold_tails, new_histogram, quantile_edges
+from gateway.ext.drift.histogram import ABOVE, BELOW, EXTRA_COLUMNS, INF, NAN, fold_tails, new_histogram, quantile_edges
 from gateway.ext.drift.moments import new_moments, variance
 
 KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_numpy" in the same module
@@ -105,7 +105,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
-    "ABOVE", "BELOW", "INF", "KERNELS", "NAN", "USING_EXTENSIONS",
+    "ABOVE", "BELOW", "EXTRA_COLUMNS", "INF", "KERNELS", "NAN", "USING_EXTENSIONS",
     "as_raw", "chi_square_statistic", "chi_square_table", "chi_square_test", "fold_tails",
     "jensen_shannon_distance", "jensen_shannon_table", "ks_statistic", "merge_moments", "new_histogram",
     "new_moments", "population_stability_index", "psi_table", "quantile_edges", "update_buckets",

@@ -8,6 +8,7 @@ through.
 from __future__ import annotations
 
 import logging
+import time
 
 from gateway.batching.config import BatchingConfig, BatchingPolicy
 from gateway.batching.merge import batch_key, merge, split
@@ -16,6 +17,7 @@ from gateway.batching.stats import BatchStats
 from gateway.errors import InvalidArgument
 from gateway.ext import bytes_typed_to_raw, typed_to_raw
 from gateway.routing.router import Router
+from gateway.server.exchange import Exchange
 from gateway.server.pipeline import DirectDispatcher, ModelEntry
 from gateway.server.validation import CONTENTS_FIELD
 
@@ -88,10 +90,11 @@ class BatchingDispatcher:
         self._models[key] = state
         return state
 
-    async def infer(self, entry: ModelEntry, request, deadline: float | None):
-        batching = self._batching_of(entry)
+    async def infer(self, exchange: Exchange, deadline: float | None):
+        batching = self._batching_of(exchange.entry)
         if batching is None:
-            return await self.direct.infer(entry, request, deadline)
+            return await self.direct.infer(exchange, deadline)
+        request = exchange.request
         to_raw(request)
         key = batch_key(request)
         queue = batching.queues.get(key)
@@ -99,10 +102,10 @@ class BatchingDispatcher:
             queue = self._new_queue(batching)
             batching.queues[key] = queue
         rows = request.inputs[0].shape[0] if request.inputs else 1
-        return await queue.put(request, rows, deadline, _priority(request))
+        return await queue.put(exchange, rows, deadline, _priority(request))
 
-    def infer_decoupled(self, entry: ModelEntry, request, deadline: float | None):
-        return self.direct.infer_decoupled(entry, request, deadline)
+    def infer_decoupled(self, exchange: Exchange, deadline: float | None):
+        return self.direct.infer_decoupled(exchange, deadline)
 
     def _new_queue(self, batching: _ModelBatching) -> BatchQueue:
         entry = batching.entry
@@ -112,16 +115,29 @@ class BatchingDispatcher:
             return max(1, self.router.healthy_count(entry.name, entry.version)) * per_backend
 
         async def send(batch: list[Pending]) -> None:
+            now = time.monotonic()
+            for pending in batch:
+                pending.item.queued_ns = int((now - pending.enqueued) * 1e9)
             if len(batch) == 1:  # nothing to merge: the request goes as it came
                 only = batch[0]
-                response = await self.direct.infer(entry, only.request, only.deadline)
+                only.item.batch_rows = only.rows
+                response = await self.direct.infer(only.item, only.deadline)
                 if not only.future.done():
                     only.future.set_result(response)
                 return
             rows = [p.rows for p in batch]
+            members = [p.item for p in batch]
             deadlines = [p.deadline for p in batch if p.deadline is not None]
-            merged = merge([p.request for p in batch], rows)
-            response = await self.direct.infer(entry, merged, min(deadlines) if deadlines else None)
+            merged = Exchange(entry, merge([m.request for m in members], rows), time.perf_counter_ns())
+            merged.members = members
+            merged.batch_rows = sum(rows)
+            merged.trace = next((m.trace for m in members if m.trace is not None), None)
+            try:
+                response = await self.direct.infer(merged, min(deadlines) if deadlines else None)
+            finally:
+                for member in members:
+                    member.took_batch(merged)
+                    member.batch_rows = merged.batch_rows
             for pending, single in zip(batch, split(response, rows)):
                 if not pending.future.done():
                     pending.future.set_result(single)

@@ -40,12 +40,13 @@ LATENCY_EWMA_ALPHA = 0.2
 
 
 class Pending:
-    """A request waiting in a batch queue."""
+    """A request waiting in a batch queue. `item` is what the caller queued (the batching dispatcher
+    queues the request's Exchange); the queue only reads the other fields."""
 
-    __slots__ = ("request", "rows", "future", "deadline", "enqueued")
+    __slots__ = ("item", "rows", "future", "deadline", "enqueued")
 
-    def __init__(self, request, rows: int, future: asyncio.Future, deadline: float | None, enqueued: float) -> None:
-        self.request = request
+    def __init__(self, item, rows: int, future: asyncio.Future, deadline: float | None, enqueued: float) -> None:
+        self.item = item
         self.rows = rows
         self.future = future
         self.deadline = deadline
@@ -100,7 +101,7 @@ class BatchQueue:
 
     # ---- admission -----------------------------------------------------------------------------
 
-    def put(self, request, rows: int, deadline: float | None, priority: int) -> asyncio.Future:
+    def put(self, item, rows: int, deadline: float | None, priority: int) -> asyncio.Future:
         """Queue a validated request; the returned future resolves to its own response."""
         now = self._clock()
         if self.size >= self.policy.max_queue_size:
@@ -117,7 +118,7 @@ class BatchQueue:
             )
         future = asyncio.get_running_loop().create_future()
         level = self._level(priority)
-        self._levels[level].append(Pending(request, rows, future, deadline, now))
+        self._levels[level].append(Pending(item, rows, future, deadline, now))
         self.size += 1
         self.rows += rows
         if deadline is not None:

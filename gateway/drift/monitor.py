@@ -92,30 +92,54 @@ class TensorMonitor:
         self._current: np.ndarray | None = None
         self._current_rows = 0
         self._current_started = time.monotonic()
+        # Counts of every closed sub-window since the reference was set: cumulative, so metrics
+        # collectors can take increases over any range and add them up across gateway replicas.
+        self.observed: np.ndarray | None = None
+        self.observed_since_ns = 0
 
     def __repr__(self) -> str:
         state = "learning" if self.reference is None else f"{len(self._ring)} sub-windows"
         return f"<TensorMonitor {self.kind} {self.name} {state} rows={self._current_rows}>"
+
+    def observed_buckets(self) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
+        """Per feature, (upper bounds, counts) of `observed` as a histogram with open-ended outer
+        buckets: finite values below the first edge, each bin, values above the last edge. NaN and
+        ±inf are not in it. (Bins here are [e_i, e_i+1); a histogram's bucket is (b_i-1, b_i]: a
+        value exactly on an edge lands one bucket apart, which does not matter for drift.)"""
+        observed, edges = self.observed, self.edges
+        if observed is None or edges is None:
+            return []
+        observed = observed.copy()  # read from an exporter thread while the loop may add to it
+        bins = observed.shape[1] - kernels.EXTRA_COLUMNS
+        return [
+            (tuple(map(float, edges[feature])),
+             (int(row[kernels.BELOW]), *map(int, row[:bins]), int(row[kernels.ABOVE])))
+            for feature, row in enumerate(observed)
+        ]
+
+    def _start_counting(self) -> None:
+        """A new reference: fresh sub-window, empty ring, cumulative counts from zero."""
+        self._ring.clear()
+        self._current = self._fresh()
+        self._current_rows = 0
+        self.observed = self._fresh()
+        self.observed_since_ns = time.time_ns()
 
     def set_reference(self, data: np.ndarray) -> None:
         """Bin edges from the reference's quantiles (every bin starts with mass), and its counts."""
         data = np.ascontiguousarray(data, dtype=np.float64).reshape(len(data), -1)
         self.edges = kernels.quantile_edges(data, self.config.bins)
         self.reference = kernels.update_histogram(kernels.new_histogram(self.edges), self.edges, data)
-        self._ring.clear()
-        self._current = kernels.new_histogram(self.edges)
-        self._current_rows = 0
+        self._start_counting()
 
     def set_reference_counts(self, edges: np.ndarray, counts: np.ndarray) -> None:
         self.edges = np.ascontiguousarray(edges, dtype=np.float64)
         self.reference = np.ascontiguousarray(counts, dtype=np.int64)
-        self._ring.clear()
-        self._current = kernels.new_histogram(self.edges)
-        self._current_rows = 0
+        self._start_counting()
 
     def forget_reference(self) -> None:
         """Learn the reference again from the next rows."""
-        self.edges = self.reference = self._current = None
+        self.edges = self.reference = self._current = self.observed = None
         self._ring.clear()
         self._learning.clear()
         self._learned_rows = 0
@@ -146,6 +170,7 @@ class TensorMonitor:
         if self._current_rows < self.sub_window_rows and not (timed_out and self._current_rows):
             return False
         self._ring.append(self._current)
+        self.observed += self._current
         if len(self._ring) > self.config.sub_windows:
             self._ring.pop(0)
         self._current = self._fresh()
@@ -205,9 +230,7 @@ class CategoricalMonitor(TensorMonitor):
     def set_reference_counts(self, edges: np.ndarray, counts: np.ndarray) -> None:
         self.edges = np.asarray(edges, dtype=np.float64)
         self.reference = np.ascontiguousarray(counts, dtype=np.int64)
-        self._ring.clear()
-        self._current = self._new_counts(self.reference.shape[0])
-        self._current_rows = 0
+        self._start_counting()
 
     def _fresh(self) -> np.ndarray:
         return self._new_counts(self.reference.shape[0])
@@ -215,6 +238,15 @@ class CategoricalMonitor(TensorMonitor):
     def statistics(self) -> dict[str, np.ndarray]:
         current = self.window()
         return {name: np.asarray(fn(self.reference, current)) for name, fn in CATEGORICAL_STATISTICS.items()}
+
+    def observed_buckets(self) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
+        """Per feature, the hashed category buckets as histogram buckets: bucket k below bound k."""
+        observed = self.observed
+        if observed is None:
+            return []
+        observed = observed.copy()
+        bounds = tuple(float(k) for k in range(observed.shape[1] - 1))
+        return [(bounds, tuple(map(int, row))) for row in observed]
 
 
 class ModelMonitor:

@@ -84,15 +84,16 @@ class DriftStage:
         data = data.astype(np.float32 if dtype == "FP32" else np.float64)
         return tensor_block(dtype, data.shape, data.tobytes(), config.features.get(name, ()), config.reduction.get(name, "none"))
 
-    def observer(self, entry, request, response, elapsed_ns: int, error) -> None:
+    def observer(self, exchange, response, error) -> None:
         """Pipeline observer: count the tensors of every successful request of a watched model."""
         if error is not None:
             return
+        entry = exchange.entry
         monitor = self.monitors.get(entry.name)
         if monitor is None:
             return
         try:
-            monitor.observe(request, response)
+            monitor.observe(exchange.request, response)
         except Exception:  # drift bookkeeping must never fail the request it watches
             self.observe_errors += 1
             if self.observe_errors == 1 or self.observe_errors % 1000 == 0:

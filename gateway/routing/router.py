@@ -14,8 +14,9 @@ from gateway.routing.config import ModelRoute
 from gateway.upstream.backend import Backend
 from gateway.upstream.fleet import Fleet
 
-#: Why a backend was picked; reported in routing statistics.
-PREFERRED, SPILL = "preferred", "spill"
+#: Why a backend was picked: the model's first pool had one; an earlier pool had none healthy;
+#: the backend first picked was unavailable and this is the retry; a sequence is bound to it.
+PREFERRED, SPILL, FAILOVER, STICKY = "preferred", "spill", "failover", "sticky"
 
 
 class Router:
@@ -26,7 +27,7 @@ class Router:
         self._random = rng or random.Random()
         self._tables: dict[tuple[str, str], list[list[Backend]]] = {}
         fleet.on_change(self._tables.clear)
-        self.decisions = {PREFERRED: 0, SPILL: 0}
+        self.decisions: dict[tuple[str, str], int] = {}  # (pool, reason) -> backends picked
 
     def __repr__(self) -> str:
         return f"<Router routes={'all' if self._routes is None else sorted(self._routes)} decisions={self.decisions}>"
@@ -56,18 +57,32 @@ class Router:
         """Healthy backends that serve the model, over all its pools."""
         return sum(len(candidates) for candidates in self._table(model, version))
 
-    def choose(self, model: str, version: str, exclude: Backend | None = None) -> Backend:
-        """A healthy backend for the model from its most preferred pool that has one."""
+    def decisions_by_reason(self) -> dict[str, int]:
+        """Backends picked, by reason, over all pools."""
+        totals = dict.fromkeys((PREFERRED, SPILL, FAILOVER), 0)
+        for (_, reason), count in list(self.decisions.items()):
+            totals[reason] = totals.get(reason, 0) + count
+        return totals
+
+    def choose(self, model: str, version: str, exclude: Backend | None = None) -> tuple[Backend, str]:
+        """A healthy backend for the model from its most preferred pool that has one, and why.
+
+        `exclude` is the backend that just failed the request: picking another is a failover.
+        """
         for rank, candidates in enumerate(self._table(model, version)):
             if exclude is not None:
                 candidates = [b for b in candidates if b is not exclude]
             if not candidates:
                 continue
-            self.decisions[PREFERRED if rank == 0 else SPILL] += 1
             if len(candidates) == 1:
-                return candidates[0]
-            first, second = self._random.sample(candidates, 2)
-            return first if first.outstanding <= second.outstanding else second
+                chosen = candidates[0]
+            else:
+                first, second = self._random.sample(candidates, 2)
+                chosen = first if first.outstanding <= second.outstanding else second
+            reason = FAILOVER if exclude is not None else (PREFERRED if rank == 0 else SPILL)
+            key = (chosen.pool, reason)
+            self.decisions[key] = self.decisions.get(key, 0) + 1
+            return chosen, reason
         if self.pools_of(model) is None:
             raise NotFound(f"model '{model}' is not routed by this gateway")
         pools = ", ".join(self.pools_of(model) or ())

@@ -50,7 +50,13 @@ class Gateway:
         self.telemetry = TelemetryStage(config.telemetry, self) if config.telemetry.enabled else None
         if self.telemetry is not None:
             self.pipeline.observers.append(self.telemetry.observer)
+            self.pipeline.refusal_observers.append(self.telemetry.refusal_observer)
             self.drift.hooks.append(self.telemetry.drift_hook)
+            tracing = self.telemetry.tracing
+            if tracing is not None:
+                self.pipeline.trace_starter = tracing.start
+                self.direct.traced_send = tracing.send
+                self.pipeline.observers.append(tracing.observer)
         self.inference = InferenceService(self.pipeline, self.fleet, self.catalog)
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task | None = None
@@ -122,7 +128,7 @@ class Gateway:
                             "served": b.served, "failed": b.failed}
                 for b in self.fleet.backends()
             },
-            "routing": dict(self.router.decisions),
+            "routing": {f"{pool}/{reason}": count for (pool, reason), count in sorted(self.router.decisions.items())},
             "sequences": len(self.sequences),
             "batching": self.batching.statistics(),
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},

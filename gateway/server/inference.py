@@ -153,9 +153,13 @@ class InferenceService:
 
     # ---- inference -----------------------------------------------------------------------------
 
+    def _trace_metadata(self, context):
+        """The call's metadata, read only when tracing is on (reading it costs on every request)."""
+        return context.invocation_metadata() if self.pipeline.trace_starter is not None else None
+
     async def model_infer(self, raw: bytes, context) -> bytes:
         request = _parse(pb.ModelInferRequest, raw)
-        response = await self.pipeline.infer(request, _deadline(context))
+        response = await self.pipeline.infer(request, _deadline(context), self._trace_metadata(context))
         return response.SerializeToString()
 
     async def model_stream_infer(self, request_iterator, context):
@@ -165,6 +169,7 @@ class InferenceService:
         outbox: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         deadline = _deadline(context)
+        metadata = self._trace_metadata(context)  # a stream's trace context applies to each of its requests
         done_reading = object()
 
         async def serve_one(raw: bytes) -> None:
@@ -172,7 +177,7 @@ class InferenceService:
             try:
                 request = _parse(pb.ModelInferRequest, raw)
                 request_id = request.id
-                async for response in self.pipeline.infer_stream(request, deadline):
+                async for response in self.pipeline.infer_stream(request, deadline, metadata):
                     outbox.put_nowait(pb.ModelStreamInferResponse(infer_response=response).SerializeToString())
             except GatewayError as error:
                 failure = pb.ModelStreamInferResponse(error_message=error.message)

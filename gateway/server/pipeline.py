@@ -3,10 +3,12 @@
     resolve    model name/version → ModelEntry (signature, statistics); NOT_FOUND when unknown
     validate   gateway/server/validation.py, before anything is forwarded
     dispatch   a Dispatcher: DirectDispatcher routes and sends; the batching stage wraps it
-    observe    observers see every finished request (statistics now; drift and metrics later)
+    observe    observers see every finished request's Exchange (statistics, drift, metrics, traces)
 
 The stages are seams: each later stage (batching, drift, telemetry) plugs in here without the gRPC
-handlers knowing about it.
+handlers knowing about it. An Exchange (gateway/server/exchange.py) travels with each admitted
+request and collects what the stages learn about it; requests refused before admission (unknown
+model, invalid tensors) go to `refusal_observers` instead.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Protocol
 
 from gateway.errors import GatewayError, InvalidArgument, Unavailable, Unimplemented
-from gateway.routing.router import Router
+from gateway.routing.router import STICKY, Router
 from gateway.routing.sequences import SequenceTable
+from gateway.server.exchange import Exchange
 from gateway.server.stats import ModelStats
 from gateway.server.validation import ModelSignature, validate_request
 from gateway.upstream.backend import Backend
@@ -27,7 +30,7 @@ from gateway.upstream.stream import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
 DEFAULT_SEQUENCE_IDLE_S = 60.0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: an entry is a hashable key of per-model series on the hot path
 class ModelEntry:
     """A routed model version as the hot path sees it: resolved once, then a dict lookup."""
 
@@ -37,14 +40,18 @@ class ModelEntry:
     stats: ModelStats = field(default_factory=ModelStats)
 
 
-#: An observer sees (entry, request, response or None, elapsed ns, error or None) for each request.
-Observer = Callable[[ModelEntry, object, object, int, "GatewayError | None"], None]
+#: An observer sees (exchange, response or None, error or None) once per admitted request.
+Observer = Callable[[Exchange, object, "GatewayError | None"], None]
+#: A refusal observer sees (model name, version, error, elapsed ns) of a request refused before admission.
+RefusalObserver = Callable[[str, str, GatewayError, int], None]
+#: Starts the trace of a request (or returns None when it is not sampled); see gateway/telemetry/tracing.py.
+TraceStarter = Callable[[ModelEntry, object, "tuple | None", int], object]
 
 
 class Dispatcher(Protocol):
-    async def infer(self, entry: ModelEntry, request, deadline: float | None): ...
+    async def infer(self, exchange: Exchange, deadline: float | None): ...
 
-    def infer_decoupled(self, entry: ModelEntry, request, deadline: float | None) -> AsyncIterator: ...
+    def infer_decoupled(self, exchange: Exchange, deadline: float | None) -> AsyncIterator: ...
 
     def batch_stats(self, model: str, version: str):
         """The model's BatchStats, or None when the dispatcher does not batch it."""
@@ -68,18 +75,24 @@ def sequence_of(request) -> tuple[object, bool, bool] | None:
 
 
 class DirectDispatcher:
-    """Routes each request to a backend and sends it there; retries once elsewhere on UNAVAILABLE."""
+    """Routes each request to a backend and sends it there; retries once elsewhere on UNAVAILABLE.
+
+    Notes on the exchange which backend served it, why it was picked, and how long the call took.
+    A traced exchange goes through `traced_send` (gateway/telemetry/tracing.py), which carries the
+    trace context to Triton.
+    """
 
     def __init__(self, router: Router, sequences: SequenceTable, retry_unavailable: bool = True, clock=time.monotonic):
         self.router = router
         self.sequences = sequences
         self.retry_unavailable = retry_unavailable
         self._clock = clock
+        self.traced_send: Callable | None = None
 
-    def _pick(self, entry: ModelEntry, request) -> tuple[Backend, tuple | None]:
+    def _pick(self, entry: ModelEntry, request) -> tuple[Backend, str, tuple | None]:
         sequence = sequence_of(request) if entry.signature.sequence else None
         if sequence is None:
-            return self.router.choose(entry.name, entry.version), None
+            return (*self.router.choose(entry.name, entry.version), None)
         sequence_id, start, _ = sequence
         backend = None if start else self.sequences.lookup(entry.name, sequence_id)
         if backend is not None and not backend.healthy:
@@ -88,10 +101,11 @@ class DirectDispatcher:
                 f"sequence {sequence_id!r} of model '{entry.name}' lived on backend {backend.address}, which is "
                 "no longer healthy; its state is lost: start the sequence again"
             )
-        if backend is None:
-            backend = self.router.choose(entry.name, entry.version)
-            self.sequences.bind(entry.name, sequence_id, backend, self.sequences_idle(entry))
-        return backend, sequence
+        if backend is not None:
+            return backend, STICKY, sequence
+        backend, reason = self.router.choose(entry.name, entry.version)
+        self.sequences.bind(entry.name, sequence_id, backend, self.sequences_idle(entry))
+        return backend, reason, sequence
 
     def _set_timeout(self, request, deadline: float | None) -> None:
         # Triton takes a per-request timeout (µs) as the "timeout" parameter: the client's deadline,
@@ -100,11 +114,19 @@ class DirectDispatcher:
             remaining_us = int((deadline - self._clock()) * 1e6)
             request.parameters["timeout"].int64_param = max(remaining_us, 1)
 
-    async def infer(self, entry: ModelEntry, request, deadline: float | None):
-        backend, sequence = self._pick(entry, request)
+    async def _send(self, backend: Backend, exchange: Exchange, deadline: float | None):
+        exchange.backend = backend
+        if exchange.trace is not None and self.traced_send is not None:
+            return await self.traced_send(backend, exchange, deadline)
+        return await backend.infer(exchange.request)
+
+    async def infer(self, exchange: Exchange, deadline: float | None):
+        entry, request = exchange.entry, exchange.request
+        backend, exchange.route, sequence = self._pick(entry, request)
         self._set_timeout(request, deadline)
+        exchange.upstream_started_ns = time.perf_counter_ns()
         try:
-            return await backend.infer(request)
+            return await self._send(backend, exchange, deadline)
         except Unavailable:
             retry_allowed = (
                 self.retry_unavailable
@@ -113,11 +135,12 @@ class DirectDispatcher:
             )
             if not retry_allowed:
                 raise
-            retry_backend = self.router.choose(entry.name, entry.version, exclude=backend)
+            retry_backend, exchange.route = self.router.choose(entry.name, entry.version, exclude=backend)
             if sequence is not None:
                 self.sequences.bind(entry.name, sequence[0], retry_backend, self.sequences_idle(entry))
-            return await retry_backend.infer(request)
+            return await self._send(retry_backend, exchange, deadline)
         finally:
+            exchange.upstream_ns = time.perf_counter_ns() - exchange.upstream_started_ns
             if sequence is not None and sequence[2]:
                 self.sequences.end(entry.name, sequence[0])
 
@@ -127,13 +150,17 @@ class DirectDispatcher:
     def sequences_idle(self, entry: ModelEntry) -> float:
         return entry.signature.sequence_idle_s or DEFAULT_SEQUENCE_IDLE_S
 
-    async def infer_decoupled(self, entry: ModelEntry, request, deadline: float | None):
-        backend, sequence = self._pick(entry, request)
+    async def infer_decoupled(self, exchange: Exchange, deadline: float | None):
+        entry, request = exchange.entry, exchange.request
+        backend, exchange.route, sequence = self._pick(entry, request)
+        exchange.backend = backend
         self._set_timeout(request, deadline)
+        exchange.upstream_started_ns = time.perf_counter_ns()
         try:
             async for response in backend.infer_decoupled(request):
                 yield response
         finally:
+            exchange.upstream_ns = time.perf_counter_ns() - exchange.upstream_started_ns
             if sequence is not None and sequence[2]:
                 self.sequences.end(entry.name, sequence[0])
 
@@ -146,6 +173,8 @@ class Pipeline:
         self.router = router
         self.dispatcher = dispatcher
         self.observers: list[Observer] = [self._count]
+        self.refusal_observers: list[RefusalObserver] = []
+        self.trace_starter: TraceStarter | None = None
         self._entries: dict[tuple[str, str], ModelEntry] = {}
 
     def __repr__(self) -> str:
@@ -178,52 +207,62 @@ class Pipeline:
         for key in [k for k in self._entries if not k[1]]:
             del self._entries[key]
 
-    async def _admit(self, request) -> ModelEntry:
-        """Resolve the request's model and validate the request against it."""
-        entry = await self.resolve(request.model_name, request.model_version)
-        validate_request(request, entry.signature)
+    async def _admit(self, request, started_ns: int) -> ModelEntry:
+        """Resolve the request's model and validate the request against it; a refusal is observed too."""
+        try:
+            entry = await self.resolve(request.model_name, request.model_version)
+            validate_request(request, entry.signature)
+        except GatewayError as error:
+            for observe in self.refusal_observers:
+                observe(request.model_name, request.model_version, error, time.perf_counter_ns() - started_ns)
+            raise
         return entry
 
-    def _observe(self, entry: ModelEntry, request, response, started_ns: int, error) -> None:
-        elapsed = time.perf_counter_ns() - started_ns
-        for observe in self.observers:
-            observe(entry, request, response, elapsed, error)
+    def _exchange(self, entry: ModelEntry, request, metadata, started_ns: int) -> Exchange:
+        trace = self.trace_starter(entry, request, metadata, started_ns) if self.trace_starter is not None else None
+        return Exchange(entry, request, started_ns, trace)
 
-    async def infer(self, request, deadline: float | None):
-        """One response for one request (ModelInfer)."""
+    def _observe(self, exchange: Exchange, response, error) -> None:
+        exchange.elapsed_ns = time.perf_counter_ns() - exchange.started_ns
+        for observe in self.observers:
+            observe(exchange, response, error)
+
+    async def infer(self, request, deadline: float | None, metadata=None):
+        """One response for one request (ModelInfer). `metadata`: the call's gRPC metadata (trace context)."""
         started = time.perf_counter_ns()
-        entry = await self._admit(request)
+        entry = await self._admit(request, started)
         if entry.signature.decoupled:
             # Triton answers UNIMPLEMENTED here too; the gateway says what to do instead.
             raise Unimplemented(
                 f"model '{entry.name}' is decoupled (it may send any number of responses); "
                 "use the streaming API (ModelStreamInfer) for it, not ModelInfer"
             )
-        response = await self._infer_one(entry, request, deadline, started)
+        response = await self._infer_one(self._exchange(entry, request, metadata, started), deadline)
         # The backend call rode a stream; Triton puts `triton_final_response` on stream responses only.
         if FINAL_FLAG_RESPONSE in response.parameters:
             del response.parameters[FINAL_FLAG_RESPONSE]
         return response
 
-    async def _infer_one(self, entry: ModelEntry, request, deadline: float | None, started: int):
-        client_id = request.id
+    async def _infer_one(self, exchange: Exchange, deadline: float | None):
+        client_id = exchange.request.id
         response = error = None
         try:
-            response = await self.dispatcher.infer(entry, request, deadline)
+            response = await self.dispatcher.infer(exchange, deadline)
             response.id = client_id
             return response
         except GatewayError as failure:
             error = failure
             raise
         finally:
-            self._observe(entry, request, response, started, error)
+            self._observe(exchange, response, error)
 
-    async def infer_stream(self, request, deadline: float | None):
+    async def infer_stream(self, request, deadline: float | None, metadata=None):
         """Yield every response of one request (one for ordinary models, any number if decoupled)."""
         started = time.perf_counter_ns()
-        entry = await self._admit(request)
+        entry = await self._admit(request, started)
+        exchange = self._exchange(entry, request, metadata, started)
         if not entry.signature.decoupled:
-            yield await self._infer_one(entry, request, deadline, started)
+            yield await self._infer_one(exchange, deadline)
             return
         client_id = request.id
         wants_final_flag = (
@@ -231,7 +270,7 @@ class Pipeline:
         )
         error = None
         try:
-            async for response in self.dispatcher.infer_decoupled(entry, request, deadline):
+            async for response in self.dispatcher.infer_decoupled(exchange, deadline):
                 response.id = client_id
                 if not wants_final_flag and not response.outputs:
                     # The gateway always asks the backend for the empty final response (to know
@@ -245,8 +284,8 @@ class Pipeline:
             error = failure
             raise
         finally:
-            self._observe(entry, request, None, started, error)
+            self._observe(exchange, None, error)
 
     @staticmethod
-    def _count(entry: ModelEntry, request, response, elapsed_ns: int, error) -> None:
-        entry.stats.record(error is None, elapsed_ns)
+    def _count(exchange: Exchange, response, error) -> None:
+        exchange.entry.stats.record(error is None, exchange.elapsed_ns)

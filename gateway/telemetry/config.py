@@ -23,10 +23,24 @@ class TelemetryConfig:
     """Seconds between OTLP exports."""
     otlp_insecure: bool = True
     """Plaintext gRPC to the collector (set false for TLS)."""
+    otlp_histogram: str = "explicit"
+    """Histograms over OTLP: `explicit` buckets (what a collector exporting to Prometheus reads) or
+    `exponential` (OpenTelemetry's base-2 exponential histogram, for OTLP-native backends). The
+    buckets are the same either way: powers of √2."""
+    trace_sampling_ratio: float = 0.0
+    """Fraction of requests traced (0 = tracing off, 1 = all), exported over OTLP to `otlp_endpoint`.
+    A request whose client sent a sampled W3C `traceparent` is always traced."""
+    service_name: str = "tensorgate"
+    """`service.name` of the exported metrics and spans (tell replicas apart with instance attributes
+    of your collector, or a name per deployment)."""
 
     @property
     def enabled(self) -> bool:
         return self.prometheus_port is not None or bool(self.otlp_endpoint)
+
+    @property
+    def tracing(self) -> bool:
+        return bool(self.otlp_endpoint) and self.trace_sampling_ratio > 0
 
     def validate(self, path: str) -> None:
         if self.prometheus_port is not None and not 0 <= self.prometheus_port <= 65535:
@@ -40,3 +54,13 @@ class TelemetryConfig:
                 raise ConfigError(f"{path}.otlp_headers.{name}", "expected a non-empty lower-case gRPC metadata key")
         if not self.otlp_interval_s > 0:
             raise ConfigError(f"{path}.otlp_interval_s", "expected a positive number of seconds")
+        if self.otlp_histogram not in ("explicit", "exponential"):
+            raise ConfigError(f"{path}.otlp_histogram", f"expected explicit or exponential, got {self.otlp_histogram!r}")
+        if not 0.0 <= self.trace_sampling_ratio <= 1.0:
+            raise ConfigError(f"{path}.trace_sampling_ratio",
+                              f"expected a fraction of requests from 0 to 1, got {self.trace_sampling_ratio}")
+        if self.trace_sampling_ratio > 0 and not self.otlp_endpoint:
+            raise ConfigError(f"{path}.trace_sampling_ratio",
+                              "traces are exported over OTLP: set telemetry.otlp_endpoint as well")
+        if not self.service_name:
+            raise ConfigError(f"{path}.service_name", "expected a non-empty service name")

@@ -1,23 +1,32 @@
 """The telemetry stage: OpenTelemetry metrics for the gateway, exported to Prometheus and/or OTLP.
 
-The hot path never calls the SDK. `observer` (a Pipeline observer) bumps local counters
-(gateway/telemetry/aggregates.py); `drift_hook` counts drift alerts. At collection time:
+The hot path never calls the SDK. `observer` (a Pipeline observer) and `refusal_observer` bump
+local counters (gateway/telemetry/aggregates.py); `drift_hook` counts drift alerts. At collection:
 
-    tensorgate.requests            counter    {request}  model, version, rpc.response.status_code
-    tensorgate.errors              counter    {request}  the same, status != OK only
-    tensorgate.request.duration    histogram  s          the same (request latency in the gateway)
-    tensorgate.backend.healthy     gauge      1/0        backend, pool
-    tensorgate.backend.outstanding gauge      {request}  backend, pool
-    tensorgate.batch.size          gauge      {row}      model, version  (mean rows per batch)
-    tensorgate.batching.queue_delay gauge     s          model, version  (mean queue delay)
-    tensorgate.drift.statistic     gauge      1          model, tensor, feature, statistic (last window)
-    tensorgate.drift.alerts        counter    {alert}    model, tensor, statistic, level
+    tensorgate.requests                 counter    {request}  model, version, pool, backend, rpc.response.status_code
+    tensorgate.errors                   counter    {request}  the same, status != OK only
+    tensorgate.request.duration         histogram  s          the same (arrival → response, in the gateway)
+    tensorgate.backend.duration         histogram  s          model, version, pool, backend (the backend call)
+    tensorgate.batching.queue.duration  histogram  s          model, version (time waiting for a batch)
+    tensorgate.batch.size               histogram  {row}      model, version (rows per batch sent upstream)
+    tensorgate.batching.queue.depth     gauge      {request}  model, version (waiting now)
+    tensorgate.backend.inflight         gauge      {request}  backend, pool
+    tensorgate.backend.healthy          gauge      1          backend, pool (1 in rotation, 0 out)
+    tensorgate.routing.decisions        counter    {decision} pool, reason (preferred, spill, failover)
+    tensorgate.drift.statistic          gauge      1          model, tensor, feature, statistic (last window)
+    tensorgate.drift.alerts             counter    {alert}    model, tensor, statistic, level
+    tensorgate.drift.observations       histogram  1          model, tensor, feature (values counted in the
+                                                              drift bins since the reference was set)
 
 Counters and gauges are observable instruments (callbacks yield Observations). The SDK (1.45) has no
-MetricProducer and no observable histogram, so the histogram is added to each collection by the
-readers below (`_receive_metrics`, the seam every MetricReader implements) as cumulative data.
-Duration is per inference request (one of many on a ModelStreamInfer stream), not per gRPC call,
-hence a tensorgate.* name rather than the semantic conventions' rpc.server.call.duration.
+MetricProducer and no observable histogram, so the histograms are added to each collection by the
+readers below (`_receive_metrics`, the seam every MetricReader implements) as cumulative data:
+explicit buckets for Prometheus, explicit or exponential (`otlp_histogram`) for OTLP.
+Durations are per inference request (one of many on a ModelStreamInfer stream), not per gRPC call,
+hence tensorgate.* names rather than the semantic conventions' rpc.server.call.duration; the status
+attribute follows them (`rpc.response.status_code`). Requests refused before reaching the pipeline's
+dispatch (unknown model, invalid tensors) count with pool and backend empty; a model name
+(or version) the fleet does not know is reported as `_unknown`, so clients cannot mint new series.
 
 Exporters run off the event loop: Prometheus in prometheus_client's HTTP server thread, OTLP in
 the PeriodicExportingMetricReader's thread; a collector that is down never slows a request.
@@ -27,13 +36,14 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from typing import Callable, Iterable
 
-import grpc
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
+    ExponentialHistogram,
     Histogram,
     HistogramDataPoint,
     Metric,
@@ -46,8 +56,9 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from gateway.telemetry.aggregates import BOUNDS_S, OK, RequestAggregates
+from gateway.telemetry.aggregates import OK, UNKNOWN, RequestAggregates, SeriesSnapshot
 from gateway.telemetry.config import TelemetryConfig
+from gateway.telemetry.histogram import DURATION_BOUNDS_S, DURATION_FIRST_INDEX, explicit_point, exponential_point
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +79,13 @@ def _retrying(read: Callable[[], Iterable[Observation]]) -> list[Observation]:
 class _Producing:
     """Mixin for MetricReaders: append the stage's own metrics (the histogram) to each collection."""
 
-    _produce: Callable[[], list[Metric]]
+    _produce: Callable[[bool], list[Metric]]
     _resource: Resource
+    _exponential = False  # explicit buckets unless the reader's consumer merges exponential ones
 
     def _receive_metrics(self, metrics_data: MetricsData | None, timeout_millis: float = 10_000, **kwargs) -> None:
         try:
-            extra = self._produce()
+            extra = self._produce(self._exponential)
         except Exception:
             log.exception("telemetry: producing the request histogram failed")
             extra = []
@@ -110,8 +122,13 @@ class _PeriodicReader(_Producing, PeriodicExportingMetricReader):
     pass
 
 
+#: Batch size bounds, rows: 1, 2, 4, ... 32768 (Triton's max_batch_size rarely exceeds a few thousand).
+BATCH_ROW_BOUNDS = tuple(float(2**k) for k in range(16))
+
+
 class TelemetryStage:
-    """Metrics of one gateway. `observer` goes in Pipeline.observers, `drift_hook` in DriftStage.hooks."""
+    """Metrics of one gateway. `observer` goes in Pipeline.observers, `refusal_observer` in
+    Pipeline.refusal_observers, `drift_hook` in DriftStage.hooks."""
 
     def __init__(self, config: TelemetryConfig, gateway=None) -> None:
         self.config = config
@@ -121,24 +138,52 @@ class TelemetryStage:
         self.observe_errors = 0
         self.prometheus_port: int | None = None
         self._start_ns = time.time_ns()
-        self._resource = Resource.create({"service.name": "tensorgate"})
+        self._resource = Resource.create({"service.name": config.service_name})
         self._readers: list[MetricReader] = []
         self._http_server = None
         self._provider: MeterProvider | None = None
+        self.tracing = None
+        if config.tracing:
+            from gateway.telemetry.tracing import Tracing
+
+            self.tracing = Tracing(config, self._resource)
 
     def __repr__(self) -> str:
         return f"<TelemetryStage {self.aggregates!r} prometheus_port={self.prometheus_port} otlp={self.config.otlp_endpoint!r}>"
 
     # -- hot path ---------------------------------------------------------------------------
 
-    def observer(self, entry, request, response, elapsed_ns: int, error) -> None:
-        """Pipeline observer: a dict lookup and a few int increments per request."""
+    def _failed(self, what: str) -> None:
+        self.observe_errors += 1
+        if self.observe_errors == 1 or self.observe_errors % 1000 == 0:
+            log.exception("telemetry %s failed (%d times)", what, self.observe_errors)
+
+    def observer(self, exchange, response, error) -> None:
+        """Pipeline observer: a dict lookup and a few int increments per histogram."""
         try:
-            self.aggregates.record(entry.name, entry.version, OK if error is None else error.code, elapsed_ns)
+            self.aggregates.record(exchange, OK if error is None else error.code)
         except Exception:  # metrics must never fail the request they count
-            self.observe_errors += 1
-            if self.observe_errors == 1 or self.observe_errors % 1000 == 0:
-                log.exception("telemetry observer failed (%d times)", self.observe_errors)
+            self._failed("observer")
+
+    def refusal_observer(self, model: str, version: str, error, elapsed_ns: int) -> None:
+        """Pipeline refusal observer: requests refused before admission count as errors too, under
+        their model and version only when the fleet knows them — client-chosen names must not
+        mint new series — else under `_unknown`."""
+        try:
+            known = self._known_models()
+            if not any(name == model for name, _ in known):
+                model, version = UNKNOWN, ""
+            elif version and (model, version) not in known:
+                version = UNKNOWN
+            self.aggregates.record_refusal(model, version, error.code, elapsed_ns)
+        except Exception:
+            self._failed("refusal observer")
+
+    def _known_models(self) -> set:
+        router, fleet = getattr(self.gateway, "router", None), getattr(self.gateway, "fleet", None)
+        if fleet is None:
+            return set()
+        return {(name, version) for name, version in fleet.known_models() if router is None or router.routes(name)}
 
     def drift_hook(self, alert: dict) -> None:
         """DriftStage hook: count alerts by model, tensor, statistic and level."""
@@ -160,29 +205,38 @@ class TelemetryStage:
     def _backend_healthy(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(1 if b.healthy else 0, {"backend": b.address, "pool": b.pool}) for b in self._backends()]
 
-    def _backend_outstanding(self, options: CallbackOptions) -> Iterable[Observation]:
+    def _backend_inflight(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(b.outstanding, {"backend": b.address, "pool": b.pool}) for b in self._backends()]
 
-    def _batching(self) -> list[tuple[dict, dict]]:
+    def _routing_decisions(self, options: CallbackOptions) -> Iterable[Observation]:
+        router = getattr(self.gateway, "router", None)
+        if router is None:
+            return []
+        return [Observation(count, {"pool": pool, "reason": reason})
+                for (pool, reason), count in _retrying(lambda: router.decisions.items())]
+
+    def _batching(self) -> list[tuple[dict, object, int]]:
+        """(attributes, BatchStats, requests waiting) of every batched model version."""
         batching = getattr(self.gateway, "batching", None)
         if batching is None:
             return []
         out = []
-        for key, snapshot in _retrying(lambda: batching.statistics().items()):
-            model, _, version = key.rpartition(":")
-            out.append(({"model": model, "version": version}, snapshot))
+        for (name, version), state in _retrying(lambda: batching._models.items()):
+            if state is not None:
+                waiting = sum(queue.size for queue in list(state.queues.values()))
+                out.append(({"model": name, "version": version}, state.stats, waiting))
         return out
 
-    def _batch_size(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(s["mean_batch_rows"], attrs) for attrs, s in self._batching()]
+    def _queue_depth(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(waiting, attributes) for attributes, _, waiting in self._batching()]
 
-    def _queue_delay(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(s["mean_queue_delay_us"] / 1e6, attrs) for attrs, s in self._batching()]
+    def _monitors(self) -> list:
+        drift = getattr(self.gateway, "drift", None)
+        return list(getattr(drift, "monitors", {}).items())
 
     def _drift_statistics(self, options: CallbackOptions) -> Iterable[Observation]:
-        drift = getattr(self.gateway, "drift", None)
         out = []
-        for model, monitor in list(getattr(drift, "monitors", {}).items()):
+        for model, monitor in self._monitors():
             report = monitor.last_report
             for feature in (report or {}).get("features", ()):
                 for statistic, value in feature["statistics"].items():
@@ -196,31 +250,84 @@ class TelemetryStage:
             for (m, t, s, level), count in list(self.drift_alerts.items())
         ]
 
-    def produce(self) -> list[Metric]:
-        """The request-duration histogram, cumulative since start, from the local aggregates."""
-        now = time.time_ns()
-        points = [
-            HistogramDataPoint(
-                attributes=s.attributes, start_time_unix_nano=self._start_ns, time_unix_nano=now,
-                count=s.count, sum=s.sum_s, bucket_counts=s.bucket_counts, explicit_bounds=BOUNDS_S,
-                min=s.min_s, max=s.max_s,
-            )
-            for s in self.aggregates.snapshot() if s.count
-        ]
+    # -- histograms, built at collection ----------------------------------------------------
+
+    def _duration_metric(self, name: str, description: str, series: list[SeriesSnapshot], exponential: bool,
+                         now: int) -> list[Metric]:
+        if exponential:
+            points = [exponential_point(s.attributes, s.bucket_counts, s.sum_s, s.min_s, s.max_s,
+                                        DURATION_FIRST_INDEX, self._start_ns, now) for s in series if s.count]
+            data = ExponentialHistogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
+        else:
+            points = [explicit_point(s.attributes, s.bucket_counts, s.sum_s, s.min_s, s.max_s, DURATION_BOUNDS_S,
+                                     self._start_ns, now) for s in series if s.count]
+            data = Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
+        return [Metric(name=name, description=description, unit="s", data=data)] if points else []
+
+    def _batch_size_metric(self, now: int) -> list[Metric]:
+        points = []
+        for attributes, stats, _ in self._batching():
+            sizes = dict(_retrying(lambda: stats.batch_sizes.items()))
+            if not sizes:
+                continue
+            counts = [0] * (len(BATCH_ROW_BOUNDS) + 1)
+            for rows, batches in sizes.items():
+                counts[bisect_left(BATCH_ROW_BOUNDS, rows)] += batches
+            points.append(explicit_point(attributes, tuple(counts), float(sum(r * n for r, n in sizes.items())),
+                                         float(min(sizes)), float(max(sizes)), BATCH_ROW_BOUNDS, self._start_ns, now))
         if not points:
             return []
-        return [Metric(
-            name="tensorgate.request.duration",
-            description="Time from a request's arrival in the gateway's pipeline to its response or error.",
-            unit="s",
-            data=Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE),
-        )]
+        return [Metric(name="tensorgate.batch.size", unit="{row}",
+                       description="Rows per batch the gateway sent upstream (requests merged by its batching).",
+                       data=Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE))]
+
+    def _drift_observation_metric(self, now: int) -> list[Metric]:
+        """Each monitored feature's bin counts since its reference was set, as a histogram whose
+        bounds are the drift bin edges: replicas sharing a reference profile add up bucket by bucket."""
+        points = []
+        for model, monitor in self._monitors():
+            for (kind, name), tensor in list(monitor.tensors.items()):
+                since = tensor.observed_since_ns
+                for feature, (bounds, counts) in enumerate(tensor.observed_buckets()):
+                    total = sum(counts)
+                    if not total:
+                        continue
+                    label = monitor._feature_label(tensor, feature)
+                    attributes = {"model": model, "tensor": f"{kind}/{name}", "feature": str(label)}
+                    points.append(HistogramDataPoint(
+                        attributes=attributes, start_time_unix_nano=since, time_unix_nano=now, count=total,
+                        sum=0.0, bucket_counts=counts, explicit_bounds=bounds, min=0.0, max=0.0))
+        if not points:
+            return []
+        return [Metric(name="tensorgate.drift.observations", unit="1",
+                       description="Values counted in each drift bin since the reference was set (sum, min and "
+                                   "max are not tracked and read 0).",
+                       data=Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE))]
+
+    def produce(self, exponential: bool = False) -> list[Metric]:
+        """Every histogram, cumulative since start, from the local aggregates and stage state."""
+        now = time.time_ns()
+        aggregates = self.aggregates
+        return [
+            *self._duration_metric("tensorgate.request.duration",
+                                   "Time from a request's arrival in the gateway to its response or error.",
+                                   aggregates.snapshot(), exponential, now),
+            *self._duration_metric("tensorgate.backend.duration",
+                                   "Time of the backend call that served a request (its batch's call when batched).",
+                                   aggregates.backend_time.snapshot(), exponential, now),
+            *self._duration_metric("tensorgate.batching.queue.duration",
+                                   "Time a request waited in the gateway's batch queue.",
+                                   aggregates.queue_time.snapshot(), exponential, now),
+            *self._batch_size_metric(now),
+            *self._drift_observation_metric(now),
+        ]
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def _reader_setup(self, reader: _Producing) -> _Producing:
+    def _reader_setup(self, reader: _Producing, exponential: bool = False) -> _Producing:
         reader._produce = self.produce
         reader._resource = self._resource
+        reader._exponential = exponential
         return reader
 
     def start(self) -> None:
@@ -242,23 +349,23 @@ class TelemetryStage:
             exporter = OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=config.otlp_insecure,
                                           headers=dict(config.otlp_headers) or None)
             reader = _PeriodicReader(exporter, export_interval_millis=config.otlp_interval_s * 1e3)
-            self._readers.append(self._reader_setup(reader))
+            self._readers.append(self._reader_setup(reader, exponential=config.otlp_histogram == "exponential"))
             log.info("telemetry: OTLP metrics to %s every %.1f s", config.otlp_endpoint, config.otlp_interval_s)
         # Our own provider, not the global one: the gateway is a library too, and tests run several.
         self._provider = MeterProvider(metric_readers=self._readers, resource=self._resource)
         meter = self._provider.get_meter("tensorgate")
         meter.create_observable_counter("tensorgate.requests", [self._requests], unit="{request}",
-                                        description="Inference requests finished, by model, version and status.")
+                                        description="Inference requests finished, by model, version, backend and status.")
         meter.create_observable_counter("tensorgate.errors", [self._errors], unit="{request}",
                                         description="Inference requests that failed, by gRPC status.")
         meter.create_observable_gauge("tensorgate.backend.healthy", [self._backend_healthy], unit="1",
                                       description="1 while the backend is in rotation, else 0.")
-        meter.create_observable_gauge("tensorgate.backend.outstanding", [self._backend_outstanding],
+        meter.create_observable_gauge("tensorgate.backend.inflight", [self._backend_inflight],
                                       unit="{request}", description="Requests sent to the backend, not yet answered.")
-        meter.create_observable_gauge("tensorgate.batch.size", [self._batch_size], unit="{row}",
-                                      description="Mean rows per batch sent upstream by the gateway's batching.")
-        meter.create_observable_gauge("tensorgate.batching.queue_delay", [self._queue_delay], unit="s",
-                                      description="Mean time a request waited in the gateway's batch queue.")
+        meter.create_observable_counter("tensorgate.routing.decisions", [self._routing_decisions], unit="{decision}",
+                                        description="Backends picked, by pool and why (preferred, spill, failover).")
+        meter.create_observable_gauge("tensorgate.batching.queue.depth", [self._queue_depth], unit="{request}",
+                                      description="Requests waiting in the gateway's batch queues.")
         meter.create_observable_gauge("tensorgate.drift.statistic", [self._drift_statistics], unit="1",
                                       description="Drift statistic of the last evaluated window, per feature.")
         meter.create_observable_counter("tensorgate.drift.alerts", [self._drift_alert_counts], unit="{alert}",
@@ -273,3 +380,6 @@ class TelemetryStage:
             # Final OTLP export, bounded: an unreachable collector must not hold up shutdown for long.
             self._provider.shutdown(timeout_millis=2_000)
             self._provider = None
+        if self.tracing is not None:
+            self.tracing.close()
+            self.tracing = None

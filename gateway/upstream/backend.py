@@ -11,7 +11,7 @@ from typing import Callable
 import grpc
 
 from gateway.errors import BackendError, DeadlineExceeded, Unavailable
-from gateway.protocol import INFERENCE_SERVICE
+from gateway.protocol import INFERENCE_SERVICE, pb
 from gateway.upstream.config import UpstreamConfig
 from gateway.upstream.stream import InferStream, StreamClosed
 
@@ -140,6 +140,20 @@ class Backend:
             self.outstanding -= 1
             if entry is not None and not entry.future.done():
                 stream.forget(request.id)
+
+    async def infer_unary(self, request, timeout: float | None, metadata=None):
+        """Send one ModelInferRequest as its own unary call (with call metadata, e.g. trace context,
+        which the shared stream cannot carry per request); return its ModelInferResponse."""
+        self.outstanding += 1
+        try:
+            response = await self.call("ModelInfer", request, pb.ModelInferResponse, timeout, metadata)
+            self.served += 1
+            return response
+        except BackendError:
+            self.failed += 1
+            raise
+        finally:
+            self.outstanding -= 1
 
     async def infer_decoupled(self, request):
         """Send one request to a decoupled model; yield each ModelInferResponse as it arrives.
