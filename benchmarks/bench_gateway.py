@@ -1,6 +1,6 @@
 """End-to-end benchmark: the gateway against direct Triton and a bare grpc.aio echo server, one run.
 
-    python benchmarks/bench_gateway.py [--quick] [--only issue2|batching|drift] [--json OUT]
+    python benchmarks/bench_gateway.py [--quick] [--only issue2|batching|drift|telemetry] [--json OUT]
                                        [--batching JSON] [--gateway-env NAME=VALUE ...]
 
 `--gateway-env` sets variables in the gateway processes alone, for gRPC settings that only the
@@ -34,6 +34,14 @@ issue 4 (`--only drift`), on `simple_scale`, 64 in flight: the batching gateway 
   learned its reference and is evaluating windows before anything is measured. Reports each
   gateway's CPU µs per request and the ratio on ÷ off (target ≤ 1.05), with req/s and batch sizes.
 
+issue 5 (`--only telemetry`), on `simple_scale`, 64 in flight: the batching gateway (default
+  batching config, telemetry off) against a gateway with the SAME config plus metrics and traces:
+  TELEMETRY_CONFIG — a Prometheus endpoint scraped once a second by this script, OTLP metrics
+  pushed every second and spans at a 1 % sampling ratio, both to an OTLP/gRPC receiver running
+  as a process of its own (`python -m gateway.bench.otlp_receiver`, its CPU not counted). Reports
+  each gateway's CPU µs per request (exporter threads included) and the ratio on ÷ off (target
+  ≤ 1.05), with req/s.
+
 Prints medians over rounds (min–max in brackets) of the per-round ratios, each next to its target.
 Client, gateways and Triton share this machine's cores, so absolute figures move with the machine;
 the ratios, measured back to back against the same Triton, are what to compare.
@@ -62,7 +70,12 @@ from gateway.local.triton import LocalTriton, default_model_repository, find_fre
 MODEL = "simple_scale"
 ROWS, COLS = 1, 16
 HIGH_CONCURRENCY = 64
-SECTIONS = ("issue2", "batching", "drift")
+SECTIONS = ("issue2", "batching", "drift", "telemetry")
+# The telemetry section's gateway: every exporter on, more often than their defaults (OTLP every
+# 10 s, Prometheus as often as it is scraped), and traces at the issue's 1 %. "{otlp}" and
+# "{metrics_port}" are filled in when the receiver and the gateway's port are known.
+TELEMETRY_CONFIG = {"prometheus_port": "{metrics_port}", "prometheus_host": "127.0.0.1", "otlp_endpoint": "{otlp}",
+                    "otlp_interval_s": 1.0, "trace_sampling_ratio": 0.01}
 # Requests sent through each drift-section gateway before measuring: more than the drift
 # reference's learn_rows (5000 by default), so the measured window is steady-state monitoring.
 DRIFT_PRIME_REQUESTS = 8000
@@ -86,6 +99,8 @@ TARGETS = {
     "scale_vs_dynbatch": (">=", 1.0),
     "drift_cpu_ratio": ("<=", 1.05),
     "drift_rps_ratio": None,
+    "telemetry_cpu_ratio": ("<=", 1.05),
+    "telemetry_rps_ratio": None,
 }
 # Reference points from DESIGN.md ("What a Python hop costs"), a naive grpc.aio pass-through proxy.
 NAIVE_PROXY = {
@@ -135,6 +150,34 @@ def _stop(proc: subprocess.Popen | None) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class _Scraper:
+    """Scrapes a Prometheus endpoint once a second from a thread, as a Prometheus server would."""
+
+    def __init__(self, url: str, interval: float = 1.0) -> None:
+        import threading
+
+        self.url, self.interval = url, interval
+        self.scrapes = self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.wait(self.interval):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    response.read()
+                self.scrapes += 1
+            except OSError:
+                self.failures += 1  # the gateway is not up yet, or gone
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 def _wait_serving(target: str, what: str, model: str = MODEL, timeout: float = 60.0) -> None:
@@ -225,6 +268,8 @@ def _plan(sections: list[str]) -> list[Run]:
             ]
     if "drift" in sections:
         runs += [Run("batchgw", MODEL, HIGH_CONCURRENCY), Run("driftgw", MODEL, HIGH_CONCURRENCY)]
+    if "telemetry" in sections:
+        runs += [Run("batchgw", MODEL, HIGH_CONCURRENCY), Run("telgw", MODEL, HIGH_CONCURRENCY)]
     unique: dict[str, Run] = {}
     for run in runs:
         unique.setdefault(run.label, run)
@@ -248,7 +293,7 @@ def _round(index: int, plan: list[Run], addresses: dict[str, str], pids: dict[st
     order = list(reversed(plan)) if index % 2 else plan
     results, batch = {}, {}
     for run in order:
-        watch = [pids[run.target]] if run.target in ("echo", "gateway", "batchgw", "driftgw") else []
+        watch = [pids[run.target]] if run.target in ("echo", "gateway", "batchgw", "driftgw", "telgw") else []
         if run.target != "echo":
             watch += triton_pids
         before = stats.counts(run.model) if run.target != "echo" else None
@@ -353,6 +398,19 @@ def _figures(sections: list[str], results: dict[str, LoadResult], batch: dict[st
             "drift_on_batch": batch[on_label],
             "drift_off_p50_ms": off.p50_ms,
             "drift_on_p50_ms": on.p50_ms,
+        })
+    if "telemetry" in sections:
+        (off, off_label), (on, on_label) = get("batchgw", MODEL), get("telgw", MODEL)
+        off_cpu, on_cpu = off.cpu_us_per_request(pids["batchgw"]), on.cpu_us_per_request(pids["telgw"])
+        figures.update({
+            "telemetry_off_cpu_us": off_cpu,
+            "telemetry_on_cpu_us": on_cpu,
+            "telemetry_cpu_ratio": on_cpu / off_cpu,
+            "telemetry_off_rps": off.rps,
+            "telemetry_on_rps": on.rps,
+            "telemetry_rps_ratio": on.rps / off.rps,
+            "telemetry_off_p50_ms": off.p50_ms,
+            "telemetry_on_p50_ms": on.p50_ms,
         })  # fmt: skip
     figures["errors"] = sum(r.errors for r in results.values())
     return figures
@@ -473,6 +531,24 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
             f"context (medians): Triton mean batch {med('drift_off_batch', '.2f')} off, {med('drift_on_batch', '.2f')} on; "
             f"p50 {med('drift_off_p50_ms', '.2f')} ms off, {med('drift_on_p50_ms', '.2f')} ms on"
         )  # fmt: skip
+    if "telemetry" in sections:
+        if lines:
+            lines.append("")
+        body = []
+        for title, base, subject, key, fmt in (
+            ("(f) gateway CPU µs/request, telemetry on ÷ off", f"{med('telemetry_off_cpu_us', '.0f')} µs",
+             f"{med('telemetry_on_cpu_us', '.0f')} µs", "telemetry_cpu_ratio", ".3f"),
+            ("    requests/s, telemetry on ÷ off (info)", f"{med('telemetry_off_rps', ',.0f')} req/s",
+             f"{med('telemetry_on_rps', ',.0f')} req/s", "telemetry_rps_ratio", ".3f"),
+        ):  # fmt: skip
+            target, verdict = _verdict(key, summary[key]["median"])
+            body.append((title, base, subject, f"×{spread(key, fmt)}", target, verdict))
+        lines.append(f"issue 5 — {MODEL}, {HIGH_CONCURRENCY} in flight, two gateways with the default batching config, "
+                     f"one adding telemetry: {json.dumps(TELEMETRY_CONFIG)} (Prometheus scraped every 1 s)")  # fmt: skip
+        lines += _render(("measure", "telemetry off", "telemetry on", "ratio", "target", ""), body)
+        lines.append("")
+        lines.append(f"context (medians): p50 {med('telemetry_off_p50_ms', '.2f')} ms off, "
+                     f"{med('telemetry_on_p50_ms', '.2f')} ms on")
     return "\n".join(lines)
 
 
@@ -502,7 +578,7 @@ def _machine() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s per measurement")
-    parser.add_argument("--only", choices=SECTIONS, help="run one section: issue2 (a–c), batching (d) or drift (e); default all")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section: issue2 (a–c), batching (d), drift (e) or telemetry (f); default all")
     parser.add_argument("--rounds", type=int, help="rounds, alternating order (default 3, --quick 1)")
     parser.add_argument("--seconds", type=float, help="measured seconds per run (default 4, --quick 2)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds before each window (default 1, --quick 0.5)")
@@ -521,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = _plan(sections)
 
     workdir = Path(tempfile.mkdtemp(prefix="tensorgate-bench-"))
-    triton = stats = None
+    triton = stats = scraper = None
     procs: dict[str, subprocess.Popen] = {}
     gateway_configs: dict[str, dict] = {}
     try:
@@ -530,8 +606,18 @@ def main(argv: list[str] | None = None) -> int:
         addresses = {"direct": triton.grpc_address}
         roles = {run.target for run in plan}
         batching_on = json.loads(args.batching) if args.batching else None
+        telemetry = None
+        if "telgw" in roles:
+            procs["otlp"] = _spawn([sys.executable, "-m", "gateway.bench.otlp_receiver"], workdir / "otlp.log",
+                                   "otlp receiver on")  # fmt: skip
+            otlp = (workdir / "otlp.log").read_text().split("otlp receiver on ", 1)[1].split()[0]
+            metrics_port = find_free_port()
+            telemetry = {key: (value.format(otlp=otlp, metrics_port=metrics_port) if isinstance(value, str) else value)
+                         for key, value in TELEMETRY_CONFIG.items()}  # fmt: skip
+            telemetry["prometheus_port"] = metrics_port
+            scraper = _Scraper(f"http://127.0.0.1:{metrics_port}/metrics")
         for role, batching, drift in (("gateway", {"default": {"enabled": False}}, None), ("batchgw", batching_on, None),
-                                      ("driftgw", batching_on, DRIFT_CONFIG)):  # fmt: skip
+                                      ("driftgw", batching_on, DRIFT_CONFIG), ("telgw", batching_on, None)):  # fmt: skip
             if role not in roles:
                 continue
             port = find_free_port()
@@ -542,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
                 config["batching"] = batching
             if drift is not None:
                 config["drift"] = drift
+            if role == "telgw":
+                config["telemetry"] = telemetry
             gateway_configs[role] = config
             path = workdir / f"{role}.yaml"
             path.write_text(json.dumps(config))  # JSON is YAML
@@ -578,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
             per_round.append(_figures(sections, results, batch, pids, triton_pids))
         summary = _summarize(per_round)
     finally:
+        if scraper is not None:
+            scraper.stop()
+            print(f"scraped the telemetry gateway's /metrics {scraper.scrapes} times ({scraper.failures} failed)")
         if stats is not None:
             stats.close()
         for proc in procs.values():

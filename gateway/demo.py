@@ -143,6 +143,16 @@ def _summary(gateway: Gateway, tally: Tally, seconds: float, pools: dict[str, Lo
     return "\n".join(lines)
 
 
+def _bucket_quantile(cumulative: dict[float, float], q: float) -> str:
+    """Upper bound of the bucket holding quantile q of a cumulative histogram ({le: count})."""
+    ordered = sorted(cumulative.items())
+    total = ordered[-1][1] if ordered else 0
+    for bound, count in ordered:
+        if total and count >= q * total:
+            return "inf" if bound == float("inf") else f"{bound * 1e3:.2f}ms"
+    return "-"
+
+
 def _from_metrics(port: int) -> str:
     """The same run as the gateway's own metrics endpoint reports it (what Prometheus would scrape)."""
     import urllib.request
@@ -152,27 +162,41 @@ def _from_metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     requests: dict[str, float] = collections.Counter()
-    buckets: dict[str, dict[float, float]] = collections.defaultdict(lambda: collections.Counter())
+    errors: dict[str, float] = collections.Counter()
+    histograms = {name: collections.defaultdict(collections.Counter) for name in ("request", "backend", "queue")}
+    batch_rows: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])  # model -> [sum, count]
+    decisions: dict[str, float] = collections.Counter()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            model = sample.labels.get("model")
-            if sample.name == "tensorgate_requests_total" and model:
+            model, name = sample.labels.get("model"), sample.name
+            if name == "tensorgate_requests_total" and model:
                 requests[model] += sample.value
-            elif sample.name == "tensorgate_request_duration_seconds_bucket" and model:
-                buckets[model][float(sample.labels["le"])] += sample.value
-    lines = ["", f"from the gateway's metrics (http://127.0.0.1:{port}/metrics):",
-             f"{'model':<16}{'requests':>10}{'p50 ≤':>10}{'p99 ≤':>10}   (upper bound of the histogram bucket)"]
+            elif name == "tensorgate_errors_total" and model:
+                errors[model] += sample.value
+            elif name == "tensorgate_routing_decisions_total":
+                decisions[f"{sample.labels['pool']}/{sample.labels['reason']}"] += sample.value
+            elif name == "tensorgate_batch_size_sum" and model:
+                batch_rows[model][0] += sample.value
+            elif name == "tensorgate_batch_size_count" and model:
+                batch_rows[model][1] += sample.value
+            else:
+                for key, metric in (("request", "tensorgate_request_duration_seconds_bucket"),
+                                    ("backend", "tensorgate_backend_duration_seconds_bucket"),
+                                    ("queue", "tensorgate_batching_queue_duration_seconds_bucket")):
+                    if name == metric and model:
+                        histograms[key][model][float(sample.labels["le"])] += sample.value
+    lines = ["", f"from the gateway's metrics (http://127.0.0.1:{port}/metrics; quantiles are bucket upper bounds):",
+             f"{'model':<16}{'requests':>10}{'errors':>8}{'p50 ≤':>11}{'p99 ≤':>11}{'backend p50':>13}"
+             f"{'queue p50':>11}{'rows/batch':>12}"]
     for model in sorted(requests):
-        cumulative = sorted(buckets[model].items())
-        total = cumulative[-1][1] if cumulative else 0
-
-        def quantile(q: float) -> str:
-            for bound, count in cumulative:
-                if total and count >= q * total:
-                    return "inf" if bound == float("inf") else f"{bound * 1e3:.1f}ms"
-            return "-"
-
-        lines.append(f"{model:<16}{int(requests[model]):>10}{quantile(0.5):>10}{quantile(0.99):>10}")
+        rows, batches = batch_rows[model]
+        lines.append(
+            f"{model:<16}{int(requests[model]):>10}{int(errors[model]):>8}"
+            f"{_bucket_quantile(histograms['request'][model], 0.5):>11}{_bucket_quantile(histograms['request'][model], 0.99):>11}"
+            f"{_bucket_quantile(histograms['backend'][model], 0.5):>13}{_bucket_quantile(histograms['queue'][model], 0.5):>11}"
+            f"{(f'{rows / batches:.1f}' if batches else '-'):>12}"
+        )
+    lines.append("routing decisions: " + ", ".join(f"{key} {int(count)}" for key, count in sorted(decisions.items())))
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.testing import GatewayThread
-from tests.otlp_receivers import GrpcReceiver
+from gateway.bench.otlp_receiver import GrpcReceiver
 
 MODEL = "simple_scale"
 INTERVAL_S = 0.5
@@ -166,3 +166,39 @@ def test_collector_going_away_mid_run_never_slows_requests(tritons, receiver):
         started = time.monotonic()
         thread.stop()  # includes the final, bounded OTLP export to the collector that is gone
     assert time.monotonic() - started < 10
+
+
+def test_otlp_exponential_histograms_carry_the_same_buckets(tritons, receiver):
+    """`otlp_histogram: exponential`: OpenTelemetry's base-2 exponential histogram at scale 1, whose
+    buckets (base^i, base^(i+1)] are exactly the explicit √2 ladder's."""
+    from gateway.telemetry.histogram import DURATION_FIRST_INDEX, SCALE
+
+    n = 17
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"primary": {"backends": [tritons[0].grpc_address]}},
+        "telemetry": {"otlp_endpoint": f"127.0.0.1:{receiver.port}", "otlp_interval_s": INTERVAL_S,
+                      "otlp_histogram": "exponential"},
+    }
+    with GatewayThread(config) as thread:
+        client = triton_grpc.InferenceServerClient(thread.address)
+        try:
+            _send(client, n)
+        finally:
+            client.close()
+        request, _ = _wait_for_export(receiver, n, "tensorgate.requests")
+        assert not thread.loop_errors
+    for name in ("tensorgate.request.duration", "tensorgate.backend.duration", "tensorgate.batching.queue.duration"):
+        [metric] = _metrics(request, name)
+        assert metric.HasField("exponential_histogram"), name
+        assert metric.exponential_histogram.aggregation_temporality == 2
+        [point] = [p for p in metric.exponential_histogram.data_points if _attributes(p)["model"] == MODEL]
+        assert point.count == n == sum(point.positive.bucket_counts)
+        assert point.scale == SCALE and point.positive.offset == DURATION_FIRST_INDEX - 1
+        base = 2 ** (2**-SCALE)
+        filled = [point.positive.offset + i for i, count in enumerate(point.positive.bucket_counts) if count]
+        lowest, highest = filled[0], filled[-1]
+        # min lies in the lowest filled bucket and max in the highest (unless past the ladder's ends).
+        assert base**lowest < point.min <= base ** (lowest + 1) or lowest == point.positive.offset
+        assert base**highest < point.max <= base ** (highest + 1)
+        assert point.min * n <= point.sum <= point.max * n

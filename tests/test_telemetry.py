@@ -160,3 +160,54 @@ def test_config_errors_name_the_key_path(telemetry, path):
 def test_telemetry_off_by_default():
     config = config_from_mapping({"listen": "127.0.0.1:0", "pools": {"p": {"backends": ["127.0.0.1:1"]}}})
     assert not config.telemetry.enabled
+
+
+def test_prometheus_histograms_of_queue_backend_batch_size_and_routing(tritons, prometheus):
+    """Batched traffic: each request's queue and backend time, each batch's size, each routing decision."""
+    import asyncio
+
+    import tritonclient.grpc.aio as triton_aio
+
+    metrics_port, api = prometheus
+    model, n = "fixed_cost", 24
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"primary": {"backends": [tritons[0].grpc_address]}},
+        "batching": {"default": {"mode": "fixed", "max_queue_delay_us": 20_000}},
+        "telemetry": {"prometheus_port": metrics_port, "prometheus_host": "127.0.0.1"},
+    }
+
+    async def burst(address: str) -> None:
+        client = triton_aio.InferenceServerClient(address)
+        tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+        try:
+            await asyncio.gather(*(client.infer(model, [tensor]) for _ in range(n)))
+        finally:
+            await client.close()
+
+    with GatewayThread(config) as thread:
+        asyncio.run(burst(thread.address))
+        batches = thread.call(lambda: thread.gateway.batching.statistics()[f"{model}:1"]["batches"])
+        selector = f'{{model="{model}"}}'
+        queries = {
+            f"sum(tensorgate_request_duration_seconds_bucket{{model=\"{model}\",le=\"+Inf\"}})": n,
+            f"sum(tensorgate_backend_duration_seconds_count{selector})": n,
+            f"sum(tensorgate_batching_queue_duration_seconds_count{selector})": n,
+            f"sum(tensorgate_batch_size_count{selector})": batches,
+            f"sum(tensorgate_batch_size_sum{selector})": n,  # one row each
+            'sum(tensorgate_routing_decisions_total{pool="primary",reason="preferred"})': batches,
+            f"sum(tensorgate_batching_queue_depth{selector})": 0,
+        }
+        _wait(lambda: all(_query(api, q) == want for q, want in queries.items()), 30,
+              f"Prometheus to report {n} requests in {batches} batches: "
+              + ", ".join(f"{q} = {_query(api, q)}" for q in queries))
+        assert batches < n  # a 20 ms delay gathers them
+        # The backend label is the backend that served them; the buckets are the same √2 ladder for every series.
+        backend = f'tensorgate_backend_duration_seconds_count{{model="{model}",backend="{tritons[0].grpc_address}",pool="primary"}}'
+        assert _query(api, backend) == n
+        bounds = _get_json(f"{api}/api/v1/series?" + urllib.parse.urlencode(
+            {"match[]": f'tensorgate_batching_queue_duration_seconds_bucket{selector}'}))["data"]
+        les = sorted(float(series["le"]) for series in bounds if series["le"] != "+Inf")
+        assert len(les) == 43 and all(abs(b / a - 2**0.5) < 1e-9 for a, b in zip(les, les[1:]))
+        assert not thread.loop_errors

@@ -19,7 +19,7 @@ import tritonclient.grpc.aio as triton_aio
 
 from gateway.local.triton import LocalTriton, default_model_repository
 from gateway.testing import GatewayThread
-from tests.otlp_receivers import GrpcReceiver, HttpTraceReceiver
+from gateway.bench.otlp_receiver import GrpcReceiver, HttpTraceReceiver
 
 SERVER, CLIENT = 2, 3  # OTLP SpanKind values
 

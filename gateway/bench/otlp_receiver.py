@@ -1,4 +1,6 @@
-"""Real OTLP receivers for the tests: what a collector's endpoints receive, kept for assertions.
+"""Real OTLP receivers for tests and benchmarks: what a collector's endpoints receive, kept.
+
+    python -m gateway.bench.otlp_receiver [--port N]   # an OTLP/gRPC sink, e.g. for bench_gateway.py
 
 - `GrpcReceiver`: OTLP/gRPC, the collector's own service definitions (opentelemetry-proto's
   MetricsService and TraceService), served by grpcio in threads of its own — the gateway's
@@ -149,3 +151,30 @@ class HttpTraceReceiver:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def main() -> None:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description="An OTLP/gRPC receiver (metrics and traces) that counts what it gets.")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    receiver = GrpcReceiver(args.port)
+    print(f"otlp receiver on 127.0.0.1:{receiver.port}", flush=True)
+    try:
+        while True:
+            time.sleep(60)
+            with receiver.lock:
+                metrics, traces = len(receiver.exports), len(receiver.trace_exports)
+                receiver.exports.clear()  # a long run must not grow without bound
+                receiver.trace_exports.clear()
+            print(f"received {metrics} metric exports, {traces} trace exports in the last minute", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.stop()
+
+
+if __name__ == "__main__":
+    main()
