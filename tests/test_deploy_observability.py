@@ -26,20 +26,37 @@ PROMETHEUS = HERE / "prometheus.yml"
 DASHBOARD = HERE / "grafana-dashboard.json"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
-# Every instrument of gateway/telemetry/stage.py, as the Prometheus exporter names its series.
+# Every instrument of gateway/telemetry/stage.py, as the Prometheus exporter names its series: unit
+# "s" adds _seconds, counters add _total, curly-brace units ({row}, {request}) and "1" add nothing.
+HISTOGRAMS = {
+    "tensorgate_request_duration_seconds",
+    "tensorgate_backend_duration_seconds",
+    "tensorgate_batching_queue_duration_seconds",
+    "tensorgate_batch_size",
+}
 FAMILIES = {
     "tensorgate_requests_total",
     "tensorgate_errors_total",
-    "tensorgate_request_duration_seconds_bucket",
-    "tensorgate_request_duration_seconds_count",
-    "tensorgate_request_duration_seconds_sum",
+    *(f"{histogram}_{suffix}" for histogram in HISTOGRAMS for suffix in ("bucket", "count", "sum")),
+    "tensorgate_batching_queue_depth",
+    "tensorgate_backend_inflight",
     "tensorgate_backend_healthy",
-    "tensorgate_backend_outstanding",
-    "tensorgate_batch_size",
-    "tensorgate_batching_queue_delay_seconds",
+    "tensorgate_routing_decisions_total",
     "tensorgate_drift_statistic",
     "tensorgate_drift_alerts_total",
+    # Buckets only: prometheus_client drops _sum and _count of a histogram whose first bound is
+    # negative, which drift bin edges often are.
+    "tensorgate_drift_observations_bucket",
 }
+# Names the gateway no longer exports (replaced by the histograms and tensorgate_backend_inflight).
+REMOVED = {"tensorgate_batch_size", "tensorgate_batching_queue_delay_seconds", "tensorgate_backend_outstanding"}
+
+
+def _instrument(series: str) -> str:
+    """The metric family a series name belongs to (a histogram's _bucket/_count/_sum → the histogram)."""
+    base = re.sub(r"_(bucket|count|sum)$", "", series)
+    return base if base in HISTOGRAMS or base == "tensorgate_drift_observations" else series
+
 
 PROMQL_WORDS = {
     # aggregation and binary-operator keywords (functions are excluded by the "(" that follows them)
@@ -169,6 +186,8 @@ def test_dashboard_structure():
             continue
         assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
         assert panel["targets"], panel["title"]
+        refs = [target["refId"] for target in panel["targets"]]
+        assert len(refs) == len(set(refs)), f"duplicate refIds in {panel['title']!r}: {refs}"
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
     exprs = " ".join(e for _, e in _exprs(dashboard))
@@ -176,6 +195,16 @@ def test_dashboard_structure():
         assert f"histogram_quantile({quantile}, sum by (model, le) (rate(tensorgate_request_duration_seconds_bucket" in exprs
     assert "sum by (model) (rate(tensorgate_requests_total" in exprs
     assert "rpc_response_status_code" in exprs
+    for quantile in ("0.5", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (model, le) (rate(tensorgate_batch_size_bucket" in exprs
+    for quantile in ("0.5", "0.9", "0.99"):
+        assert (f"histogram_quantile({quantile}, sum by (model, le) "
+                "(rate(tensorgate_batching_queue_duration_seconds_bucket") in exprs
+        assert (f"histogram_quantile({quantile}, sum by (pool, backend, le) "
+                "(rate(tensorgate_backend_duration_seconds_bucket") in exprs
+    assert "sum by (pool, reason) (rate(tensorgate_routing_decisions_total" in exprs
+    for name in REMOVED:
+        assert not re.search(rf"\b{name}\b(?!_)", exprs), f"dashboard still queries the removed {name}"
 
 
 @pytest.mark.skipif(not os.access(PROMTOOL, os.X_OK), reason="promtool not installed")
@@ -197,7 +226,9 @@ def test_dashboard_promql_parses(tmp_path):
 @pytest.fixture(scope="module")
 def exported_names(tritons) -> set[str]:
     """Series names on a real gateway's /metrics after traffic that makes every instrument report:
-    requests (OK and an error), batching, and a drift window shifted enough to raise alerts."""
+    requests (OK and an error) to batched models (max_batch_size > 0, so the batching stage runs by
+    default: batch sizes, queue time and depth), routing decisions, and a drift window shifted enough
+    to raise alerts (drift statistics and the observations histogram)."""
     port = _free_port()
     config = {
         "listen": "127.0.0.1:0",
@@ -249,5 +280,10 @@ def test_every_dashboard_metric_is_exported(exported_names):
             used.setdefault(name, []).append(where)
     unknown = {name: wheres for name, wheres in used.items() if name not in exported_names}
     assert not unknown, f"dashboard queries metrics the gateway does not export: {unknown}"
-    # The dashboard covers every instrument (the histogram through its buckets).
-    assert FAMILIES - {"tensorgate_request_duration_seconds_count", "tensorgate_request_duration_seconds_sum"} <= set(used)
+    # The dashboard covers every instrument (a histogram through any of its series).
+    uncovered = {_instrument(name) for name in FAMILIES} - {_instrument(name) for name in used}
+    assert not uncovered, f"instruments without a dashboard panel: {sorted(uncovered)}"
+
+
+def test_removed_metrics_are_gone(exported_names):
+    assert not REMOVED & exported_names, sorted(REMOVED & exported_names)
