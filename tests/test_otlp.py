@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
@@ -92,6 +93,10 @@ def test_otlp_receiver_gets_counter_histogram_resource_and_headers(tritons, rece
             # reported as "_unknown", so client-chosen names cannot mint series.
             assert _refused(client, (1, 8)) == "StatusCode.INVALID_ARGUMENT"
             assert _refused(client, (1, 16), model="no_such_model") == "StatusCode.NOT_FOUND"
+            with grpc.insecure_channel(thread.address) as channel:  # bytes that are no ModelInferRequest
+                with pytest.raises(grpc.RpcError) as garbage:
+                    channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff\xff\xff", timeout=10)
+                assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         finally:
             client.close()
         request, metadata = _wait_for_export(receiver, n + 1)
@@ -123,7 +128,8 @@ def test_otlp_receiver_gets_counter_histogram_resource_and_headers(tritons, rece
     assert _attributes(by_status["INVALID_ARGUMENT"])["backend"] == ""
     [errors] = _metrics(request, "tensorgate.errors")
     assert sorted((_attributes(p)["model"], _attributes(p)["rpc.response.status_code"], p.as_int)
-                  for p in errors.sum.data_points) == [("_unknown", "NOT_FOUND", 1), (MODEL, "INVALID_ARGUMENT", 1)]
+                  for p in errors.sum.data_points) == [("_unknown", "INVALID_ARGUMENT", 1), ("_unknown", "NOT_FOUND", 1),
+                                                           (MODEL, "INVALID_ARGUMENT", 1)]
 
     # The duration histogram: the same series, count n, buckets that add up to it.
     [duration] = _metrics(request, "tensorgate.request.duration")

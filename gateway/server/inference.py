@@ -157,8 +157,16 @@ class InferenceService:
         """The call's metadata, read only when tracing is on (reading it costs on every request)."""
         return context.invocation_metadata() if self.pipeline.trace_starter is not None else None
 
+    def _parse_infer(self, raw: bytes):
+        started = time.perf_counter_ns()
+        try:
+            return _parse(pb.ModelInferRequest, raw)
+        except GatewayError as error:
+            self.pipeline.refused("", "", error, started)  # counted, under an unknown model
+            raise
+
     async def model_infer(self, raw: bytes, context) -> bytes:
-        request = _parse(pb.ModelInferRequest, raw)
+        request = self._parse_infer(raw)
         response = await self.pipeline.infer(request, _deadline(context), self._trace_metadata(context))
         return response.SerializeToString()
 
@@ -175,7 +183,7 @@ class InferenceService:
         async def serve_one(raw: bytes) -> None:
             request_id = ""
             try:
-                request = _parse(pb.ModelInferRequest, raw)
+                request = self._parse_infer(raw)
                 request_id = request.id
                 async for response in self.pipeline.infer_stream(request, deadline, metadata):
                     outbox.put_nowait(pb.ModelStreamInferResponse(infer_response=response).SerializeToString())

@@ -213,10 +213,16 @@ class Pipeline:
             entry = await self.resolve(request.model_name, request.model_version)
             validate_request(request, entry.signature)
         except GatewayError as error:
-            for observe in self.refusal_observers:
-                observe(request.model_name, request.model_version, error, time.perf_counter_ns() - started_ns)
+            self.refused(request.model_name, request.model_version, error, started_ns)
             raise
         return entry
+
+    def refused(self, model: str, version: str, error: GatewayError, started_ns: int) -> None:
+        """Tell the refusal observers of a request refused before admission (also by the front door,
+        for a request that does not even parse)."""
+        elapsed = time.perf_counter_ns() - started_ns
+        for observe in self.refusal_observers:
+            observe(model, version, error, elapsed)
 
     def _exchange(self, entry: ModelEntry, request, metadata, started_ns: int) -> Exchange:
         trace = self.trace_starter(entry, request, metadata, started_ns) if self.trace_starter is not None else None
