@@ -444,7 +444,7 @@ def _render(header: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
 
 
 def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: int,
-           batching_label: str = "adaptive, defaults") -> str:
+           batching_label: str = "adaptive, defaults", telemetry_label: str = json.dumps(TELEMETRY_CONFIG)) -> str:
     def med(key: str, fmt: str) -> str:
         return format(summary[key]["median"], fmt)
 
@@ -544,7 +544,7 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
             target, verdict = _verdict(key, summary[key]["median"])
             body.append((title, base, subject, f"×{spread(key, fmt)}", target, verdict))
         lines.append(f"issue 5 — {MODEL}, {HIGH_CONCURRENCY} in flight, two gateways with the default batching config, "
-                     f"one adding telemetry: {json.dumps(TELEMETRY_CONFIG)} (Prometheus scraped every 1 s)")  # fmt: skip
+                     f"one adding telemetry: {telemetry_label} (a Prometheus endpoint is scraped every 1 s)")  # fmt: skip
         lines += _render(("measure", "telemetry off", "telemetry on", "ratio", "target", ""), body)
         lines.append("")
         lines.append(f"context (medians): p50 {med('telemetry_off_p50_ms', '.2f')} ms off, "
@@ -586,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batching", metavar="JSON",
                         help="`batching:` section of the batching gateway's config (default: none, the gateway's "
                              "defaults), e.g. '{\"default\": {\"max_queue_delay_us\": 1000}}'")
+    parser.add_argument("--telemetry", metavar="JSON",
+                        help="`telemetry:` section of the telemetry gateway (default: TELEMETRY_CONFIG); "
+                             "\"{otlp}\" stands for the OTLP receiver's address, e.g. '{\"otlp_endpoint\": \"{otlp}\"}'")
     parser.add_argument("--gateway-env", metavar="NAME=VALUE", action="append", default=[],
                         help="environment variable for the gateway processes only (repeatable), e.g. GRPC_EXPERIMENTS=…")
     parser.add_argument("--json", metavar="OUT", help="write the figures and every raw result to OUT")
@@ -612,9 +615,11 @@ def main(argv: list[str] | None = None) -> int:
                                    "otlp receiver on")  # fmt: skip
             otlp = (workdir / "otlp.log").read_text().split("otlp receiver on ", 1)[1].split()[0]
             metrics_port = find_free_port()
+            chosen = json.loads(args.telemetry) if args.telemetry else TELEMETRY_CONFIG
             telemetry = {key: (value.format(otlp=otlp, metrics_port=metrics_port) if isinstance(value, str) else value)
-                         for key, value in TELEMETRY_CONFIG.items()}  # fmt: skip
-            telemetry["prometheus_port"] = metrics_port
+                         for key, value in chosen.items()}  # fmt: skip
+            if "prometheus_port" in telemetry:
+                telemetry["prometheus_port"] = metrics_port
             scraper = _Scraper(f"http://127.0.0.1:{metrics_port}/metrics")
         for role, batching, drift in (("gateway", {"default": {"enabled": False}}, None), ("batchgw", batching_on, None),
                                       ("driftgw", batching_on, DRIFT_CONFIG), ("telgw", batching_on, None)):  # fmt: skip
@@ -681,7 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tensorgate gateway benchmark — {ROWS}×{COLS} FP32; {rounds} round(s) × {seconds:g} s; "
           f"median [min–max] of per-round figures; {machine['cpus']} CPUs ({machine['cpu_model']}), "
           f"Python {machine['python']}, grpcio {machine['grpcio']}, numpy {machine['numpy']}, numba {machine['numba']}")  # fmt: skip
-    print(_table(sections, summary, rounds, f"batching: {args.batching}" if args.batching else "adaptive, defaults"))
+    print(_table(sections, summary, rounds, f"batching: {args.batching}" if args.batching else "adaptive, defaults",
+                 args.telemetry or json.dumps(TELEMETRY_CONFIG)))
     if summary["errors"]["max"]:
         print("WARNING: requests failed during measurement (see the round lines above)")
     if args.json:

@@ -9,7 +9,8 @@ Rows (CPU time of this process, best of interleaved rounds; exporter threads inc
   trace decision, no ctx   Tracing.start for a request without trace context, not sampled (ratio 1 %)
   trace decision, ctx 00   the same with a client traceparent whose sampled flag is off
   traced request           a sampled request's spans: request span, backend span, queue span, ended and
-                           exported over OTLP to a receiver in this process
+                           exported over OTLP to a receiver in this process (at this benchmark's rate the
+                           SDK's span queue overflows and drops some spans unexported: a lower bound)
   SDK histogram.record     baseline: one OpenTelemetry SDK Histogram.record with 3 attributes (what the
                            hot path would pay per instrument if it called the SDK)
 

@@ -8,11 +8,15 @@ each dataclass's `validate(path)` hook for the rules that types cannot say.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Mapping
 
 from gateway.errors import ConfigError
+
+#: A number in exponent notation without a dot, e.g. 1e-3 or 5E+2: a string to PyYAML, a number to people.
+_YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 def _join(path: str, key: object) -> str:
@@ -53,6 +57,9 @@ def convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"expected a list, got {type(value).__name__}")
         return tuple(convert(item_type, item, _join(path, i)) for i, item in enumerate(value))
     if tp is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads 1e-3 as a string (it wants 1.0e-3); YAML 1.2 and JSON read a number.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {value!r}")
         return float(value)

@@ -148,6 +148,10 @@ def test_unreachable_otlp_collector_never_fails_requests(tritons):
         ({"prometheus_port": 70000}, "telemetry.prometheus_port"),
         ({"otlp_endpoint": "x", "otlp_interval_s": 0}, "telemetry.otlp_interval_s"),
         ({"otlp_endpoint": "x", "otlp_headers": {"Api-Key": "k"}}, "telemetry.otlp_headers.Api-Key"),
+        ({"otlp_endpoint": "x", "otlp_histogram": "native"}, "telemetry.otlp_histogram"),
+        ({"otlp_endpoint": "x", "trace_sampling_ratio": 1.5}, "telemetry.trace_sampling_ratio"),
+        ({"trace_sampling_ratio": 0.1}, "telemetry.trace_sampling_ratio"),  # traces need an OTLP endpoint
+        ({"otlp_endpoint": "x", "trace_sampling_ratio": "often"}, "telemetry.trace_sampling_ratio"),
     ],
 )
 def test_config_errors_name_the_key_path(telemetry, path):
@@ -155,6 +159,17 @@ def test_config_errors_name_the_key_path(telemetry, path):
         config_from_mapping({"listen": "127.0.0.1:0", "pools": {"p": {"backends": ["127.0.0.1:1"]}},
                              "telemetry": telemetry})
     assert path in str(raised.value)
+
+
+def test_yaml_exponent_notation_is_a_number():
+    """PyYAML (YAML 1.1) reads `1e-3` as a string; a config author means a number."""
+    import yaml
+
+    config = config_from_mapping(yaml.safe_load(
+        "listen: 127.0.0.1:0\npools: {p: {backends: ['127.0.0.1:1']}}\n"
+        "telemetry: {otlp_endpoint: 'x:1', trace_sampling_ratio: 1e-3}\n"))
+    assert config.telemetry.trace_sampling_ratio == 0.001
+    assert config.telemetry.tracing
 
 
 def test_telemetry_off_by_default():
