@@ -36,6 +36,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_drift.py
+	$(PY) benchmarks/bench_telemetry.py
 	$(PY) benchmarks/bench_gateway.py
 
 clean:

@@ -34,8 +34,10 @@ issue 4 (`--only drift`), on `simple_scale`, 64 in flight: the batching gateway 
   learned its reference and is evaluating windows before anything is measured. Reports each
   gateway's CPU µs per request and the ratio on ÷ off (target ≤ 1.05), with req/s and batch sizes.
 
-issue 5 (`--only telemetry`), on `simple_scale`, 64 in flight: the batching gateway (default
-  batching config, telemetry off) against a gateway with the SAME config plus metrics and traces:
+issue 5 (`--only telemetry`), on `simple_scale`: the batching gateway (default batching config,
+  telemetry off) against a gateway with the SAME config plus metrics and traces, loaded SIDE BY SIDE
+  (32 in flight to each — TENSORGATE_BENCH_TELEMETRY_CONCURRENCY — two load generators at once, so
+  the machine's noise hits both alike):
   TELEMETRY_CONFIG — a Prometheus endpoint scraped once a second by this script, OTLP metrics
   pushed every second and spans at a 1 % sampling ratio, both to an OTLP/gRPC receiver running
   as a process of its own (`python -m gateway.bench.otlp_receiver`, its CPU not counted). Reports
@@ -50,6 +52,7 @@ the ratios, measured back to back against the same Triton, are what to compare.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -74,6 +77,7 @@ SECTIONS = ("issue2", "batching", "drift", "telemetry")
 # The telemetry section's gateway: every exporter on, more often than their defaults (OTLP every
 # 10 s, Prometheus as often as it is scraped), and traces at the issue's 1 %. "{otlp}" and
 # "{metrics_port}" are filled in when the receiver and the gateway's port are known.
+TELEMETRY_CONCURRENCY = int(os.environ.get("TENSORGATE_BENCH_TELEMETRY_CONCURRENCY", "32"))
 TELEMETRY_CONFIG = {"prometheus_port": "{metrics_port}", "prometheus_host": "127.0.0.1", "otlp_endpoint": "{otlp}",
                     "otlp_interval_s": 1.0, "trace_sampling_ratio": 0.01}
 # Requests sent through each drift-section gateway before measuring: more than the drift
@@ -241,6 +245,7 @@ class Run:
     target: str
     model: str
     concurrency: int
+    together: str = ""  # runs of the same non-empty group run at the same time, each with its own client
 
     @property
     def label(self) -> str:
@@ -269,7 +274,10 @@ def _plan(sections: list[str]) -> list[Run]:
     if "drift" in sections:
         runs += [Run("batchgw", MODEL, HIGH_CONCURRENCY), Run("driftgw", MODEL, HIGH_CONCURRENCY)]
     if "telemetry" in sections:
-        runs += [Run("batchgw", MODEL, HIGH_CONCURRENCY), Run("telgw", MODEL, HIGH_CONCURRENCY)]
+        # Side by side, half the load each: the machine's noise (other tenants, CPU steal) then hits
+        # both gateways in the same seconds, which one after the other it does not.
+        runs += [Run("batchgw", MODEL, TELEMETRY_CONCURRENCY, "telemetry"),
+                 Run("telgw", MODEL, TELEMETRY_CONCURRENCY, "telemetry")]
     unique: dict[str, Run] = {}
     for run in runs:
         unique.setdefault(run.label, run)
@@ -291,30 +299,51 @@ def _round(index: int, plan: list[Run], addresses: dict[str, str], pids: dict[st
     """One round: every run once; odd rounds run them in reverse order. Also returns, per run, the
     mean batch size Triton executed during it (nan for the echo server)."""
     order = list(reversed(plan)) if index % 2 else plan
-    results, batch = {}, {}
+    steps: list[list[Run]] = []
     for run in order:
-        watch = [pids[run.target]] if run.target in ("echo", "gateway", "batchgw", "driftgw", "telgw") else []
-        if run.target != "echo":
-            watch += triton_pids
-        before = stats.counts(run.model) if run.target != "echo" else None
-        results[run.label] = _load(run, addresses, seconds, warmup, watch)
-        if before is not None:
-            after = stats.counts(run.model)
-            executions = after[1] - before[1]
-            batch[run.label] = (after[0] - before[0]) / executions if executions else float("nan")
+        if run.together and steps and steps[-1][0].together == run.together:
+            steps[-1].append(run)
         else:
-            batch[run.label] = float("nan")
-        result = results[run.label]
-        line = (f"  round {index + 1} {run.label:<32} {result.rps:>8,.0f} req/s  p50 {result.p50_ms:7.3f} ms  "
-                f"p99 {result.p99_ms:7.3f} ms  {result.errors} err")  # fmt: skip
-        if run.target in pids and run.target != "triton":
-            line += f"  {run.target} {result.cpu_us_per_request(pids[run.target]):.0f} CPU µs/req"
-        if run.target != "echo":
-            line += f"  Triton+stubs {_cpu_us(result, triton_pids):.0f} CPU µs/req  Triton mean batch {batch[run.label]:.2f}"
-        print(line, flush=True)
-        if result.error_samples:
-            print(f"    errors: {'; '.join(result.error_samples)}", flush=True)
+            steps.append([run])
+    results, batch = {}, {}
+
+    def watch(run: Run) -> list[int]:
+        watched = [pids[run.target]] if run.target in ("echo", "gateway", "batchgw", "driftgw", "telgw") else []
+        return watched + (triton_pids if run.target != "echo" else [])
+
+    for step in steps:
+        if len(step) > 1:  # side by side: Triton's batches are shared, so no batch size per run
+            with concurrent.futures.ThreadPoolExecutor(len(step)) as pool:
+                loads = list(pool.map(lambda run: _load(run, addresses, seconds, warmup, watch(run)), step))
+            for run, result in zip(step, loads):
+                results[run.label], batch[run.label] = result, float("nan")
+        else:
+            run = step[0]
+            before = stats.counts(run.model) if run.target != "echo" else None
+            results[run.label] = _load(run, addresses, seconds, warmup, watch(run))
+            if before is not None:
+                after = stats.counts(run.model)
+                executions = after[1] - before[1]
+                batch[run.label] = (after[0] - before[0]) / executions if executions else float("nan")
+            else:
+                batch[run.label] = float("nan")
+        for run in step:
+            _print_run(index, run, results[run.label], batch[run.label], pids, triton_pids)
     return results, batch
+
+
+def _print_run(index: int, run: Run, result: LoadResult, batch: float, pids: dict[str, int], triton_pids: list[int]) -> None:
+    line = (f"  round {index + 1} {run.label:<32} {result.rps:>8,.0f} req/s  p50 {result.p50_ms:7.3f} ms  "
+            f"p99 {result.p99_ms:7.3f} ms  {result.errors} err")  # fmt: skip
+    if run.target in pids and run.target != "triton":
+        line += f"  {run.target} {result.cpu_us_per_request(pids[run.target]):.0f} CPU µs/req"
+    if run.target != "echo":
+        line += f"  Triton+stubs {_cpu_us(result, triton_pids):.0f} CPU µs/req  Triton mean batch {batch:.2f}"
+    if run.together:
+        line += f"  (side by side: {run.together})"
+    print(line, flush=True)
+    if result.error_samples:
+        print(f"    errors: {'; '.join(result.error_samples)}", flush=True)
 
 
 def _cpu_us(result: LoadResult, pids: list[int]) -> float:
@@ -400,7 +429,7 @@ def _figures(sections: list[str], results: dict[str, LoadResult], batch: dict[st
             "drift_on_p50_ms": on.p50_ms,
         })
     if "telemetry" in sections:
-        (off, off_label), (on, on_label) = get("batchgw", MODEL), get("telgw", MODEL)
+        (off, _), (on, _) = get("batchgw", MODEL, TELEMETRY_CONCURRENCY), get("telgw", MODEL, TELEMETRY_CONCURRENCY)
         off_cpu, on_cpu = off.cpu_us_per_request(pids["batchgw"]), on.cpu_us_per_request(pids["telgw"])
         figures.update({
             "telemetry_off_cpu_us": off_cpu,
@@ -543,7 +572,8 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
         ):  # fmt: skip
             target, verdict = _verdict(key, summary[key]["median"])
             body.append((title, base, subject, f"×{spread(key, fmt)}", target, verdict))
-        lines.append(f"issue 5 — {MODEL}, {HIGH_CONCURRENCY} in flight, two gateways with the default batching config, "
+        lines.append(f"issue 5 — {MODEL}, two gateways side by side with the default batching config, "
+                     f"{TELEMETRY_CONCURRENCY} in flight to each at the same time, "
                      f"one adding telemetry: {telemetry_label} (a Prometheus endpoint is scraped every 1 s)")  # fmt: skip
         lines += _render(("measure", "telemetry off", "telemetry on", "ratio", "target", ""), body)
         lines.append("")
