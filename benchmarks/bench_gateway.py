@@ -36,11 +36,13 @@ issue 4 (`--only drift`), on `simple_scale`, 64 in flight: the batching gateway 
 
 issue 5 (`--only telemetry`), on `simple_scale`: the batching gateway (default batching config,
   telemetry off) against a gateway with the SAME config plus metrics and traces, loaded SIDE BY SIDE
-  (32 in flight to each — TENSORGATE_BENCH_TELEMETRY_CONCURRENCY — two load generators at once, so
-  the machine's noise hits both alike):
-  TELEMETRY_CONFIG — a Prometheus endpoint scraped once a second by this script, OTLP metrics
-  pushed every second and spans at a 1 % sampling ratio, both to an OTLP/gRPC receiver running
-  as a process of its own (`python -m gateway.bench.otlp_receiver`, its CPU not counted). Reports
+  (two load generators at once, so the machine's noise hits both alike), each paced at 400 req/s
+  over 32 workers (TENSORGATE_BENCH_TELEMETRY_RATE, _CONCURRENCY; rate 0 = as fast as answered),
+  below saturation, so CPU per request is compared at the same throughput:
+  TELEMETRY_CONFIG — a Prometheus endpoint scraped every 10 s by this script, OTLP metrics pushed
+  every 10 s (the default) and spans at a 1 % sampling ratio, both to an OTLP/gRPC receiver running
+  as a process of its own (`python -m gateway.bench.otlp_receiver`, its CPU not counted); runs of
+  at least 10 s, so each holds a scrape and an export. Reports
   each gateway's CPU µs per request (exporter threads included) and the ratio on ÷ off (target
   ≤ 1.05), with req/s.
 
@@ -74,12 +76,21 @@ MODEL = "simple_scale"
 ROWS, COLS = 1, 16
 HIGH_CONCURRENCY = 64
 SECTIONS = ("issue2", "batching", "drift", "telemetry")
-# The telemetry section's gateway: every exporter on, more often than their defaults (OTLP every
-# 10 s, Prometheus as often as it is scraped), and traces at the issue's 1 %. "{otlp}" and
-# "{metrics_port}" are filled in when the receiver and the gateway's port are known.
 TELEMETRY_CONCURRENCY = int(os.environ.get("TENSORGATE_BENCH_TELEMETRY_CONCURRENCY", "32"))
+# Each gateway gets the same paced load, below what the machine saturates at: CPU per request is
+# then compared at equal throughput (closed-loop, a gateway a little slower would also serve fewer
+# requests, and CPU per request rises as load falls — the comparison would amplify any difference).
+TELEMETRY_RATE = float(os.environ.get("TENSORGATE_BENCH_TELEMETRY_RATE", "400")) or None
+# The telemetry section's gateway: every exporter on at its default interval (OTLP every 10 s; the
+# endpoint scraped every SCRAPE_S), and traces at the issue's 1 %. Collections cost per second, not
+# per request, so each run lasts at least TELEMETRY_SECONDS to hold one of each. "{otlp}" and
+# "{metrics_port}" are filled in when the receiver and the gateway's port are known. A harsher
+# setting: --telemetry '{"prometheus_port": 0, "otlp_endpoint": "{otlp}", "otlp_interval_s": 1,
+# "trace_sampling_ratio": 0.01}' with TENSORGATE_BENCH_SCRAPE_S=1.
 TELEMETRY_CONFIG = {"prometheus_port": "{metrics_port}", "prometheus_host": "127.0.0.1", "otlp_endpoint": "{otlp}",
-                    "otlp_interval_s": 1.0, "trace_sampling_ratio": 0.01}
+                    "trace_sampling_ratio": 0.01}
+SCRAPE_S = float(os.environ.get("TENSORGATE_BENCH_SCRAPE_S", "10"))
+TELEMETRY_SECONDS = 10.0
 # Requests sent through each drift-section gateway before measuring: more than the drift
 # reference's learn_rows (5000 by default), so the measured window is steady-state monitoring.
 DRIFT_PRIME_REQUESTS = 8000
@@ -157,7 +168,7 @@ def _stop(proc: subprocess.Popen | None) -> None:
 
 
 class _Scraper:
-    """Scrapes a Prometheus endpoint once a second from a thread, as a Prometheus server would."""
+    """Scrapes a Prometheus endpoint every `interval` seconds from a thread, as a Prometheus server would."""
 
     def __init__(self, url: str, interval: float = 1.0) -> None:
         import threading
@@ -246,6 +257,8 @@ class Run:
     model: str
     concurrency: int
     together: str = ""  # runs of the same non-empty group run at the same time, each with its own client
+    rate: float | None = None  # paced load (requests/s) instead of as fast as answered
+    min_seconds: float = 0.0  # the run lasts at least this long, whatever --seconds says
 
     @property
     def label(self) -> str:
@@ -276,8 +289,8 @@ def _plan(sections: list[str]) -> list[Run]:
     if "telemetry" in sections:
         # Side by side, half the load each: the machine's noise (other tenants, CPU steal) then hits
         # both gateways in the same seconds, which one after the other it does not.
-        runs += [Run("batchgw", MODEL, TELEMETRY_CONCURRENCY, "telemetry"),
-                 Run("telgw", MODEL, TELEMETRY_CONCURRENCY, "telemetry")]
+        runs += [Run("batchgw", MODEL, TELEMETRY_CONCURRENCY, "telemetry", TELEMETRY_RATE, TELEMETRY_SECONDS),
+                 Run("telgw", MODEL, TELEMETRY_CONCURRENCY, "telemetry", TELEMETRY_RATE, TELEMETRY_SECONDS)]
     unique: dict[str, Run] = {}
     for run in runs:
         unique.setdefault(run.label, run)
@@ -286,8 +299,9 @@ def _plan(sections: list[str]) -> list[Run]:
 
 def _load(run: Run, addresses: dict[str, str], seconds: float, warmup: float, cpu_pids: list[int]) -> LoadResult:
     result = run_load_in_subprocess(
-        addresses[run.target], run.model, concurrency=run.concurrency, seconds=seconds, warmup_seconds=warmup,
-        rows=ROWS, cols=COLS, cpu_pids=cpu_pids,
+        addresses[run.target], run.model, concurrency=run.concurrency, seconds=max(seconds, run.min_seconds),
+        warmup_seconds=warmup,
+        rows=ROWS, cols=COLS, cpu_pids=cpu_pids, rate=run.rate,
     )  # fmt: skip
     if result.errors:
         print(f"  warning: {result.errors} errors from {run.label}: {result.error_samples}", file=sys.stderr)
@@ -573,8 +587,9 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
             target, verdict = _verdict(key, summary[key]["median"])
             body.append((title, base, subject, f"×{spread(key, fmt)}", target, verdict))
         lines.append(f"issue 5 — {MODEL}, two gateways side by side with the default batching config, "
-                     f"{TELEMETRY_CONCURRENCY} in flight to each at the same time, "
-                     f"one adding telemetry: {telemetry_label} (a Prometheus endpoint is scraped every 1 s)")  # fmt: skip
+                     f"each paced at {TELEMETRY_RATE or 'max'} req/s over {TELEMETRY_CONCURRENCY} workers, at the same time, "
+                     f"one adding telemetry: {telemetry_label} (a Prometheus endpoint is scraped every {SCRAPE_S:g} s; "
+                     f"runs of ≥ {TELEMETRY_SECONDS:g} s)")  # fmt: skip
         lines += _render(("measure", "telemetry off", "telemetry on", "ratio", "target", ""), body)
         lines.append("")
         lines.append(f"context (medians): p50 {med('telemetry_off_p50_ms', '.2f')} ms off, "
@@ -650,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
                          for key, value in chosen.items()}  # fmt: skip
             if "prometheus_port" in telemetry:
                 telemetry["prometheus_port"] = metrics_port
-            scraper = _Scraper(f"http://127.0.0.1:{metrics_port}/metrics")
+            scraper = _Scraper(f"http://127.0.0.1:{metrics_port}/metrics", SCRAPE_S)
         for role, batching, drift in (("gateway", {"default": {"enabled": False}}, None), ("batchgw", batching_on, None),
                                       ("driftgw", batching_on, DRIFT_CONFIG), ("telgw", batching_on, None)):  # fmt: skip
             if role not in roles:

@@ -147,10 +147,18 @@ class _Window:
             self.error_samples.append(message)
 
 
-async def _worker(call, payload: bytes, window: _Window, timeout: float) -> None:
+async def _worker(call, payload: bytes, window: _Window, timeout: float, interval_ns: int = 0, offset_ns: int = 0) -> None:
+    """Send, await, repeat; with `interval_ns`, at most one request per interval (paced: the
+    offered load stays the same however fast the target answers, as long as it keeps up)."""
     latencies = window.latencies_ns
     clock = time.perf_counter_ns
+    next_ns = clock() + offset_ns
     while not window.stop:
+        if interval_ns:
+            delay = next_ns - clock()
+            if delay > 0:
+                await asyncio.sleep(delay / 1e9)
+            next_ns += interval_ns
         sent = clock()
         try:
             await call(payload, timeout=timeout)
@@ -178,8 +186,10 @@ async def run_load(
     warmup_seconds: float = 0.5,
     cpu_pids: Sequence[int] = (),
     timeout: float = 30.0,
+    rate: float | None = None,
 ) -> LoadResult:
-    """Closed-loop load on `target` for `seconds` (or until `requests` complete) after a warm-up."""
+    """Closed-loop load on `target` for `seconds` (or until `requests` complete) after a warm-up;
+    with `rate`, paced at that many requests/s in total over the `concurrency` workers."""
     if (seconds is None) == (requests is None):
         raise ValueError("give exactly one of seconds or requests")
     options = [
@@ -190,7 +200,11 @@ async def run_load(
         await asyncio.wait_for(channel.channel_ready(), timeout)
         call = channel.unary_unary(MODEL_INFER_METHOD)  # bytes in, bytes out
         window = _Window(requests)
-        workers = [asyncio.ensure_future(_worker(call, payload, window, timeout)) for _ in range(concurrency)]
+        interval_ns = int(concurrency / rate * 1e9) if rate else 0
+        workers = [
+            asyncio.ensure_future(_worker(call, payload, window, timeout, interval_ns, interval_ns * i // concurrency))
+            for i in range(concurrency)
+        ]
         try:
             if warmup_seconds > 0:
                 await asyncio.sleep(warmup_seconds)
@@ -268,6 +282,7 @@ def run_load_in_subprocess(
     cpu_pids: Sequence[int] = (),
     python: str = sys.executable,
     timeout: float | None = None,
+    rate: float | None = None,
 ) -> LoadResult:
     """Run the load in a process of its own (`python -m gateway.bench.loadgen ... --json`)."""
     args = [
@@ -282,6 +297,8 @@ def run_load_in_subprocess(
     args += ["--seconds", str(seconds)] if requests is None else ["--requests", str(requests)]
     for pid in cpu_pids:
         args += ["--cpu-pid", str(pid)]
+    if rate:
+        args += ["--rate", str(rate)]
     if timeout is None:
         timeout = 120.0 + warmup_seconds + (seconds or 0.0)
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
@@ -305,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", default="INPUT0", help="input tensor name")
     parser.add_argument("--datatype", default="FP32", choices=sorted(_NUMPY_DTYPES))
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
+    parser.add_argument("--rate", type=float, help="pace the load at this many requests/s in total (default: as fast as answered)")
     parser.add_argument("--cpu-pid", type=int, action="append", default=[], help="pid whose CPU time to measure")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
@@ -316,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     result = run_load_sync(
         args.target, payload, concurrency=args.concurrency, seconds=args.seconds, requests=args.requests,
-        warmup_seconds=args.warmup, cpu_pids=args.cpu_pid, timeout=args.timeout,
+        warmup_seconds=args.warmup, cpu_pids=args.cpu_pid, timeout=args.timeout, rate=args.rate,
     )  # fmt: skip
     print(result.to_json() if args.json else result.summary(), flush=True)
     return 0
