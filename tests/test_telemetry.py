@@ -226,3 +226,34 @@ def test_prometheus_histograms_of_queue_backend_batch_size_and_routing(tritons, 
         les = sorted(float(series["le"]) for series in bounds if series["le"] != "+Inf")
         assert len(les) == 43 and all(abs(b / a - 2**0.5) < 1e-9 for a, b in zip(les, les[1:]))
         assert not thread.loop_errors
+
+
+def test_prometheus_stores_drift_gauges_alerts_and_bin_counts_after_a_drifted_stream(tritons, prometheus):
+    metrics_port, api = prometheus
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"primary": {"backends": [tritons[0].grpc_address]}},
+        "telemetry": {"prometheus_port": metrics_port, "prometheus_host": "127.0.0.1"},
+        "drift": {"models": {MODEL: {"inputs": ["INPUT0"], "window_rows": 64, "sub_windows": 1, "consecutive": 1,
+                                     "reference": {"learn_rows": 64}}}},
+    }
+    rng = np.random.default_rng(1)
+    with GatewayThread(config) as thread:
+        client = triton_grpc.InferenceServerClient(thread.address)
+        try:
+            for shift in [0.0] * 4 + [3.0] * 4:  # 64 rows learn the reference, then 64 rows shifted by 3σ
+                tensor = triton_grpc.InferInput("INPUT0", [16, 16], "FP32")
+                tensor.set_data_from_numpy((rng.standard_normal((16, 16)) + shift).astype(np.float32))
+                client.infer(MODEL, [tensor], client_timeout=10)
+        finally:
+            client.close()
+        psi = f'tensorgate_drift_statistic{{model="{MODEL}",tensor="input/INPUT0",statistic="psi"}}'
+        alerts = f'sum(tensorgate_drift_alerts_total{{model="{MODEL}",level="alert"}})'
+        rows = f'sum(tensorgate_drift_observations_bucket{{model="{MODEL}",le="+Inf"}})'
+        body = _wait(lambda: _get_json(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": psi}))["data"]["result"]
+                     if _query(api, alerts) and _query(api, rows) else None, 30, "drift series in Prometheus")
+        assert {series["metric"]["feature"] for series in body} == {str(f) for f in range(16)}
+        assert min(float(series["value"][1]) for series in body) > 0.25  # PSI's usual "significant shift"
+        assert _query(api, alerts) >= 1
+        assert _query(api, rows) == 64 * 16  # the drifted window's values, every feature, all in buckets
+        assert not thread.loop_errors
