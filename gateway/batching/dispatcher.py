@@ -115,9 +115,8 @@ class BatchingDispatcher:
             return max(1, self.router.healthy_count(entry.name, entry.version)) * per_backend
 
         async def send(batch: list[Pending]) -> None:
-            now = time.monotonic()
             for pending in batch:
-                pending.item.queued_ns = int((now - pending.enqueued) * 1e9)
+                pending.item.queued_ns = int(pending.waited_s * 1e9)
             if len(batch) == 1:  # nothing to merge: the request goes as it came
                 only = batch[0]
                 only.item.batch_rows = only.rows
@@ -137,7 +136,6 @@ class BatchingDispatcher:
             finally:
                 for member in members:
                     member.took_batch(merged)
-                    member.batch_rows = merged.batch_rows
             for pending, single in zip(batch, split(response, rows)):
                 if not pending.future.done():
                     pending.future.set_result(single)

@@ -41,9 +41,9 @@ LATENCY_EWMA_ALPHA = 0.2
 
 class Pending:
     """A request waiting in a batch queue. `item` is what the caller queued (the batching dispatcher
-    queues the request's Exchange); the queue only reads the other fields."""
+    queues the request's Exchange). `waited_s` is set when its batch leaves: time in the queue."""
 
-    __slots__ = ("item", "rows", "future", "deadline", "enqueued")
+    __slots__ = ("item", "rows", "future", "deadline", "enqueued", "waited_s")
 
     def __init__(self, item, rows: int, future: asyncio.Future, deadline: float | None, enqueued: float) -> None:
         self.item = item
@@ -51,6 +51,7 @@ class Pending:
         self.future = future
         self.deadline = deadline
         self.enqueued = enqueued
+        self.waited_s = 0.0
 
 
 SendBatch = Callable[[list[Pending]], Awaitable[None]]
@@ -266,7 +267,9 @@ class BatchQueue:
         if not batch:
             return
         self.inflight += 1
-        self.stats.record_batch(reason, sum(p.rows for p in batch), [now - p.enqueued for p in batch])
+        for pending in batch:
+            pending.waited_s = now - pending.enqueued
+        self.stats.record_batch(reason, sum(p.rows for p in batch), [p.waited_s for p in batch])
         task = asyncio.ensure_future(self._run(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -58,3 +58,4 @@ class Exchange:
         self.route = batch.route
         self.upstream_started_ns = batch.upstream_started_ns
         self.upstream_ns = batch.upstream_ns
+        self.batch_rows = batch.batch_rows
