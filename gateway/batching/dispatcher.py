@@ -146,16 +146,25 @@ class BatchingDispatcher:
         batching = self._models.get((model, version))
         return batching.stats if batching is not None else None
 
+    def batched(self) -> list[tuple[str, str, BatchStats, int]]:
+        """(model, version, its BatchStats, requests waiting now) of every model version that batches.
+
+        Safe to call from another thread (a metrics exporter): it copies the dicts it walks."""
+        return [
+            (name, version, batching.stats, sum(queue.size for queue in list(batching.queues.values())))
+            for (name, version), batching in sorted(dict(self._models).items())
+            if batching is not None
+        ]
+
     def statistics(self) -> dict[str, dict]:
-        """Per model ('name' or 'name:version'): batch sizes, queue delay, dispatch reasons, queues."""
+        """Per model ('name:version'): batch sizes, queue delay, dispatch reasons, queues."""
         report = {}
-        for (name, version), batching in sorted(self._models.items()):
-            if batching is None:
-                continue
-            snapshot = batching.stats.snapshot()
+        for name, version, stats, waiting in self.batched():
+            batching = self._models[(name, version)]
+            snapshot = stats.snapshot()
             snapshot["mode"] = batching.policy.mode
             snapshot["max_batch_rows"] = batching.max_rows
-            snapshot["waiting"] = sum(q.size for q in batching.queues.values())
+            snapshot["waiting"] = waiting
             snapshot["backend_latency_ms"] = max((q.backend_latency_s for q in batching.queues.values()), default=0) * 1e3
             report[f"{name}:{version}"] = snapshot
         return report

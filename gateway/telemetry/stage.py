@@ -220,12 +220,8 @@ class TelemetryStage:
         batching = getattr(self.gateway, "batching", None)
         if batching is None:
             return []
-        out = []
-        for (name, version), state in _retrying(lambda: batching._models.items()):
-            if state is not None:
-                waiting = sum(queue.size for queue in list(state.queues.values()))
-                out.append(({"model": name, "version": version}, state.stats, waiting))
-        return out
+        return [({"model": name, "version": version}, stats, waiting)
+                for name, version, stats, waiting in _retrying(batching.batched)]
 
     def _queue_depth(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(waiting, attributes) for attributes, _, waiting in self._batching()]
