@@ -13,6 +13,7 @@ is at worst a request behind — and each histogram's count is the sum of its ow
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -25,26 +26,32 @@ OK = grpc.StatusCode.OK
 UNKNOWN = "_unknown"
 
 
+#: The status attribute, as the semantic conventions name it (a string, e.g. "OK").
+STATUS = "rpc.response.status_code"
+
+
 class Series:
-    """The latency histogram of one attribute set (the request counter is its count)."""
+    """The histogram of one attribute set (for requests, its count is the request counter)."""
 
-    __slots__ = ("attributes", "code", "histogram")
+    __slots__ = ("attributes", "histogram")
 
-    def __init__(self, attributes: dict, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, attributes: dict) -> None:
         self.attributes = attributes
-        self.code = code
         self.histogram = BucketCounts(DURATION_BOUNDS_NS)
 
 
 @dataclass(frozen=True)
 class SeriesSnapshot:
     attributes: dict
-    code: grpc.StatusCode | None
     count: int
     sum_s: float
     min_s: float
     max_s: float
     bucket_counts: tuple[int, ...]
+
+    @property
+    def failed(self) -> bool:
+        return self.attributes.get(STATUS, "OK") != "OK"
 
 
 class _Family:
@@ -58,33 +65,44 @@ class _Family:
     def __len__(self) -> int:
         return len(self._all)
 
-    def get(self, key, attributes, code: grpc.StatusCode | None = None) -> Series:
-        """The series of `key`; on a miss, of the attribute set `attributes()` builds — two keys
-        with the same attributes (say, a refused and an admitted request that both failed before
-        reaching a backend) share one series, as an exporter requires."""
-        found = self._series.get(key)
-        if found is None:
-            labels = attributes()
-            identity = tuple(sorted(labels.items()))
-            found = self._by_attributes.get(identity)
-            if found is None:
-                found = self._by_attributes[identity] = Series(labels, code)
-                self._all.append(found)
-            self._series[key] = found
-        return found
+    def record(self, key, value: int, labels: Callable[..., dict], *args) -> None:
+        """Record `value` in the series of `key`. On the first sight of a key, its attributes are
+        `labels(*args)`; two keys with the same attributes (say, a refused and an admitted request
+        that both failed before reaching a backend) share one series, as an exporter requires."""
+        series = self._series.get(key)
+        if series is None:
+            attributes = labels(*args)
+            identity = tuple(sorted(attributes.items()))
+            series = self._by_attributes.get(identity)
+            if series is None:
+                series = self._by_attributes[identity] = Series(attributes)
+                self._all.append(series)
+            self._series[key] = series
+        series.histogram.record(value)
 
     def snapshot(self) -> list[SeriesSnapshot]:
         out = []
         for series in self._all[:]:
             counts, total, minimum, maximum = series.histogram.snapshot()
-            out.append(SeriesSnapshot(series.attributes, series.code, sum(counts), total / 1e9,
-                                      minimum / 1e9, maximum / 1e9, counts))
+            out.append(SeriesSnapshot(series.attributes, sum(counts), total / 1e9, minimum / 1e9, maximum / 1e9, counts))
         return out
 
 
-def _backend_attributes(backend) -> dict:
+def _request_labels(model: str, version: str, backend, code: grpc.StatusCode) -> dict:
+    return {"model": model, "version": version, **_backend_labels(backend), STATUS: code.name}
+
+
+def _backend_labels(backend) -> dict:
     return {"pool": backend.pool if backend is not None else "",
             "backend": backend.address if backend is not None else ""}
+
+
+def _backend_time_labels(entry, backend) -> dict:
+    return {"model": entry.name, "version": entry.version, **_backend_labels(backend)}
+
+
+def _queue_time_labels(entry) -> dict:
+    return {"model": entry.name, "version": entry.version}
 
 
 class RequestAggregates:
@@ -101,37 +119,16 @@ class RequestAggregates:
 
     def record(self, exchange, code: grpc.StatusCode) -> None:
         entry, backend = exchange.entry, exchange.backend
-        key = (entry, backend, code)
-        series = self.requests._series.get(key)
-        if series is None:
-            series = self.requests.get(key, lambda: {
-                "model": entry.name, "version": entry.version, **_backend_attributes(backend),
-                "rpc.response.status_code": code.name,
-            }, code)
-        series.histogram.record(exchange.elapsed_ns)
+        self.requests.record((entry, backend, code), exchange.elapsed_ns,
+                             _request_labels, entry.name, entry.version, backend, code)
         if backend is not None and exchange.upstream_ns:
-            key = (entry, backend)
-            series = self.backend_time._series.get(key)
-            if series is None:
-                series = self.backend_time.get(key, lambda: {
-                    "model": entry.name, "version": entry.version, **_backend_attributes(backend)})
-            series.histogram.record(exchange.upstream_ns)
+            self.backend_time.record((entry, backend), exchange.upstream_ns, _backend_time_labels, entry, backend)
         if exchange.batch_rows:
-            series = self.queue_time._series.get(entry)
-            if series is None:
-                series = self.queue_time.get(entry, lambda: {"model": entry.name, "version": entry.version})
-            series.histogram.record(exchange.queued_ns)
+            self.queue_time.record(entry, exchange.queued_ns, _queue_time_labels, entry)
 
     def record_refusal(self, model: str, version: str, code: grpc.StatusCode, elapsed_ns: int) -> None:
         """A request refused before admission (unknown model, invalid tensors): no backend saw it."""
-        key = ("refused", model, version, code)
-        series = self.requests._series.get(key)
-        if series is None:
-            series = self.requests.get(key, lambda: {
-                "model": model, "version": version, "pool": "", "backend": "",
-                "rpc.response.status_code": code.name,
-            }, code)
-        series.histogram.record(elapsed_ns)
+        self.requests.record(("refused", model, version, code), elapsed_ns, _request_labels, model, version, None, code)
 
     def snapshot(self) -> list[SeriesSnapshot]:
         """The request-duration series (their counts are the request counters)."""

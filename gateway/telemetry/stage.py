@@ -196,7 +196,7 @@ class TelemetryStage:
         return [Observation(s.count, s.attributes) for s in self.aggregates.snapshot()]
 
     def _errors(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(s.count, s.attributes) for s in self.aggregates.snapshot() if s.code is not OK]
+        return [Observation(s.count, s.attributes) for s in self.aggregates.snapshot() if s.failed]
 
     def _backends(self) -> list:
         fleet = getattr(self.gateway, "fleet", None)
