@@ -429,34 +429,28 @@ def _figures(sections: list[str], results: dict[str, LoadResult], batch: dict[st
             })  # fmt: skip
     if "drift" in sections:
         (off, off_label), (on, on_label) = get("batchgw", MODEL), get("driftgw", MODEL)
-        off_cpu, on_cpu = off.cpu_us_per_request(pids["batchgw"]), on.cpu_us_per_request(pids["driftgw"])
-        figures.update({
-            "drift_off_cpu_us": off_cpu,
-            "drift_on_cpu_us": on_cpu,
-            "drift_cpu_ratio": on_cpu / off_cpu,
-            "drift_off_rps": off.rps,
-            "drift_on_rps": on.rps,
-            "drift_rps_ratio": on.rps / off.rps,
-            "drift_off_batch": batch[off_label],
-            "drift_on_batch": batch[on_label],
-            "drift_off_p50_ms": off.p50_ms,
-            "drift_on_p50_ms": on.p50_ms,
-        })
+        figures.update(_on_off_figures("drift", off, pids["batchgw"], on, pids["driftgw"]))
+        figures.update({"drift_off_batch": batch[off_label], "drift_on_batch": batch[on_label]})
     if "telemetry" in sections:
         (off, _), (on, _) = get("batchgw", MODEL, TELEMETRY_CONCURRENCY), get("telgw", MODEL, TELEMETRY_CONCURRENCY)
-        off_cpu, on_cpu = off.cpu_us_per_request(pids["batchgw"]), on.cpu_us_per_request(pids["telgw"])
-        figures.update({
-            "telemetry_off_cpu_us": off_cpu,
-            "telemetry_on_cpu_us": on_cpu,
-            "telemetry_cpu_ratio": on_cpu / off_cpu,
-            "telemetry_off_rps": off.rps,
-            "telemetry_on_rps": on.rps,
-            "telemetry_rps_ratio": on.rps / off.rps,
-            "telemetry_off_p50_ms": off.p50_ms,
-            "telemetry_on_p50_ms": on.p50_ms,
-        })  # fmt: skip
+        figures.update(_on_off_figures("telemetry", off, pids["batchgw"], on, pids["telgw"]))
     figures["errors"] = sum(r.errors for r in results.values())
     return figures
+
+
+def _on_off_figures(prefix: str, off: LoadResult, off_pid: int, on: LoadResult, on_pid: int) -> dict[str, float]:
+    """A feature's cost: the same gateway config without it (off) and with it (on)."""
+    off_cpu, on_cpu = off.cpu_us_per_request(off_pid), on.cpu_us_per_request(on_pid)
+    return {
+        f"{prefix}_off_cpu_us": off_cpu,
+        f"{prefix}_on_cpu_us": on_cpu,
+        f"{prefix}_cpu_ratio": on_cpu / off_cpu,
+        f"{prefix}_off_rps": off.rps,
+        f"{prefix}_on_rps": on.rps,
+        f"{prefix}_rps_ratio": on.rps / off.rps,
+        f"{prefix}_off_p50_ms": off.p50_ms,
+        f"{prefix}_on_p50_ms": on.p50_ms,
+    }
 
 
 def _summarize(per_round: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -554,21 +548,25 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
                 f"{dynbatch}, {med(f'{case}_triton_all_cpu_us_gateway', '.0f')} via gateway; load-generator CPU µs/request "
                 f"{med(f'{case}_client_cpu_us_direct', '.0f')} direct, {med(f'{case}_client_cpu_us_gateway', '.0f')} via gateway"
             )  # fmt: skip
+    def on_off(prefix: str, mark: str) -> list[str]:
+        """The rows of a feature's on ÷ off comparison (see _on_off_figures)."""
+        body = []
+        for title, base, subject, key in (
+            (f"({mark}) gateway CPU µs/request, {prefix} on ÷ off", f"{med(f'{prefix}_off_cpu_us', '.0f')} µs",
+             f"{med(f'{prefix}_on_cpu_us', '.0f')} µs", f"{prefix}_cpu_ratio"),
+            (f"    requests/s, {prefix} on ÷ off (info)", f"{med(f'{prefix}_off_rps', ',.0f')} req/s",
+             f"{med(f'{prefix}_on_rps', ',.0f')} req/s", f"{prefix}_rps_ratio"),
+        ):  # fmt: skip
+            target, verdict = _verdict(key, summary[key]["median"])
+            body.append((title, base, subject, f"×{spread(key, '.3f')}", target, verdict))
+        return _render(("measure", f"{prefix} off", f"{prefix} on", "ratio", "target", ""), body)
+
     if "drift" in sections:
         if lines:
             lines.append("")
-        body = []
-        for title, base, subject, key, fmt in (
-            ("(e) gateway CPU µs/request, drift on ÷ off", f"{med('drift_off_cpu_us', '.0f')} µs",
-             f"{med('drift_on_cpu_us', '.0f')} µs", "drift_cpu_ratio", ".3f"),
-            ("    requests/s, drift on ÷ off (info)", f"{med('drift_off_rps', ',.0f')} req/s",
-             f"{med('drift_on_rps', ',.0f')} req/s", "drift_rps_ratio", ".3f"),
-        ):  # fmt: skip
-            target, verdict = _verdict(key, summary[key]["median"])
-            body.append((title, base, subject, f"×{spread(key, fmt)}", target, verdict))
         lines.append(f"issue 4 — {MODEL}, {HIGH_CONCURRENCY} in flight, two gateways with the default batching config, "
                      f"one adding drift: {json.dumps(DRIFT_CONFIG)} (drift defaults)")  # fmt: skip
-        lines += _render(("measure", "drift off", "drift on", "ratio", "target", ""), body)
+        lines += on_off("drift", "e")
         lines.append("")
         lines.append(
             f"context (medians): Triton mean batch {med('drift_off_batch', '.2f')} off, {med('drift_on_batch', '.2f')} on; "
@@ -577,20 +575,11 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
     if "telemetry" in sections:
         if lines:
             lines.append("")
-        body = []
-        for title, base, subject, key, fmt in (
-            ("(f) gateway CPU µs/request, telemetry on ÷ off", f"{med('telemetry_off_cpu_us', '.0f')} µs",
-             f"{med('telemetry_on_cpu_us', '.0f')} µs", "telemetry_cpu_ratio", ".3f"),
-            ("    requests/s, telemetry on ÷ off (info)", f"{med('telemetry_off_rps', ',.0f')} req/s",
-             f"{med('telemetry_on_rps', ',.0f')} req/s", "telemetry_rps_ratio", ".3f"),
-        ):  # fmt: skip
-            target, verdict = _verdict(key, summary[key]["median"])
-            body.append((title, base, subject, f"×{spread(key, fmt)}", target, verdict))
         lines.append(f"issue 5 — {MODEL}, two gateways side by side with the default batching config, "
                      f"each paced at {TELEMETRY_RATE or 'max'} req/s over {TELEMETRY_CONCURRENCY} workers, at the same time, "
                      f"one adding telemetry: {telemetry_label} (a Prometheus endpoint is scraped every {SCRAPE_S:g} s; "
                      f"runs of ≥ {TELEMETRY_SECONDS:g} s)")  # fmt: skip
-        lines += _render(("measure", "telemetry off", "telemetry on", "ratio", "target", ""), body)
+        lines += on_off("telemetry", "f")
         lines.append("")
         lines.append(f"context (medians): p50 {med('telemetry_off_p50_ms', '.2f')} ms off, "
                      f"{med('telemetry_on_p50_ms', '.2f')} ms on")
