@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gateway.ext.drift.histogram import check_same_shape, fold_tails, folded_count, folded_totals
+from gateway.ext.drift.histogram import check_same_shape, count_tables_numpy, fold_tails, folded_count, folded_totals
 
 
 @numba.njit(nogil=True, cache=True)
@@ -61,9 +61,7 @@ def chi_square_table(reference, current):
 
 def chi_square_table_numpy(reference, current):
     """NumPy twin of `chi_square_table`."""
-    reference, current = np.asarray(reference, np.float64), np.asarray(current, np.float64)
-    if reference.shape != current.shape:
-        raise ValueError("reference and current must be count tables of the same shape")
+    reference, current = count_tables_numpy(reference, current)
     rows = np.stack([reference, current], axis=1)  # [F, 2, K]
     row_totals = rows.sum(axis=2, keepdims=True)
     column_totals = rows.sum(axis=1, keepdims=True)

@@ -216,10 +216,21 @@ def folded_count(counts, feature, index, bins, fold):
     return count
 
 
+_SAME_SHAPE = "reference and current must be count tables of the same shape"
+
+
 @numba.njit(nogil=True, cache=True)
 def check_same_shape(reference, current, bins):
     if current.shape[0] != reference.shape[0] or current.shape[1] != reference.shape[1] or bins < 1:
-        raise ValueError("reference and current must be count tables of the same shape")
+        raise ValueError(_SAME_SHAPE)
+
+
+def count_tables_numpy(reference, current) -> tuple[np.ndarray, np.ndarray]:
+    """Two frequency tables [F, K] as float64, for the NumPy twins; the same check as check_same_shape."""
+    reference, current = np.asarray(reference, np.float64), np.asarray(current, np.float64)
+    if reference.shape != current.shape:
+        raise ValueError(_SAME_SHAPE)
+    return reference, current
 
 
 @numba.njit(nogil=True, cache=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gateway.ext.drift.histogram import check_same_shape, fold_tails, folded_count, folded_totals
+from gateway.ext.drift.histogram import check_same_shape, count_tables_numpy, fold_tails, folded_count, folded_totals
 
 
 @numba.njit(nogil=True, cache=True)
@@ -56,9 +56,7 @@ def jensen_shannon_table(reference, current):
 
 def jensen_shannon_table_numpy(reference, current):
     """NumPy twin of `jensen_shannon_table`."""
-    reference, current = np.asarray(reference, np.float64), np.asarray(current, np.float64)
-    if reference.shape != current.shape:
-        raise ValueError("reference and current must be count tables of the same shape")
+    reference, current = count_tables_numpy(reference, current)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = reference / reference.sum(axis=1, keepdims=True)
         q = current / current.sum(axis=1, keepdims=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gateway.ext.drift.histogram import check_same_shape, fold_tails, folded_count, folded_totals
+from gateway.ext.drift.histogram import check_same_shape, count_tables_numpy, fold_tails, folded_count, folded_totals
 
 EPSILON = 1e-4
 
@@ -57,9 +57,7 @@ def psi_table(reference, current):
 
 def psi_table_numpy(reference, current):
     """NumPy twin of `psi_table`."""
-    reference, current = np.asarray(reference, np.float64), np.asarray(current, np.float64)
-    if reference.shape != current.shape:
-        raise ValueError("reference and current must be count tables of the same shape")
+    reference, current = count_tables_numpy(reference, current)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = np.maximum(reference / reference.sum(axis=1, keepdims=True), EPSILON)
         q = np.maximum(current / current.sum(axis=1, keepdims=True), EPSILON)
