@@ -170,20 +170,16 @@ class TelemetryStage:
         their model and version only when the fleet knows them — client-chosen names must not
         mint new series — else under `_unknown`."""
         try:
-            known = self._known_models()
-            if not any(name == model for name, _ in known):
+            router, fleet = getattr(self.gateway, "router", None), getattr(self.gateway, "fleet", None)
+            known = fleet.known_models() if fleet is not None else set()
+            routed = router is None or router.routes(model)
+            if not routed or not any(name == model for name, _ in known):
                 model, version = UNKNOWN, ""
             elif version and (model, version) not in known:
                 version = UNKNOWN
             self.aggregates.record_refusal(model, version, error.code, elapsed_ns)
         except Exception:
             self._failed("refusal observer")
-
-    def _known_models(self) -> set:
-        router, fleet = getattr(self.gateway, "router", None), getattr(self.gateway, "fleet", None)
-        if fleet is None:
-            return set()
-        return {(name, version) for name, version in fleet.known_models() if router is None or router.routes(name)}
 
     def drift_hook(self, alert: dict) -> None:
         """DriftStage hook: count alerts by model, tensor, statistic and level."""
