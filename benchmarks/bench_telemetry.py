@@ -35,9 +35,8 @@ from opentelemetry.sdk.resources import Resource  # noqa: E402
 from gateway.bench.measure import best_time, format_time, machine, table  # noqa: E402
 from gateway.bench.otlp_receiver import GrpcReceiver  # noqa: E402
 from gateway.protocol import pb  # noqa: E402
-from gateway.server.exchange import Exchange  # noqa: E402
-from gateway.server.pipeline import ModelEntry  # noqa: E402
-from gateway.server.validation import ModelSignature  # noqa: E402
+from gateway.pipeline.exchange import Exchange, ModelEntry  # noqa: E402
+from gateway.protocol.tensors import ModelSignature  # noqa: E402
 from gateway.telemetry.aggregates import OK, RequestAggregates  # noqa: E402
 from gateway.telemetry.config import TelemetryConfig  # noqa: E402
 from gateway.telemetry.tracing import Tracing  # noqa: E402

@@ -3,6 +3,9 @@ from typing import SupportsFloat, SupportsIndex
 
 from typing_extensions import Buffer
 
+DATATYPE_ITEMSIZE: dict[str, int]
+"""Bytes per element of each datatype typed_to_raw converts."""
+
 def gather(parts: Iterable[Buffer]) -> bytearray:
     """Concatenate the raw tensor bytes of N requests into one new buffer: one allocation, one memcpy per part."""
 

@@ -93,6 +93,8 @@ cdef dict _DATATYPES = {
     "FP32": DT_FP32, "FP64": DT_FP64,
 }
 cdef Py_ssize_t[11] _ITEMSIZE = [1, 1, 2, 4, 8, 1, 2, 4, 8, 4, 8]
+#: Bytes per element of each datatype these kernels convert (tests hold it equal to gateway/protocol/tensors.py).
+DATATYPE_ITEMSIZE = {name: _ITEMSIZE[code] for name, code in _DATATYPES.items()}
 # Inclusive bounds of the signed and narrow unsigned types (UINT64 is checked on its own).
 cdef int64_t[11] _LOW = [0, -128, -32768, -2147483648, INT64_MIN, 0, 0, 0, 0, 0, 0]
 cdef int64_t[11] _HIGH = [1, 127, 32767, 2147483647, INT64_MAX, 255, 65535, 4294967295, 0, 0, 0]

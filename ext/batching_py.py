@@ -17,6 +17,8 @@ _DTYPES = {
     "INT64": np.dtype("<i8"), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
     "UINT64": np.dtype("<u8"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
 }
+#: Bytes per element of each datatype these kernels convert (tests hold it equal to gateway/protocol/tensors.py).
+DATATYPE_ITEMSIZE = {name: dtype.itemsize for name, dtype in _DTYPES.items()}
 _BOUNDS = {name: (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)) for name, dtype in _DTYPES.items() if dtype.kind in "iu"}
 
 

@@ -34,7 +34,7 @@ def _install_loop() -> None:
 
 
 async def _serve(config) -> None:
-    from gateway.server.app import Gateway
+    from gateway.app import Gateway
 
     gateway = Gateway(config)
     await gateway.start()

@@ -63,9 +63,6 @@ class GatewayConfig:
                         f"unknown pool {pool!r}; expected one of: {', '.join(self.pools)}",
                     )
 
-    def default_pool_order(self) -> tuple[str, ...]:
-        return tuple(self.pools)
-
     def with_listen(self, listen: str) -> "GatewayConfig":
         return dataclasses.replace(self, listen=listen)
 

@@ -23,7 +23,7 @@ import numpy as np
 from gateway.config import config_from_mapping
 from gateway.local.triton import LocalTriton, default_model_repository, find_free_port
 from gateway.protocol import pb
-from gateway.server.app import Gateway
+from gateway.app import Gateway
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 DRIFTED_FEATURE = 3
@@ -123,7 +123,7 @@ def _summary(gateway: Gateway, tally: Tally, seconds: float, pools: dict[str, Lo
                  "gathered while they are busy)")
     lines.append(f"{'model':<16}{'requests':>10}{'batches':>9}{'mean rows':>11}{'largest':>9}"
                  f"{'mean wait µs':>14}  why sent")
-    for key, batching in gateway.batching.statistics().items():
+    for key, batching in gateway.batching.snapshot().items():
         if not batching["batches"]:
             continue
         reasons = ", ".join(f"{why} {count}" for why, count in sorted(batching["reasons"].items()))

@@ -8,12 +8,13 @@
     ├── DeadlineExceeded              the client's deadline ran out at the gateway
     ├── Unimplemented                 an API that cannot cross the gateway (shared memory)
     ├── PermissionDenied              an API the gateway refuses on purpose (repository control)
-    └── BackendError                  a status reported by a Triton backend, passed through
+    ├── BackendError                  a status reported by a Triton backend, passed through
+    └── InternalError                 a gateway bug: INTERNAL, never a backend's fault
 
     ConfigError (ValueError)          invalid configuration; names the key path
 
 Errors are raised as these classes inside the gateway and translated to a gRPC status only at the
-front door (gateway/server/), the way httpx translates only at layer boundaries.
+front door (gateway/server/rpc.py `status_of`), the way httpx translates only at layer boundaries.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class BackendError(GatewayError):
         super().__init__(message)
         self.code = code
         self.backend = backend
+
+
+class InternalError(GatewayError):
+    """A bug in the gateway itself (an unexpected exception), reported as INTERNAL."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 class ConfigError(ValueError):

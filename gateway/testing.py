@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from typing import Any, Coroutine
 
 from gateway.config import GatewayConfig, config_from_mapping
-from gateway.server.app import Gateway
+from gateway.app import Gateway
 
 
 class GatewayThread:

@@ -104,7 +104,7 @@ def test_batched_outputs_equal_each_request_sent_alone(triton, fixed_window, cas
 def test_concurrent_requests_really_share_batches(fixed_window):
     cases = [("simple_scale", 2, seed) for seed in range(24)]
     asyncio.run(_infer_all(fixed_window.address, cases))
-    stats = fixed_window.call(fixed_window.gateway.statistics)["batching"]["simple_scale:1"]
+    stats = fixed_window.call(fixed_window.gateway.snapshot)["batching"]["simple_scale:1"]
     assert stats["batches"] < stats["requests"], stats
     assert max(stats["batch_sizes"]) > 2, stats
 
@@ -148,7 +148,7 @@ def test_backend_failure_fails_only_its_batch(tritons):
             return failing, later
 
         failing, later = asyncio.run(scenario())
-        stats = gateway.call(gateway.gateway.statistics)["batching"]["fail_on_demand:1"]
+        stats = gateway.call(gateway.gateway.snapshot)["batching"]["fail_on_demand:1"]
         assert stats["batch_sizes"].get(4) == 2, stats  # both groups of four were one batch each
         for error in failing:
             assert isinstance(error, triton_grpc.InferenceServerException)
@@ -191,7 +191,7 @@ def test_unmeetable_deadline_is_not_sent(tritons):
         with pytest.raises(triton_grpc.InferenceServerException) as error:
             client.infer("fixed_cost", inputs, client_timeout=0.0015)
         assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-        stats = gateway.call(gateway.gateway.statistics)
+        stats = gateway.call(gateway.gateway.snapshot)
         assert sum(b["served"] for b in stats["backends"].values()) == served, "the request must not be sent"
 
 
@@ -203,7 +203,7 @@ def test_deadline_sends_a_batch_early(tritons):
         client.infer("simple_scale", inputs)  # waits out the window; the queue learns the latency
         result = client.infer("simple_scale", inputs, client_timeout=0.3)
         assert result.as_numpy("OUTPUT0").shape == (1, 16)
-        stats = gateway.call(gateway.gateway.statistics)["batching"]["simple_scale:1"]
+        stats = gateway.call(gateway.gateway.snapshot)["batching"]["simple_scale:1"]
         assert stats["reasons"] == {"delay": 1, "deadline": 1}
         assert stats["max_queue_delay_us"] < 1_000_000 + 50_000
 
@@ -215,7 +215,7 @@ def test_unbatchable_models_pass_straight_through(gateway):
         sequence_id=777, sequence_start=True, sequence_end=True,
     )
     assert int(result.as_numpy("OUTPUT")[0, 0]) == 5
-    batching = gateway.call(gateway.gateway.statistics)["batching"]
+    batching = gateway.call(gateway.gateway.snapshot)["batching"]
     assert "accumulate_sequence:1" not in batching
 
 
@@ -223,7 +223,7 @@ async def test_priority_levels_fill_batches_first():
     """Unit test of the queue alone (a recording `send` stands in for the backend)."""
     from gateway.batching.config import BatchingPolicy
     from gateway.batching.queue import BatchQueue
-    from gateway.batching.stats import BatchStats
+    from gateway.batching.counters import BatchCounters
 
     sent: list[list[str]] = []
 
@@ -233,7 +233,7 @@ async def test_priority_levels_fill_batches_first():
             p.future.set_result(p.item)
 
     policy = BatchingPolicy(mode="fixed", max_queue_delay_us=30_000, priority_levels=2)
-    queue = BatchQueue("m", policy, max_rows=4, send=send, capacity=lambda: 1, stats=BatchStats())
+    queue = BatchQueue("m", policy, max_rows=4, send=send, capacity=lambda: 1, counters=BatchCounters())
     first_low = queue.put("low-a", 2, None, 2)
     default_low = queue.put("low-b", 1, None, 0)  # no priority: the default, lowest level
     high = queue.put("high-a", 2, None, 1)  # 5 rows wait for 4 slots: a full batch leaves
@@ -241,7 +241,7 @@ async def test_priority_levels_fill_batches_first():
     # The high-priority request takes its place first although it came last; the low ones fill
     # the rest in arrival order, and what does not fit waits for the window.
     assert sent == [["high-a", "low-a"], ["low-b"]]
-    assert queue.stats.reasons == {"full": 1, "delay": 1}
+    assert queue.counters.reasons == {"full": 1, "delay": 1}
 
 
 def test_model_statistics_show_the_gateways_batches(tmp_path):
@@ -253,7 +253,7 @@ def test_model_statistics_show_the_gateways_batches(tmp_path):
             asyncio.run(_infer_all(gateway.address, [("add_sub", 1, seed) for seed in range(12)]))
             client = triton_grpc.InferenceServerClient(gateway.address)
             stats = client.get_inference_statistics("add_sub").model_stats[0]
-            own = gateway.call(gateway.gateway.statistics)["batching"]["add_sub:1"]
+            own = gateway.call(gateway.gateway.snapshot)["batching"]["add_sub:1"]
     finally:
         own_triton.kill()
     assert stats.inference_count == own["requests"] == 12

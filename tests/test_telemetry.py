@@ -203,7 +203,7 @@ def test_prometheus_histograms_of_queue_backend_batch_size_and_routing(tritons, 
 
     with GatewayThread(config) as thread:
         asyncio.run(burst(thread.address))
-        batches = thread.call(lambda: thread.gateway.batching.statistics()[f"{model}:1"]["batches"])
+        batches = thread.call(lambda: thread.gateway.batching.snapshot()[f"{model}:1"]["batches"])
         selector = f'{{model="{model}"}}'
         queries = {
             f"sum(tensorgate_request_duration_seconds_bucket{{model=\"{model}\",le=\"+Inf\"}})": n,

@@ -2,9 +2,10 @@
 
 On the hot path (one call per request or batch block, `nogil`, in place):
     update_histogram(counts, edges, block)     binned counts + below / above / NaN / inf   histogram.py
+    update_bytes_buckets(counts, raw)          hashed buckets of KServe BYTES elements     categorical.py
+Library kernels the gateway does not call (offline analysis, tests; compiled on first use, not at start):
     update_moments(state, block)               running count, mean, M2 (Welford / Chan)    moments.py
     update_buckets(counts, values)             hashed buckets of integer categories        categorical.py
-    update_bytes_buckets(counts, raw)          hashed buckets of KServe BYTES elements     categorical.py
 When a window closes, one call per statistic, float64[F] out:
     population_stability_index, jensen_shannon_distance, ks_statistic, wasserstein_distance,
     chi_square_statistic (histograms int64[F, B+4]; modules psi, jensen_shannon, ks, wasserstein, chi_square);
@@ -12,7 +13,8 @@ When a window closes, one call per statistic, float64[F] out:
 
 `TENSORGATE_NO_EXTENSIONS=1` exports the `*_numpy` twins under the same names (as gateway.ext does).
 Kernels compile on first call and are cached on disk (`cache=True`, in this package's __pycache__);
-`warm_up()` compiles every one for the dtypes the gateway feeds them, so no request pays for it.
+`warm_up()` compiles every kernel the gateway calls, for the dtypes it feeds them, so no request
+pays for it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_nu
     "chi_square_table": chi_square,
 }
 
+#: The kernels the gateway calls, which warm_up() compiles at start; the others compile on first use.
+GATEWAY_KERNELS = frozenset(KERNELS) - {"update_moments", "merge_moments", "update_buckets"}
+
 _suffix = "" if USING_EXTENSIONS else "_numpy"
 update_histogram = getattr(histogram, "update_histogram" + _suffix)
 update_moments = getattr(moments, "update_moments" + _suffix)
@@ -62,12 +67,11 @@ chi_square_table = getattr(chi_square, "chi_square_table" + _suffix)
 
 
 def warm_up() -> float:
-    """Compile (or load from the disk cache) every kernel for the argument types the gateway uses.
+    """Compile (or load from the disk cache) every kernel the gateway calls, for its argument types.
 
     Blocks: float32 and float64, C-contiguous, writable and read-only (np.frombuffer over a request's
-    raw contents is read-only, a distinct Numba type); categories int32 and int64; BYTES as a
-    read-only or writable uint8 buffer. Returns the seconds it took. A no-op under
-    TENSORGATE_NO_EXTENSIONS=1.
+    raw contents is read-only, a distinct Numba type); BYTES as a read-only or writable uint8
+    buffer. Returns the seconds it took. A no-op under TENSORGATE_NO_EXTENSIONS=1.
     """
     started = time.perf_counter()
     if not USING_EXTENSIONS:
@@ -75,18 +79,11 @@ def warm_up() -> float:
     features, bins, buckets = 2, 4, 8
     edges = histogram.quantile_edges(np.arange(8.0).reshape(4, 2), bins)
     counts = new_histogram(edges)
-    state = new_moments(features)
     for dtype in (np.float32, np.float64):
         block = np.zeros((3, features), dtype)
         for variant in (block, _read_only(block)):
             histogram.update_histogram(counts, edges, variant)
-            moments.update_moments(state, variant)
-    moments.merge_moments(state, state)
     table = np.ones((features, buckets), np.int64)
-    for dtype in (np.int32, np.int64):
-        values = np.zeros((3, features), dtype)
-        categorical.update_buckets(table, values)
-        categorical.update_buckets(table, _read_only(values))
     raw = b"\x01\x00\x00\x00a\x00\x00\x00\x00"
     categorical.update_bytes_buckets(table, np.frombuffer(raw, np.uint8))
     categorical.update_bytes_buckets(table, np.frombuffer(bytearray(raw), np.uint8))
@@ -105,7 +102,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
-    "ABOVE", "BELOW", "EXTRA_COLUMNS", "INF", "KERNELS", "NAN", "USING_EXTENSIONS",
+    "ABOVE", "BELOW", "EXTRA_COLUMNS", "GATEWAY_KERNELS", "INF", "KERNELS", "NAN", "USING_EXTENSIONS",
     "as_raw", "chi_square_statistic", "chi_square_table", "chi_square_test", "fold_tails",
     "jensen_shannon_distance", "jensen_shannon_table", "ks_statistic", "merge_moments", "new_histogram",
     "new_moments", "population_stability_index", "psi_table", "quantile_edges", "update_buckets",

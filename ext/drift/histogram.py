@@ -186,11 +186,6 @@ def quantile_edges(reference, bins: int) -> np.ndarray:
     return edges
 
 
-def bin_widths(edges) -> np.ndarray:
-    """float64[F, B]: the width of each in-range bin."""
-    return np.diff(np.asarray(edges, np.float64), axis=1)
-
-
 # ---------------------------------------------------------------- folded tails, for PSI / JS / chi²
 # The statistics that compare bin shares fold BELOW into the first in-range bin and ABOVE into the
 # last (NAN and INF are left out); frequency tables [F, K] are used as they are (fold=False).
@@ -199,9 +194,9 @@ def bin_widths(edges) -> np.ndarray:
 def fold_tails(counts) -> np.ndarray:
     """int64[F, B]: a histogram's in-range bins with BELOW added to the first and ABOVE to the last."""
     counts = np.asarray(counts)
-    folded = counts[:, :-4].copy()
-    folded[:, 0] += counts[:, -4]
-    folded[:, -1] += counts[:, -3]
+    folded = counts[:, :-EXTRA_COLUMNS].copy()
+    folded[:, 0] += counts[:, BELOW]
+    folded[:, -1] += counts[:, ABOVE]
     return folded
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from gateway.ext.drift.histogram import ABOVE, BELOW, EXTRA_COLUMNS
+
 
 @numba.njit(nogil=True, cache=True)
 def ks(reference, current):
     """float64[F]: binned two-sample KS statistic between histograms int64[F, B+4]."""
     features = reference.shape[0]
-    bins = reference.shape[1] - 4
+    bins = reference.shape[1] - EXTRA_COLUMNS
     if current.shape[0] != features or current.shape[1] != reference.shape[1] or bins < 1:
         raise ValueError("reference and current must be histograms int64[F, B+4] of the same shape")
     result = np.empty(features, np.float64)
@@ -51,7 +53,7 @@ def ks_numpy(reference, current):
         raise ValueError("reference and current must be histograms int64[F, B+4] of the same shape")
 
     def cdf_at_edges(counts):
-        ordered = np.concatenate([counts[:, -4:-3], counts[:, :-4]], axis=1)  # BELOW, then the bins
+        ordered = np.concatenate([counts[:, BELOW:ABOVE], counts[:, :-EXTRA_COLUMNS]], axis=1)  # BELOW, then the bins
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.cumsum(ordered, axis=1) / counts[:, :-2].sum(axis=1, keepdims=True)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gateway.ext.drift.histogram import check_same_shape, count_tables_numpy, fold_tails, folded_count, folded_totals
+from gateway.ext.drift.histogram import EXTRA_COLUMNS, check_same_shape, count_tables_numpy, fold_tails, folded_count, folded_totals
 
 EPSILON = 1e-4
 
@@ -46,7 +46,7 @@ def _psi(reference, current, bins, fold):
 @numba.njit(nogil=True, cache=True)
 def psi(reference, current):
     """float64[F]: PSI between histograms int64[F, B+4] (tails folded, NaN/inf left out)."""
-    return _psi(reference, current, reference.shape[1] - 4, True)
+    return _psi(reference, current, reference.shape[1] - EXTRA_COLUMNS, True)
 
 
 @numba.njit(nogil=True, cache=True)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from gateway.ext.drift.histogram import ABOVE, BELOW, EXTRA_COLUMNS
+
 
 @numba.njit(nogil=True, cache=True)
 def _segment(d0, d1, width):
@@ -33,7 +35,7 @@ def _segment(d0, d1, width):
 def wasserstein(reference, current, edges):
     """float64[F]: binned Wasserstein-1 distance between histograms int64[F, B+4] over `edges[F, B+1]`."""
     features = reference.shape[0]
-    bins = reference.shape[1] - 4
+    bins = reference.shape[1] - EXTRA_COLUMNS
     if (current.shape[0] != features or current.shape[1] != reference.shape[1] or bins < 1
             or edges.shape[0] != features or edges.shape[1] != bins + 1):
         raise ValueError("reference, current must be histograms int64[F, B+4] over edges float64[F, B+1]")
@@ -68,7 +70,7 @@ def wasserstein_numpy(reference, current, edges):
         raise ValueError("reference, current must be histograms int64[F, B+4] over edges float64[F, B+1]")
 
     def cdf_at_edges(counts):
-        ordered = np.concatenate([counts[:, -4:-3], counts[:, :-4]], axis=1)
+        ordered = np.concatenate([counts[:, BELOW:ABOVE], counts[:, :-EXTRA_COLUMNS]], axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.cumsum(ordered, axis=1) / counts[:, :-2].sum(axis=1, keepdims=True)
 

@@ -7,20 +7,20 @@ import sys
 
 import grpc
 
-from gateway.admin.drift_service import SERVICE, _messages
+from gateway.admin.drift_service import SERVICE, messages
 
 LEVEL_MARK = {"ok": " ", "warning": "!", "alert": "‼"}
 
 
 def fetch_report(address: str, model: str, timeout: float = 10.0):
-    messages = _messages()
+    admin_messages = messages()
     with grpc.insecure_channel(address) as channel:
         call = channel.unary_unary(
             f"/{SERVICE}/GetDriftReport",
             request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=messages["DriftReport"].FromString,
+            response_deserializer=admin_messages["DriftReport"].FromString,
         )
-        return call(messages["DriftReportRequest"](model=model), timeout=timeout)
+        return call(admin_messages["DriftReportRequest"](model=model), timeout=timeout)
 
 
 def format_report(report) -> str:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-
-import grpc
-import numpy as np
+from typing import Callable
 
 from gateway.drift.stage import DriftStage
-from gateway.errors import GatewayError, InvalidArgument, NotFound
+from gateway.errors import InvalidArgument, NotFound
 from gateway.protocol import message_class
+from gateway.server.rpc import Call, Method, methods_of, parse_request
 
 SERVICE = "tensorgate.admin.v1.DriftService"
 
 
-def _messages() -> dict[str, type]:
+def messages() -> dict[str, type]:
+    """The admin service's message classes by short name."""
     names = ["DriftReportRequest", "DriftReport", "ListAlertsRequest", "ListAlertsResponse", "SetReferenceRequest",
              "ResetReferenceRequest", "SetReferenceResponse", "DriftAlert"]
     return {name: message_class(f"tensorgate.admin.v1.{name}") for name in names}
@@ -23,34 +23,28 @@ def _messages() -> dict[str, type]:
 class DriftService:
     def __init__(self, drift: DriftStage) -> None:
         self.drift = drift
-        self.m = _messages()
+        self.m = messages()
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        methods = {
-            "GetDriftReport": (self.get_report, "DriftReportRequest"),
-            "ListAlerts": (self.list_alerts, "ListAlertsRequest"),
-            "SetReference": (self.set_reference, "SetReferenceRequest"),
-            "ResetReference": (self.reset_reference, "ResetReferenceRequest"),
-        }
-        handlers = {
-            name: grpc.unary_unary_rpc_method_handler(
-                self._translated(fn),
-                request_deserializer=self.m[request_type].FromString,
-                response_serializer=lambda message: message.SerializeToString(),
-            )
-            for name, (fn, request_type) in methods.items()
-        }
-        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+    def __repr__(self) -> str:
+        return f"<DriftService {self.drift!r}>"
 
-    @staticmethod
-    def _translated(fn):
-        async def call(request, context):
-            try:
-                return fn(request)
-            except GatewayError as error:
-                await context.abort(error.code, error.message)
+    def methods(self) -> list[Method]:
+        return methods_of(SERVICE, {
+            "GetDriftReport": self._raw(self.get_report, "DriftReportRequest"),
+            "ListAlerts": self._raw(self.list_alerts, "ListAlertsRequest"),
+            "SetReference": self._raw(self.set_reference, "SetReferenceRequest"),
+            "ResetReference": self._raw(self.reset_reference, "ResetReferenceRequest"),
+        })
 
-        return call
+    def _raw(self, handler: Callable, request_type: str) -> Callable:
+        """A raw-bytes handler around one that takes and returns messages."""
+        message_type = self.m[request_type]
+
+        async def serve(raw: bytes, call: Call) -> bytes:
+            return handler(parse_request(message_type, raw)).SerializeToString()
+
+        serve.__name__ = handler.__name__
+        return serve
 
     def _monitor(self, model: str):
         monitor = self.drift.monitors.get(model)
@@ -90,32 +84,24 @@ class DriftService:
         monitor = self._monitor(request.model)
         source = request.WhichOneof("source")
         if source == "from_current_window":
-            changed = 0
-            for tensor in monitor.tensors.values():
-                if tensor.reference is not None and tensor._ring:
-                    tensor.set_reference_counts(tensor.edges, tensor.window())
-                    changed += 1
+            changed = monitor.reference_from_current_window()
             if not changed:
                 raise InvalidArgument(f"model '{request.model}' has no full window yet to take as its reference")
             return self.m["SetReferenceResponse"](message=f"reference of {changed} tensor(s) set from the current window")
         if source == "profile_json":
             try:
-                profile = json.loads(request.profile_json)
-                for key, entry in profile.items():
-                    kind, _, name = key.partition("/")
-                    monitor._monitor(name, kind).set_reference_counts(np.array(entry["edges"]), np.array(entry["reference"]))
+                changed = monitor.load_profile(json.loads(request.profile_json))
             except (ValueError, KeyError, TypeError) as error:
                 raise InvalidArgument(
                     f"profile_json is not a drift profile ({error}); expected "
                     '{"input/NAME": {"edges": [[...]], "reference": [[...]]}}'
                 ) from None
-            return self.m["SetReferenceResponse"](message=f"reference of {len(profile)} tensor(s) set from the profile")
+            return self.m["SetReferenceResponse"](message=f"reference of {changed} tensor(s) set from the profile")
         raise InvalidArgument("expected from_current_window or profile_json")
 
     def reset_reference(self, request):
         monitor = self._monitor(request.model)
-        for tensor in monitor.tensors.values():
-            tensor.forget_reference()
+        monitor.forget_references()
         return self.m["SetReferenceResponse"](
             message=f"reference forgotten; learning it from the next {monitor.config.reference.learn_rows} rows"
         )

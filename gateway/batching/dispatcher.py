@@ -9,30 +9,41 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 from gateway.batching.config import BatchingConfig, BatchingPolicy
 from gateway.batching.merge import batch_key, merge, split
-from gateway.batching.queue import BatchQueue, Pending
-from gateway.batching.stats import BatchStats
+from gateway.batching.queue import BatchQueue, Queued
+from gateway.batching.counters import BatchCounters
 from gateway.errors import InvalidArgument
 from gateway.ext import bytes_typed_to_raw, typed_to_raw
+from gateway.pipeline.exchange import Exchange, ModelEntry
+from gateway.protocol.tensors import CONTENTS_FIELD
+from gateway.routing.dispatcher import DirectDispatcher
 from gateway.routing.router import Router
-from gateway.server.exchange import Exchange
-from gateway.server.pipeline import DirectDispatcher, ModelEntry
-from gateway.server.validation import CONTENTS_FIELD
 
 log = logging.getLogger(__name__)
 
 
+class BatchedModel(NamedTuple):
+    """A model version that batches, as readers outside the stage (metrics, snapshots) see it."""
+
+    model: str
+    version: str
+    counters: BatchCounters
+    waiting: int
+    """Requests waiting in its queues now."""
+
+
 class _ModelBatching:
-    """Batching state of one model version: its policy, its queues (one per batch key), its stats."""
+    """Batching state of one model version: its policy, its queues (one per batch key), its counters."""
 
     def __init__(self, entry: ModelEntry, policy: BatchingPolicy, max_rows: int) -> None:
         self.entry = entry
         self.policy = policy
         self.max_rows = max_rows
         self.queues: dict[tuple, BatchQueue] = {}
-        self.stats = BatchStats()
+        self.counters = BatchCounters()
 
     def __repr__(self) -> str:
         return f"<ModelBatching {self.entry.name} v{self.entry.version} max_rows={self.max_rows} queues={len(self.queues)}>"
@@ -114,7 +125,7 @@ class BatchingDispatcher:
         def capacity() -> int:
             return max(1, self.router.healthy_count(entry.name, entry.version)) * per_backend
 
-        async def send(batch: list[Pending]) -> None:
+        async def send(batch: list[Queued]) -> None:
             for pending in batch:
                 pending.item.queued_ns = int(pending.waited_s * 1e9)
             if len(batch) == 1:  # nothing to merge: the request goes as it came
@@ -136,32 +147,32 @@ class BatchingDispatcher:
             finally:
                 for member in members:
                     member.took_batch(merged)
-            for pending, single in zip(batch, split(response, rows)):
+            for pending, single in zip(batch, split(response, rows, merged.backend.address)):
                 if not pending.future.done():
                     pending.future.set_result(single)
 
-        return BatchQueue(entry.name, batching.policy, batching.max_rows, send, capacity, batching.stats)
+        return BatchQueue(entry.name, batching.policy, batching.max_rows, send, capacity, batching.counters)
 
-    def batch_stats(self, model: str, version: str) -> BatchStats | None:
+    def batch_counters(self, model: str, version: str) -> BatchCounters | None:
         batching = self._models.get((model, version))
-        return batching.stats if batching is not None else None
+        return batching.counters if batching is not None else None
 
-    def batched(self) -> list[tuple[str, str, BatchStats, int]]:
-        """(model, version, its BatchStats, requests waiting now) of every model version that batches.
+    def batched_models(self) -> list[BatchedModel]:
+        """Every model version that batches, with its counters and the requests waiting now.
 
         Safe to call from another thread (a metrics exporter): it copies the dicts it walks."""
         return [
-            (name, version, batching.stats, sum(queue.size for queue in list(batching.queues.values())))
+            BatchedModel(name, version, batching.counters, sum(queue.size for queue in list(batching.queues.values())))
             for (name, version), batching in sorted(dict(self._models).items())
             if batching is not None
         ]
 
-    def statistics(self) -> dict[str, dict]:
+    def snapshot(self) -> dict[str, dict]:
         """Per model ('name:version'): batch sizes, queue delay, dispatch reasons, queues."""
         report = {}
-        for name, version, stats, waiting in self.batched():
+        for name, version, counters, waiting in self.batched_models():
             batching = self._models[(name, version)]
-            snapshot = stats.snapshot()
+            snapshot = counters.snapshot()
             snapshot["mode"] = batching.policy.mode
             snapshot["max_batch_rows"] = batching.max_rows
             snapshot["waiting"] = waiting

@@ -16,7 +16,7 @@ import grpc
 from gateway.errors import BackendError
 from gateway.ext import gather, scatter, scatter_bytes
 from gateway.protocol import pb
-from gateway.server.validation import ELEMENT_BYTES
+from gateway.protocol.tensors import ELEMENT_BYTES
 
 #: Request parameters the gateway consumes itself; they do not split batches.
 SCHEDULING_PARAMETERS = frozenset({"priority", "timeout"})

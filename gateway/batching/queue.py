@@ -23,10 +23,8 @@ import time
 from typing import Awaitable, Callable
 
 from gateway.batching.config import BatchingPolicy
-from gateway.batching.stats import BatchStats
-import grpc
-
-from gateway.errors import BackendError, DeadlineExceeded, GatewayError, ResourceExhausted
+from gateway.batching.counters import BatchCounters
+from gateway.errors import DeadlineExceeded, GatewayError, InternalError, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +37,7 @@ MIN_DEADLINE_MARGIN_S = 0.002
 LATENCY_EWMA_ALPHA = 0.2
 
 
-class Pending:
+class Queued:
     """A request waiting in a batch queue. `item` is what the caller queued (the batching dispatcher
     queues the request's Exchange). `waited_s` is set when its batch leaves: time in the queue."""
 
@@ -54,7 +52,7 @@ class Pending:
         self.waited_s = 0.0
 
 
-SendBatch = Callable[[list[Pending]], Awaitable[None]]
+SendBatch = Callable[[list[Queued]], Awaitable[None]]
 
 
 class BatchQueue:
@@ -70,7 +68,7 @@ class BatchQueue:
         max_rows: int,
         send: SendBatch,
         capacity: Callable[[], int],
-        stats: BatchStats,
+        counters: BatchCounters,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
@@ -82,8 +80,8 @@ class BatchQueue:
         self._send = send
         self._capacity = capacity
         self._clock = clock
-        self.stats = stats
-        self._levels: list[collections.deque[Pending]] = [collections.deque() for _ in range(policy.priority_levels)]
+        self.counters = counters
+        self._levels: list[collections.deque[Queued]] = [collections.deque() for _ in range(policy.priority_levels)]
         self.size = 0  # requests waiting
         self.rows = 0  # rows waiting
         self.inflight = 0  # batches sent, not yet answered
@@ -106,20 +104,20 @@ class BatchQueue:
         """Queue a validated request; the returned future resolves to its own response."""
         now = self._clock()
         if self.size >= self.policy.max_queue_size:
-            self.stats.rejected_full += 1
+            self.counters.rejected_full += 1
             raise ResourceExhausted(
                 f"model '{self.model}': batching queue is full ({self.policy.max_queue_size} requests waiting); "
                 "retry later or raise batching max_queue_size"
             )
         if deadline is not None and deadline - now < self.backend_latency_s:
-            self.stats.rejected_deadline += 1
+            self.counters.rejected_deadline += 1
             raise DeadlineExceeded(
                 f"model '{self.model}': the request's deadline ({(deadline - now) * 1e3:.2f} ms left) cannot be "
                 f"met: its backend answers in ~{self.backend_latency_s * 1e3:.2f} ms; the request was not sent"
             )
         future = asyncio.get_running_loop().create_future()
         level = self._level(priority)
-        self._levels[level].append(Pending(item, rows, future, deadline, now))
+        self._levels[level].append(Queued(item, rows, future, deadline, now))
         self.size += 1
         self.rows += rows
         if deadline is not None:
@@ -231,9 +229,9 @@ class BatchQueue:
 
     # ---- sending -------------------------------------------------------------------------------
 
-    def _take(self, now: float) -> list[Pending]:
+    def _take(self, now: float) -> list[Queued]:
         """Up to max_rows rows of live requests, highest priority first, FIFO within a level."""
-        batch: list[Pending] = []
+        batch: list[Queued] = []
         rows = 0
         for level in self._levels:
             while level:
@@ -243,7 +241,7 @@ class BatchQueue:
                     continue
                 if head.deadline is not None and head.deadline <= now:
                     self._pop(level)
-                    self.stats.expired += 1
+                    self.counters.expired += 1
                     head.future.set_exception(
                         DeadlineExceeded(f"model '{self.model}': deadline passed while waiting for a batch; not sent")
                     )
@@ -254,7 +252,7 @@ class BatchQueue:
                 rows += head.rows
         return batch
 
-    def _pop(self, level: collections.deque) -> Pending:
+    def _pop(self, level: collections.deque) -> Queued:
         pending = level.popleft()
         self.size -= 1
         self.rows -= pending.rows
@@ -269,12 +267,12 @@ class BatchQueue:
         self.inflight += 1
         for pending in batch:
             pending.waited_s = now - pending.enqueued
-        self.stats.record_batch(reason, sum(p.rows for p in batch), [p.waited_s for p in batch])
+        self.counters.record_batch(reason, sum(p.rows for p in batch), [p.waited_s for p in batch])
         task = asyncio.ensure_future(self._run(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[Pending]) -> None:
+    async def _run(self, batch: list[Queued]) -> None:
         started = self._clock()
         try:
             await self._send(batch)
@@ -282,7 +280,7 @@ class BatchQueue:
             self._fail(batch, error)
         except Exception as error:  # a gateway bug must not leave requests waiting forever
             log.exception("model '%s': batch failed unexpectedly", self.model)
-            self._fail(batch, BackendError(grpc.StatusCode.INTERNAL, f"internal gateway error while batching: {error!r}"))
+            self._fail(batch, InternalError(f"internal gateway error while batching: {error!r}"))
         finally:
             elapsed = self._clock() - started
             self.backend_latency_s += LATENCY_EWMA_ALPHA * (elapsed - self.backend_latency_s)
@@ -291,7 +289,7 @@ class BatchQueue:
                 self._schedule(self._clock(), end_of_turn=True)
 
     @staticmethod
-    def _fail(batch: list[Pending], error: GatewayError) -> None:
+    def _fail(batch: list[Queued], error: GatewayError) -> None:
         for pending in batch:
             if not pending.future.done():
                 pending.future.set_exception(error)

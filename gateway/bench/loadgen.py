@@ -29,6 +29,7 @@ import grpc
 import numpy as np
 
 from gateway.bench.cpu import cpu_seconds_many
+from gateway.protocol.tensors import NUMPY_DTYPES
 
 __all__ = [
     "LoadResult",
@@ -41,16 +42,6 @@ __all__ = [
 
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
-_NUMPY_DTYPES = {
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "UINT8": np.uint8,
-}
 _MAX_ERROR_SAMPLES = 5
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -118,7 +109,7 @@ def build_infer_request(
     """A serialized ModelInferRequest with one [rows, cols] input in raw_input_contents."""
     from gateway.protocol import pb
 
-    values = np.arange(rows * cols, dtype=_NUMPY_DTYPES[datatype]).reshape(rows, cols)
+    values = np.arange(rows * cols, dtype=NUMPY_DTYPES[datatype]).reshape(rows, cols)
     request = pb.ModelInferRequest(model_name=model, model_version=model_version)
     tensor = request.inputs.add()
     tensor.name = input_name
@@ -320,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1, help="rows per request (batch dimension)")
     parser.add_argument("--cols", type=int, default=16, help="elements per row")
     parser.add_argument("--input", default="INPUT0", help="input tensor name")
-    parser.add_argument("--datatype", default="FP32", choices=sorted(_NUMPY_DTYPES))
+    parser.add_argument("--datatype", default="FP32", choices=sorted(NUMPY_DTYPES))
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
     parser.add_argument("--rate", type=float, help="pace the load at this many requests/s in total (default: as fast as answered)")
     parser.add_argument("--cpu-pid", type=int, action="append", default=[], help="pid whose CPU time to measure")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -21,13 +20,7 @@ from gateway.drift.alerts import OK, AlertState
 from gateway.drift.config import ModelDriftConfig
 from gateway.drift.reservoir import Reservoir
 from gateway.ext import drift as kernels
-
-#: numpy dtype of each numeric KServe datatype (BYTES tensors are not histogrammed here).
-NUMPY_DTYPES = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16,
-    "FP16": np.float16, "UINT32": np.uint32, "INT32": np.int32, "FP32": np.float32,
-    "UINT64": np.uint64, "INT64": np.int64, "FP64": np.float64,
-}
+from gateway.protocol.tensors import NUMPY_DTYPES
 
 STATISTIC_KERNELS: dict[str, Callable] = {
     "psi": lambda ref, cur, edges: kernels.population_stability_index(ref, cur),
@@ -64,14 +57,6 @@ def tensor_block(datatype: str, shape, raw: bytes, features: tuple[int, ...], re
     if array.dtype not in (np.float32, np.float64):
         array = array.astype(np.float64)
     return np.ascontiguousarray(array)
-
-
-@dataclass
-class FeatureReport:
-    tensor: str
-    feature: int
-    statistics: dict[str, float]
-    level: str
 
 
 class TensorMonitor:
@@ -176,9 +161,20 @@ class TensorMonitor:
         self._current = self._fresh()
         self._current_rows = 0
         self._current_started = time.monotonic()
+        return self.has_full_window
+
+    @property
+    def has_window(self) -> bool:
+        """At least one sub-window has closed since the reference was set."""
+        return bool(self._ring)
+
+    @property
+    def has_full_window(self) -> bool:
+        """A whole window (`sub_windows` sub-windows) has closed: statistics mean what they say."""
         return len(self._ring) == self.config.sub_windows
 
     def window(self) -> np.ndarray:
+        """Counts of the sub-windows closed so far (up to a whole window)."""
         return np.sum(self._ring, axis=0)
 
     def statistics(self) -> dict[str, np.ndarray]:
@@ -270,7 +266,7 @@ class ModelMonitor:
     def __repr__(self) -> str:
         return f"<ModelMonitor {self.model} tensors={len(self.tensors)} windows={self.windows_evaluated} alerts={self.alerts_fired}>"
 
-    def _monitor(self, name: str, kind: str, monitor_type: type = TensorMonitor) -> TensorMonitor:
+    def tensor(self, name: str, kind: str, monitor_type: type = TensorMonitor) -> TensorMonitor:
         """The monitor of a tensor, made on first sight (numeric, or CategoricalMonitor for BYTES)."""
         key = (kind, name)
         monitor = self.tensors.get(key)
@@ -293,18 +289,18 @@ class ModelMonitor:
                 continue  # typed contents: converted to raw only on the batching path
             if tensor.datatype == "BYTES":
                 features = math.prod(tensor.shape[1:]) if len(tensor.shape) > 1 else 1
-                closed |= self._monitor(tensor.name, "input", CategoricalMonitor).update_raw(raw_inputs[index], features)
+                closed |= self.tensor(tensor.name, "input", CategoricalMonitor).update_raw(raw_inputs[index], features)
                 continue
             block = tensor_block(tensor.datatype, tensor.shape, raw_inputs[index], *self._shape_of(tensor.name))
             if block is not None:
-                closed |= self._monitor(tensor.name, "input").update(block)
+                closed |= self.tensor(tensor.name, "input").update(block)
                 sample[f"input/{tensor.name}"] = block
         if response is not None and self._watch_outputs:
             for index, tensor in enumerate(response.outputs):
                 if tensor.name in self._watch_outputs and index < len(response.raw_output_contents):
                     block = tensor_block(tensor.datatype, tensor.shape, response.raw_output_contents[index], *self._shape_of(tensor.name))
                     if block is not None:
-                        closed |= self._monitor(tensor.name, "output").update(block)
+                        closed |= self.tensor(tensor.name, "output").update(block)
                         sample[f"output/{tensor.name}"] = block
         if sample and len({len(v) for v in sample.values()}) == 1:
             self.reservoir.offer(sample)
@@ -319,7 +315,7 @@ class ModelMonitor:
         features: list[dict] = []
         now = time.time()
         for (kind, name), monitor in self.tensors.items():
-            if monitor.reference is None or len(monitor._ring) < self.config.sub_windows:
+            if monitor.reference is None or not monitor.has_full_window:
                 continue
             stats = monitor.statistics()
             for feature in range(monitor.reference.shape[0]):
@@ -337,7 +333,7 @@ class ModelMonitor:
                     if changed is not None:
                         self._fire(kind, name, monitor, feature, stat, values, changed, now)
                     level = max(level, state.level, key=["ok", "warning", "alert"].index)
-                features.append({"tensor": f"{kind}/{name}", "feature": self._feature_label(monitor, feature),
+                features.append({"tensor": f"{kind}/{name}", "feature": self.feature_label(monitor, feature),
                                  "statistics": values, "level": level})
         self.windows_evaluated += 1
         self.last_report = {
@@ -347,14 +343,37 @@ class ModelMonitor:
         return self.last_report
 
     @staticmethod
-    def _feature_label(monitor: TensorMonitor, feature: int) -> int:
+    def feature_label(monitor: TensorMonitor, feature: int) -> int:
+        """The feature's name in reports and metrics: its column in the tensor when features were picked."""
         return monitor.features[feature] if monitor.features else feature
+
+    def load_profile(self, profile: dict) -> int:
+        """Set references from a saved profile ({"input/NAME": {"edges": ..., "reference": ...}});
+        returns how many tensors it set. Raises KeyError, ValueError or TypeError on a malformed one."""
+        for key, entry in profile.items():
+            kind, _, name = key.partition("/")
+            self.tensor(name, kind).set_reference_counts(np.array(entry["edges"]), np.array(entry["reference"]))
+        return len(profile)
+
+    def reference_from_current_window(self) -> int:
+        """Take each tensor's current window as its new reference; returns how many tensors had one."""
+        changed = 0
+        for tensor in self.tensors.values():
+            if tensor.reference is not None and tensor.has_window:
+                tensor.set_reference_counts(tensor.edges, tensor.window())
+                changed += 1
+        return changed
+
+    def forget_references(self) -> None:
+        """Learn every reference again from the next rows."""
+        for tensor in self.tensors.values():
+            tensor.forget_reference()
 
     def _fire(self, kind, name, monitor, feature, stat, values, level, now) -> None:
         if level != OK:
             self.alerts_fired += 1
         self.on_alert({
-            "model": self.model, "tensor": f"{kind}/{name}", "feature": self._feature_label(monitor, feature),
+            "model": self.model, "tensor": f"{kind}/{name}", "feature": self.feature_label(monitor, feature),
             "statistic": stat, "value": values[stat], "level": level,
             "thresholds": list(self.config.thresholds[stat]), "time": now, "statistics": values,
         })
@@ -368,6 +387,6 @@ class ModelMonitor:
             out[f"{kind}/{name}"] = {
                 "categorical": isinstance(monitor, CategoricalMonitor),
                 "edges": monitor.edges.tolist(), "reference": monitor.reference.tolist(),
-                "current": monitor.window().tolist() if monitor._ring else None,
+                "current": monitor.window().tolist() if monitor.has_window else None,
             }
         return out

@@ -58,22 +58,19 @@ class DriftStage:
         reference = config.reference
         monitor = self.monitors[model]
         if reference.profile:
-            profile = json.loads(Path(reference.profile).read_text())
-            for key, entry in profile.items():
-                kind, _, name = key.partition("/")
-                monitor._monitor(name, kind).set_reference_counts(np.array(entry["edges"]), np.array(entry["reference"]))
+            monitor.load_profile(json.loads(Path(reference.profile).read_text()))
         elif reference.file:
             path = Path(reference.file)
             if path.suffix == ".npz":
                 with np.load(path) as arrays:
                     for name in arrays.files:
-                        monitor._monitor(name, "input").set_reference(self._features(config, name, arrays[name]))
+                        monitor.tensor(name, "input").set_reference(self._features(config, name, arrays[name]))
             else:
                 names = config.inputs
                 if len(names) != 1:
                     raise ConfigError(f"drift.models.{model}.reference.file",
                                       "a .npy reference needs exactly one tensor in `inputs`; use .npz for several")
-                monitor._monitor(names[0], "input").set_reference(self._features(config, names[0], np.load(path)))
+                monitor.tensor(names[0], "input").set_reference(self._features(config, names[0], np.load(path)))
 
     @staticmethod
     def _features(config: ModelDriftConfig, name: str, data: np.ndarray) -> np.ndarray:

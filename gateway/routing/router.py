@@ -42,6 +42,11 @@ class Router:
     def routes(self, model: str) -> bool:
         return self.pools_of(model) is not None
 
+    def sequence_idle_timeout_s(self, model: str) -> float | None:
+        """The configured idle timeout of the model's sequences, or None to take the model's own."""
+        route = self._routes.get(model) if self._routes is not None else None
+        return route.sequence_idle_timeout_s if route is not None else None
+
     def _table(self, model: str, version: str) -> list[list[Backend]]:
         key = (model, version)
         table = self._tables.get(key)

@@ -1,28 +1,23 @@
-"""The front door: `inference.GRPCInferenceService` as raw-bytes grpc.aio handlers.
+"""The front door: `inference.GRPCInferenceService` as engine-neutral raw-bytes handlers.
 
-Handlers take and return serialized bytes (no gRPC (de)serializer): the gateway parses each request
-once with upb, and errors in parsing become INVALID_ARGUMENT instead of an opaque INTERNAL.
-GatewayError is translated to a gRPC status here and nowhere else.
+Handlers take and return serialized bytes (gateway/server/rpc.py): the gateway parses each request
+once with upb, and errors in parsing become INVALID_ARGUMENT instead of an opaque INTERNAL. What a
+handler raises becomes the call's status in the engine, through `rpc.status_of`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from typing import Callable
-
-import grpc
-from google.protobuf.message import DecodeError
+from typing import AsyncIterator, Callable
 
 from gateway import __version__
-from gateway.errors import GatewayError, InvalidArgument, PermissionDenied, Unimplemented
+from gateway.errors import GatewayError, PermissionDenied, Unimplemented
+from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE, pb
-from gateway.server.pipeline import Pipeline
-from gateway.upstream.catalog import ModelCatalog
+from gateway.server.model_statistics import model_statistics
+from gateway.server.rpc import Call, Method, methods_of, parse_request, status_of
 from gateway.upstream.fleet import Fleet
-
-log = logging.getLogger(__name__)
 
 SHARED_MEMORY_REASON = (
     "shared memory cannot cross the gateway: the gateway and the Triton backends run on different "
@@ -38,29 +33,19 @@ SETTINGS_REASON = (
 )
 
 
-def _parse(message_type: type, raw: bytes):
-    try:
-        return message_type.FromString(raw)
-    except DecodeError as error:
-        raise InvalidArgument(f"request is not a valid {message_type.DESCRIPTOR.name}: {error}") from None
-
-
-def _deadline(context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
 class InferenceService:
     """Serves the KServe v2 / Triton inference protocol on top of the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, fleet: Fleet, catalog: ModelCatalog) -> None:
+    def __init__(self, pipeline: Pipeline, fleet: Fleet) -> None:
         self.pipeline = pipeline
         self.fleet = fleet
-        self.catalog = catalog
+
+    def __repr__(self) -> str:
+        return f"<InferenceService {self.pipeline!r}>"
 
     # ---- registration ------------------------------------------------------------------------
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def methods(self) -> list[Method]:
         unary = {
             "ServerLive": self.server_live,
             "ServerReady": self.server_ready,
@@ -82,58 +67,54 @@ class InferenceService:
             "TraceSetting": self._refuse(PermissionDenied(SETTINGS_REASON)),
             "LogSettings": self._refuse(PermissionDenied(SETTINGS_REASON)),
         }
-        handlers = {name: grpc.unary_unary_rpc_method_handler(_translated(fn)) for name, fn in unary.items()}
-        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self.model_stream_infer)
-        return grpc.method_handlers_generic_handler(INFERENCE_SERVICE, handlers)
+        return methods_of(INFERENCE_SERVICE, unary, {"ModelStreamInfer": self.model_stream_infer})
 
     @staticmethod
     def _refuse(error: GatewayError) -> Callable:
-        async def refuse(raw: bytes, context):
+        async def refuse(raw: bytes, call: Call):
             raise error
 
         return refuse
 
     # ---- health and metadata -----------------------------------------------------------------
 
-    async def server_live(self, raw: bytes, context) -> bytes:
+    async def server_live(self, raw: bytes, call: Call) -> bytes:
         return pb.ServerLiveResponse(live=True).SerializeToString()
 
-    async def server_ready(self, raw: bytes, context) -> bytes:
+    async def server_ready(self, raw: bytes, call: Call) -> bytes:
         ready = any(b.healthy for b in self.fleet.backends())
         return pb.ServerReadyResponse(ready=ready).SerializeToString()
 
-    async def server_metadata(self, raw: bytes, context) -> bytes:
+    async def server_metadata(self, raw: bytes, call: Call) -> bytes:
         return pb.ServerMetadataResponse(
             name="tensorgate", version=__version__, extensions=["statistics", "sequence", "streaming"]
         ).SerializeToString()
 
-    async def model_ready(self, raw: bytes, context) -> bytes:
-        request = _parse(pb.ModelReadyRequest, raw)
-        ready = self.pipeline.router.routes(request.name) and any(
+    async def model_ready(self, raw: bytes, call: Call) -> bytes:
+        request = parse_request(pb.ModelReadyRequest, raw)
+        ready = self.pipeline.routes(request.name) and any(
             b.healthy and b.serves(request.name, request.version) for b in self.fleet.backends()
         )
         return pb.ModelReadyResponse(ready=bool(ready)).SerializeToString()
 
     async def _info(self, raw: bytes, message_type: type):
-        request = _parse(message_type, raw)
-        if not self.pipeline.router.routes(request.name):
-            raise self.catalog.not_found(request.name, request.version)
-        return await self.catalog.get(request.name, request.version)
+        request = parse_request(message_type, raw)
+        return await self.pipeline.info(request.name, request.version)
 
-    async def model_metadata(self, raw: bytes, context) -> bytes:
+    async def model_metadata(self, raw: bytes, call: Call) -> bytes:
         info = await self._info(raw, pb.ModelMetadataRequest)
         return info.metadata.SerializeToString()
 
-    async def model_config(self, raw: bytes, context) -> bytes:
+    async def model_config(self, raw: bytes, call: Call) -> bytes:
         info = await self._info(raw, pb.ModelConfigRequest)
         return info.config.SerializeToString()
 
-    async def repository_index(self, raw: bytes, context) -> bytes:
-        request = _parse(pb.RepositoryIndexRequest, raw)
+    async def repository_index(self, raw: bytes, call: Call) -> bytes:
+        request = parse_request(pb.RepositoryIndexRequest, raw)
         response = pb.RepositoryIndexResponse()
         healthy_models = {key for b in self.fleet.backends() if b.healthy for key in b.ready_models}
         for name, version in sorted(self.fleet.known_models()):
-            if not version or not self.pipeline.router.routes(name):
+            if not version or not self.pipeline.routes(name):
                 continue
             ready = (name, version) in healthy_models
             if request.ready and not ready:
@@ -144,40 +125,38 @@ class InferenceService:
             )
         return response.SerializeToString()
 
-    async def model_statistics(self, raw: bytes, context) -> bytes:
-        from gateway.server.statistics import model_statistics
-
-        request = _parse(pb.ModelStatisticsRequest, raw)
-        response = await model_statistics(self.pipeline, self.fleet, request, context.time_remaining())
+    async def model_statistics(self, raw: bytes, call: Call) -> bytes:
+        request = parse_request(pb.ModelStatisticsRequest, raw)
+        response = await model_statistics(self.pipeline, self.fleet, request, call.deadline)
         return response.SerializeToString()
 
     # ---- inference -----------------------------------------------------------------------------
 
-    def _trace_metadata(self, context):
+    def _trace_metadata(self, call: Call):
         """The call's metadata, read only when tracing is on (reading it costs on every request)."""
-        return context.invocation_metadata() if self.pipeline.trace_starter is not None else None
+        return call.metadata if self.pipeline.traced else None
 
     def _parse_infer(self, raw: bytes):
         started = time.perf_counter_ns()
         try:
-            return _parse(pb.ModelInferRequest, raw)
+            return parse_request(pb.ModelInferRequest, raw)
         except GatewayError as error:
             self.pipeline.refused("", "", error, started)  # counted, under an unknown model
             raise
 
-    async def model_infer(self, raw: bytes, context) -> bytes:
+    async def model_infer(self, raw: bytes, call: Call) -> bytes:
         request = self._parse_infer(raw)
-        response = await self.pipeline.infer(request, _deadline(context), self._trace_metadata(context))
+        response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call))
         return response.SerializeToString()
 
-    async def model_stream_infer(self, request_iterator, context):
+    async def model_stream_infer(self, requests: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:
         """Bidirectional stream: requests are served concurrently; each response (or error) is sent
         as soon as it is ready, an error as a ModelStreamInferResponse with error_message, the way
         Triton does, and the stream stays open."""
         outbox: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
-        deadline = _deadline(context)
-        metadata = self._trace_metadata(context)  # a stream's trace context applies to each of its requests
+        deadline = call.deadline
+        metadata = self._trace_metadata(call)  # a stream's trace context applies to each of its requests
         done_reading = object()
 
         async def serve_one(raw: bytes) -> None:
@@ -187,19 +166,15 @@ class InferenceService:
                 request_id = request.id
                 async for response in self.pipeline.infer_stream(request, deadline, metadata):
                     outbox.put_nowait(pb.ModelStreamInferResponse(infer_response=response).SerializeToString())
-            except GatewayError as error:
-                failure = pb.ModelStreamInferResponse(error_message=error.message)
-                failure.infer_response.id = request_id
-                outbox.put_nowait(failure.SerializeToString())
-            except Exception as error:  # never let one request kill the stream or the gateway
-                log.exception("stream request failed unexpectedly")
-                failure = pb.ModelStreamInferResponse(error_message=f"internal gateway error: {error!r}")
+            except Exception as error:  # one request's error never ends the stream, nor the gateway
+                _, message = status_of(error, "ModelStreamInfer")
+                failure = pb.ModelStreamInferResponse(error_message=message)
                 failure.infer_response.id = request_id
                 outbox.put_nowait(failure.SerializeToString())
 
         async def read_requests() -> None:
             try:
-                async for raw in request_iterator:
+                async for raw in requests:
                     task = asyncio.ensure_future(serve_one(raw))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -219,21 +194,3 @@ class InferenceService:
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
-
-
-def _translated(handler: Callable) -> Callable:
-    """Wrap a raw-bytes unary handler so GatewayError ends the call with its gRPC status."""
-
-    async def call(raw: bytes, context):
-        try:
-            return await handler(raw, context)
-        except GatewayError as error:
-            await context.abort(error.code, error.message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # a gateway bug answers INTERNAL; the server keeps serving
-            log.exception("%s failed unexpectedly", getattr(handler, "__name__", handler))
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal gateway error: {error!r}")
-
-    call.__name__ = getattr(handler, "__name__", "handler")
-    return call

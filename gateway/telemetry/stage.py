@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -122,6 +123,31 @@ class _PeriodicReader(_Producing, PeriodicExportingMetricReader):
     pass
 
 
+def _nothing() -> list:
+    return []
+
+
+@dataclass(frozen=True)
+class GatewayView:
+    """What the telemetry stage may read of the rest of the gateway, as functions gateway/app.py
+    binds to the stages that own the state. Each is called from exporter threads at collection
+    (and `routes`/`known_models` on refusals): they must only read. The defaults read nothing, for a
+    stage used alone."""
+
+    backends: Callable[[], list] = _nothing
+    """Every upstream Backend (address, pool, healthy, outstanding): Fleet.backends."""
+    known_models: Callable[[], set] = set
+    """(model, version) pairs some backend serves: Fleet.known_models."""
+    routes: Callable[[str], bool] = lambda model: True
+    """Whether the gateway routes a model: Router.routes."""
+    routing_decisions: Callable[[], dict] = dict
+    """{(pool, reason): backends picked}: a copy of Router.decisions."""
+    batched_models: Callable[[], list] = _nothing
+    """BatchedModel rows (model, version, counters, waiting): BatchingDispatcher.batched_models."""
+    drift_monitors: Callable[[], dict] = dict
+    """{model: ModelMonitor}: DriftStage.monitors."""
+
+
 #: Batch size bounds, rows: 1, 2, 4, ... 32768 (Triton's max_batch_size rarely exceeds a few thousand).
 BATCH_ROW_BOUNDS = tuple(float(2**k) for k in range(16))
 
@@ -130,9 +156,9 @@ class TelemetryStage:
     """Metrics of one gateway. `observer` goes in Pipeline.observers, `refusal_observer` in
     Pipeline.refusal_observers, `drift_hook` in DriftStage.hooks."""
 
-    def __init__(self, config: TelemetryConfig, gateway=None) -> None:
+    def __init__(self, config: TelemetryConfig, view: GatewayView | None = None) -> None:
         self.config = config
-        self.gateway = gateway
+        self.view = view or GatewayView()
         self.aggregates = RequestAggregates()
         self.drift_alerts: dict[tuple[str, str, str, str], int] = {}
         self.observe_errors = 0
@@ -170,10 +196,8 @@ class TelemetryStage:
         their model and version only when the fleet knows them — client-chosen names must not
         mint new series — else under `_unknown`."""
         try:
-            router, fleet = getattr(self.gateway, "router", None), getattr(self.gateway, "fleet", None)
-            known = fleet.known_models() if fleet is not None else set()
-            routed = router is None or router.routes(model)
-            if not routed or not any(name == model for name, _ in known):
+            known = self.view.known_models()
+            if not self.view.routes(model) or not any(name == model for name, _ in known):
                 model, version = UNKNOWN, ""
             elif version and (model, version) not in known:
                 version = UNKNOWN
@@ -195,8 +219,7 @@ class TelemetryStage:
         return [Observation(s.count, s.attributes) for s in self.aggregates.snapshot() if s.failed]
 
     def _backends(self) -> list:
-        fleet = getattr(self.gateway, "fleet", None)
-        return _retrying(fleet.backends) if fleet is not None else []
+        return _retrying(self.view.backends)
 
     def _backend_healthy(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(1 if b.healthy else 0, {"backend": b.address, "pool": b.pool}) for b in self._backends()]
@@ -205,26 +228,19 @@ class TelemetryStage:
         return [Observation(b.outstanding, {"backend": b.address, "pool": b.pool}) for b in self._backends()]
 
     def _routing_decisions(self, options: CallbackOptions) -> Iterable[Observation]:
-        router = getattr(self.gateway, "router", None)
-        if router is None:
-            return []
         return [Observation(count, {"pool": pool, "reason": reason})
-                for (pool, reason), count in _retrying(lambda: router.decisions.items())]
+                for (pool, reason), count in _retrying(lambda: self.view.routing_decisions().items())]
 
     def _batching(self) -> list[tuple[dict, object, int]]:
-        """(attributes, BatchStats, requests waiting) of every batched model version."""
-        batching = getattr(self.gateway, "batching", None)
-        if batching is None:
-            return []
-        return [({"model": name, "version": version}, stats, waiting)
-                for name, version, stats, waiting in _retrying(batching.batched)]
+        """(attributes, BatchCounters, requests waiting) of every batched model version."""
+        return [({"model": name, "version": version}, counters, waiting)
+                for name, version, counters, waiting in _retrying(self.view.batched_models)]
 
     def _queue_depth(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(waiting, attributes) for attributes, _, waiting in self._batching()]
 
     def _monitors(self) -> list:
-        drift = getattr(self.gateway, "drift", None)
-        return list(getattr(drift, "monitors", {}).items())
+        return list(self.view.drift_monitors().items())
 
     def _drift_statistics(self, options: CallbackOptions) -> Iterable[Observation]:
         out = []
@@ -258,8 +274,8 @@ class TelemetryStage:
 
     def _batch_size_metric(self, now: int) -> list[Metric]:
         points = []
-        for attributes, stats, _ in self._batching():
-            sizes = dict(_retrying(lambda: stats.batch_sizes.items()))
+        for attributes, counters, _ in self._batching():
+            sizes = dict(_retrying(lambda: counters.batch_sizes.items()))
             if not sizes:
                 continue
             counts = [0] * (len(BATCH_ROW_BOUNDS) + 1)
@@ -284,7 +300,7 @@ class TelemetryStage:
                     total = sum(counts)
                     if not total:
                         continue
-                    label = monitor._feature_label(tensor, feature)
+                    label = monitor.feature_label(tensor, feature)
                     attributes = {"model": model, "tensor": f"{kind}/{name}", "feature": str(label)}
                     points.append(HistogramDataPoint(
                         attributes=attributes, start_time_unix_nano=since, time_unix_nano=now, count=total,

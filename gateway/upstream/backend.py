@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import time
 from typing import Callable
 
 import grpc
@@ -16,11 +15,6 @@ from gateway.upstream.config import UpstreamConfig
 from gateway.upstream.stream import InferStream, StreamClosed
 
 log = logging.getLogger(__name__)
-
-#: gRPC codes of a backend call that say "this backend could not serve it" rather than "this request
-#: is wrong": the router may retry such a request on another backend.
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
-
 
 class Health(enum.Enum):
     UNKNOWN = "unknown"
@@ -57,13 +51,12 @@ class Backend:
         self._stream_cycle = itertools.cycle(self._streams)
         self._unary_methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self.health = Health.UNKNOWN
-        self.health_detail = "not checked yet"
+        self.health_detail = "not checked yet"  # why it is in its health state (shown in Gateway.snapshot)
         self.failed_checks = 0  # consecutive failed active checks
         self.ready_models: frozenset[tuple[str, str]] = frozenset()
         self.outstanding = 0
         self.served = 0
         self.failed = 0
-        self.changed_at = time.monotonic()
         self.on_change: Callable[[], None] = lambda: None
 
     def __repr__(self) -> str:
@@ -89,7 +82,6 @@ class Backend:
         if health is not self.health:
             level = logging.INFO if health is Health.HEALTHY else logging.WARNING
             log.log(level, "backend %s (%s): %s -> %s: %s", self.address, self.pool, self.health.value, health.value, detail)
-            self.changed_at = time.monotonic()
         self.health = health
         self.health_detail = detail
         if changed:

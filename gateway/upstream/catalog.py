@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.protocol import pb
-from gateway.server.validation import ModelSignature
+from gateway.protocol.tensors import ModelSignature
 from gateway.upstream.fleet import Fleet
 
 
@@ -39,9 +39,6 @@ class ModelCatalog:
     def _forget_unversioned(self) -> None:
         for key in [k for k in self._entries if not k[1]]:
             del self._entries[key]
-
-    def cached(self, model: str, version: str) -> ModelInfo | None:
-        return self._entries.get((model, version))
 
     async def get(self, model: str, version: str) -> ModelInfo:
         """The model's info; fetched once (concurrent callers share the fetch)."""

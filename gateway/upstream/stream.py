@@ -22,18 +22,13 @@ import grpc
 
 from gateway.errors import BackendError, Unavailable
 from gateway.protocol import pb
+from gateway.protocol.tensors import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
 
 log = logging.getLogger(__name__)
 
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
-#: Request parameter that makes Triton mark the last response of a request with
-#: `triton_final_response`, so the stream knows when a decoupled request is complete.
-FINAL_FLAG_REQUEST = "triton_enable_empty_final_response"
-FINAL_FLAG_RESPONSE = "triton_final_response"
-
-
-class _Pending:
+class _InFlight:
     """One request waiting on the stream: a future (single response) or a queue (decoupled)."""
 
     __slots__ = ("future", "queue")
@@ -57,7 +52,7 @@ class InferStream:
         self._method = channel.stream_stream(STREAM_METHOD)
         self._backend = backend
         self._on_broken = on_broken
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, _InFlight] = {}
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_ready = asyncio.Event()
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -68,10 +63,6 @@ class InferStream:
     def __repr__(self) -> str:
         state = "open" if self._call is not None else "idle"
         return f"<InferStream {self._backend} {state} pending={len(self._pending)} outbox={len(self._outbox)}>"
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
 
     def _ensure_open(self) -> None:
         if self._call is not None:
@@ -85,7 +76,7 @@ class InferStream:
             asyncio.ensure_future(self._read_loop(call)),
         ]
 
-    def submit(self, request, decoupled: bool = False) -> _Pending:
+    def submit(self, request, decoupled: bool = False) -> _InFlight:
         """Queue `request` (a ModelInferRequest; its id is overwritten) and return its pending entry."""
         self._ensure_open()
         self._next_id += 1
@@ -93,7 +84,7 @@ class InferStream:
         request.id = stream_id
         if decoupled:
             request.parameters[FINAL_FLAG_REQUEST].bool_param = True
-        entry = _Pending(asyncio.get_running_loop(), decoupled)
+        entry = _InFlight(asyncio.get_running_loop(), decoupled)
         self._pending[stream_id] = entry
         self._outbox.append(request.SerializeToString())
         self._outbox_ready.set()

@@ -11,12 +11,24 @@ for the few requests that are traced.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gateway.pipeline.counters import RequestCounters
+from gateway.protocol.tensors import ModelSignature
+
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.server.pipeline import ModelEntry
-    from gateway.telemetry.tracing import RequestTrace
     from gateway.upstream.backend import Backend
+
+
+@dataclass(eq=False)  # identity: an entry is a hashable key of per-model series on the hot path
+class ModelEntry:
+    """A routed model version as the hot path sees it: resolved once, then a dict lookup."""
+
+    name: str
+    version: str
+    signature: ModelSignature
+    counters: RequestCounters = field(default_factory=RequestCounters)
 
 
 class Exchange:
@@ -31,7 +43,7 @@ class Exchange:
         "upstream_started_ns", "upstream_ns", "batch_rows", "trace", "members",
     )
 
-    def __init__(self, entry: "ModelEntry", request, started_ns: int, trace: "RequestTrace | None" = None) -> None:
+    def __init__(self, entry: ModelEntry, request, started_ns: int, trace: object | None = None) -> None:
         self.entry = entry
         self.request = request
         self.started_ns = started_ns
@@ -42,7 +54,7 @@ class Exchange:
         self.upstream_started_ns = 0
         self.upstream_ns = 0  # time the backend call took (the whole batch's call when batched)
         self.batch_rows = 0  # rows of the batch this request rode in (0 when sent alone)
-        self.trace = trace  # set only for sampled requests
+        self.trace = trace  # the trace starter's handle (telemetry's RequestTrace), set only for sampled requests
         self.members: list[Exchange] = []
 
     def __repr__(self) -> str:

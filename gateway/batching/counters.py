@@ -1,12 +1,12 @@
-"""Statistics of one model's batching: batch sizes, queue delay, why each batch was sent."""
+"""Counters of one model's batching: batch sizes, queue delay, why each batch was sent."""
 
 from __future__ import annotations
 
 import collections
 
 
-class BatchStats:
-    """Plain counters, updated once per batch; `snapshot()` is what statistics() and
+class BatchCounters:
+    """Plain counters, updated once per batch; `snapshot()` is what the gateway snapshot and
     ModelStatistics report."""
 
     def __init__(self) -> None:
@@ -23,7 +23,7 @@ class BatchStats:
 
     def __repr__(self) -> str:
         mean = self.rows / self.batches if self.batches else 0.0
-        return f"<BatchStats batches={self.batches} mean_rows={mean:.1f} reasons={dict(self.reasons)}>"
+        return f"<BatchCounters batches={self.batches} mean_rows={mean:.1f} reasons={dict(self.reasons)}>"
 
     def record_batch(self, reason: str, rows: int, waits_s: list[float]) -> None:
         self.batches += 1

@@ -10,10 +10,12 @@ healthy backend that serves the version (batch_stats therefore shows the batches
 from __future__ import annotations
 
 import asyncio
+import time
 
 from gateway.errors import GatewayError
+from gateway.pipeline.core import Pipeline
+from gateway.pipeline.exchange import ModelEntry
 from gateway.protocol import pb
-from gateway.server.pipeline import ModelEntry, Pipeline
 from gateway.upstream.fleet import Fleet
 
 BACKEND_DURATIONS = ("queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
@@ -42,20 +44,21 @@ def _add_duration(target, source) -> None:
     target.ns += source.ns
 
 
-async def model_statistics(pipeline: Pipeline, fleet: Fleet, request, time_remaining: float | None):
-    if request.name and not pipeline.router.routes(request.name):
+async def model_statistics(pipeline: Pipeline, fleet: Fleet, request, deadline: float | None):
+    """The ModelStatisticsResponse to `request`; backends get until `deadline` (at most 2 s) to add theirs."""
+    if request.name and not pipeline.routes(request.name):
         raise pipeline.catalog.not_found(request.name, request.version)
     if request.name:
         entry = await pipeline.resolve(request.name, request.version)
         entries = [entry]
     else:
         entries = sorted({id(e): e for e in pipeline.entries()}.values(), key=lambda e: (e.name, e.version))
-    timeout = min(time_remaining or 2.0, 2.0)
+    timeout = 2.0 if deadline is None else max(0.0, min(deadline - time.monotonic(), 2.0))
     response = pb.ModelStatisticsResponse()
     for entry in entries:
         stats = response.model_stats.add()
         _fill(stats, entry, await _backend_statistics(fleet, entry.name, entry.version, timeout))
-        batching = pipeline.dispatcher.batch_stats(entry.name, entry.version)
+        batching = pipeline.dispatcher.batch_counters(entry.name, entry.version)
         if batching is not None:
             stats.inference_stats.queue.count += batching.requests
             stats.inference_stats.queue.ns += int(batching.queue_delay_s_total * 1e9)
@@ -63,7 +66,7 @@ async def model_statistics(pipeline: Pipeline, fleet: Fleet, request, time_remai
 
 
 def _fill(stats, entry: ModelEntry, backend_stats: list) -> None:
-    own = entry.stats
+    own = entry.counters
     stats.name = entry.name
     stats.version = entry.version
     stats.last_inference = own.last_inference_ms

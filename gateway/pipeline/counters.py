@@ -1,11 +1,11 @@
-"""Per-model request statistics kept by the gateway itself (its view for ModelStatistics)."""
+"""Per-model request counters kept by the gateway itself (its own part of ModelStatistics)."""
 
 from __future__ import annotations
 
 import time
 
 
-class ModelStats:
+class RequestCounters:
     """Counters of one (model, version) at the gateway; plain ints, updated once per request."""
 
     __slots__ = ("success_count", "success_ns", "fail_count", "fail_ns", "last_inference_ms")
@@ -27,4 +27,4 @@ class ModelStats:
         self.last_inference_ms = int(time.time() * 1000)
 
     def __repr__(self) -> str:
-        return f"<ModelStats ok={self.success_count} failed={self.fail_count}>"
+        return f"<RequestCounters ok={self.success_count} failed={self.fail_count}>"

@@ -6,82 +6,18 @@ expected, so one bad request is rejected alone and never reaches a backend or a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from math import prod
 
 from gateway.errors import InvalidArgument, Unimplemented
 from gateway.ext import bytes_element_count
-
-#: Bytes per element of each fixed-size KServe v2 datatype.
-ELEMENT_BYTES = {
-    "BOOL": 1, "UINT8": 1, "INT8": 1,
-    "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
-    "UINT32": 4, "INT32": 4, "FP32": 4,
-    "UINT64": 8, "INT64": 8, "FP64": 8,
-}
-
-#: Which InferTensorContents field carries each datatype's typed (non-raw) values.
-CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents", "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-ALL_CONTENTS_FIELDS = frozenset(CONTENTS_FIELD.values())
-
-SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    """Full shape as the model metadata reports it (batch dimension included, -1 = any)."""
-    optional: bool = False
-
-
-@dataclass(frozen=True)
-class ModelSignature:
-    """What a model accepts and produces, derived from its metadata and config."""
-
-    name: str
-    version: str
-    inputs: dict[str, TensorSpec]
-    outputs: dict[str, TensorSpec]
-    max_batch_size: int
-    decoupled: bool
-    sequence: bool
-    sequence_idle_s: float | None
-
-    @classmethod
-    def from_backend(cls, metadata, config_response) -> "ModelSignature":
-        config = config_response.config
-        optional = {tensor.name for tensor in config.input if tensor.optional}
-
-        def specs(tensors):
-            return {
-                t.name: TensorSpec(t.name, t.datatype, tuple(t.shape), t.name in optional)
-                for t in tensors
-            }
-
-        idle = None
-        if config.HasField("sequence_batching"):
-            micros = config.sequence_batching.max_sequence_idle_microseconds
-            idle = micros / 1e6 if micros else None
-        return cls(
-            name=metadata.name,
-            version=metadata.versions[-1] if metadata.versions else "",
-            inputs=specs(metadata.inputs),
-            outputs=specs(metadata.outputs),
-            max_batch_size=config.max_batch_size,
-            decoupled=config.model_transaction_policy.decoupled,
-            sequence=config.HasField("sequence_batching"),
-            sequence_idle_s=idle,
-        )
+from gateway.protocol.tensors import (
+    ALL_CONTENTS_FIELDS,
+    CONTENTS_FIELD,
+    ELEMENT_BYTES,
+    SHARED_MEMORY_PARAMETERS,
+    ModelSignature,
+    TensorSpec,
+)
 
 
 def _shape_text(shape) -> str:

@@ -1,0 +1,1 @@
+"""The request core: an Exchange per request, the contracts stages plug into, validation, the Pipeline."""

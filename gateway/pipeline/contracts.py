@@ -1,0 +1,70 @@
+"""The contracts between the pipeline and the stages that plug into it.
+
+The pipeline (gateway/pipeline/core.py) knows these shapes only; the routing, batching, drift and
+telemetry stages implement them, and gateway/app.py wires the implementations in. Each contract
+states what the pipeline promises its implementations and what it expects back, in the manner of
+grpc.aio's `_base_server.py`.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Protocol
+
+from gateway.errors import GatewayError
+from gateway.pipeline.exchange import Exchange, ModelEntry
+
+
+class Dispatcher(Protocol):
+    """Sends an admitted, validated request to a backend and returns what the backend answered.
+
+    The pipeline calls exactly one of `infer` (models that answer once) or `infer_decoupled`
+    (decoupled models) per request, after validation; the request is already checked against the
+    model's signature, so a dispatcher never sees a malformed tensor. A dispatcher raises
+    GatewayError for every failure a client should see (UNAVAILABLE, DEADLINE_EXCEEDED, a backend's
+    status) and fills in what it learns on the exchange (backend, route, queue and backend time).
+    `deadline` is an absolute `time.monotonic()` instant, or None for no deadline.
+    """
+
+    async def infer(self, exchange: Exchange, deadline: float | None):
+        """The one response (an inference.ModelInferResponse) to `exchange.request`."""
+
+    def infer_decoupled(self, exchange: Exchange, deadline: float | None) -> AsyncIterator:
+        """Every response to `exchange.request`, the empty final one included (see FINAL_FLAG_RESPONSE)."""
+
+    def batch_counters(self, model: str, version: str):
+        """The model version's BatchCounters, or None when this dispatcher does not batch it."""
+
+
+class Observer(Protocol):
+    """Sees every admitted request once, after its last response or its error.
+
+    Called on the event loop, on the request's own path: it must be cheap (a few µs) and must not
+    raise — an observer that fails must contain its own failure, never fail the request it watches.
+    `response` is the single response (None for decoupled models and on error); `error` is the
+    GatewayError the client gets, or None.
+    """
+
+    def __call__(self, exchange: Exchange, response: object | None, error: GatewayError | None) -> None: ...
+
+
+class RefusalObserver(Protocol):
+    """Sees every request refused before admission: an unknown model or version, invalid tensors, a
+    request that does not even parse (model and version then empty). Same rules as Observer.
+    `elapsed_ns` is the time from arrival to the refusal."""
+
+    def __call__(self, model: str, version: str, error: GatewayError, elapsed_ns: int) -> None: ...
+
+
+class TraceStarter(Protocol):
+    """Decides on arrival whether a request is traced; returns the trace handle the exchange carries
+    (`Exchange.trace`), or None when the request is not sampled. `metadata` is the call's metadata
+    (the client's trace context), `started_ns` the arrival time (perf_counter_ns)."""
+
+    def __call__(self, entry: ModelEntry, request: object, metadata: tuple | None, started_ns: int) -> object | None: ...
+
+
+class TracedSend(Protocol):
+    """Sends a traced exchange to `backend` in a way that carries its trace context to the backend,
+    and returns the response; used by the direct dispatcher for exchanges whose `trace` is set."""
+
+    async def __call__(self, backend, exchange: Exchange, deadline: float | None): ...

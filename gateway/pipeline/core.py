@@ -1,0 +1,184 @@
+"""The request path of one inference: resolve → validate → dispatch → observe.
+
+    resolve    model name/version → ModelEntry (signature, statistics); NOT_FOUND when unknown
+    validate   gateway/pipeline/validation.py, before anything is forwarded
+    dispatch   a Dispatcher: routing's DirectDispatcher routes and sends; the batching stage wraps it
+    observe    observers see every finished request's Exchange (statistics, drift, metrics, traces)
+
+The stages are seams (gateway/pipeline/contracts.py): each later stage plugs in through `attach`
+without the front door knowing about it. An Exchange (gateway/pipeline/exchange.py) travels with
+each admitted request and collects what the stages learn about it; requests refused before
+admission (unknown model, invalid tensors) go to the refusal observers instead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from gateway.errors import GatewayError, InvalidArgument, Unimplemented
+from gateway.pipeline.contracts import Dispatcher, Observer, RefusalObserver, TraceStarter
+from gateway.pipeline.exchange import Exchange, ModelEntry
+from gateway.pipeline.validation import validate_request
+from gateway.protocol.tensors import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
+from gateway.upstream.catalog import ModelCatalog
+
+class Pipeline:
+    """Resolves, validates, dispatches and observes inference requests."""
+
+    def __init__(self, catalog: ModelCatalog, routes: Callable[[str], bool], dispatcher: Dispatcher) -> None:
+        """`routes(model)` says whether this gateway routes the model at all (the router's answer)."""
+        self.catalog = catalog
+        self.routes = routes
+        self.dispatcher = dispatcher
+        self.observers: list[Observer] = [self._count]
+        self.refusal_observers: list[RefusalObserver] = []
+        self.trace_starter: TraceStarter | None = None
+        self._entries: dict[tuple[str, str], ModelEntry] = {}
+
+    def attach(
+        self,
+        observer: Observer | None = None,
+        refusal_observer: RefusalObserver | None = None,
+        trace_starter: TraceStarter | None = None,
+    ) -> None:
+        """Plug a stage in: its observer of admitted requests, of refused ones, its trace starter.
+        Observers run in the order they were attached; there is one trace starter."""
+        if observer is not None:
+            self.observers.append(observer)
+        if refusal_observer is not None:
+            self.refusal_observers.append(refusal_observer)
+        if trace_starter is not None:
+            if self.trace_starter is not None:
+                raise ValueError("the pipeline already has a trace starter")
+            self.trace_starter = trace_starter
+
+    @property
+    def traced(self) -> bool:
+        """Whether requests may be traced (the front door then reads each call's metadata)."""
+        return self.trace_starter is not None
+
+    def __repr__(self) -> str:
+        return f"<Pipeline models={len(self._entries)} observers={len(self.observers)}>"
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    async def info(self, model: str, version: str):
+        """The ModelInfo (metadata, config, signature) of a routed model; NOT_FOUND otherwise."""
+        if not self.routes(model):
+            raise self.catalog.not_found(model, version)
+        return await self.catalog.get(model, version)
+
+    async def resolve(self, model: str, version: str) -> ModelEntry:
+        entry = self._entries.get((model, version))
+        if entry is not None:
+            return entry
+        if not model:
+            raise InvalidArgument("model_name is empty; expected the name of a model")
+        if not self.routes(model):
+            raise self.catalog.not_found(model, version)
+        info = await self.catalog.get(model, version)
+        signature = info.signature
+        # One entry per concrete version, shared by the unversioned alias that points at it.
+        concrete = self._entries.get((model, signature.version))
+        if concrete is None:
+            concrete = ModelEntry(model, signature.version, signature)
+            self._entries[(model, signature.version)] = concrete
+        if version:
+            self._entries[(model, version)] = concrete
+        return concrete
+
+    def forget_unversioned(self) -> None:
+        """The default version of a model may move when the fleet changes: resolve it again."""
+        for key in [k for k in self._entries if not k[1]]:
+            del self._entries[key]
+
+    async def _admit(self, request, started_ns: int) -> ModelEntry:
+        """Resolve the request's model and validate the request against it; a refusal is observed too."""
+        try:
+            entry = await self.resolve(request.model_name, request.model_version)
+            validate_request(request, entry.signature)
+        except GatewayError as error:
+            self.refused(request.model_name, request.model_version, error, started_ns)
+            raise
+        return entry
+
+    def refused(self, model: str, version: str, error: GatewayError, started_ns: int) -> None:
+        """Tell the refusal observers of a request refused before admission (also by the front door,
+        for a request that does not even parse)."""
+        elapsed = time.perf_counter_ns() - started_ns
+        for observe in self.refusal_observers:
+            observe(model, version, error, elapsed)
+
+    def _exchange(self, entry: ModelEntry, request, metadata, started_ns: int) -> Exchange:
+        trace = self.trace_starter(entry, request, metadata, started_ns) if self.trace_starter is not None else None
+        return Exchange(entry, request, started_ns, trace)
+
+    def _observe(self, exchange: Exchange, response, error) -> None:
+        exchange.elapsed_ns = time.perf_counter_ns() - exchange.started_ns
+        for observe in self.observers:
+            observe(exchange, response, error)
+
+    async def infer(self, request, deadline: float | None, metadata=None):
+        """One response for one request (ModelInfer). `metadata`: the call's gRPC metadata (trace context)."""
+        started = time.perf_counter_ns()
+        entry = await self._admit(request, started)
+        if entry.signature.decoupled:
+            # Triton answers UNIMPLEMENTED here too; the gateway says what to do instead.
+            raise Unimplemented(
+                f"model '{entry.name}' is decoupled (it may send any number of responses); "
+                "use the streaming API (ModelStreamInfer) for it, not ModelInfer"
+            )
+        response = await self._infer_one(self._exchange(entry, request, metadata, started), deadline)
+        # The backend call rode a stream; Triton puts `triton_final_response` on stream responses only.
+        if FINAL_FLAG_RESPONSE in response.parameters:
+            del response.parameters[FINAL_FLAG_RESPONSE]
+        return response
+
+    async def _infer_one(self, exchange: Exchange, deadline: float | None):
+        client_id = exchange.request.id
+        response = error = None
+        try:
+            response = await self.dispatcher.infer(exchange, deadline)
+            response.id = client_id
+            return response
+        except GatewayError as failure:
+            error = failure
+            raise
+        finally:
+            self._observe(exchange, response, error)
+
+    async def infer_stream(self, request, deadline: float | None, metadata=None):
+        """Yield every response of one request (one for ordinary models, any number if decoupled)."""
+        started = time.perf_counter_ns()
+        entry = await self._admit(request, started)
+        exchange = self._exchange(entry, request, metadata, started)
+        if not entry.signature.decoupled:
+            yield await self._infer_one(exchange, deadline)
+            return
+        client_id = request.id
+        wants_final_flag = (
+            FINAL_FLAG_REQUEST in request.parameters and request.parameters[FINAL_FLAG_REQUEST].bool_param
+        )
+        error = None
+        try:
+            async for response in self.dispatcher.infer_decoupled(exchange, deadline):
+                response.id = client_id
+                if not wants_final_flag and not response.outputs:
+                    # The gateway always asks the backend for the empty final response (to know
+                    # when the request is complete); a client that did not ask for it gets
+                    # Triton's own behaviour: no empty final response.
+                    final = response.parameters.get(FINAL_FLAG_RESPONSE)
+                    if final is not None and final.bool_param:
+                        continue
+                yield response
+        except GatewayError as failure:
+            error = failure
+            raise
+        finally:
+            self._observe(exchange, None, error)
+
+    @staticmethod
+    def _count(exchange: Exchange, response, error) -> None:
+        exchange.entry.counters.record(error is None, exchange.elapsed_ns)

@@ -1,0 +1,102 @@
+"""The grpc.aio engine: serves Method tables with grpcio's asyncio server, raw bytes in and out.
+
+Handlers get serialized messages (no grpcio (de)serializer: the services parse once, with upb, and a
+message that does not parse is their INVALID_ARGUMENT, not grpcio's opaque INTERNAL). Whatever a
+handler raises ends the call with `status_of`'s status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from gateway.server.rpc import Call, Method, status_of
+
+
+def _call(context) -> Call:
+    remaining = context.time_remaining()
+    return Call(
+        None if remaining is None else time.monotonic() + remaining,
+        context.invocation_metadata,  # read only if a handler asks
+        context.peer,
+    )
+
+
+def _unary(method: Method) -> Callable:
+    handler = method.handler
+
+    async def serve(raw: bytes, context) -> bytes:
+        try:
+            return await handler(raw, _call(context))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            await context.abort(*status_of(error, method.path))
+
+    return serve
+
+
+def _streaming(method: Method) -> Callable:
+    handler = method.handler
+
+    async def serve(requests: AsyncIterator[bytes], context):
+        try:
+            async for response in handler(requests, _call(context)):
+                yield response
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            await context.abort(*status_of(error, method.path))
+
+    return serve
+
+
+def generic_handlers(methods: list[Method]) -> list[grpc.GenericRpcHandler]:
+    """One grpc generic handler per service of `methods`."""
+    by_service: dict[str, dict] = defaultdict(dict)
+    for method in methods:
+        service, _, name = method.path.lstrip("/").rpartition("/")
+        if method.streaming:
+            by_service[service][name] = grpc.stream_stream_rpc_method_handler(_streaming(method))
+        else:
+            by_service[service][name] = grpc.unary_unary_rpc_method_handler(_unary(method))
+    return [grpc.method_handlers_generic_handler(service, handlers) for service, handlers in by_service.items()]
+
+
+class GrpcioEngine:
+    """A grpc.aio server on `listen` ("host:port"; port 0 picks one) serving `methods`."""
+
+    def __init__(self, listen: str, methods: list[Method], max_receive_bytes: int, max_send_bytes: int) -> None:
+        self.listen = listen
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_receive_bytes),
+                ("grpc.max_send_message_length", max_send_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self._server.add_generic_rpc_handlers(generic_handlers(methods))
+        self.port: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<GrpcioEngine {self.listen} port={self.port}>"
+
+    async def start(self) -> int:
+        """Bind and serve; returns the port."""
+        port = self._server.add_insecure_port(self.listen)
+        if not port:
+            raise OSError(f"cannot listen on {self.listen}")
+        await self._server.start()
+        self.port = port
+        return port
+
+    async def stop(self, grace_s: float | None) -> None:
+        """Refuse new calls, give calls in flight `grace_s` to finish, then cancel the rest."""
+        await self._server.stop(grace_s)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
