@@ -117,7 +117,7 @@ TARGETS = {
     "telemetry_cpu_ratio": ("<=", 1.05),
     "telemetry_rps_ratio": None,
 }
-# Reference points from DESIGN.md ("What a Python hop costs"), a naive grpc.aio pass-through proxy.
+# Reference points measured on 2026-11-26 (docs/architecture.md, "Measured facts"): a naive grpc.aio pass-through proxy.
 NAIVE_PROXY = {
     "cpu_ratio": "~2.2–2.9 (323–420 µs vs 147)",
     "rps_ratio": "~0.35–0.45",
@@ -508,7 +508,7 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
             target, verdict = _verdict(key, summary[key]["median"])
             body.append((title, base, subject, ratio, target, verdict, NAIVE_PROXY.get(key, "")))
         lines.append(f"issue 2 — {MODEL}, gateway batching OFF (pass-through) unless noted")
-        lines += _render(("measure", "baseline", "gateway", "ratio / added", "target", "", "naive proxy (DESIGN.md)"), body)
+        lines += _render(("measure", "baseline", "gateway", "ratio / added", "target", "", "naive proxy (measured)"), body)
         lines.append("")
         lines.append(
             f"context (medians): Triton server CPU µs/request {med('triton_cpu_us_direct', '.0f')} direct, "

@@ -35,8 +35,15 @@ def triton(tritons) -> LocalTriton:
     return tritons[0]
 
 
+@pytest.fixture(scope="session", params=["uvloop", "asyncio"])
+def event_loop_kind(request) -> str:
+    """The event loop a test's gateway runs on: every test that takes this (or the shared `gateway`)
+    runs on uvloop, the default, and again on the stock asyncio loop, as uvloop's own suite does."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def gateway(tritons):
+def gateway(tritons, event_loop_kind):
     """The gateway over both shared Tritons: pool `primary` first, `secondary` as spill-over."""
     config = {
         "listen": "127.0.0.1:0",
@@ -46,7 +53,7 @@ def gateway(tritons):
         },
         "health": {"interval_s": 0.5},
     }
-    with GatewayThread(config) as thread:
+    with GatewayThread(config, use_uvloop=event_loop_kind == "uvloop") as thread:
         yield thread
 
 

@@ -14,18 +14,18 @@ from hypothesis import strategies as st
 from gateway.testing import GatewayThread
 
 
-def batching_gateway(tritons, **batching) -> GatewayThread:
+def batching_gateway(tritons, loop_kind: str = "uvloop", **batching) -> GatewayThread:
     return GatewayThread({
         "listen": "127.0.0.1:0",
         "pools": {"cpu": {"backends": [tritons[0].grpc_address]}},
         "batching": batching,
-    })
+    }, use_uvloop=loop_kind == "uvloop")
 
 
 @pytest.fixture(scope="module")
-def fixed_window(tritons):
+def fixed_window(tritons, event_loop_kind):
     """Batching in fixed mode with a long window, so concurrent requests surely share batches."""
-    with batching_gateway(tritons, default={"mode": "fixed", "max_queue_delay_us": 20_000}) as gateway:
+    with batching_gateway(tritons, event_loop_kind, default={"mode": "fixed", "max_queue_delay_us": 20_000}) as gateway:
         yield gateway
 
 
@@ -128,9 +128,9 @@ def test_malformed_request_rejected_alone(fixed_window):
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), sent * 2)
 
 
-def test_backend_failure_fails_only_its_batch(tritons):
+def test_backend_failure_fails_only_its_batch(tritons, event_loop_kind):
     """A batch whose model raises fails with the backend's status; a later batch succeeds."""
-    with batching_gateway(tritons, default={"mode": "fixed", "max_queue_delay_us": 20_000}) as gateway:
+    with batching_gateway(tritons, event_loop_kind, default={"mode": "fixed", "max_queue_delay_us": 20_000}) as gateway:
         def request(mode):
             return [
                 _tensor("INPUT0", np.ones((1, 16), np.float32), "FP32"),
@@ -157,8 +157,8 @@ def test_backend_failure_fails_only_its_batch(tritons):
         assert all(r.as_numpy("OUTPUT0").shape == (1, 16) for r in later)
 
 
-def test_queue_full_is_refused_at_once(tritons):
-    with batching_gateway(tritons, default={"mode": "fixed", "max_queue_delay_us": 300_000, "max_queue_size": 2}) as gateway:
+def test_queue_full_is_refused_at_once(tritons, event_loop_kind):
+    with batching_gateway(tritons, event_loop_kind, default={"mode": "fixed", "max_queue_delay_us": 300_000, "max_queue_size": 2}) as gateway:
         async def scenario():
             client = triton_aio.InferenceServerClient(gateway.address)
             waiting = [asyncio.ensure_future(client.infer("simple_scale", _request_inputs("simple_scale", 1, i))) for i in range(2)]
@@ -179,9 +179,9 @@ def test_queue_full_is_refused_at_once(tritons):
         assert len(results) == 2
 
 
-def test_unmeetable_deadline_is_not_sent(tritons):
+def test_unmeetable_deadline_is_not_sent(tritons, event_loop_kind):
     """fixed_cost takes 2 ms per call: a request with less time left is refused without a backend call."""
-    with batching_gateway(tritons) as gateway:
+    with batching_gateway(tritons, event_loop_kind) as gateway:
         client = triton_grpc.InferenceServerClient(gateway.address)
         inputs = [_tensor("INPUT0", np.ones((1, 16), np.float32), "FP32")]
         for _ in range(20):  # learn the backend latency
@@ -195,9 +195,9 @@ def test_unmeetable_deadline_is_not_sent(tritons):
         assert sum(b["served"] for b in stats["backends"].values()) == served, "the request must not be sent"
 
 
-def test_deadline_sends_a_batch_early(tritons):
+def test_deadline_sends_a_batch_early(tritons, event_loop_kind):
     """A request whose deadline ends before the window closes is sent early (reason: deadline)."""
-    with batching_gateway(tritons, default={"mode": "fixed", "max_queue_delay_us": 1_000_000}) as gateway:
+    with batching_gateway(tritons, event_loop_kind, default={"mode": "fixed", "max_queue_delay_us": 1_000_000}) as gateway:
         client = triton_grpc.InferenceServerClient(gateway.address)
         inputs = _request_inputs("simple_scale", 1, 0)
         client.infer("simple_scale", inputs)  # waits out the window; the queue learns the latency

@@ -176,7 +176,7 @@ def _check_admin_api_and_cli(address: str, tmp_path) -> None:
     import subprocess
     import sys
 
-    from gateway.admin.drift_service import SERVICE, _messages
+    from gateway.admin.drift_service import SERVICE, messages as admin_messages
 
     plot = tmp_path / "drift.png"
     result = subprocess.run(
@@ -187,7 +187,7 @@ def _check_admin_api_and_cli(address: str, tmp_path) -> None:
     table = [line for line in result.stdout.splitlines() if "input/INPUT0" in line]
     assert "  3  " in table[0] and table[0].rstrip().endswith(("alert", "warning")), table[0]  # most drifted first
     assert plot.stat().st_size > 10_000
-    messages = _messages()
+    messages = admin_messages()
     with grpc.insecure_channel(address) as channel:
         def call(method, request, response):
             return channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=lambda m: m.SerializeToString(),

@@ -1,8 +1,10 @@
 """Launch real Triton servers from the nvidia-pytriton wheel's bundled binary, on loopback ports.
 
 The wheel ships a complete tritonserver with its Python backend; this module runs it directly with
-a model repository of our own, without PyTriton's Python API (see DESIGN.md, "Facts measured on
-the development machine"). Each `LocalTriton` is one server process:
+a model repository of our own, without PyTriton's Python API. What it takes — a backend folder
+holding the Python backend and the stub for the running Python (`_prepare_backend_dir`), this
+Python's libpython first on the library path (`_environment`) — is in the code below. Each
+`LocalTriton` is one server process:
 
     with LocalTriton(default_model_repository(), name="cpu-0") as triton:
         client = tritonclient.grpc.InferenceServerClient(triton.grpc_address)

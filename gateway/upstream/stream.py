@@ -1,7 +1,7 @@
 """Multiplexes many inference requests over one long-lived ModelStreamInfer stream to a backend.
 
 A unary gRPC call costs a Python gRPC client several times what one message on an open stream
-costs (DESIGN.md: ~147 µs against ~38 µs server-side), so every backend keeps streams open and
+costs (measured: ~147 µs against ~38 µs server-side; docs/architecture.md), so every backend keeps streams open and
 requests ride them, correlated by an id the stream owns. The client's own request id is restored on
 the way back by the caller.
 
@@ -27,6 +27,7 @@ from gateway.protocol.tensors import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
 log = logging.getLogger(__name__)
 
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+
 
 class _InFlight:
     """One request waiting on the stream: a future (single response) or a queue (decoupled)."""
