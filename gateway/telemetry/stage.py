@@ -84,6 +84,12 @@ class _Producing:
     _resource: Resource
     _exponential = False  # explicit buckets unless the reader's consumer merges exponential ones
 
+    def produce_with(self, produce: Callable[[bool], list[Metric]], resource: Resource, exponential: bool) -> "_Producing":
+        """Append `produce(exponential)`'s metrics to every collection, under `resource` when the
+        SDK collected nothing of its own."""
+        self._produce, self._resource, self._exponential = produce, resource, exponential
+        return self
+
     def _receive_metrics(self, metrics_data: MetricsData | None, timeout_millis: float = 10_000, **kwargs) -> None:
         try:
             extra = self._produce(self._exponential)
@@ -332,12 +338,6 @@ class TelemetryStage:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def _reader_setup(self, reader: _Producing, exponential: bool = False) -> _Producing:
-        reader._produce = self.produce
-        reader._resource = self._resource
-        reader._exponential = exponential
-        return reader
-
     def start(self) -> None:
         """Build the readers and the meter provider; serve the Prometheus endpoint (non-blocking)."""
         config = self.config
@@ -346,7 +346,7 @@ class TelemetryStage:
 
             registry = CollectorRegistry()  # one per gateway: several gateways may share a process
             reader = _prometheus_reader_class()(registry=registry)
-            self._readers.append(self._reader_setup(reader))
+            self._readers.append(reader.produce_with(self.produce, self._resource, exponential=False))
             server, _thread = start_http_server(config.prometheus_port, addr=config.prometheus_host, registry=registry)
             self._http_server = server
             self.prometheus_port = server.server_port
@@ -357,7 +357,7 @@ class TelemetryStage:
             exporter = OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=config.otlp_insecure,
                                           headers=dict(config.otlp_headers) or None)
             reader = _PeriodicReader(exporter, export_interval_millis=config.otlp_interval_s * 1e3)
-            self._readers.append(self._reader_setup(reader, exponential=config.otlp_histogram == "exponential"))
+            self._readers.append(reader.produce_with(self.produce, self._resource, config.otlp_histogram == "exponential"))
             log.info("telemetry: OTLP metrics to %s every %.1f s", config.otlp_endpoint, config.otlp_interval_s)
         # Our own provider, not the global one: the gateway is a library too, and tests run several.
         self._provider = MeterProvider(metric_readers=self._readers, resource=self._resource)
