@@ -7,7 +7,8 @@
     models:            # optional; without it every model the backends report is routed
       resnet: {pools: [gpu, cpu]}   # preference order
 
-Optional sections: `server` (limits), `upstream` (streams per backend), `health` (check interval),
+Optional sections: `server` (limits), `upstream` (transport to the backends: `grpc-stream` or `http`,
+streams and connections per backend), `health` (check interval),
 `routing` (retry policy), `batching` (gateway-side dynamic batching, per model), `drift` (drift
 monitoring of model inputs and outputs, alerts and retraining captures), `telemetry` (OpenTelemetry
 metrics: a Prometheus scrape endpoint and/or OTLP export). Each stage owns its dataclass; this module composes them.
@@ -55,6 +56,11 @@ class GatewayConfig:
             raise ConfigError("listen", f"expected host:port (port 0 for any free port), got {self.listen!r}")
         if not self.pools:
             raise ConfigError("pools", "expected at least one pool")
+        if self.upstream.transport == "http":
+            for name, pool in self.pools.items():
+                for index in range(len(pool.backends)):
+                    parse_address(pool.http_address(index, self.upstream.http_port_offset),
+                                  f"pools.{name}.backends[{index}] (its HTTP address, gRPC port + upstream.http_port_offset)")
         for model, route in (self.models or {}).items():
             for index, pool in enumerate(route.pools):
                 if pool not in self.pools:
