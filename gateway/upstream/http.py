@@ -248,7 +248,7 @@ class HttpPool:
         except BaseException:
             # Cancelled before the answer came: its rest must never reach the connection's next
             # user. (Once answered, the connection is already back in the pool: leave it.)
-            if not waiter.done():
+            if waiter.cancelled() or not waiter.done():
                 connection.close()
             raise
 

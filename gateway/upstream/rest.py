@@ -205,13 +205,16 @@ class RestInference:
         self.pool = pool
         self.backend = backend
         self._targets: dict[tuple[str, str], bytes] = {}
+        self.requests = 0
+        """Inference requests sent (health checks not counted)."""
         self._request_head = b" HTTP/1.1\r\n" + pool.host_header + (
             b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: ")
 
     def __repr__(self) -> str:
-        return f"<RestInference {self.backend} {self.pool!r}>"
+        return f"<RestInference {self.backend} requests={self.requests} {self.pool!r}>"
 
     async def infer(self, request, trace_context: Mapping[str, str] | None = None):
+        self.requests += 1
         key = (request.model_name, request.model_version)
         target = self._targets.get(key)
         if target is None:
