@@ -286,10 +286,13 @@ class LocalTriton:
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.name = name
+        # The HTTP port sits just below the gRPC port, as in Triton's defaults (HTTP 8000, gRPC
+        # 8001), so the gateway's derived HTTP address (gRPC port + upstream.http_port_offset,
+        # -1 by default) finds this server's.
         if not grpc_port and not http_port:
-            # Side by side as in Triton's defaults (HTTP 8000, gRPC 8001), so the gateway's
-            # derived HTTP port (gRPC port + upstream.http_port_offset, -1) finds this server's.
             http_port, grpc_port = find_free_ports(2)
+        elif grpc_port and not http_port:
+            http_port = grpc_port - 1
         self.grpc_port = grpc_port or find_free_port()
         self.http_port = http_port or find_free_port()
         self.metrics_port = metrics_port or find_free_port()

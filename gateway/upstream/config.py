@@ -82,19 +82,21 @@ class UpstreamConfig:
     """How the gateway talks to each backend.
 
     `transport` picks how inference requests travel:
+    - `http` (default): Triton's HTTP/REST endpoint with the binary tensor data extension, over a
+      bounded pool of keep-alive HTTP/1.1 connections per backend (gateway/upstream/http.py,
+      rest.py); about half the gateway's CPU per request of the stream (benchmarks/RESULTS.md,
+      "Upstream transports"). Each backend then needs its HTTP address too:
+      `pools.<name>.http_backends`, or its gRPC port plus `http_port_offset` (-1 by default:
+      Triton's own HTTP 8000 beside gRPC 8001). A wrong HTTP address shows in the health checks,
+      which then also ask the HTTP endpoint whether it is ready;
     - `grpc-stream`: every request rides a long-lived ModelStreamInfer stream per backend
-      (gateway/upstream/stream.py);
-    - `http`: Triton's HTTP/REST endpoint with the binary tensor data extension, over a bounded
-      pool of keep-alive HTTP/1.1 connections per backend (gateway/upstream/http.py); cheaper for
-      the gateway per request (benchmarks/RESULTS.md, "Upstream transports"). Each backend then
-      needs its HTTP address too: `pools.<name>.http_backends`, or its gRPC port plus
-      `http_port_offset`.
+      (gateway/upstream/stream.py).
     Either way, decoupled models and requests of a sequence (a `sequence_id`) ride the stream, and
     health checks and model metadata use gRPC calls.
     """
 
-    transport: str = "grpc-stream"
-    """`grpc-stream` or `http` (see above)."""
+    transport: str = "http"
+    """`http` (the default) or `grpc-stream` (see above)."""
     streams_per_backend: int = 1
     """Long-lived ModelStreamInfer streams multiplexed per backend; requests spread over them."""
     max_message_bytes: int = 256 * 1024 * 1024
