@@ -56,11 +56,6 @@ class GatewayConfig:
             raise ConfigError("listen", f"expected host:port (port 0 for any free port), got {self.listen!r}")
         if not self.pools:
             raise ConfigError("pools", "expected at least one pool")
-        if self.upstream.transport == "http":
-            for name, pool in self.pools.items():
-                for index in range(len(pool.backends)):
-                    parse_address(pool.http_address(index, self.upstream.http_port_offset),
-                                  f"pools.{name}.backends[{index}] (its HTTP address, gRPC port + upstream.http_port_offset)")
         for model, route in (self.models or {}).items():
             for index, pool in enumerate(route.pools):
                 if pool not in self.pools:

@@ -360,3 +360,25 @@ def test_http_status_becomes_tritons_grpc_status(status, code):
     error = error_of(status, b'{"error":"what Triton said"}', "b")
     assert error.code is code and "what Triton said" in error.message
     assert isinstance(error, Unavailable) == (status == 503)
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def test_transport_config_and_http_addresses():
+    from gateway.config import config_from_mapping
+    from gateway.errors import ConfigError
+
+    config = config_from_mapping({"listen": "127.0.0.1:0", "pools": {
+        "a": {"backends": ["10.0.0.5:8001", "[::1]:9001"]},
+        "b": {"backends": ["h:7001"], "http_backends": ["h:7500"]}}})
+    assert config.upstream.transport == "http"
+    assert config.pools["a"].http_address(0, -1) == "10.0.0.5:8000"
+    assert config.pools["a"].http_address(1, -1) == "[::1]:9000"
+    assert config.pools["b"].http_address(0, -1) == "h:7500"
+    with pytest.raises(ConfigError, match="upstream.transport"):
+        config_from_mapping({"listen": "h:0", "pools": {"a": {"backends": ["h:1"]}}, "upstream": {"transport": "h3"}})
+    with pytest.raises(ConfigError, match=r"pools.a.http_backends: expected one HTTP address per backend"):
+        config_from_mapping({"listen": "h:0", "pools": {"a": {"backends": ["h:1", "h:2"], "http_backends": ["h:3"]}}})
+    with pytest.raises(ConfigError, match=r"pools.a.http_backends\[0\]"):
+        config_from_mapping({"listen": "h:0", "pools": {"a": {"backends": ["h:1"], "http_backends": ["nope"]}}})

@@ -11,7 +11,7 @@ import grpc
 
 from gateway.errors import BackendError, DeadlineExceeded, Unavailable
 from gateway.protocol import INFERENCE_SERVICE, pb
-from gateway.upstream.config import UpstreamConfig, parse_address
+from gateway.upstream.config import UpstreamConfig
 from gateway.upstream.http import HttpPool
 from gateway.upstream.rest import RestInference
 from gateway.upstream.stream import InferStream, StreamClosed
@@ -42,7 +42,10 @@ class Backend:
         self.http_address = http_address
         self.rest: RestInference | None = None
         if http_address is not None:
-            host, port = parse_address(http_address, "http_address")
+            # Not validated beyond its form: a derived port that is wrong (or out of range) fails
+            # to connect, and the health checks say so (the config may name placeholder hosts).
+            host, _, port = http_address.rpartition(":")
+            host, port = host.strip("[]"), int(port)
             http_pool = HttpPool(
                 host, port, max_connections=config.http_connections_per_backend,
                 connect_timeout_s=config.http_connect_timeout_s, max_body_bytes=config.max_message_bytes,

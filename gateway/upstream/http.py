@@ -296,8 +296,8 @@ class HttpPool:
             self._wake_one(None)  # the slot is free again: let a waiter try
             if isinstance(error, asyncio.TimeoutError):
                 reason = f"backend {self.address}: no connection within {self.connect_timeout_s:g} s"
-            elif isinstance(error, OSError):
-                reason = f"backend {self.address} is unreachable: {error.strerror or error}"
+            elif isinstance(error, (OSError, OverflowError)):
+                reason = f"backend {self.address} is unreachable: {getattr(error, 'strerror', None) or error}"
             else:
                 raise
             self._on_broken(reason)
