@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_drift.py
 	$(PY) benchmarks/bench_telemetry.py
 	$(PY) benchmarks/bench_gateway.py
+	$(PY) benchmarks/bench_upstream.py
 
 clean:
 	rm -rf build *.egg-info ext/*.c ext/*.so gateway/protocol/*.binpb .pytest_cache

@@ -67,7 +67,8 @@ def cmd_local_triton(args: argparse.Namespace) -> int:
 
     repository = args.model_repository or default_model_repository()
     try:
-        triton = LocalTriton(repository, name=args.name, grpc_port=args.grpc_port, log_dir=args.log_dir).start()
+        triton = LocalTriton(repository, name=args.name, grpc_port=args.grpc_port, http_port=args.http_port,
+                             log_dir=args.log_dir).start()
     except TritonLaunchError as error:
         print(f"tensorgate: {error}", file=sys.stderr)
         return 1
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     local = commands.add_parser("local-triton", help="run one local Triton server from the nvidia-pytriton wheel")
     local.add_argument("--model-repository", help="model repository (default: the bundled examples)")
     local.add_argument("--grpc-port", type=int, default=0, help="gRPC port (default: a free one)")
+    local.add_argument("--http-port", type=int, default=0,
+                       help="HTTP port (default: the gRPC port - 1, as in Triton's 8000/8001, which the gateway's "
+                            "HTTP upstream derives; with neither port given, a free pair)")
     local.add_argument("--name", default="triton")
     local.add_argument("--log-dir")
     local.set_defaults(run=cmd_local_triton)

@@ -7,7 +7,8 @@
     models:            # optional; without it every model the backends report is routed
       resnet: {pools: [gpu, cpu]}   # preference order
 
-Optional sections: `server` (limits), `upstream` (streams per backend), `health` (check interval),
+Optional sections: `server` (limits), `upstream` (transport to the backends: `grpc-stream` or `http`,
+streams and connections per backend), `health` (check interval),
 `routing` (retry policy), `batching` (gateway-side dynamic batching, per model), `drift` (drift
 monitoring of model inputs and outputs, alerts and retraining captures), `telemetry` (OpenTelemetry
 metrics: a Prometheus scrape endpoint and/or OTLP export). Each stage owns its dataclass; this module composes them.

@@ -8,12 +8,26 @@ leaves one behind.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from concurrent.futures import Future
 from typing import Any, Coroutine
 
 from gateway.config import GatewayConfig, config_from_mapping
 from gateway.app import Gateway
+
+
+#: Runs a test suite over another upstream transport: `TENSORGATE_TEST_UPSTREAM_TRANSPORT=http pytest …`
+#: sets `upstream.transport` in every config mapping that does not set it itself.
+TRANSPORT_VARIABLE = "TENSORGATE_TEST_UPSTREAM_TRANSPORT"
+
+
+def _with_test_transport(config: dict) -> dict:
+    transport = os.environ.get(TRANSPORT_VARIABLE)
+    upstream = config.get("upstream") or {}
+    if not transport or "transport" in upstream:
+        return config
+    return {**config, "upstream": {**upstream, "transport": transport}}
 
 
 class GatewayThread:
@@ -24,7 +38,9 @@ class GatewayThread:
     """
 
     def __init__(self, config: GatewayConfig | dict, *, use_uvloop: bool = True) -> None:
-        self.config = config if isinstance(config, GatewayConfig) else config_from_mapping(config)
+        if not isinstance(config, GatewayConfig):
+            config = config_from_mapping(_with_test_transport(config))
+        self.config = config
         self.use_uvloop = use_uvloop
         self.loop_errors: list[dict[str, Any]] = []
         self.gateway: Gateway | None = None

@@ -43,6 +43,7 @@ __all__ = [
     "TritonLaunchError",
     "default_model_repository",
     "find_free_port",
+    "find_free_ports",
     "triton_binary",
 ]
 
@@ -128,6 +129,32 @@ def default_model_repository() -> Path:
 # may offer a just-released port again, and two LocalTritons built back to back must not share.
 _handed_out: set[int] = set()
 _ports_lock = threading.Lock()
+
+
+def find_free_ports(count: int) -> list[int]:
+    """`count` consecutive loopback TCP ports, free now and not already handed out by this process."""
+    for _ in range(200):
+        first = find_free_port()
+        ports = [first + offset for offset in range(count)]
+        if ports[-1] > 65535:
+            continue
+        with _ports_lock:
+            if any(port in _handed_out for port in ports[1:]):
+                continue
+            probes: list[socket.socket] = []
+            try:
+                for port in ports[1:]:
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    probes.append(sock)
+                    sock.bind((_LOOPBACK, port))
+            except OSError:
+                continue
+            finally:
+                for sock in probes:
+                    sock.close()
+            _handed_out.update(ports)
+            return ports
+    raise OSError(f"found no {count} consecutive free loopback ports")
 
 
 def find_free_port() -> int:
@@ -259,6 +286,13 @@ class LocalTriton:
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.name = name
+        # The HTTP port sits just below the gRPC port, as in Triton's defaults (HTTP 8000, gRPC
+        # 8001), so the gateway's derived HTTP address (gRPC port + upstream.http_port_offset,
+        # -1 by default) finds this server's.
+        if not grpc_port and not http_port:
+            http_port, grpc_port = find_free_ports(2)
+        elif grpc_port and not http_port:
+            http_port = grpc_port - 1
         self.grpc_port = grpc_port or find_free_port()
         self.http_port = http_port or find_free_port()
         self.metrics_port = metrics_port or find_free_port()

@@ -9,9 +9,12 @@ client sent a `traceparent` follows the client's sampled flag (parent-based, as 
 other is traced with probability `trace_sampling_ratio`. A request not traced costs a metadata
 scan and a random number; the SDK is only called for traced ones.
 
-Carrying the context to Triton: the gateway's upstream is one ModelStreamInfer stream per backend
-shared by many requests, and Triton reads trace context from a call's gRPC metadata — per stream,
-not per message. So a traced request (or a batch holding one) is sent as a unary ModelInfer with
+Carrying the context to Triton: with the HTTP upstream (`upstream.transport: http`) a traced
+request (or a batch holding one) goes the way every request goes, with the backend span's
+`traceparent` as a header of its own HTTP request, which Triton's OpenTelemetry tracing reads.
+With the stream upstream, one ModelStreamInfer stream per backend is shared by many requests, and
+Triton reads trace context from a call's gRPC metadata — per stream, not per message. So there a
+traced request is sent as a unary ModelInfer with
 the backend span's `traceparent` in its metadata, where Triton's own OpenTelemetry tracing
 (`--trace-config mode=opentelemetry`) makes its spans children of the gateway's (a model that wants
 the context itself gets it from Triton's `--grpc-header-forward-pattern=^traceparent$`, as a request
@@ -147,8 +150,10 @@ class Tracing:
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(spans[0]))
         request = exchange.request
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
+            if backend.carries_trace_context:  # HTTP upstream: the context is a header of this request
+                return await backend.infer(request, trace_context=carrier)
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             return await backend.infer_unary(request, timeout, tuple(carrier.items()))
         except GatewayError as error:
             for span in spans:

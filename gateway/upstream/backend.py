@@ -1,17 +1,19 @@
-"""One Triton backend: its channel, its multiplexed inference streams, its health and its load."""
+"""One Triton backend: its channel, its multiplexed inference streams, its HTTP pool, its health and its load."""
 
 from __future__ import annotations
 
 import enum
 import itertools
 import logging
-from typing import Callable
+from typing import Callable, Mapping
 
 import grpc
 
 from gateway.errors import BackendError, DeadlineExceeded, Unavailable
 from gateway.protocol import INFERENCE_SERVICE, pb
 from gateway.upstream.config import UpstreamConfig
+from gateway.upstream.http import HttpPool
+from gateway.upstream.rest import RestInference
 from gateway.upstream.stream import InferStream, StreamClosed
 
 log = logging.getLogger(__name__)
@@ -23,15 +25,33 @@ class Health(enum.Enum):
 
 
 class Backend:
-    """A Triton server reached over one grpc.aio channel.
+    """A Triton server reached over one grpc.aio channel, and over HTTP when `http_address` is given.
+
+    With an HTTP address (config `upstream.transport: http`), `infer` sends requests over a pool of
+    keep-alive HTTP connections to Triton's HTTP endpoint (gateway/upstream/rest.py), except those
+    of a sequence, which keep the stream's order; decoupled models always ride the stream; health
+    checks and metadata are gRPC calls either way.
 
     `outstanding` counts requests sent and not yet answered: the router's power-of-two-choices
     reads it. `ready_models` is what the last health check saw in the backend's RepositoryIndex.
     """
 
-    def __init__(self, address: str, pool: str, config: UpstreamConfig) -> None:
+    def __init__(self, address: str, pool: str, config: UpstreamConfig, http_address: str | None = None) -> None:
         self.address = address
         self.pool = pool
+        self.http_address = http_address
+        self.rest: RestInference | None = None
+        if http_address is not None:
+            # Not validated beyond its form: a derived port that is wrong (or out of range) fails
+            # to connect, and the health checks say so (the config may name placeholder hosts).
+            host, _, port = http_address.rpartition(":")
+            host, port = host.strip("[]"), int(port)
+            http_pool = HttpPool(
+                host, port, max_connections=config.http_connections_per_backend,
+                connect_timeout_s=config.http_connect_timeout_s, max_body_bytes=config.max_message_bytes,
+                on_broken=self._connection_broke,
+            )
+            self.rest = RestInference(http_pool, address)
         options = [
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -92,6 +112,16 @@ class Backend:
         # successful health check puts it back.
         self.mark(Health.UNHEALTHY, reason)
 
+    def _connection_broke(self, reason: str) -> None:
+        # The same for HTTP: the backend refused a connection, or one broke under a request.
+        self.mark(Health.UNHEALTHY, reason)
+
+    @property
+    def carries_trace_context(self) -> bool:
+        """True when `infer(…, trace_context=…)` carries the context to Triton on its own
+        (HTTP headers per request); else a traced request needs `infer_unary` (gRPC metadata)."""
+        return self.rest is not None
+
     # ---- calls -------------------------------------------------------------------------------
 
     def _unary(self, method: str, response_type: type) -> grpc.aio.UnaryUnaryMultiCallable:
@@ -112,11 +142,28 @@ class Backend:
         except grpc.aio.AioRpcError as error:
             raise translate_rpc_error(error, self.address) from None
 
-    async def infer(self, request, *, decoupled: bool = False):
-        """Send one ModelInferRequest over a stream; return its ModelInferResponse.
+    async def infer(self, request, *, trace_context: Mapping[str, str] | None = None):
+        """Send one ModelInferRequest; return its ModelInferResponse.
 
-        The request's id is overwritten (the stream owns correlation); the caller restores it.
+        Over HTTP (when configured; `trace_context` becomes request headers), else over a stream,
+        where the request's id is overwritten (the stream owns correlation) and the caller
+        restores it. A request of a sequence always rides the stream, whose order is the order
+        Triton sees.
         """
+        rest = self.rest
+        if rest is not None and "sequence_id" not in request.parameters:
+            self.outstanding += 1
+            try:
+                response = await rest.infer(request, trace_context)
+                self.served += 1
+                return response
+            except BackendError:
+                self.failed += 1
+                raise
+            finally:
+                self.outstanding -= 1
+        if trace_context:  # the stream cannot carry it per request: a unary call can
+            return await self.infer_unary(request, None, tuple(trace_context.items()))
         stream = next(self._stream_cycle)
         self.outstanding += 1
         entry = None
@@ -175,7 +222,14 @@ class Backend:
             if stream_id is not None and not finished:
                 stream.forget(stream_id)
 
+    async def check_http(self, timeout: float) -> None:
+        """Raise Unavailable unless the HTTP endpoint (when configured) answers ready in time."""
+        if self.rest is not None:
+            await self.rest.ready(timeout)
+
     async def close(self) -> None:
+        if self.rest is not None:
+            self.rest.pool.close()
         for stream in self._streams:
             await stream.close()
         await self.channel.close(grace=None)

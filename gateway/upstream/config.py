@@ -21,6 +21,10 @@ class PoolConfig:
 
     backends: tuple[str, ...]
     """gRPC address (host:port) of every Triton server in the pool."""
+    http_backends: tuple[str, ...] = ()
+    """HTTP/REST address (host:port) of the same servers, in the order of `backends`; used when
+    `upstream.transport` is `http`. Empty (the default): each server's HTTP port is its gRPC port
+    plus `upstream.http_port_offset` (-1: Triton's own defaults, HTTP 8000 beside gRPC 8001)."""
 
     def validate(self, path: str) -> None:
         if not self.backends:
@@ -29,6 +33,24 @@ class PoolConfig:
             parse_address(address, f"{path}.backends[{index}]")
         if len(set(self.backends)) != len(self.backends):
             raise ConfigError(f"{path}.backends", "the same backend address is listed twice")
+        if self.http_backends:
+            if len(self.http_backends) != len(self.backends):
+                raise ConfigError(
+                    f"{path}.http_backends",
+                    f"expected one HTTP address per backend ({len(self.backends)}, in the order of "
+                    f"`backends`), got {len(self.http_backends)}",
+                )
+            for index, address in enumerate(self.http_backends):
+                parse_address(address, f"{path}.http_backends[{index}]")
+
+    def http_address(self, index: int, offset: int) -> str:
+        """The HTTP/REST address of backend `index`: listed, or derived from its gRPC port."""
+        if self.http_backends:
+            return self.http_backends[index]
+        address = self.backends[index]
+        host, port = parse_address(address, "")
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{port + offset}"
 
 
 @dataclass(frozen=True)
@@ -52,17 +74,52 @@ class HealthConfig:
             raise ConfigError(f"{path}.timeout_s", "expected a positive number of seconds")
 
 
+TRANSPORTS = ("grpc-stream", "http")
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
-    """How the gateway talks to each backend."""
+    """How the gateway talks to each backend.
 
+    `transport` picks how inference requests travel:
+    - `http` (default): Triton's HTTP/REST endpoint with the binary tensor data extension, over a
+      bounded pool of keep-alive HTTP/1.1 connections per backend (gateway/upstream/http.py,
+      rest.py); about half the gateway's CPU per request of the stream (benchmarks/RESULTS.md,
+      "Upstream transports"). Each backend then needs its HTTP address too:
+      `pools.<name>.http_backends`, or its gRPC port plus `http_port_offset` (-1 by default:
+      Triton's own HTTP 8000 beside gRPC 8001). A wrong HTTP address shows in the health checks,
+      which then also ask the HTTP endpoint whether it is ready;
+    - `grpc-stream`: every request rides a long-lived ModelStreamInfer stream per backend
+      (gateway/upstream/stream.py).
+    Either way, decoupled models and requests of a sequence (a `sequence_id`) ride the stream, and
+    health checks and model metadata use gRPC calls.
+    """
+
+    transport: str = "http"
+    """`http` (the default) or `grpc-stream` (see above)."""
     streams_per_backend: int = 1
     """Long-lived ModelStreamInfer streams multiplexed per backend; requests spread over them."""
     max_message_bytes: int = 256 * 1024 * 1024
     """Largest message sent to or received from a backend."""
+    http_connections_per_backend: int = 64
+    """`http`: most HTTP connections open to one backend (one request in flight on each); further
+    requests wait for a free one, first come first served."""
+    http_port_offset: int = -1
+    """`http`: a backend's HTTP port is its gRPC port plus this, unless its pool lists
+    `http_backends`."""
+    http_connect_timeout_s: float = 2.0
+    """`http`: a connection not established in this time fails the request with UNAVAILABLE."""
 
     def validate(self, path: str) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"{path}.transport", f"expected one of: {', '.join(TRANSPORTS)}; got {self.transport!r}")
         if not 1 <= self.streams_per_backend <= 64:
             raise ConfigError(f"{path}.streams_per_backend", "expected an integer from 1 to 64")
         if self.max_message_bytes < 1024:
             raise ConfigError(f"{path}.max_message_bytes", "expected at least 1024 bytes")
+        if not 1 <= self.http_connections_per_backend <= 4096:
+            raise ConfigError(f"{path}.http_connections_per_backend", "expected an integer from 1 to 4096")
+        if not -65535 < self.http_port_offset < 65535:
+            raise ConfigError(f"{path}.http_port_offset", "expected an integer port offset")
+        if self.http_connect_timeout_s <= 0:
+            raise ConfigError(f"{path}.http_connect_timeout_s", "expected a positive number of seconds")

@@ -21,8 +21,14 @@ class Fleet:
     so routing tables derived from the fleet know when to rebuild."""
 
     def __init__(self, pools: dict[str, PoolConfig], upstream: UpstreamConfig, health: HealthConfig) -> None:
+        http = upstream.transport == "http"
         self.pools: dict[str, list[Backend]] = {
-            name: [Backend(address, name, upstream) for address in pool.backends] for name, pool in pools.items()
+            name: [
+                Backend(address, name, upstream,
+                        http_address=pool.http_address(index, upstream.http_port_offset) if http else None)
+                for index, address in enumerate(pool.backends)
+            ]
+            for name, pool in pools.items()
         }
         self.health_config = health
         self.generation = 0
@@ -62,7 +68,8 @@ class Fleet:
             await asyncio.sleep(0.02)
 
     async def check(self, backend: Backend) -> None:
-        """One active check: ServerReady, then the ready models of RepositoryIndex."""
+        """One active check: ServerReady, then the ready models of RepositoryIndex; with the HTTP
+        transport, also the HTTP endpoint's readiness (a wrong HTTP address shows here)."""
         timeout = self.health_config.timeout_s
         try:
             ready = await backend.call("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse, timeout)
@@ -72,6 +79,7 @@ class Fleet:
             index = await backend.call(
                 "RepositoryIndex", pb.RepositoryIndexRequest(ready=True), pb.RepositoryIndexResponse, timeout
             )
+            await backend.check_http(timeout)
         except (GatewayError, grpc.aio.AioRpcError, asyncio.TimeoutError) as error:
             self._failed(backend, f"health check failed: {getattr(error, 'message', error)!r}")
             return

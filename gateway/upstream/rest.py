@@ -1,0 +1,252 @@
+"""Triton's HTTP/REST inference protocol with the binary tensor data extension, to and from protobuf.
+
+    POST /v2/models/<model>[/versions/<version>]/infer HTTP/1.1
+    Inference-Header-Content-Length: <bytes of the JSON header>
+    Content-Length: <JSON header + every tensor's bytes>
+
+    {"id": …, "inputs": [{"name", "datatype", "shape", "parameters": {"binary_data_size": N, …}}, …],
+     "outputs": [{"name", "parameters": {"binary_data": true, …}}], "parameters": {…}}<tensor bytes…>
+
+The answer has the same shape (JSON header, then each output's bytes, in order). Tensor bytes are
+the raw contents of the gRPC protocol unchanged, BYTES elements included (4-byte little-endian
+length, then the bytes), so `raw_input_contents` go out as they came and `raw_output_contents` are
+slices of the answer. Every output is asked for in binary.
+
+Errors: Triton answers an HTTP status and `{"error": "<message>"}`; its HTTP server derives the
+status from the same error code its gRPC server turns into a gRPC status (http_server.cc
+`HttpCodeFromError`, grpc_utils.cc), so the code is recovered from the status (`STATUS_OF_HTTP`)
+and the message is the one a direct gRPC call would get. 400 stands for INVALID_ARG (also for
+UNKNOWN, ALREADY_EXISTS and CANCELLED, which Triton does not return for an inference request
+that reached it); tests/test_upstream_http.py compares both answers for the same failing requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Mapping
+
+import grpc
+
+from gateway.errors import BackendError, GatewayError, InvalidArgument, Unavailable
+from gateway.ext import bytes_typed_to_raw, typed_to_raw
+from gateway.protocol import pb
+from gateway.protocol.tensors import CONTENTS_FIELD
+from gateway.upstream.http import AnswerTooLarge, ConnectionFailed, HttpPool
+
+__all__ = ["RestInference", "STATUS_OF_HTTP", "decode_response", "encode_request", "error_of", "infer_target"]
+
+#: Triton's HTTP status → the gRPC status its gRPC endpoint gives for the same error.
+STATUS_OF_HTTP = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    500: grpc.StatusCode.INTERNAL,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_loads = json.loads
+
+
+def infer_target(model: str, version: str) -> bytes:
+    """The request target of an infer call (model names are URL path segments: quoted)."""
+    from urllib.parse import quote
+
+    path = f"/v2/models/{quote(model, safe='')}"
+    if version:
+        path += f"/versions/{quote(version, safe='')}"
+    return f"{path}/infer".encode()
+
+
+# ----------------------------------------------------------------------------- the request
+
+
+def _parameter(value):
+    kind = value.WhichOneof("parameter_choice")
+    return getattr(value, kind) if kind is not None else None
+
+
+def _parameters(parameters) -> dict:
+    return {key: _parameter(value) for key, value in parameters.items()}
+
+
+def _raw_of_typed(request) -> list[bytes]:
+    """The raw bytes of each input of a request that carries typed contents (as Triton reads them)."""
+    raw = []
+    for tensor in request.inputs:
+        try:
+            if tensor.datatype == "BYTES":
+                raw.append(bytes_typed_to_raw(tensor.contents.bytes_contents))
+            else:
+                field = CONTENTS_FIELD.get(tensor.datatype)
+                values = getattr(tensor.contents, field) if field is not None else ()
+                raw.append(typed_to_raw(values, tensor.datatype) if values else b"")
+        except ValueError as error:
+            raise InvalidArgument(f"input '{tensor.name}' of model '{request.model_name}': {error}") from None
+    return raw
+
+
+def encode_request(request) -> tuple[bytes, list[bytes]]:
+    """(JSON header, tensor bytes in input order) of a ModelInferRequest.
+
+    Raw contents are forwarded as they are; typed contents (a request that was not batched) are
+    converted to raw here, as the batching stage does for the requests it merges.
+    """
+    inputs = request.inputs
+    blobs = list(request.raw_input_contents)
+    if not blobs and inputs:
+        blobs = _raw_of_typed(request)
+    elif len(blobs) != len(inputs):
+        raise InvalidArgument(
+            f"model '{request.model_name}': the request has {len(inputs)} inputs but {len(blobs)} raw input "
+            "contents; expected one raw content per input"
+        )
+    header_inputs = []
+    for tensor, blob in zip(inputs, blobs):
+        parameters = _parameters(tensor.parameters) if tensor.parameters else {}
+        parameters["binary_data_size"] = len(blob)
+        header_inputs.append({"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
+                              "parameters": parameters})
+    header: dict = {"inputs": header_inputs}
+    if request.id:
+        header["id"] = request.id
+    parameters = _parameters(request.parameters) if request.parameters else {}
+    if request.outputs:
+        outputs = []
+        for output in request.outputs:
+            output_parameters = _parameters(output.parameters) if output.parameters else {}
+            output_parameters["binary_data"] = True
+            outputs.append({"name": output.name, "parameters": output_parameters})
+        header["outputs"] = outputs
+    else:
+        parameters["binary_data_output"] = True
+    header["parameters"] = parameters
+    return _dumps(header).encode(), blobs
+
+
+# ----------------------------------------------------------------------------- the answer
+
+
+def _set_parameter(target, value) -> None:
+    if isinstance(value, bool):
+        target.bool_param = value
+    elif isinstance(value, int):
+        if value < 0 or value < 1 << 63:
+            target.int64_param = value
+        else:
+            target.uint64_param = value
+    elif isinstance(value, float):
+        target.double_param = value
+    else:
+        target.string_param = value if isinstance(value, str) else _dumps(value)
+
+
+def decode_response(body: bytes, header_length: int, backend: str):
+    """The ModelInferResponse of a successful answer (HTTP 200)."""
+    try:
+        header = _loads(body[:header_length] if header_length >= 0 else body)
+        response = pb.ModelInferResponse(model_name=header["model_name"], model_version=header.get("model_version", ""),
+                                         id=header.get("id", ""))
+        offset = max(header_length, 0)
+        raw = response.raw_output_contents
+        for output in header.get("outputs", ()):
+            parameters = output.get("parameters") or {}
+            size = parameters.get("binary_data_size")
+            if size is None:
+                raise ValueError(f"output '{output['name']}' came back as JSON data, not binary")
+            tensor = response.outputs.add(name=output["name"], datatype=output["datatype"], shape=output["shape"])
+            for key, value in parameters.items():
+                if key != "binary_data_size":
+                    _set_parameter(tensor.parameters[key], value)
+            if offset + size > len(body):
+                raise ValueError(f"output '{output['name']}' ends past the answer's {len(body)} bytes")
+            raw.append(body[offset:offset + size])
+            offset += size
+        for key, value in (header.get("parameters") or {}).items():
+            _set_parameter(response.parameters[key], value)
+    except (ValueError, KeyError, TypeError) as error:
+        raise BackendError(grpc.StatusCode.INTERNAL, f"backend {backend} sent an unreadable answer: {error}",
+                           backend) from None
+    return response
+
+
+def error_of(status: int, body: bytes, backend: str) -> GatewayError:
+    """The error of a failed answer: Triton's message under the gRPC status its gRPC endpoint gives."""
+    try:
+        message = _loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode("utf-8", "replace") or f"HTTP status {status}"
+    code = STATUS_OF_HTTP.get(status, grpc.StatusCode.UNKNOWN)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"backend {backend} is unavailable: {message}")
+    return BackendError(code, message, backend)
+
+
+def headers_of(trace_context: Mapping[str, str] | None) -> bytes:
+    """Extra request header lines (e.g. `traceparent`) as bytes."""
+    if not trace_context:
+        return b""
+    return "".join(f"{name}: {value}\r\n" for name, value in trace_context.items()).encode("latin-1")
+
+
+# ----------------------------------------------------------------------------- the client
+
+
+class RestInference:
+    """ModelInfer over one backend's HTTP endpoint: a ModelInferRequest in, a ModelInferResponse out.
+
+    Failures are GatewayErrors: Triton's own (its status recovered, see the module docstring),
+    Unavailable when the backend cannot be reached or a connection broke (the router may retry
+    elsewhere), RESOURCE_EXHAUSTED for an answer over `upstream.max_message_bytes`.
+    """
+
+    def __init__(self, pool: HttpPool, backend: str) -> None:
+        self.pool = pool
+        self.backend = backend
+        self._targets: dict[tuple[str, str], bytes] = {}
+        self.requests = 0
+        """Inference requests sent (health checks not counted)."""
+        self._request_head = b" HTTP/1.1\r\n" + pool.host_header + (
+            b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: ")
+
+    def __repr__(self) -> str:
+        return f"<RestInference {self.backend} requests={self.requests} {self.pool!r}>"
+
+    async def infer(self, request, trace_context: Mapping[str, str] | None = None):
+        self.requests += 1
+        key = (request.model_name, request.model_version)
+        target = self._targets.get(key)
+        if target is None:
+            target = self._targets[key] = infer_target(*key)
+        header, blobs = encode_request(request)
+        size = len(header)
+        for blob in blobs:
+            size += len(blob)
+        head = b"".join((
+            b"POST ", target, self._request_head, str(len(header)).encode(), b"\r\nContent-Length: ",
+            str(size).encode(), b"\r\n", headers_of(trace_context), b"\r\n", header,
+        ))
+        try:
+            answer = await self.pool.request([head, *blobs] if blobs else [head])
+        except AnswerTooLarge as failure:
+            raise BackendError(grpc.StatusCode.RESOURCE_EXHAUSTED, failure.message, self.backend) from None
+        except ConnectionFailed as failure:
+            raise Unavailable(failure.message) from None
+        if answer.status != 200:
+            raise error_of(answer.status, answer.body, self.backend)
+        return decode_response(answer.body, answer.header_length, self.backend)
+
+    async def ready(self, timeout: float) -> None:
+        """Raise Unavailable unless the backend answers `GET /v2/health/ready` with 200 in time."""
+        head = b"GET /v2/health/ready HTTP/1.1\r\n" + self.pool.host_header + b"\r\n"
+        try:
+            answer = await asyncio.wait_for(self.pool.request([head]), timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"backend {self.backend}: HTTP endpoint {self.pool.address} did not answer "
+                              f"within {timeout:g} s") from None
+        except ConnectionFailed as failure:
+            raise Unavailable(f"HTTP endpoint: {failure.message}") from None
+        if answer.status != 200:
+            raise Unavailable(f"backend {self.backend}: HTTP endpoint {self.pool.address} is not ready "
+                              f"(HTTP {answer.status})")
