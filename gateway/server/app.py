@@ -57,7 +57,7 @@ class Gateway:
                 self.pipeline.trace_starter = tracing.start
                 self.direct.traced_send = tracing.send
                 self.pipeline.observers.append(tracing.observer)
-        self.inference = InferenceService(self.pipeline, self.fleet, self.catalog)
+        self.inference = InferenceService(self.pipeline, self.fleet, self.catalog, server_name=config.server.name)
         self._server: grpc.aio.Server | None = None
         self._sweeper: asyncio.Task | None = None
         self.port: int | None = None

@@ -24,6 +24,9 @@ from gateway.upstream.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
+#: The ServerMetadata extension by which a client can tell the gateway from a Triton server.
+SERVER_EXTENSION = "tensorgate"
+
 SHARED_MEMORY_REASON = (
     "shared memory cannot cross the gateway: the gateway and the Triton backends run on different "
     "hosts; send tensor contents in the request"
@@ -53,10 +56,11 @@ def _deadline(context) -> float | None:
 class InferenceService:
     """Serves the KServe v2 / Triton inference protocol on top of the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, fleet: Fleet, catalog: ModelCatalog) -> None:
+    def __init__(self, pipeline: Pipeline, fleet: Fleet, catalog: ModelCatalog, server_name: str = "triton") -> None:
         self.pipeline = pipeline
         self.fleet = fleet
         self.catalog = catalog
+        self.server_name = server_name
 
     # ---- registration ------------------------------------------------------------------------
 
@@ -103,8 +107,11 @@ class InferenceService:
         return pb.ServerReadyResponse(ready=ready).SerializeToString()
 
     async def server_metadata(self, raw: bytes, context) -> bytes:
+        # `name` is what stock clients check ("triton" by default, `server.name`); the gateway's own
+        # identity is the version and the extension "tensorgate".
         return pb.ServerMetadataResponse(
-            name="tensorgate", version=__version__, extensions=["statistics", "sequence", "streaming"]
+            name=self.server_name, version=__version__,
+            extensions=["statistics", "sequence", "streaming", SERVER_EXTENSION],
         ).SerializeToString()
 
     async def model_ready(self, raw: bytes, context) -> bytes:
