@@ -2,7 +2,8 @@
 gateway must answer with Triton's status and a message that holds Triton's (its own guidance may
 follow). Triton's wording, as the gateway writes it: gateway/protocol/triton_messages.py.
 
-Also here: Triton's own example client `simple_grpc_health_metadata.py` passes against the gateway.
+Also here: errors Triton reports over the gateway's shared upstream stream keep Triton's status, and
+Triton's own example client `simple_grpc_health_metadata.py` passes against the gateway.
 """
 
 from __future__ import annotations
@@ -266,6 +267,49 @@ def test_model_refusal_is_tritons(triton, gateway, what, call):
     through = _client_refusal(lambda: call(triton_grpc.InferenceServerClient(gateway.address)))
     assert through[0] == direct[0], f"Triton: {direct}\ngateway: {through}"
     assert direct[1] in through[1], f"Triton: {direct[1]!r}\ngateway: {through[1]!r}"
+
+
+# -- errors Triton reports over the gateway's upstream stream --------------------------------------
+
+def _sequence_without_id(r):
+    pass  # accumulate_sequence needs a sequence id; Triton's sequence batcher refuses the request
+
+
+FORWARDED = {
+    "sequence without an id": ("accumulate_sequence", _sequence_without_id),
+    "reserved parameter": ("simple_scale", lambda r: setattr(r.parameters["triton_x"], "bool_param", True)),
+    "sequence_id of the wrong type": ("simple_scale", lambda r: setattr(r.parameters["sequence_id"], "double_param", 1.5)),
+    "priority of the wrong type": ("simple_scale", lambda r: setattr(r.parameters["priority"], "string_param", "high")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORWARDED))
+def test_triton_errors_over_the_upstream_stream_keep_their_status(triton, gateway, case):
+    """These requests pass the gateway's checks and reach Triton over the shared ModelStreamInfer
+    stream, whose errors carry no status: the gateway reads it back from Triton's wording."""
+    request = _spoiled(FORWARDED[case], request_id="client-7")
+    direct = _unary(triton.grpc_address, request)
+    before = forwarded(gateway)
+    through = _unary(gateway.address, request)
+    assert forwarded(gateway) > before, "the gateway refused it itself: the case does not test the stream"
+    assert direct[0] == "INVALID_ARGUMENT"
+    assert through == direct
+    # Over a client's stream, the error message is Triton's too, quoting the client's request id.
+    assert _stream(gateway.address, request) == _stream(triton.grpc_address, request)
+
+
+def test_stream_error_status_comes_from_tritons_wording_only():
+    from gateway.errors import BackendError, Unavailable
+    from gateway.upstream.stream import stream_error
+
+    full = stream_error("[request id: 41] Exceeds maximum queue size", "41", "", "b:1")
+    assert isinstance(full, Unavailable) and "[request id: <id_unknown>] Exceeds maximum queue size" in full.message
+    unknown = stream_error("Request for unknown model: 'm' version 3 is not found", "41", "c", "b:1")
+    assert isinstance(unknown, BackendError) and unknown.code == grpc.StatusCode.NOT_FOUND
+    # A model's own message carries no status over a stream (fail_on_demand's MODE 2 is
+    # INVALID_ARGUMENT on Triton's unary path): it stays INTERNAL rather than be guessed.
+    own = stream_error("fail_on_demand: MODE 2 asked for INVALID_ARG", "41", "c", "b:1")
+    assert own.code == grpc.StatusCode.INTERNAL and own.message == "fail_on_demand: MODE 2 asked for INVALID_ARG"
 
 
 # -- Triton's own tooling -------------------------------------------------------------------------
