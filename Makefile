@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip
 
-.PHONY: demo test bench install protos compile clean
+.PHONY: demo test test-tools bench install protos compile clean
 
 # The venv is (re)built when the project's dependency list changes.
 $(STAMP): pyproject.toml setup.py
@@ -30,8 +30,24 @@ compile: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tensorgate demo
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(PY) -m pytest -q
+
+# What the tests need beside .venv: a real Prometheus server (tests/test_telemetry.py runs
+# $(PROMETHEUS)), from the Debian package `prometheus`, installed when it is missing: as root
+# directly, else through sudo; without either, stop and say what to install.
+PROMETHEUS := /usr/bin/prometheus
+test-tools:
+	@if [ -x $(PROMETHEUS) ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+		echo "make test: $(PROMETHEUS) is missing and there is no apt-get here; install Prometheus so that $(PROMETHEUS) runs it, then re-run make test" >&2; exit 1; \
+	fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null; then SUDO=sudo; \
+	else echo "make test: $(PROMETHEUS) is missing (the telemetry tests run a real Prometheus server); install the Debian package as root: apt-get install prometheus" >&2; exit 1; \
+	fi; \
+	echo "make test: installing the Debian package prometheus (the telemetry tests run a real Prometheus server)"; \
+	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py

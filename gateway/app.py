@@ -60,7 +60,7 @@ class Gateway:
             if tracing is not None:
                 self.pipeline.attach(observer=tracing.observer, trace_starter=tracing.start)
                 self.direct.traced_send = tracing.send
-        self.inference = InferenceService(self.pipeline, self.fleet)
+        self.inference = InferenceService(self.pipeline, self.fleet, server_name=config.server.name)
         self.health = HealthService(self.fleet)
         self._engine: GrpcioEngine | None = None
         self._sweeper: asyncio.Task | None = None

@@ -4,7 +4,10 @@ What it shows, on any machine with the `local` extra installed and no GPU needed
   1. routing — a model mix spread over pool `primary`, with `standby` as the spill-over pool;
   2. failover — part-way through, the primary Triton is SIGKILLed: traffic moves to the standby
      pool without failed requests, and when the primary returns it takes traffic again;
-  3. a readable summary: requests, errors, latency percentiles per model, who served what.
+  3. drift — simple_scale's input feature 3 shifts by 1σ and the drift alert fires: the shift
+     starts once the drift reference is learned, and traffic goes on past the planned time, for
+     at most DRIFT_GRACE_S more, until the alert has fired (a slow, busy machine drives fewer rows);
+  4. a readable summary: requests, errors, latency percentiles per model, who served what.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ from gateway.app import Gateway
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 DRIFTED_FEATURE = 3
 DRIFT_AT = 0.55  # share of the run after which simple_scale's inputs drift
+#: simple_scale's drift monitor, sized to the demo's traffic: a busy 2-core machine drove ~120
+#: simple_scale requests a second (~1,800 in 15 s, 2.5 rows each), which learns this reference in
+#: ~3 s and turns a window over in ~2 s; a fully shifted window scores PSI ~1 against 0.25 to alert.
+DRIFT_LEARN_ROWS = 1000
+DRIFT_WINDOW_ROWS = 500
+#: After the planned time, shifted traffic goes on until the drift alert fires, for at most this long.
+DRIFT_GRACE_S = 30.0
 
 
 def _request(model: str, rng: np.random.Generator, shift: float = 0.0) -> bytes:
@@ -72,9 +82,17 @@ def _progress(tally: Tally, seconds: float, elapsed: float, note: str) -> None:
     sys.stdout.flush()
 
 
-async def _drive(address: str, until: float, concurrency: int, tally: Tally, drift_from: float) -> None:
-    """Closed-loop traffic of four models from `concurrency` workers until the monotonic time
-    `until`; from `drift_from` on, simple_scale's inputs are shifted."""
+@dataclass
+class Traffic:
+    """What the driver's workers read before each request: set by the demo as the run goes."""
+
+    drifting: bool = False  # simple_scale's inputs are shifted
+    stop: bool = False
+
+
+async def _drive(address: str, concurrency: int, tally: Tally, traffic: Traffic) -> None:
+    """Closed-loop traffic of four models from `concurrency` workers until `traffic.stop`; while
+    `traffic.drifting`, simple_scale's inputs are shifted."""
     models = ["simple_scale", "add_sub", "mlp", "bytes_reverse"]
     rng = np.random.default_rng(0)
     pool = 512  # distinct requests per model, so the drift monitor sees a distribution
@@ -85,11 +103,11 @@ async def _drive(address: str, until: float, concurrency: int, tally: Tally, dri
 
         async def worker(index: int) -> None:
             sent = index
-            while time.monotonic() < until:
+            while not traffic.stop:
                 sent += concurrency
                 model = models[sent % len(models)]
                 started = time.perf_counter()
-                choices = drifted if model == "simple_scale" and time.monotonic() >= drift_from else payloads[model]
+                choices = drifted if model == "simple_scale" and traffic.drifting else payloads[model]
                 try:
                     await infer(choices[(sent // len(models)) % pool], timeout=10)
                     tally.latencies_ms[model].append((time.perf_counter() - started) * 1000)
@@ -217,10 +235,11 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
         "pools": {name: {"backends": [t.grpc_address]} for name, t in pools.items()},
         "health": {"interval_s": 0.25, "timeout_s": 1.0},
         "telemetry": {"prometheus_port": metrics_port, "prometheus_host": "127.0.0.1"},
-        # Watch simple_scale's input: reference learned from its first 3,000 rows, windows of 2,000.
+        # Watch simple_scale's input: a reference learned from its first rows, windows sized to the traffic.
         "drift": {
             "capture_dir": os.path.join(log_dir, "captures"),
-            "models": {"simple_scale": {"window_rows": 2000, "reference": {"learn_rows": 3000}}},
+            "models": {"simple_scale": {"window_rows": DRIFT_WINDOW_ROWS,
+                                        "reference": {"learn_rows": DRIFT_LEARN_ROWS}}},
         },
     })
     gateway = await Gateway(config).start()
@@ -228,14 +247,18 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
     print(f"  metrics  http://127.0.0.1:{metrics_port}/metrics  (Prometheus scrape endpoint, OpenTelemetry)")
     print(f"\ndriving 4 models for {seconds:.0f} s, {concurrency} requests in flight; the primary Triton is "
           f"killed at {seconds * 0.25:.0f} s and restarted at {seconds * 0.45:.0f} s; at {seconds * DRIFT_AT:.0f} s "
-          f"feature {DRIFTED_FEATURE} of simple_scale's input drifts by 1σ:")
+          f"(once {DRIFT_LEARN_ROWS:,} rows of reference are learned) feature {DRIFTED_FEATURE} of simple_scale's "
+          f"input drifts by 1σ, and traffic goes on until its drift alert fires (at most {DRIFT_GRACE_S:.0f} s more):")
     tally = Tally()
     timeline: list[str] = []
+    traffic = Traffic()
     started = time.monotonic()
-    driver = asyncio.ensure_future(
-        _drive(gateway.address, started + seconds, concurrency, tally, started + seconds * DRIFT_AT)
-    )
+    driver = asyncio.ensure_future(_drive(gateway.address, concurrency, tally, traffic))
     primary = gateway.fleet.pools["primary"][0]
+    drift_monitor = gateway.drift.monitors["simple_scale"]
+    drift_started: float | None = None
+    fired: dict | None = None  # the drift alert on the shifted feature
+    fired_at = 0.0
 
     def mark(event: str) -> str:
         timeline.append(f"{time.monotonic() - started:5.1f} s, {tally.done:>6} requests: {event}")
@@ -243,7 +266,7 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
 
     try:
         note = mark("routing to pool primary")
-        killed = restarted = back = drifting = False
+        killed = restarted = back = waiting_noted = overtime_noted = False
         alerts_seen = 0
         restart: asyncio.Future | None = None
         while not driver.done():
@@ -259,15 +282,32 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
             if restart is not None and restart.done() and primary.healthy and not back:
                 back = True
                 note = mark("primary healthy again; traffic returns to it")
-            if not drifting and elapsed >= seconds * DRIFT_AT:
-                drifting = True
-                note = mark(f"simple_scale's input feature {DRIFTED_FEATURE} shifts by 1σ")
+            if not traffic.drifting and elapsed >= seconds * DRIFT_AT:
+                learned = drift_monitor.tensors and all(t.reference is not None for t in drift_monitor.tensors.values())
+                if learned:
+                    traffic.drifting = True
+                    drift_started = elapsed
+                    note = mark(f"simple_scale's input feature {DRIFTED_FEATURE} shifts by 1σ")
+                elif not waiting_noted:
+                    waiting_noted = True
+                    note = mark(f"simple_scale's drift reference ({DRIFT_LEARN_ROWS:,} rows) is still being "
+                                "learned: the shift waits for it")
             for alert in gateway.drift.alerts[alerts_seen:]:
                 note = mark(f"drift {alert['level']}: simple_scale {alert['tensor']}[{alert['feature']}] "
                             f"{alert['statistic']} = {alert['value']:.3f}")
+                if fired is None and alert["level"] == "alert" and alert["feature"] == DRIFTED_FEATURE:
+                    fired, fired_at = alert, elapsed
             alerts_seen = len(gateway.drift.alerts)
+            if elapsed >= seconds:
+                if fired is not None or elapsed >= seconds + DRIFT_GRACE_S:
+                    break
+                if not overtime_noted:
+                    overtime_noted = True
+                    note = mark("no drift alert yet: the shifted traffic goes on until it fires "
+                                f"(at most {DRIFT_GRACE_S:.0f} s more)")
             _progress(tally, seconds, elapsed, note)
             await asyncio.sleep(0.2)
+        traffic.stop = True
         await driver
         if restart is not None:
             await restart
@@ -275,7 +315,14 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
         print(_summary(gateway, tally, time.monotonic() - started, pools, timeline))
         print(await asyncio.to_thread(_from_metrics, metrics_port))
         captures = gateway.drift.capture.written if gateway.drift.capture else []
-        print(f"\ndrift: {len(gateway.drift.alerts)} alert events; retraining evidence "
+        if fired is not None:
+            print(f"\ndrift alert fired: simple_scale {fired['tensor']}[{fired['feature']}] {fired['statistic']} = "
+                  f"{fired['value']:.3f}, {fired_at - drift_started:.1f} s after the 1σ shift")
+        else:
+            print(f"\ndrift alert did NOT fire within {DRIFT_GRACE_S:.0f} s after the planned end "
+                  + ("(the shift never started: the reference was not learned)" if drift_started is None else
+                     f"(the shift started at {drift_started:.1f} s)"))
+        print(f"drift: {len(gateway.drift.alerts)} alert events; retraining evidence "
               f"(report.json + sample.npz) in {len(captures)} capture folder(s)"
               + (f", the first: {captures[0]}" if captures else ""))
     finally:
@@ -284,4 +331,4 @@ async def run_demo(seconds: float = 15.0, concurrency: int = 16, log_dir: str | 
         for triton in pools.values():
             triton.kill()
     # The folder holds the Triton logs and the drift captures: kept for the user to look at.
-    return 0 if not tally.errors else 1
+    return 0 if not tally.errors and fired is not None else 1

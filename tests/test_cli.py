@@ -80,3 +80,20 @@ def test_example_config_is_valid():
     assert list(config.pools) == ["primary", "standby"]
     assert config.batching.policy_for("fixed_cost").mode == "fixed"
     assert config.batching.policy_for("simple_scale").mode == "adaptive"
+
+
+def test_demo_in_a_short_run_shows_the_drift_alert(tmp_path):
+    """`tensorgate demo` keeps README's promises even when the run drives little traffic (a short
+    run here, a slow busy machine for `make demo`): failover without failed requests, and the drift
+    alert on simple_scale's shifted feature, with its capture."""
+    result = subprocess.run(
+        [*TENSORGATE, "demo", "--seconds", "6", "--log-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240,
+    )
+    output = result.stdout.replace("\r", "\n")
+    assert result.returncode == 0, output[-3000:] + result.stderr[-3000:]
+    assert "primary Triton SIGKILLed" in output
+    assert ", 0 failed" in output
+    assert "drift alert fired: simple_scale input/INPUT0[3] psi" in output
+    assert "capture folder(s), the first" in output
+    assert list((tmp_path / "captures" / "simple_scale").iterdir()), "no retraining capture written"

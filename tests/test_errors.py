@@ -38,10 +38,10 @@ def expect_status(stub, request, code, *fragments):
 def test_unknown_model_and_version(stub):
     request = good_request()
     request.model_name = "no_such_model"
-    expect_status(stub, request, grpc.StatusCode.NOT_FOUND, "no_such_model", "simple_scale")
+    expect_status(stub, request, grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'no_such_model'", "simple_scale")
     request = good_request()
     request.model_version = "9"
-    expect_status(stub, request, grpc.StatusCode.NOT_FOUND, "version '9'", "available versions: 1")
+    expect_status(stub, request, grpc.StatusCode.NOT_FOUND, "'simple_scale' version 9 is not found", "available versions: 1")
 
 
 def _mutations():
@@ -78,15 +78,15 @@ def _mutations():
         r.outputs.add(name="NOPE")
 
     return {
-        "wrong_datatype": (wrong_datatype, ["datatype INT32", "expected FP32"]),
-        "wrong_shape": (wrong_shape, ["shape [1,15]", "expected [-1,16]"]),
-        "byte_size_mismatch": (byte_size_mismatch, ["60 bytes", "expected 64"]),
-        "missing_input": (missing_input, ["missing: INPUT0"]),
-        "extra_input": (extra_input, ["unexpected inference input 'EXTRA'"]),
-        "typed_count_wrong": (typed_count_wrong, ["15 values in fp32_contents", "expected 16"]),
-        "typed_wrong_field": (typed_wrong_field, ["int_contents", "expected fp32_contents"]),
-        "batch_too_large": (batch_too_large, ["batch size 65", "1 to 64"]),
-        "unknown_output": (unknown_output, ["unexpected inference output 'NOPE'"]),
+        "wrong_datatype": (wrong_datatype, ["data-type is 'INT32'", "expects 'FP32'"]),
+        "wrong_shape": (wrong_shape, ["Expected [-1,16], got [1,15]"]),
+        "byte_size_mismatch": (byte_size_mismatch, ["Expected 64, got 60", "16 elements of FP32"]),
+        "missing_input": (missing_input, ["missing required input(s) ['INPUT0']"]),
+        "extra_input": (extra_input, ["Got input(s) ['EXTRA','INPUT0']", "Expected inputs: INPUT0"]),
+        "typed_count_wrong": (typed_count_wrong, ["Expected 64, got 60", "16 elements of FP32"]),
+        "typed_wrong_field": (typed_wrong_field, ["of type 'INT32', expected datatype 'FP32'"]),
+        "batch_too_large": (batch_too_large, ["batch-size must be <= 64"]),
+        "unknown_output": (unknown_output, ["unexpected inference output 'NOPE'", "expected one of: OUTPUT0"]),
     }
 
 
@@ -105,7 +105,7 @@ def test_corrupt_bytes_tensor(stub, gateway):
     request.inputs.add(name="TEXT", datatype="BYTES", shape=[1, 1])
     request.raw_input_contents.append(b"\xff\x00\x00\x00abc")  # claims 255 bytes, has 3
     before = forwarded(gateway)
-    expect_status(stub, request, grpc.StatusCode.INVALID_ARGUMENT, "corrupt")
+    expect_status(stub, request, grpc.StatusCode.INVALID_ARGUMENT, "expecting string of length 255 but only 3 bytes")
     assert forwarded(gateway) == before
 
 
@@ -174,5 +174,5 @@ def test_stream_errors_keep_the_stream_open(gateway):
     client.stop_stream()
     errors = [e for _, e in outcomes if e is not None]
     successes = [r for r, e in outcomes if e is None]
-    assert len(errors) == 1 and "datatype INT32" in errors[0].message()
+    assert len(errors) == 1 and "data-type is 'INT32'" in errors[0].message()
     assert len(successes) == 1 and successes[0].get_response().id == "good"

@@ -51,7 +51,7 @@ def _wait(predicate, timeout: float, what: str):
 def prometheus(tmp_path):
     """A real Prometheus scraping 127.0.0.1:<metrics port> every second; yields (metrics port, API URL)."""
     if not os.access(PROMETHEUS, os.X_OK):
-        pytest.fail(f"{PROMETHEUS} not found: install it (`apt-get install -y prometheus`; .ci/run does)")
+        pytest.fail(f"{PROMETHEUS} not found: install it (Debian package `prometheus`; `make test` installs it)")
     metrics_port, web_port = _free_port(), _free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(

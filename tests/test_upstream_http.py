@@ -19,7 +19,7 @@ import pytest
 
 from gateway.errors import BackendError, InvalidArgument, Unavailable
 from gateway.protocol import pb
-from gateway.upstream.http import AnswerTooLarge, ConnectionFailed, HttpPool
+from gateway.upstream.http import HttpPool
 from gateway.upstream.rest import RestInference, decode_response, encode_request, error_of
 
 
@@ -152,7 +152,7 @@ def test_connections_are_bounded_and_waiters_served_in_turn(run):
             answers = await asyncio.gather(*(rest.infer(infer_request(bytes([i]) * 4)) for i in range(12)))
             assert [a.raw_output_contents[0][0] for a in answers] == list(range(12))
             assert len(server.connections) == 2
-            assert pool.statistics()["idle"] == 2 and pool.statistics()["waiting"] == 0
+            assert pool.snapshot()["idle"] == 2 and pool.snapshot()["waiting"] == 0
 
     run(scenario())
 
@@ -165,7 +165,7 @@ def test_cancelled_caller_closes_its_connection(run):
             rest = RestInference(pool, "b")
             call = asyncio.ensure_future(rest.infer(infer_request()))
             await settle()
-            assert pool.statistics()["active"] == 1
+            assert pool.snapshot()["active"] == 1
             call.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await call
@@ -187,7 +187,7 @@ def test_cancelled_waiter_takes_no_connection(run):
             first = asyncio.ensure_future(rest.infer(infer_request()))
             second = asyncio.ensure_future(rest.infer(infer_request()))
             await settle()
-            assert pool.statistics()["waiting"] == 1
+            assert pool.snapshot()["waiting"] == 1
             second.cancel()
             await settle()
             server.behaviour = infer_answer

@@ -16,10 +16,11 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from gateway.errors import GatewayError, InvalidArgument, Unimplemented
+from gateway.errors import GatewayError, NotFound, Unimplemented
 from gateway.pipeline.contracts import Dispatcher, Observer, RefusalObserver, TraceStarter
 from gateway.pipeline.exchange import Exchange, ModelEntry
 from gateway.pipeline.validation import validate_request
+from gateway.protocol import triton_messages as triton
 from gateway.protocol.tensors import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
 from gateway.upstream.catalog import ModelCatalog
 
@@ -75,7 +76,7 @@ class Pipeline:
         if entry is not None:
             return entry
         if not model:
-            raise InvalidArgument("model_name is empty; expected the name of a model")
+            raise NotFound(triton.UNKNOWN_MODEL.format(model=model) + "; model_name is empty, expected the name of a model")
         if not self.routes(model):
             raise self.catalog.not_found(model, version)
         info = await self.catalog.get(model, version)
@@ -94,10 +95,20 @@ class Pipeline:
         for key in [k for k in self._entries if not k[1]]:
             del self._entries[key]
 
-    async def _admit(self, request, started_ns: int) -> ModelEntry:
-        """Resolve the request's model and validate the request against it; a refusal is observed too."""
+    async def _admit(self, request, started_ns: int, unary: bool = False) -> ModelEntry:
+        """Resolve the request's model and validate the request against it; a refusal is observed too.
+        `unary`: the request came by ModelInfer, which a decoupled model refuses before any check."""
         try:
             entry = await self.resolve(request.model_name, request.model_version)
+            if request.model_version and request.model_version != entry.version:
+                # Triton reads " 1" and "01" as version 1; every transport upstream gets the version as it is.
+                request.model_version = entry.version
+            if unary and entry.signature.decoupled:
+                # Triton's refusal, then what to do instead.
+                raise Unimplemented(
+                    f"{triton.DECOUPLED_UNARY.format()}: model '{entry.name}' is decoupled (it may send any "
+                    "number of responses); use the streaming API (ModelStreamInfer) for it"
+                )
             validate_request(request, entry.signature)
         except GatewayError as error:
             self.refused(request.model_name, request.model_version, error, started_ns)
@@ -123,13 +134,7 @@ class Pipeline:
     async def infer(self, request, deadline: float | None, metadata=None):
         """One response for one request (ModelInfer). `metadata`: the call's gRPC metadata (trace context)."""
         started = time.perf_counter_ns()
-        entry = await self._admit(request, started)
-        if entry.signature.decoupled:
-            # Triton answers UNIMPLEMENTED here too; the gateway says what to do instead.
-            raise Unimplemented(
-                f"model '{entry.name}' is decoupled (it may send any number of responses); "
-                "use the streaming API (ModelStreamInfer) for it, not ModelInfer"
-            )
+        entry = await self._admit(request, started, unary=True)
         response = await self._infer_one(self._exchange(entry, request, metadata, started), deadline)
         # The backend call rode a stream; Triton puts `triton_final_response` on stream responses only.
         if FINAL_FLAG_RESPONSE in response.parameters:

@@ -37,7 +37,6 @@ CONTENTS_FIELD = {
     "FP32": "fp32_contents", "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-ALL_CONTENTS_FIELDS = frozenset(CONTENTS_FIELD.values())
 
 #: Tensor parameters that point at a shared-memory region instead of carrying the data.
 SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")

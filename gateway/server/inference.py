@@ -19,6 +19,9 @@ from gateway.server.model_statistics import model_statistics
 from gateway.server.rpc import Call, Method, methods_of, parse_request, status_of
 from gateway.upstream.fleet import Fleet
 
+#: The ServerMetadata extension by which a client can tell the gateway from a Triton server.
+SERVER_EXTENSION = "tensorgate"
+
 SHARED_MEMORY_REASON = (
     "shared memory cannot cross the gateway: the gateway and the Triton backends run on different "
     "hosts; send tensor contents in the request"
@@ -36,9 +39,10 @@ SETTINGS_REASON = (
 class InferenceService:
     """Serves the KServe v2 / Triton inference protocol on top of the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, fleet: Fleet) -> None:
+    def __init__(self, pipeline: Pipeline, fleet: Fleet, server_name: str = "triton") -> None:
         self.pipeline = pipeline
         self.fleet = fleet
+        self.server_name = server_name
 
     def __repr__(self) -> str:
         return f"<InferenceService {self.pipeline!r}>"
@@ -86,8 +90,11 @@ class InferenceService:
         return pb.ServerReadyResponse(ready=ready).SerializeToString()
 
     async def server_metadata(self, raw: bytes, call: Call) -> bytes:
+        # `name` is what stock clients check ("triton" by default, `server.name`); the gateway's own
+        # identity is the version and the extension "tensorgate".
         return pb.ServerMetadataResponse(
-            name="tensorgate", version=__version__, extensions=["statistics", "sequence", "streaming"]
+            name=self.server_name, version=__version__,
+            extensions=["statistics", "sequence", "streaming", SERVER_EXTENSION],
         ).SerializeToString()
 
     async def model_ready(self, raw: bytes, call: Call) -> bytes:

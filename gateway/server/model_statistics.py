@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidArgument, NotFound
 from gateway.pipeline.core import Pipeline
 from gateway.pipeline.exchange import ModelEntry
 from gateway.protocol import pb
+from gateway.protocol import triton_messages as triton
 from gateway.upstream.fleet import Fleet
 
 BACKEND_DURATIONS = ("queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
@@ -39,6 +40,19 @@ async def _backend_statistics(fleet: Fleet, name: str, version: str, timeout: fl
     return [stats for r in responses if r is not None for stats in r.model_stats]
 
 
+async def _resolve(pipeline: Pipeline, fleet: Fleet, model: str, version: str) -> ModelEntry:
+    """The model's entry; an unknown model or version is refused as Triton refuses it here
+    (INVALID_ARGUMENT, not the NOT_FOUND of inference), with what the gateway serves after."""
+    try:
+        if not pipeline.routes(model):
+            raise pipeline.catalog.not_found(model, version)
+        return await pipeline.resolve(model, version)
+    except NotFound as error:
+        model_served = pipeline.routes(model) and (model, "") in fleet.known_models()
+        wording = triton.STATISTICS_UNKNOWN_VERSION if version and model_served else triton.STATISTICS_UNKNOWN_MODEL
+        raise InvalidArgument(f"{wording.format(model=model)} ({error.message})") from None
+
+
 def _add_duration(target, source) -> None:
     target.count += source.count
     target.ns += source.ns
@@ -46,11 +60,8 @@ def _add_duration(target, source) -> None:
 
 async def model_statistics(pipeline: Pipeline, fleet: Fleet, request, deadline: float | None):
     """The ModelStatisticsResponse to `request`; backends get until `deadline` (at most 2 s) to add theirs."""
-    if request.name and not pipeline.routes(request.name):
-        raise pipeline.catalog.not_found(request.name, request.version)
     if request.name:
-        entry = await pipeline.resolve(request.name, request.version)
-        entries = [entry]
+        entries = [await _resolve(pipeline, fleet, request.name, request.version)]
     else:
         entries = sorted({id(e): e for e in pipeline.entries()}.values(), key=lambda e: (e.name, e.version))
     timeout = 2.0 if deadline is None else max(0.0, min(deadline - time.monotonic(), 2.0))

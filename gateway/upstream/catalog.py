@@ -8,10 +8,12 @@ default version may move.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 
-from gateway.errors import GatewayError, NotFound, Unavailable
+from gateway.errors import GatewayError, InvalidArgument, NotFound, Unavailable
 from gateway.protocol import pb
+from gateway.protocol import triton_messages as triton
 from gateway.protocol.tensors import ModelSignature
 from gateway.upstream.fleet import Fleet
 
@@ -54,6 +56,7 @@ class ModelCatalog:
         return await asyncio.shield(pending)
 
     async def _fetch(self, model: str, version: str) -> ModelInfo:
+        version = triton_version(version)
         candidates = [b for b in self._fleet.backends() if b.serves(model, version)]
         candidates.sort(key=lambda b: not b.healthy)
         if not candidates:
@@ -81,14 +84,40 @@ class ModelCatalog:
             return info
         raise Unavailable(f"model '{model}': no backend answered for its metadata: {last_error.message}")
 
-    def not_found(self, model: str, version: str) -> NotFound:
+    def not_found(self, model: str, version: str) -> GatewayError:
+        """The refusal of a model (or version) no backend serves, in Triton's words, then what is
+        served; InvalidArgument instead for a version Triton could not read as a number."""
+        version = triton_version(version)
         known = self._fleet.known_models()
         if version and (model, "") in known:
             versions = sorted(v for m, v in known if m == model and v)
             return NotFound(
-                f"model '{model}' has no version '{version}' on any backend; available versions: {', '.join(versions)}"
+                triton.UNKNOWN_VERSION.format(model=model, version=version)
+                + f" on any backend of the gateway; available versions: {', '.join(versions)}"
             )
         names = sorted({m for m, _ in known})
         return NotFound(
-            f"model '{model}' is not served by any backend; available models: {', '.join(names) or 'none'}"
+            triton.UNKNOWN_MODEL.format(model=model)
+            + f" on any backend of the gateway; available models: {', '.join(names) or 'none'}"
         )
+
+
+#: What C's std::stol, which Triton reads a version with, accepts: a number after blanks, then anything.
+_STOL = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
+
+
+def triton_version(version: str) -> str:
+    """A requested version as Triton reads it ("01" and "1 " are version 1); "" stays "" (the latest).
+
+    Raises InvalidArgument, in Triton's words, for a version Triton refuses: not a number, too large
+    for 64 bits, or negative.
+    """
+    if not version or (version.isascii() and version.isdigit() and version[0] != "0" and len(version) < 19):
+        return version
+    number = _STOL.match(version)
+    value = int(number.group(1)) if number else None
+    if value is None or not -(2**63) <= value < 2**63:
+        raise InvalidArgument(triton.VERSION_NOT_A_NUMBER.format(version=version))
+    if value < 0:
+        raise InvalidArgument(triton.VERSION_NEGATIVE.format(version=version))
+    return str(value)

@@ -212,7 +212,7 @@ class HttpPool:
     def connections(self) -> int:
         return len(self._open) + self._connecting
 
-    def statistics(self) -> dict[str, int]:
+    def snapshot(self) -> dict[str, int]:
         return {"active": len(self._open) - len(self._idle), "idle": len(self._idle), "opening": self._connecting,
                 "waiting": len(self._waiters), "requests": self.requests, "connects": self.connects,
                 "resent": self.resent}

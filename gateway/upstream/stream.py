@@ -20,8 +20,9 @@ from typing import Callable
 
 import grpc
 
-from gateway.errors import BackendError, Unavailable
+from gateway.errors import BackendError, GatewayError, Unavailable
 from gateway.protocol import pb
+from gateway.protocol import triton_messages as triton
 from gateway.protocol.tensors import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,12 @@ STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 class _InFlight:
     """One request waiting on the stream: a future (single response) or a queue (decoupled)."""
 
-    __slots__ = ("future", "queue")
+    __slots__ = ("future", "queue", "client_id")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, decoupled: bool) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, decoupled: bool, client_id: str) -> None:
         self.future = None if decoupled else loop.create_future()
         self.queue: asyncio.Queue | None = asyncio.Queue() if decoupled else None
+        self.client_id = client_id  # the request's own id, which Triton's error messages quote
 
 
 class StreamClosed:
@@ -82,10 +84,10 @@ class InferStream:
         self._ensure_open()
         self._next_id += 1
         stream_id = str(self._next_id)
+        entry = _InFlight(asyncio.get_running_loop(), decoupled, request.id)
         request.id = stream_id
         if decoupled:
             request.parameters[FINAL_FLAG_REQUEST].bool_param = True
-        entry = _InFlight(asyncio.get_running_loop(), decoupled)
         self._pending[stream_id] = entry
         self._outbox.append(request.SerializeToString())
         self._outbox_ready.set()
@@ -124,7 +126,7 @@ class InferStream:
                 if entry is None:
                     continue
                 if message.error_message:
-                    failure = BackendError(grpc.StatusCode.INTERNAL, message.error_message, self._backend)
+                    failure = stream_error(message.error_message, stream_id, entry.client_id, self._backend)
                     del pending[stream_id]
                     if entry.future is not None:
                         if not entry.future.done():
@@ -175,3 +177,19 @@ class InferStream:
         call = self._call
         if call is not None:
             self._break(call, Unavailable(f"backend {self._backend}: gateway is shutting down"))
+
+
+def stream_error(text: str, stream_id: str, client_id: str, backend: str) -> GatewayError:
+    """The error a backend reported on the stream, with the status Triton would have answered.
+
+    Triton's stream carries an error's message and no code; Triton's own wording says which code it
+    is for the errors Triton defines (gateway/protocol/triton_messages.py), and anything else (a
+    model's own message) stays INTERNAL. UNAVAILABLE becomes Unavailable, as on the unary path, so
+    the request may be retried elsewhere. The message quotes the stream's request id, which is the
+    gateway's; the client's own is put back.
+    """
+    text = text.replace(triton.request_prefix(stream_id), triton.request_prefix(client_id), 1)
+    code = triton.status_of(text) or grpc.StatusCode.INTERNAL
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"backend {backend} is unavailable: {text}")
+    return BackendError(code, text, backend)
