@@ -60,7 +60,7 @@ compile_protos()
 setup(
     packages=[
         "gateway",
-        *[f"gateway.{p}" for p in ("protocol", "server", "routing", "upstream", "local", "batching", "drift", "telemetry", "bench", "admin")],
+        *[f"gateway.{p}" for p in ("protocol", "server", "server.engines", "routing", "upstream", "local", "batching", "drift", "telemetry", "bench", "admin")],
         "gateway.ext",
         "gateway.ext.drift",
     ],

@@ -1,0 +1,149 @@
+"""Deadlines and vanished clients of the calls in flight, checked by one ticking task per event loop.
+
+An ASGI engine learns of neither by itself: a deadline is a time the engine must act on, and under
+pyvoy a unary call's client that resets its stream is seen only by asking (`receive()` answers
+`http.disconnect` once the stream is gone, and an empty body at once while it is not). One timer per
+call would cost ~2.5 µs (uvloop `call_later` + `cancel`); here a call costs a set insert and removal:
+
+- deadlines sit in buckets of `tick_s`; every tick the due buckets' calls are cancelled
+  (`ended_by = "deadline"`), so a deadline fires at most one tick late;
+- calls whose client is polled sit in a dict in the order they were last checked; every tick those
+  not checked for `poll_s` get one `receive()`, and an `http.disconnect` cancels them
+  (`ended_by = "disconnect"`). Calls shorter than `poll_s` are never polled.
+
+The ticking task runs only while something is watched. Invariant: a Watched is in `_polled` and in
+at most one bucket until `discard`, which the engine calls once, in a `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+__all__ = ["CallWatch", "Watched"]
+
+DEADLINE = "deadline"
+DISCONNECT = "disconnect"
+
+
+class Watched:
+    """One watched call: the task to cancel, and why it was cancelled (None while it was not)."""
+
+    __slots__ = ("task", "receive", "checked", "bucket", "ended_by")
+
+    def __init__(self, task: asyncio.Task, receive, now: float) -> None:
+        self.task = task
+        self.receive = receive
+        self.checked = now
+        self.bucket: int | None = None
+        self.ended_by: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Watched {self.task.get_name()} bucket={self.bucket} ended_by={self.ended_by}>"
+
+
+class CallWatch:
+    """The watch of one event loop's calls (create it on that loop)."""
+
+    def __init__(self, tick_s: float = 0.005, poll_s: float | None = 0.5) -> None:
+        self.tick_s = tick_s
+        self.poll_s = poll_s
+        self._buckets: dict[int, set[Watched]] = {}
+        self._polled: dict[Watched, None] = {}
+        self._swept = int(time.monotonic() / tick_s)  # buckets up to this one are done
+        self._ticker: asyncio.Task | None = None
+        self.expired = 0
+        self.disconnected = 0
+
+    def __repr__(self) -> str:
+        deadlines = sum(len(calls) for calls in self._buckets.values())
+        return (f"<CallWatch deadlines={deadlines} polled={len(self._polled)} expired={self.expired} "
+                f"disconnected={self.disconnected} ticking={self._ticker is not None}>")
+
+    def add(self, task: asyncio.Task, deadline: float | None, receive=None) -> Watched:
+        """Watch `task`: cancel it at `deadline` (monotonic), and, with `receive`, when its client goes."""
+        now = time.monotonic()
+        watched = Watched(task, receive, now)
+        if deadline is not None:
+            bucket = max(int(deadline / self.tick_s) + 1, self._swept + 1)
+            calls = self._buckets.get(bucket)
+            if calls is None:
+                self._buckets[bucket] = {watched}
+            else:
+                calls.add(watched)
+            watched.bucket = bucket
+        if receive is not None and self.poll_s is not None:
+            self._polled[watched] = None
+        if self._ticker is None:
+            self._swept = max(self._swept, int(now / self.tick_s))
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        return watched
+
+    def discard(self, watched: Watched) -> None:
+        """The call ended: stop watching it."""
+        if watched.bucket is not None:
+            calls = self._buckets.get(watched.bucket)
+            if calls is not None:
+                calls.discard(watched)
+                if not calls:
+                    del self._buckets[watched.bucket]
+            watched.bucket = None
+        self._polled.pop(watched, None)
+
+    async def _tick(self) -> None:
+        try:
+            while self._buckets or self._polled:
+                await asyncio.sleep(self.tick_s)
+                now = time.monotonic()
+                self._expire(int(now / self.tick_s))
+                if self._polled:
+                    self._poll(now)
+        finally:
+            self._ticker = None
+
+    def _expire(self, due: int) -> None:
+        buckets = self._buckets
+        if due - self._swept <= len(buckets):
+            keys = range(self._swept + 1, due + 1)
+        else:  # slept long, or few deadlines: look only at the keys there are
+            keys = sorted(key for key in buckets if key <= due)
+        for key in keys:
+            calls = buckets.pop(key, None)
+            if calls:
+                for watched in calls:
+                    watched.bucket = None
+                    self._end(watched, DEADLINE)
+        self._swept = due
+
+    def _poll(self, now: float) -> None:
+        stale = now - self.poll_s
+        polled = self._polled
+        while polled:
+            watched = next(iter(polled))
+            if watched.checked > stale:
+                break
+            del polled[watched]
+            watched.checked = now
+            polled[watched] = None  # to the back: checked most recently
+            try:
+                answer = asyncio.ensure_future(watched.receive())
+            except Exception:  # the server refused the receive: nothing to learn from it
+                continue
+            answer.add_done_callback(lambda done, watched=watched: self._answered(watched, done))
+
+    def _answered(self, watched: Watched, done: asyncio.Future) -> None:
+        if done.cancelled() or done.exception() is not None or watched not in self._polled:
+            return
+        if done.result().get("type") == "http.disconnect":
+            self._end(watched, DISCONNECT)
+
+    def _end(self, watched: Watched, reason: str) -> None:
+        if watched.ended_by is not None or watched.task.done():
+            return
+        self._polled.pop(watched, None)
+        watched.ended_by = reason
+        if reason == DEADLINE:
+            self.expired += 1
+        else:
+            self.disconnected += 1
+        watched.task.cancel()

@@ -1,0 +1,86 @@
+"""The seam between the gateway's gRPC services and the engine that serves them.
+
+A service is a list of `Method`s whose handlers take and return serialized messages; an engine
+(gateway/server/engines/) owns the sockets, HTTP/2 and gRPC framing, fills a `Call` for each call, and
+turns what a handler raises into the call's status with `status_of`. Handlers never see an engine's
+own objects, so every service runs unchanged on every engine.
+
+    unary      async def handler(request: bytes, call: Call) -> bytes
+    streaming  async def handler(requests: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]
+               (an async generator; bidirectional: a reply may go out before the client stops writing)
+
+This worktree's copy follows the seam being written on the main checkout (same names, same
+constructor), so the envoy engine built against it drops in there unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+
+from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    path: str
+    """The full method path, "/inference.GRPCInferenceService/ModelInfer"."""
+    streaming: bool
+    """False: unary; True: bidirectional (a stream of requests → a stream of responses)."""
+    handler: Callable
+
+
+class Call:
+    """What a handler may know about its call; the engine fills it.
+
+    An engine may pass `metadata` and `peer` as zero-argument callables, read on first use: most
+    handlers never look, and building them costs on every request.
+    """
+
+    __slots__ = ("deadline", "_metadata", "_peer")
+
+    def __init__(self, deadline: float | None = None, metadata=(), peer="") -> None:
+        self.deadline = deadline
+        """Absolute `time.monotonic()` instant from the client's grpc-timeout, or None."""
+        self._metadata = metadata
+        self._peer = peer
+
+    @property
+    def metadata(self) -> tuple:
+        """((key, value), ...): lower-case keys; "-bin" keys' values are bytes."""
+        if callable(self._metadata):
+            self._metadata = tuple(self._metadata() or ())
+        return self._metadata
+
+    @property
+    def peer(self) -> str:
+        if callable(self._peer):
+            self._peer = self._peer()
+        return self._peer
+
+    def __repr__(self) -> str:
+        return f"<Call peer={self.peer!r} deadline={self.deadline} metadata={len(self.metadata)} keys>"
+
+
+def methods_of(service: str, unary: dict[str, Callable], streaming: dict[str, Callable] | None = None) -> list[Method]:
+    """The Methods of one service from its handlers by method name."""
+    table = [Method(f"/{service}/{name}", False, handler) for name, handler in unary.items()]
+    table += [Method(f"/{service}/{name}", True, handler) for name, handler in (streaming or {}).items()]
+    return table
+
+
+def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status a call ends with when its handler raised `error`.
+
+    A GatewayError carries its own; anything else is a gateway bug: logged with its traceback and
+    answered INTERNAL, while the server keeps serving.
+    """
+    if isinstance(error, GatewayError):
+        return error.code, error.message
+    log.error("%s failed unexpectedly", method or "a call", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal gateway error: {error!r}"
