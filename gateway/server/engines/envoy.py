@@ -103,7 +103,8 @@ def peer_of(scope: dict) -> str:
 
 
 def _trailers_only(code: grpc.StatusCode, message: str) -> dict:
-    headers = [(b"content-type", _GRPC), (b"grpc-status", status_bytes(code))]
+    headers = [(b"content-type", _GRPC), (b"grpc-accept-encoding", grpc_wire.ACCEPT_ENCODING),
+               (b"grpc-status", status_bytes(code))]
     if message:
         headers.append((b"grpc-message", percent_encode(message)))
     return {"type": "http.response.start", "status": 200, "headers": headers, "trailers": False}
