@@ -27,6 +27,7 @@ from pyqwest import HTTPVersion, SyncClient, SyncHTTPTransport  # noqa: E402 - p
 from gateway.server.engines import grpc_wire  # noqa: E402
 from gateway.server.engines.envoy_server import EnvoyEngine, EnvoyOptions  # noqa: E402
 from gateway.server.engines.grpc_wire import MessageDecoder, WireError  # noqa: E402
+from gateway.server.engines.watch import DEADLINE, DISCONNECT, CallWatch  # noqa: E402
 from tests.envoy_engine_methods import SERVICE, STATUS_MESSAGE  # noqa: E402
 
 LIMIT = 1024 * 1024  # the test engine's max_receive_bytes
@@ -116,6 +117,61 @@ def test_grpc_content_types():
         assert grpc_wire.is_grpc_content_type(good)
     for bad in (None, b"application/json", b"application/grpc-web", b"application/grpcx", b"text/plain"):
         assert not grpc_wire.is_grpc_content_type(bad)
+
+
+def run_on(loop_kind: str, coroutine_function):
+    if loop_kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(coroutine_function())
+    return asyncio.run(coroutine_function())
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_watch_cancels_at_the_deadline_and_never_after_discard(loop_kind):
+    async def scenario():
+        watch = CallWatch(tick_s=0.005, poll_s=None)
+        sleeper = asyncio.ensure_future(asyncio.sleep(10))
+        finished = asyncio.ensure_future(asyncio.sleep(10))
+        started = time.monotonic()
+        late = watch.add(sleeper, started + 0.05)
+        early = watch.add(finished, started + 0.02)
+        watch.discard(early)  # ended before its deadline: must not be cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await sleeper
+        waited = time.monotonic() - started
+        watch.discard(late)
+        assert late.ended_by == DEADLINE and early.ended_by is None and not finished.cancelled()
+        assert 0.05 <= waited < 0.2, waited
+        assert "deadlines=0" in repr(watch) and "expired=1" in repr(watch)
+        finished.cancel()
+
+    run_on(loop_kind, scenario)
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_watch_polls_long_calls_and_cancels_when_the_client_is_gone(loop_kind):
+    async def scenario():
+        watch = CallWatch(tick_s=0.005, poll_s=0.05)
+        asked = []
+
+        async def receive():
+            asked.append(time.monotonic())
+            return {"type": "http.disconnect"} if len(asked) >= 3 else {"type": "http.request", "body": b""}
+
+        call = asyncio.ensure_future(asyncio.sleep(10))
+        quick = asyncio.ensure_future(asyncio.sleep(0.01))
+        watched = watch.add(call, None, receive)
+        quick_watched = watch.add(quick, None, lambda: pytest.fail("a call shorter than poll_s was polled"))
+        await quick
+        watch.discard(quick_watched)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        watch.discard(watched)
+        assert watched.ended_by == DISCONNECT and len(asked) == 3
+        assert watch.disconnected == 1 and watch.wakes <= 6
+
+    run_on(loop_kind, scenario)
 
 
 # ---------------------------------------------------------------------------------- the server
