@@ -225,7 +225,7 @@ class GrpcAsgiApp:
     # ---------------------------------------------------------------------------------- unary
 
     async def _unary(self, method: Method, call: Call, inflate, receive: Callable, send: Callable) -> None:
-        watched = None
+        watch = watched = None
         try:
             request = await self._read_one(receive, inflate)
             if request is None:
@@ -233,7 +233,8 @@ class GrpcAsgiApp:
             if call.deadline is not None or self._poll_s is not None:
                 if call.deadline is not None and call.deadline <= time.monotonic():
                     raise WireError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
-                watched = self._watch().add(asyncio.current_task(), call.deadline, receive)
+                watch = self._watch()
+                watched = watch.add(asyncio.current_task(), call.deadline, receive)
             body = frame(await method.handler(request, call))
         except asyncio.CancelledError:
             if watched is None or watched.ended_by is None:
@@ -248,7 +249,7 @@ class GrpcAsgiApp:
             code, message = status_of(error, method.path)
         else:
             if watched is not None:
-                self._watch().discard(watched)
+                watch.discard(watched)
                 watched = None
             try:
                 await send(_START)
@@ -259,7 +260,7 @@ class GrpcAsgiApp:
             return
         finally:
             if watched is not None:
-                self._watch().discard(watched)
+                watch.discard(watched)
         await self._end_early(send, code, message)
 
     async def _read_one(self, receive: Callable, inflate) -> bytes | None:
@@ -298,12 +299,13 @@ class GrpcAsgiApp:
         requests = self._requests(receive, decoder, gone)
         watched = None
         started = False
-        responses = None
+        responses = watch = None
         try:
             if call.deadline is not None:
                 if call.deadline <= time.monotonic():
                     raise WireError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
-                watched = self._watch().add(asyncio.current_task(), call.deadline)
+                watch = self._watch()
+                watched = watch.add(asyncio.current_task(), call.deadline)
             responses = method.handler(requests, call)
             async for reply in responses:
                 body = frame(reply)
@@ -331,7 +333,7 @@ class GrpcAsgiApp:
             code, message = grpc.StatusCode.OK, ""
         finally:
             if watched is not None:
-                self._watch().discard(watched)
+                watch.discard(watched)
             if responses is not None and hasattr(responses, "aclose"):
                 await _quietly(responses.aclose())
             await _quietly(requests.aclose())
