@@ -512,3 +512,58 @@ async def test_two_engines_share_a_port_with_reuse_port(tmp_path):
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 pids.add(json.loads(await channel.unary_unary(path("Describe"))(b"", timeout=5))["pid"])
         assert pids == {first.pid, second.pid}
+
+
+def make_certificates(folder) -> dict[str, bytes]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate, made by openssl."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make test certificates")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=tensorgate test CA")
+    (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, extra in (("server", ("-extfile", "server.ext")), ("client", ())):
+        openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "1", *extra)  # fmt: skip
+    return {name: (folder / name).read_bytes() for name in
+            ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}  # fmt: skip
+
+
+async def test_tls_and_mutual_tls(tmp_path):
+    pem = make_certificates(tmp_path)
+    tls = EnvoyOptions(tls_cert=pem["server.pem"], tls_key=pem["server.key"])
+    mutual = EnvoyOptions(tls_cert=pem["server.pem"], tls_key=pem["server.key"], tls_client_ca=pem["ca.pem"])
+    server_only = grpc.ssl_channel_credentials(root_certificates=pem["ca.pem"])
+    with_client = grpc.ssl_channel_credentials(pem["ca.pem"], pem["client.key"], pem["client.pem"])
+    async with EnvoyEngine("127.0.0.1:0", METHODS, argument=str(tmp_path / "a.log"), options=tls) as engine:
+        async with grpc.aio.secure_channel(f"localhost:{engine.port}", server_only) as channel:
+            assert await channel.unary_unary(path("Echo"))(b"over tls", timeout=5) == b"over tls"
+    async with EnvoyEngine("127.0.0.1:0", METHODS, argument=str(tmp_path / "b.log"), options=mutual) as engine:
+        async with grpc.aio.secure_channel(f"localhost:{engine.port}", with_client) as channel:
+            assert await channel.unary_unary(path("Echo"))(b"mutual", timeout=5) == b"mutual"
+        async with grpc.aio.secure_channel(f"localhost:{engine.port}", server_only) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary(path("Echo"))(b"no client certificate", timeout=5)
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_http2_settings_reach_envoy_and_clients_queue_past_max_concurrent_streams(tmp_path):
+    options = EnvoyOptions(max_concurrent_streams=8, initial_stream_window_bytes=65536,
+                           initial_connection_window_bytes=1 << 20, connection_buffer_bytes=1 << 20)  # fmt: skip
+    engine = EnvoyEngine("127.0.0.1:0", METHODS, argument=str(tmp_path / "a.log"), options=options)
+    manager = engine.envoy_config()["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert manager["http2_protocol_options"] == {"max_concurrent_streams": 8, "initial_stream_window_size": 65536,
+                                                 "initial_connection_window_size": 1 << 20}  # fmt: skip
+    async with engine:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}") as channel:
+            echo = channel.unary_unary(path("Echo"))
+            big = bytes(300_000)  # several stream windows' worth
+            replies = await asyncio.gather(*(echo(b"%d" % i, timeout=30) for i in range(200)), echo(big, timeout=30))
+    assert replies[:200] == [b"%d" % i for i in range(200)] and replies[200] == big
