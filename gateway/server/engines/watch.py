@@ -133,7 +133,7 @@ class CallWatch:
                     self._end(watched, DEADLINE)
 
     def _poll(self, now: float) -> None:
-        stale = now - self.poll_s
+        stale = now - self.poll_s + 0.002  # timers fire up to a millisecond early
         polled = self._polled
         while polled:
             watched = next(iter(polled))
