@@ -1,7 +1,8 @@
 """Front-door engines side by side: the same ModelInfer echo on grpc.aio and on the envoy engine.
 
     python benchmarks/bench_engines.py [--rounds 3] [--seconds 4] [--warmup 1] [--concurrency 64]
-                                       [--envoy-threads N] [--connectrpc SITE_PACKAGES] [--bare] [--json OUT]
+                                       [--envoy-threads N] [--connectrpc SITE_PACKAGES] [--bare] [--stream]
+                                       [--json OUT]
 
 Every server answers `/inference.GRPCInferenceService/ModelInfer` with the same prebuilt
 ModelInferResponse (gateway.bench.echo's, one [1, 16] FP32 output), doing no work, so what is
@@ -21,6 +22,11 @@ measured window (for envoy and connectrpc, the whole Envoy process: its C++ thre
 in it). Rounds alternate the order of the servers; the summary gives, per engine, CPU µs/request,
 req/s and p50 as medians over rounds [min–max], and the ratios engine ÷ grpc.aio of each round,
 median [min–max]. Client and servers share the machine's cores: compare ratios, not absolutes.
+
+With --stream, each round also measures `ModelStreamInfer` (bidirectional) per message: as many
+streams as --concurrency, each writing one 1×16 request and reading its answer before the next,
+against a grpc.aio stream echo (a process of this script, --serve-grpcio-stream) and the same
+envoy engine; CPU µs, messages/s and p50 per message.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+STREAM_BASELINE = "grpc.aio stream"
 MODEL = "simple_scale"
 BASELINE = "grpc.aio"
 
@@ -52,11 +60,33 @@ def echo_services():
     from gateway.server.rpc import Method
 
     answer = build_infer_response()
+    stream_answer = _stream_answer()
 
     async def model_infer(request: bytes, call) -> bytes:
         return answer
 
-    return [Method(MODEL_INFER, False, model_infer)]
+    async def model_stream_infer(requests, call):
+        async for _ in requests:
+            yield stream_answer
+
+    return [Method(MODEL_INFER, False, model_infer), Method(MODEL_STREAM_INFER, True, model_stream_infer)]
+
+
+def _stream_answer() -> bytes:
+    """The prebuilt ModelStreamInferResponse wrapping the echo's ModelInferResponse (field 2)."""
+    from gateway.bench.echo import build_infer_response
+
+    answer = build_infer_response()
+    return b"\x12" + _varint(len(answer)) + answer
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _connect_app():
@@ -136,16 +166,17 @@ def __getattr__(name: str):
 
 class GrpcioEcho:
     name = BASELINE
+    command = [sys.executable, "-m", "gateway.bench.echo", "--port", "0"]
 
     def __init__(self, folder: Path) -> None:
-        self._log = folder / "grpcio-echo.log"
+        self._log = folder / f"{self.name.replace(' ', '-')}-echo.log"
         self._process: subprocess.Popen | None = None
         self.port = self.pid = 0
 
     async def start(self) -> None:
         with open(self._log, "wb") as log:
-            self._process = subprocess.Popen([sys.executable, "-m", "gateway.bench.echo", "--port", "0"], cwd=REPO,
-                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            self._process = subprocess.Popen(self.command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT)  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             for line in self._log.read_text().splitlines():
@@ -155,7 +186,7 @@ class GrpcioEcho:
             if self._process.poll() is not None:
                 break
             await asyncio.sleep(0.05)
-        raise RuntimeError(f"the grpc.aio echo did not start:\n{self._log.read_text()[-2000:]}")
+        raise RuntimeError(f"the {self.name} echo did not start:\n{self._log.read_text()[-2000:]}")
 
     async def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -205,6 +236,102 @@ class PyvoyEcho:
         self._stderr.close()
 
 
+class GrpcioStreamEcho(GrpcioEcho):
+    """A grpc.aio ModelStreamInfer echo (this script with --serve-grpcio-stream), a process of its own."""
+
+    name = STREAM_BASELINE
+    command = [sys.executable, __file__, "--serve-grpcio-stream"]
+
+
+class Streaming:
+    """The stream measurement of a server already started for the unary one."""
+
+    def __init__(self, server, name: str) -> None:
+        self.server, self.name = server, name
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def pid(self) -> int:
+        return self.server.pid
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+async def _serve_grpcio_stream() -> None:
+    import grpc
+
+    answer = _stream_answer()
+
+    async def model_stream_infer(requests, context):
+        async for _ in requests:
+            yield answer
+
+    handler = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelStreamInfer": grpc.stream_stream_rpc_method_handler(model_stream_infer)})
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"echo serving on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+async def _stream_client(target: str, pid: int, streams: int, seconds: float, warmup: float) -> dict:
+    """`streams` bidi streams, one message in flight on each; figures of the measured window."""
+    import array
+
+    import grpc
+    import numpy as np
+
+    from gateway.bench.cpu import cpu_seconds
+    from gateway.bench.loadgen import build_infer_request
+
+    request = build_infer_request(MODEL)
+    latencies = array.array("q")
+    window = {"open": False, "stop": False}
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        async def one() -> None:
+            call = channel.stream_stream(MODEL_STREAM_INFER)()
+            clock = time.perf_counter_ns
+            while not window["stop"]:
+                sent = clock()
+                await call.write(request)
+                await call.read()
+                if window["open"]:
+                    latencies.append(clock() - sent)
+            await call.done_writing()
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(streams)]
+        await asyncio.sleep(warmup)
+        cpu_before, started = cpu_seconds(pid), time.perf_counter()
+        window["open"] = True
+        await asyncio.sleep(seconds)
+        window["open"] = False
+        cpu_used, elapsed = cpu_seconds(pid) - cpu_before, time.perf_counter() - started
+        window["stop"] = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+    messages = len(latencies)
+    p50, p99 = np.percentile(np.frombuffer(latencies, dtype=np.int64) / 1e6, [50, 99]) if messages else (0.0, 0.0)
+    return {"cpu_us": cpu_used / max(messages, 1) * 1e6, "rps": messages / elapsed, "p50_ms": float(p50),
+            "p99_ms": float(p99), "errors": 0}  # fmt: skip
+
+
+def _stream_load(port: int, pid: int, streams: int, seconds: float, warmup: float) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--stream-client", f"127.0.0.1:{port}", str(pid), str(streams),
+                           str(seconds), str(warmup)], capture_output=True, text=True, timeout=120 + seconds, cwd=REPO)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the stream client failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # ------------------------------------------------------------------------------------ measuring
 
 
@@ -242,6 +369,8 @@ async def _run(args: argparse.Namespace) -> dict:
         servers.append(PyvoyEcho(folder, args.envoy_threads, "connectrpc", "connect_app"))
     if args.bare:
         servers.append(PyvoyEcho(folder, args.envoy_threads, "pyvoy-bare", "bare_app"))
+    if args.stream:
+        servers += [GrpcioStreamEcho(folder), Streaming(servers[1], "envoy stream")]
     rounds: list[dict[str, dict[str, float]]] = []
     try:
         for server in servers:
@@ -251,11 +380,18 @@ async def _run(args: argparse.Namespace) -> dict:
             order = servers[index % len(servers):] + servers[: index % len(servers)]
             measured = {}
             for server in order:
-                result = await asyncio.to_thread(_load, server.port, server.pid, args.concurrency, args.seconds, args.warmup)
-                measured[server.name] = figures = _figures(result, server.pid)
-                print(f"round {index + 1} {server.name:10} {figures['cpu_us']:7.1f} CPU µs/req {figures['rps']:8.0f} req/s "
-                      f"p50 {figures['p50_ms']:.3f} ms p99 {figures['p99_ms']:.3f} ms errors {figures['errors']}"
-                      + (f"  {result.error_samples[:1]}" if result.errors else ""), flush=True)
+                load = (server.port, server.pid, args.concurrency, args.seconds, args.warmup)
+                samples = ""
+                if "stream" in server.name:
+                    figures = await asyncio.to_thread(_stream_load, *load)
+                else:
+                    result = await asyncio.to_thread(_load, *load)
+                    figures = _figures(result, server.pid)
+                    samples = f"  {result.error_samples[:1]}" if result.errors else ""
+                measured[server.name] = figures
+                print(f"round {index + 1} {server.name:15} {figures['cpu_us']:7.1f} CPU µs/req {figures['rps']:8.0f} req/s "
+                      f"p50 {figures['p50_ms']:.3f} ms p99 {figures['p99_ms']:.3f} ms errors {figures['errors']}{samples}",
+                      flush=True)  # fmt: skip
             rounds.append(measured)
     finally:
         for server in servers:
@@ -266,19 +402,20 @@ async def _run(args: argparse.Namespace) -> dict:
 def _summary(outcome: dict, args: argparse.Namespace) -> str:
     rounds, names = outcome["rounds"], outcome["names"]
     lines = [f"{len(rounds)} rounds of {args.seconds:g} s (+{args.warmup:g} s warm-up), {args.concurrency} in flight, "
-             f"1×16 FP32 ModelInfer echo; median [min–max] over rounds", ""]  # fmt: skip
-    header = f"{'engine':10} | {'server CPU µs/req':22} | {'req/s':22} | {'p50 ms':22}"
+             f"1×16 FP32 ModelInfer echo (stream: per message); median [min–max] over rounds", ""]  # fmt: skip
+    header = f"{'engine':15} | {'server CPU µs/req':22} | {'req/s':22} | {'p50 ms':22}"
     lines += [header, "-" * len(header)]
     for name in names:
         column = lambda key: [r[name][key] for r in rounds]  # noqa: E731
-        lines.append(f"{name:10} | {_spread(column('cpu_us'), '.1f'):22} | {_spread(column('rps'), ',.0f'):22} | "
+        lines.append(f"{name:15} | {_spread(column('cpu_us'), '.1f'):22} | {_spread(column('rps'), ',.0f'):22} | "
                      f"{_spread(column('p50_ms'), '.3f'):22}")  # fmt: skip
     lines.append("")
     for name in names:
-        if name == BASELINE:
+        baseline = STREAM_BASELINE if "stream" in name else BASELINE
+        if name == baseline:
             continue
-        ratio = lambda key: [r[name][key] / r[BASELINE][key] for r in rounds]  # noqa: E731
-        lines.append(f"{name} ÷ {BASELINE}: CPU/req {_spread(ratio('cpu_us'), '.2f')}, req/s {_spread(ratio('rps'), '.2f')}, "
+        ratio = lambda key: [r[name][key] / r[baseline][key] for r in rounds]  # noqa: E731
+        lines.append(f"{name} ÷ {baseline}: CPU/req {_spread(ratio('cpu_us'), '.2f')}, req/s {_spread(ratio('rps'), '.2f')}, "
                      f"p50 {_spread(ratio('p50_ms'), '.2f')}")  # fmt: skip
     return "\n".join(lines)
 
@@ -292,8 +429,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--envoy-threads", type=int, help="Envoy worker threads (--concurrency; default: one per core)")
     parser.add_argument("--connectrpc", metavar="SITE_PACKAGES", help="also measure connectrpc, importable from this folder")
     parser.add_argument("--bare", action="store_true", help="also measure the floor: a bare ASGI echo on pyvoy, no gRPC layer")
+    parser.add_argument("--stream", action="store_true", help="also measure ModelStreamInfer per message (grpc.aio vs envoy)")
     parser.add_argument("--json", metavar="OUT", help="write every round's figures to OUT")
+    parser.add_argument("--serve-grpcio-stream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stream-client", nargs=5, metavar=("TARGET", "PID", "STREAMS", "SECONDS", "WARMUP"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_grpcio_stream or args.stream_client:
+        import uvloop
+
+        if args.serve_grpcio_stream:
+            uvloop.run(_serve_grpcio_stream())
+        else:
+            target, pid, streams, seconds, warmup = args.stream_client
+            print(json.dumps(uvloop.run(_stream_client(target, int(pid), int(streams), float(seconds), float(warmup)))))
+        return 0
     print(_machine(), flush=True)
     outcome = asyncio.run(_run(args))
     print()
