@@ -406,17 +406,16 @@ def _summary(outcome: dict, args: argparse.Namespace) -> str:
     header = f"{'engine':15} | {'server CPU µs/req':22} | {'req/s':22} | {'p50 ms':22}"
     lines += [header, "-" * len(header)]
     for name in names:
-        column = lambda key: [r[name][key] for r in rounds]  # noqa: E731
-        lines.append(f"{name:15} | {_spread(column('cpu_us'), '.1f'):22} | {_spread(column('rps'), ',.0f'):22} | "
-                     f"{_spread(column('p50_ms'), '.3f'):22}")  # fmt: skip
+        cpu, rps, p50 = ([r[name][key] for r in rounds] for key in ("cpu_us", "rps", "p50_ms"))
+        lines.append(f"{name:15} | {_spread(cpu, '.1f'):22} | {_spread(rps, ',.0f'):22} | {_spread(p50, '.3f'):22}")
     lines.append("")
     for name in names:
         baseline = STREAM_BASELINE if "stream" in name else BASELINE
         if name == baseline:
             continue
-        ratio = lambda key: [r[name][key] / r[baseline][key] for r in rounds]  # noqa: E731
-        lines.append(f"{name} ÷ {baseline}: CPU/req {_spread(ratio('cpu_us'), '.2f')}, req/s {_spread(ratio('rps'), '.2f')}, "
-                     f"p50 {_spread(ratio('p50_ms'), '.2f')}")  # fmt: skip
+        cpu, rps, p50 = ([r[name][key] / r[baseline][key] for r in rounds] for key in ("cpu_us", "rps", "p50_ms"))
+        lines.append(f"{name} ÷ {baseline}: CPU/req {_spread(cpu, '.2f')}, req/s {_spread(rps, '.2f')}, "
+                     f"p50 {_spread(p50, '.2f')}")  # fmt: skip
     return "\n".join(lines)
 
 

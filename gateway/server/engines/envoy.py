@@ -46,7 +46,7 @@ from gateway.server.engines.grpc_wire import WireError, frame, percent_encode, s
 from gateway.server.engines.watch import DEADLINE, CallWatch
 from gateway.server.rpc import Call, Method, status_of
 
-__all__ = ["ENV_ARGUMENT", "ENV_OPTIONS", "ENV_SERVICES", "GrpcAsgiApp", "app"]
+__all__ = ["ENV_ARGUMENT", "ENV_OPTIONS", "ENV_SERVICES", "GrpcAsgiApp"]  # and `app`, built on first access
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,8 @@ class GrpcAsgiApp:
             decoder.finish()
         if len(messages) != 1:
             count = "none" if not messages else "more than one"
-            raise WireError(grpc.StatusCode.INTERNAL, f"a unary call takes exactly one request message; {count} received")
+            raise WireError(grpc.StatusCode.INTERNAL,
+                            f"a unary call takes exactly one request message; {count} received")
         return messages[0]
 
     # ------------------------------------------------------------------------------ streaming

@@ -219,7 +219,8 @@ class EnvoyEngine:
     def active_requests(self) -> int:
         """Requests Envoy has in flight (its downstream_rq_active gauge)."""
         stats = json.loads(self._admin("GET", "/stats?format=json&filter=downstream_rq_active$"))
-        return sum(int(stat.get("value", 0)) for stat in stats.get("stats", []) if "ingress_http" in stat.get("name", ""))
+        gauges = stats.get("stats", [])
+        return sum(int(stat.get("value", 0)) for stat in gauges if "ingress_http" in stat.get("name", ""))
 
     def _admin(self, method: str, path: str) -> str:
         address = self._server._admin_address  # pyvoy 1.3 keeps the admin address here, nowhere public
