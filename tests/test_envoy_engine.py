@@ -199,10 +199,11 @@ async def engine(tmp_path_factory):
         yield engine
         await engine.stop(0)
     assert lifespan_log.read_text().splitlines()[-1] == f"stopped {engine_pid(lifespan_log)}"
-    unexpected = [
-        line for line in stderr_path.read_text(errors="replace").splitlines()
-        if "Exception in ASGI application" in line or "never retrieved" in line or "Error in lifespan" in line
-    ]  # fmt: skip
+    logged = stderr_path.read_text(errors="replace")
+    unexpected = [line for line in logged.splitlines() if any(sign in line for sign in (
+        "Exception in ASGI application", "Exception in callback", "never retrieved", "Error in lifespan"))]  # fmt: skip
+    # Each FailBug call logs "... failed unexpectedly" with its traceback; no other traceback may appear.
+    assert logged.count("Traceback (most recent call last)") == logged.count("failed unexpectedly"), logged[-3000:]
     assert not unexpected, f"Envoy's Python logged unexpected errors: {unexpected}"
 
 
@@ -296,6 +297,21 @@ def test_the_server_ends_a_late_call_with_deadline_exceeded(target):
     assert 0.19 < time.monotonic() - started < 2.0
     assert answer.status == 200 and answer.content == b""
     assert answer.headers["grpc-status"] == "4" and answer.headers["grpc-message"] == "deadline exceeded"
+
+
+def test_a_stream_past_its_deadline_ends_deadline_exceeded_after_its_replies(target):
+    """The server's own DEADLINE_EXCEEDED, in trailers after a reply, while the client still writes."""
+
+    def slow_requests():
+        yield prefixed(b"first")
+        time.sleep(1.0)
+        yield prefixed(b"too late")
+
+    started = time.monotonic()
+    answer = h2_post(target, "EchoStream", slow_requests(), grpc_timeout="300m")
+    assert 0.29 < time.monotonic() - started < 2.0
+    assert answer.status == 200 and answer.content == prefixed(b"first")
+    assert answer.trailers["grpc-status"] == "4" and answer.trailers["grpc-message"] == "deadline exceeded"
 
 
 def test_a_deadline_is_passed_to_the_handler(channel):

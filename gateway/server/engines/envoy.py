@@ -297,6 +297,11 @@ class GrpcAsgiApp:
     async def _stream(self, method: Method, call: Call, inflate, receive: Callable, send: Callable) -> None:
         decoder = grpc_wire.MessageDecoder(self.max_message_bytes, inflate)
         gone = []  # set (non-empty) when the request iterator saw the client leave
+        if call.deadline is not None:
+            # The watch may cancel this task while it awaits pyvoy's receive or send futures; pyvoy
+            # completes those later regardless, and a cancelled one makes its loop log an
+            # InvalidStateError. Shielded, they stay pending until pyvoy completes them.
+            receive, send = _shielded(receive), _shielded(send)
         requests = self._requests(receive, decoder, gone)
         watched = None
         started = False
@@ -425,6 +430,16 @@ class GrpcAsgiApp:
         if inspect.isawaitable(built):
             built = await built
         return list(built), None
+
+
+def _shielded(function: Callable) -> Callable:
+    """`function` (ASGI receive or send) with what it returns shielded from cancelling the caller."""
+
+    def shielded(*args):
+        pending = function(*args)  # pyvoy: a loop future, or an awaitable that is already complete
+        return asyncio.shield(pending) if isinstance(pending, asyncio.Future) else pending
+
+    return shielded
 
 
 async def _quietly(awaitable) -> None:
