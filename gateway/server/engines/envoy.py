@@ -22,8 +22,10 @@ TENSORGATE_ENVOY_* environment that gateway/server/engines/envoy_server.py sets)
 launcher points pyvoy at.
 
 Cancellation: a handler's task is cancelled when its deadline passes (the call ends
-DEADLINE_EXCEEDED) or its client goes away (nothing more is sent), see watch.py. A streaming
-handler also sees the client leave as CancelledError from its request iterator.
+DEADLINE_EXCEEDED), and a unary handler's when its client goes away (nothing more is sent; pyvoy
+says so only when asked, so watch.py asks every `poll_s` once a call is that old). A streaming
+handler sees its client leave as CancelledError from its request iterator, or at its next send;
+while it does neither, it is not told.
 """
 
 from __future__ import annotations
