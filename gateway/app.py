@@ -7,12 +7,17 @@ stage a GatewayView of functions; the pipeline a `routes` predicate), never the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 
 from gateway.admin.drift_service import SERVICE as DRIFT_SERVICE
 from gateway.admin.drift_service import DriftService
+from gateway.admin.gateway_service import SERVICE as GATEWAY_SERVICE
+from gateway.admin.gateway_service import GatewayService
 from gateway.batching.dispatcher import BatchingDispatcher
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, config_from_mapping
 from gateway.drift.stage import DriftStage
 from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE
@@ -32,11 +37,13 @@ log = logging.getLogger(__name__)
 
 
 class Gateway:
-    """tensorgate: a Triton-compatible gRPC server in front of pools of Triton backends.
+    """tensorgate: every stage of a Triton-compatible gRPC gateway, built from one config.
 
-    `await Gateway(config).start()` binds the port (config.listen; port 0 picks one, see `address`),
-    checks every backend once, and serves; `await gateway.stop()` drains in-flight requests.
-    Construct it inside the event loop that will serve it: grpc.aio channels bind to that loop.
+    `start_stages()` / `stop_stages()` run what serving needs besides a front door (backend health
+    checks, drift, telemetry); `methods()` is every gRPC method, for an engine to serve. `start()`
+    and `stop()` do both with the grpc.aio engine, in this process; `EnvoyGateway` serves the same
+    stages from inside Envoy's process. Construct it inside the event loop that will serve it:
+    grpc.aio channels bind to that loop.
     """
 
     def __init__(self, config: GatewayConfig) -> None:
@@ -83,10 +90,11 @@ class Gateway:
 
     def methods(self) -> list:
         """Every gRPC method the gateway serves, on whichever engine."""
-        services = [INFERENCE_SERVICE, DRIFT_SERVICE, HEALTH_SERVICE]
+        services = [INFERENCE_SERVICE, DRIFT_SERVICE, GATEWAY_SERVICE, HEALTH_SERVICE]
         return [
             *self.inference.methods(),
             *DriftService(self.drift).methods(),
+            *GatewayService(self.snapshot).methods(),
             *self.health.methods(),
             *ReflectionService(services).methods(),
         ]
@@ -96,21 +104,36 @@ class Gateway:
         host = self.config.listen.rpartition(":")[0]
         return f"{host}:{self.port}"
 
-    async def start(self) -> "Gateway":
-        engine = GrpcioEngine(
-            self.config.listen, self.methods(),
-            max_receive_bytes=self.config.server.max_message_bytes,
-            max_send_bytes=self.config.upstream.max_message_bytes,
-        )
+    async def start_stages(self) -> None:
+        """Warm the drift kernels, start telemetry, check every backend once, sweep idle sequences."""
         if self.drift.monitors:
             await self.drift.start()
         if self.telemetry is not None:
             self.telemetry.start()
         await self.fleet.start()
+        self._sweeper = asyncio.ensure_future(self._sweep_sequences())
+
+    async def stop_stages(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        await self.batching.close()
+        await self.drift.close()
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.close)  # a final OTLP export may wait on the network
+        await self.fleet.close()
+
+    async def start(self) -> "Gateway":
+        """Start the stages and serve them with the grpc.aio engine on config.listen (port 0 picks one)."""
+        engine = GrpcioEngine(
+            self.config.listen, self.methods(),
+            max_receive_bytes=self.config.server.max_message_bytes,
+            max_send_bytes=self.config.upstream.max_message_bytes,
+        )
+        await self.start_stages()
         self.port = await engine.start()
         self._engine = engine
-        self._sweeper = asyncio.ensure_future(self._sweep_sequences())
-        log.info("tensorgate serving on %s; %r", self.address, self.fleet)
+        log.info("tensorgate serving on %s (grpcio engine); %r", self.address, self.fleet)
         return self
 
     async def _sweep_sequences(self) -> None:
@@ -119,16 +142,11 @@ class Gateway:
             self.sequences.expire()
 
     async def stop(self, grace: float | None = None) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        """Stop serving (calls in flight get `grace` seconds, server.grace_s by default), then the stages."""
         if self._engine is not None:
             await self._engine.stop(self.config.server.grace_s if grace is None else grace)
             self._engine = None
-        await self.batching.close()
-        await self.drift.close()
-        if self.telemetry is not None:
-            await asyncio.to_thread(self.telemetry.close)  # a final OTLP export may wait on the network
-        await self.fleet.close()
+        await self.stop_stages()
 
     def snapshot(self) -> dict:
         """Live state for people and tests: backends, routing decisions, batching per model."""
@@ -153,3 +171,65 @@ class Gateway:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop(grace=0)
+
+
+@contextlib.asynccontextmanager
+async def envoy_services(config_json: str):
+    """The envoy engine's services factory (gateway/server/engines/envoy.py): inside Envoy's process,
+    on its event loop, build the Gateway from its config (the JSON of the config mapping), start its
+    stages, serve its Methods, and stop the stages when Envoy shuts down."""
+    gateway = Gateway(config_from_mapping(json.loads(config_json)))
+    await gateway.start_stages()
+    log.info("tensorgate stages ready in Envoy (pid %d); %r", os.getpid(), gateway.fleet)
+    try:
+        yield gateway.methods()
+    finally:
+        await gateway.stop_stages()
+
+
+class EnvoyGateway:
+    """The gateway served by the envoy engine: Envoy's HTTP/2 front door with the gateway's stages
+    running inside the Envoy process (`envoy_services`). Same shape as Gateway's serving half:
+    `start()`, `address`, `stop(grace)`, `wait()`; its live state is the admin GetSnapshot."""
+
+    def __init__(self, config: GatewayConfig, mapping: dict, stderr=None) -> None:
+        """`mapping` is the config as read (YAML or a dict), which the Envoy process loads again;
+        `stderr`: where the Envoy process's standard error goes (a file; None: this process's)."""
+        from gateway.server.engines.envoy_server import EnvoyEngine, EnvoyOptions
+
+        self.config = config
+        mapping = {**mapping, "listen": config.listen}
+        server = config.server
+        self.engine = EnvoyEngine(
+            config.listen, "gateway.app:envoy_services", argument=json.dumps(mapping),
+            max_receive_bytes=server.max_message_bytes,
+            options=EnvoyOptions(envoy_threads=server.envoy_threads, drain_s=max(1.0, server.grace_s)),
+            stderr=stderr,
+        )
+        self.port: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<EnvoyGateway {self.engine!r}>"
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> "EnvoyGateway":
+        self.port = await self.engine.start()
+        log.info("tensorgate serving on %s (envoy engine, pid %s)", self.address, self.engine.pid)
+        return self
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.engine.stop(self.config.server.grace_s if grace is None else grace)
+
+    async def wait(self) -> None:
+        await self.engine.wait()
+
+
+def serving_gateway(config: GatewayConfig, mapping: dict) -> "Gateway | EnvoyGateway":
+    """The gateway on the engine its config names (`server.engine`)."""
+    if config.server.resolved_engine() == "envoy":
+        return EnvoyGateway(config, mapping)
+    return Gateway(config)

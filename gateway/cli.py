@@ -33,12 +33,12 @@ def _install_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config) -> None:
-    from gateway.app import Gateway
+async def _serve(config, mapping) -> None:
+    from gateway.app import serving_gateway
 
-    gateway = Gateway(config)
+    gateway = serving_gateway(config, mapping)
     await gateway.start()
-    print(f"tensorgate serving on {gateway.address}", flush=True)
+    print(f"tensorgate serving on {gateway.address} ({config.server.resolved_engine()} engine)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -48,17 +48,18 @@ async def _serve(config) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
+    from gateway.config import config_from_mapping, read_config_mapping
 
     try:
-        config = load_config(args.config)
+        mapping = read_config_mapping(args.config)
+        config = config_from_mapping(mapping)
         if args.listen:
             config = config.with_listen(args.listen)
     except ConfigError as error:
         print(f"tensorgate: invalid config {args.config}: {error}", file=sys.stderr)
         return EXIT_CONFIG
     _install_loop()
-    asyncio.run(_serve(config))
+    asyncio.run(_serve(config, mapping))
     return 0
 
 

@@ -72,16 +72,20 @@ def config_from_mapping(data: Any) -> GatewayConfig:
     return load_dataclass(GatewayConfig, data)
 
 
-def load_config(path: str | os.PathLike) -> GatewayConfig:
-    """Read and validate a YAML config file; ConfigError names the key path of any problem."""
+def read_config_mapping(path: str | os.PathLike) -> Any:
+    """The YAML config file as read, before validation (an engine in another process loads it again)."""
     try:
         with open(path, encoding="utf-8") as stream:
-            data = yaml.safe_load(stream)
+            return yaml.safe_load(stream)
     except OSError as error:
         raise ConfigError("", f"cannot read config file {os.fspath(path)!r}: {error.strerror}") from error
     except yaml.YAMLError as error:
         raise ConfigError("", f"{os.fspath(path)} is not valid YAML: {error}") from error
-    return config_from_mapping(data)
 
 
-__all__ = ["GatewayConfig", "PoolConfig", "ModelRoute", "load_config", "config_from_mapping", "parse_address"]
+def load_config(path: str | os.PathLike) -> GatewayConfig:
+    """Read and validate a YAML config file; ConfigError names the key path of any problem."""
+    return config_from_mapping(read_config_mapping(path))
+
+
+__all__ = ["GatewayConfig", "PoolConfig", "ModelRoute", "load_config", "read_config_mapping", "config_from_mapping", "parse_address"]

@@ -1,20 +1,31 @@
-"""Test scaffolding shipped with the package: a real gateway on a real port, in a thread of its own.
+"""Test scaffolding shipped with the package: a real gateway on a real port.
 
-Like asyncpg's `_testbase`, it runs the real thing and fails loudly: any exception the gateway's
-event loop logs as unhandled is collected in `loop_errors`, and the test suite fails a test that
-leaves one behind.
+`GatewayThread` runs the Gateway in a thread of this process on the grpcio engine (so tests may
+inspect and change its live state with `call`); `EnvoyGatewayThread` runs it on the envoy engine,
+in the Envoy process that a thread here launches and stops. Both give `address`, `snapshot()` (the
+admin GetSnapshot: backends, routing, sequences, batching) and `take_loop_errors()`.
+
+Like asyncpg's `_testbase`, they run the real thing and fail loudly: any exception the gateway's
+event loop logs as unhandled is collected, and the test suite fails a test that leaves one behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
+import tempfile
 import threading
 from concurrent.futures import Future
 from typing import Any, Coroutine
 
+import grpc
+
+from gateway.admin.gateway_service import SERVICE as GATEWAY_SERVICE
+from gateway.admin.gateway_service import Snapshot, SnapshotRequest
+from gateway.app import EnvoyGateway, Gateway
 from gateway.config import GatewayConfig, config_from_mapping
-from gateway.app import Gateway
 
 
 #: Runs a test suite over another upstream transport: `TENSORGATE_TEST_UPSTREAM_TRANSPORT=http pytest …`
@@ -38,8 +49,9 @@ class GatewayThread:
     """
 
     def __init__(self, config: GatewayConfig | dict, *, use_uvloop: bool = True) -> None:
+        self.mapping = _with_test_transport(config) if isinstance(config, dict) else None
         if not isinstance(config, GatewayConfig):
-            config = config_from_mapping(_with_test_transport(config))
+            config = config_from_mapping(self.mapping)
         self.config = config
         self.use_uvloop = use_uvloop
         self.loop_errors: list[dict[str, Any]] = []
@@ -80,6 +92,19 @@ class GatewayThread:
         future: Future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         return future.result(timeout)
 
+    def snapshot(self) -> dict:
+        """The gateway's live state, as the admin GetSnapshot answers it."""
+        with grpc.insecure_channel(self.address) as channel:
+            call = channel.unary_unary(f"/{GATEWAY_SERVICE}/GetSnapshot",
+                                       request_serializer=SnapshotRequest.SerializeToString,
+                                       response_deserializer=Snapshot.FromString)
+            return json.loads(call(SnapshotRequest(), timeout=10).json)
+
+    def take_loop_errors(self) -> list:
+        """The unhandled event-loop errors logged since the last call (and forget them)."""
+        errors, self.loop_errors[:] = list(self.loop_errors), []
+        return errors
+
     def call(self, function, *args) -> Any:
         """Call a plain function on the gateway's loop thread (its state is not thread-safe)."""
 
@@ -106,3 +131,38 @@ class GatewayThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+#: What an event loop writes to stderr for an exception nobody handled (asyncio's default handler).
+_UNHANDLED = re.compile(r"^(Exception in callback|Task exception was never retrieved|"
+                        r"Future exception was never retrieved|Unhandled error in exception handler)", re.M)
+
+
+class EnvoyGatewayThread(GatewayThread):
+    """The gateway on the envoy engine: Envoy (with the gateway's stages in its embedded Python) in
+    a process of its own, launched and stopped from a loop in a thread here. `call` and `gateway`
+    reach only the launcher (the stages live in Envoy); use `snapshot()` for live state. Envoy's
+    stderr goes to `stderr_path`; unhandled loop errors logged there are `take_loop_errors()`."""
+
+    def __init__(self, config: dict, *, use_uvloop: bool = True) -> None:
+        super().__init__(config, use_uvloop=use_uvloop)
+        if self.mapping is None:
+            raise TypeError("EnvoyGatewayThread takes the config as a mapping (Envoy loads it again)")
+        handle, self.stderr_path = tempfile.mkstemp(prefix="tensorgate-envoy-", suffix=".log")
+        os.close(handle)
+        self._errors_seen = 0
+
+    def __repr__(self) -> str:
+        return f"<EnvoyGatewayThread {self.gateway!r} stderr={self.stderr_path}>"
+
+    async def _create(self) -> EnvoyGateway:
+        with open(self.stderr_path, "ab") as stderr:
+            return await EnvoyGateway(self.config, self.mapping, stderr=stderr).start()
+
+    def take_loop_errors(self) -> list:
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as log:
+            text = log.read()
+        found = [match.group(0) + text[match.end():match.end() + 2000].split("\n\n")[0]
+                 for match in _UNHANDLED.finditer(text)]
+        new, self._errors_seen = found[self._errors_seen:], len(found)
+        return new

@@ -16,7 +16,7 @@ def stub(gateway):
 
 
 def forwarded(gateway) -> int:
-    return gateway.call(lambda: sum(b.served + b.failed for b in gateway.gateway.fleet.backends()))
+    return sum(b["served"] + b["failed"] for b in gateway.snapshot()["backends"].values())
 
 
 def good_request(rows: int = 1) -> service_pb2.ModelInferRequest:

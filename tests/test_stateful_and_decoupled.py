@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from gateway.testing import GatewayThread
+from tests.conftest import gateway_on
 
 
 def _repeat_inputs(values):
@@ -90,15 +90,16 @@ def _run_sequences(address, sequences: dict, *, streaming: bool):
     return sums
 
 
-def test_sequences_over_two_backends_equal_one_triton(tritons, triton):
+def test_sequences_over_two_backends_equal_one_triton(tritons, triton, front_door):
     rng = np.random.default_rng(3)
     sequences = {1000 + i: [int(v) for v in rng.integers(1, 100, size=6)] for i in range(8)}
     # One pool of two backends: without stickiness, steps of a sequence would land on both.
     config = {"listen": "127.0.0.1:0", "pools": {"both": {"backends": [t.grpc_address for t in tritons]}}}
-    with GatewayThread(config) as gateway:
+    with gateway_on(front_door, config) as gateway:
         through = _run_sequences(gateway.address, sequences, streaming=False)
-        assert gateway.call(lambda: len(gateway.gateway.sequences)) == 0  # every sequence ended
-        served = gateway.call(lambda: [b.served for b in gateway.gateway.fleet.backends()])
+        snapshot = gateway.snapshot()
+        assert snapshot["sequences"] == 0  # every sequence ended
+        served = [backend["served"] for backend in snapshot["backends"].values()]
     direct = _run_sequences(triton.grpc_address, sequences, streaming=False)
     assert through == direct
     assert through == {sid: list(np.cumsum(values)) for sid, values in sequences.items()}

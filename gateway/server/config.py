@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
+
+ENGINES = ("auto", "envoy", "grpcio")
 
 from gateway.errors import ConfigError
 
@@ -20,7 +24,27 @@ class ServerConfig:
     example client simple_grpc_health_metadata.py fails on anything else); the gateway tells itself
     apart by its version and the ServerMetadata extension "tensorgate"."""
 
+    engine: str = "auto"
+    """What serves the front door: `envoy` (Envoy's HTTP/2 through pyvoy, the gateway's Python
+    inside the Envoy process; ~0.3× grpc.aio's CPU per request, benchmarks/RESULTS.md), `grpcio`
+    (grpc.aio, in the gateway's own process), or `auto`: envoy where pyvoy is installed (Python
+    3.11+), grpcio otherwise."""
+    envoy_threads: int | None = None
+    """envoy engine: Envoy's worker threads (its C++ side); None: one per core."""
+
+    def resolved_engine(self) -> str:
+        if self.engine != "auto":
+            return self.engine
+        available = sys.version_info >= (3, 11) and importlib.util.find_spec("pyvoy") is not None
+        return "envoy" if available else "grpcio"
+
     def validate(self, path: str) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"{path}.engine", f"expected one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "envoy" and importlib.util.find_spec("pyvoy") is None:
+            raise ConfigError(f"{path}.engine", "envoy needs the pyvoy package (Python 3.11+); use grpcio")
+        if self.envoy_threads is not None and self.envoy_threads < 1:
+            raise ConfigError(f"{path}.envoy_threads", "expected at least 1 thread")
         if not self.name.strip():
             raise ConfigError(f"{path}.name", "expected a non-empty server name")
         if self.max_message_bytes < 1024:
