@@ -215,7 +215,7 @@ def test_unbatchable_models_pass_straight_through(gateway):
         sequence_id=777, sequence_start=True, sequence_end=True,
     )
     assert int(result.as_numpy("OUTPUT")[0, 0]) == 5
-    batching = gateway.call(gateway.gateway.snapshot)["batching"]
+    batching = gateway.snapshot()["batching"]
     assert "accumulate_sequence:1" not in batching
 
 

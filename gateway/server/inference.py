@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import AsyncIterator, Callable
 
 from gateway import __version__
 from gateway.errors import GatewayError, PermissionDenied, Unimplemented
 from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE, pb
+from gateway.routing.dispatcher import sequence_of
 from gateway.server.model_statistics import model_statistics
 from gateway.server.rpc import Call, Method, methods_of, parse_request, status_of
 from gateway.upstream.fleet import Fleet
@@ -159,32 +161,51 @@ class InferenceService:
     async def model_stream_infer(self, requests: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:
         """Bidirectional stream: requests are served concurrently; each response (or error) is sent
         as soon as it is ready, an error as a ModelStreamInferResponse with error_message, the way
-        Triton does, and the stream stays open."""
+        Triton does, and the stream stays open. The steps of one sequence are served in the order
+        they came, one after another (Triton's own stream keeps a sequence in order; clients such
+        as tritonclient's async_stream_infer send the next step without waiting for the last)."""
         outbox: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
+        last_step: dict[object, asyncio.Task] = {}  # sequence id -> the task of its latest step
         deadline = call.deadline
         metadata = self._trace_metadata(call)  # a stream's trace context applies to each of its requests
         done_reading = object()
 
-        async def serve_one(raw: bytes) -> None:
-            request_id = ""
+        async def serve_one(request, error, after: asyncio.Task | None) -> None:
+            request_id = request.id if request is not None else ""
             try:
-                request = self._parse_infer(raw)
-                request_id = request.id
+                if error is not None:
+                    raise error
+                if after is not None:
+                    await asyncio.wait((after,))  # its outcome is its own; only the order matters here
                 async for response in self.pipeline.infer_stream(request, deadline, metadata):
                     outbox.put_nowait(pb.ModelStreamInferResponse(infer_response=response).SerializeToString())
-            except Exception as error:  # one request's error never ends the stream, nor the gateway
-                _, message = status_of(error, "ModelStreamInfer")
-                failure = pb.ModelStreamInferResponse(error_message=message)
-                failure.infer_response.id = request_id
-                outbox.put_nowait(failure.SerializeToString())
+            except Exception as failure:  # one request's error never ends the stream, nor the gateway
+                _, message = status_of(failure, "ModelStreamInfer")
+                answer = pb.ModelStreamInferResponse(error_message=message)
+                answer.infer_response.id = request_id
+                outbox.put_nowait(answer.SerializeToString())
+
+        def forget_step(sequence_id, task: asyncio.Task) -> None:
+            if last_step.get(sequence_id) is task:
+                del last_step[sequence_id]
 
         async def read_requests() -> None:
             try:
                 async for raw in requests:
-                    task = asyncio.ensure_future(serve_one(raw))
+                    request = error = None
+                    try:
+                        request = self._parse_infer(raw)
+                    except GatewayError as refused:
+                        error = refused
+                    sequence = sequence_of(request) if request is not None else None
+                    after = last_step.get(sequence[0]) if sequence is not None else None
+                    task = asyncio.ensure_future(serve_one(request, error, after))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                    if sequence is not None:
+                        last_step[sequence[0]] = task
+                        task.add_done_callback(partial(forget_step, sequence[0]))
             finally:
                 if tasks:
                     await asyncio.gather(*list(tasks), return_exceptions=True)
