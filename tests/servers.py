@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.server
 import json
+import queue
 import socket
 import threading
 
@@ -49,7 +50,7 @@ class UpstreamProxy:
         self.port = port
         self.calls: list[tuple[str, dict[str, str]]] = []  # (method, metadata) of every call, in order
         self.forwarded = 0  # inference messages passed on to Triton
-        self.held = 0  # inference messages waiting at the gate now
+        self.held = 0  # inference messages received and waiting at the gate now
         self._lock = threading.Lock()
         self._gate = threading.Event()
         self._gate.set()
@@ -110,25 +111,26 @@ class UpstreamProxy:
         with self._lock:
             self.calls.append((method, dict(metadata)))
 
+    def _arrived(self) -> None:
+        with self._lock:
+            self.held += 1
+
     def _pass_gate(self) -> bool:
         """Wait while held; False if the proxy went away meanwhile (the message is dropped)."""
-        if not self._gate.is_set():
-            with self._lock:
-                self.held += 1
-            self._gate.wait()
-            with self._lock:
-                self.held -= 1
-        if not self._alive:
-            return False
+        self._gate.wait()
         with self._lock:
-            self.forwarded += 1
-        return True
+            self.held -= 1
+            if self._alive:
+                self.forwarded += 1
+        return self._alive
 
     def unary(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
         metadata = context.invocation_metadata()
         self._record(method, metadata)
-        if method == INFER_METHOD and not self._pass_gate():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "proxy went away")
+        if method == INFER_METHOD:
+            self._arrived()
+            if not self._pass_gate():
+                context.abort(grpc.StatusCode.UNAVAILABLE, "proxy went away")
         remaining = context.time_remaining()  # ~9.2e18 when the caller set no deadline
         try:
             return self._channel.unary_unary(method)(request, metadata=_forwardable(metadata),
@@ -139,13 +141,27 @@ class UpstreamProxy:
     def stream(self, requests, context: grpc.ServicerContext):
         metadata = context.invocation_metadata()
         self._record(STREAM_METHOD, metadata)
+        # Read every message as it arrives (so `held` counts them all), forward them in order.
+        arrived: queue.SimpleQueue = queue.SimpleQueue()
+        end = object()
+
+        def read() -> None:
+            try:
+                for message in requests:
+                    self._arrived()
+                    arrived.put(message)
+            except grpc.RpcError:
+                pass
+            finally:
+                arrived.put(end)
 
         def forward():
-            for message in requests:
+            while (message := arrived.get()) is not end:
                 if not self._pass_gate():
                     return
                 yield message
 
+        threading.Thread(target=read, name="proxy-stream-reader", daemon=True).start()
         responses = self._channel.stream_stream(STREAM_METHOD)(forward(), metadata=_forwardable(metadata))
         context.add_callback(responses.cancel)
         try:
