@@ -5,6 +5,8 @@
                      webhook receiver that hangs)
     HttpRecorder     an HTTP server that records every POST (a webhook receiver)
 
+and `scrape(port)`, every sample of a Prometheus /metrics endpoint (the gateway's own).
+
 UpstreamProxy forwards every call unchanged — bytes in, bytes out, the caller's metadata passed on — so the
 backend the gateway talks to is still the real Triton behind it. On the way it
 
@@ -27,6 +29,7 @@ import json
 import queue
 import socket
 import threading
+import urllib.request
 
 import grpc
 
@@ -239,3 +242,21 @@ class HttpRecorder:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the /metrics endpoint on 127.0.0.1:`port`: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def sample(samples: dict, name: str, **labels) -> float | None:
+    """The one sample of `name` whose labels include `labels`, or None."""
+    found = [value for (sample_name, sample_labels), value in samples.items()
+             if sample_name == name and set(labels.items()) <= sample_labels]
+    assert len(found) <= 1, (name, labels, found)
+    return found[0] if found else None

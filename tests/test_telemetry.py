@@ -285,29 +285,12 @@ def test_prometheus_stores_drift_gauges_alerts_and_bin_counts_after_a_drifted_st
         assert not thread.loop_errors
 
 
-def _scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    """Every sample of the gateway's /metrics endpoint: (name, labels) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def _gauge(samples: dict, name: str, **labels) -> float | None:
-    found = [value for (sample, sample_labels), value in samples.items()
-             if sample == name and set(labels.items()) <= sample_labels]
-    assert len(found) <= 1, (name, labels, found)
-    return found[0] if found else None
-
-
 def test_queue_depth_and_backend_inflight_gauges_while_work_waits(tritons):
     """The gauges read the live state: checked while requests wait in a batch queue and while
     others are held in flight at the backend (a proxy in front of Triton holds them), then after."""
     import concurrent.futures
 
-    from tests.servers import UpstreamProxy
+    from tests.servers import UpstreamProxy, sample, scrape
 
     proxy = UpstreamProxy(tritons[0].grpc_address)
     config = {
@@ -337,21 +320,21 @@ def test_queue_depth_and_backend_inflight_gauges_while_work_waits(tritons):
             in_flight = [pool.submit(infer, "fixed_cost") for _ in range(5)]
             queued = [pool.submit(infer, "simple_scale") for _ in range(3)]
             queue_depth = 'tensorgate_batching_queue_depth'
-            _wait(lambda: proxy.held == 5 and _gauge(_scrape(port), queue_depth, model="simple_scale") == 3, 30,
+            _wait(lambda: proxy.held == 5 and sample(scrape(port), queue_depth, model="simple_scale") == 3, 30,
                   f"5 requests held at the backend and 3 in the batch queue ({proxy!r}, "
                   f"{thread.call(thread.gateway.statistics)})")
-            during = _scrape(port)
-            assert _gauge(during, queue_depth, model="simple_scale", version="1") == 3
-            assert _gauge(during, "tensorgate_backend_inflight", backend=proxy.address, pool="primary") == 5
+            during = scrape(port)
+            assert sample(during, queue_depth, model="simple_scale", version="1") == 3
+            assert sample(during, "tensorgate_backend_inflight", backend=proxy.address, pool="primary") == 5
             assert not any(future.done() for future in in_flight + queued)
 
             proxy.release()
             assert [future.result(30) for future in in_flight] == [1.0] * 5
             queued.append(pool.submit(infer, "simple_scale"))  # the fourth fills the batch: it leaves
             assert [future.result(30) for future in queued] == [2.0] * 4
-            after = _scrape(port)
-            assert _gauge(after, queue_depth, model="simple_scale", version="1") == 0
-            assert _gauge(after, "tensorgate_backend_inflight", backend=proxy.address, pool="primary") == 0
+            after = scrape(port)
+            assert sample(after, queue_depth, model="simple_scale", version="1") == 0
+            assert sample(after, "tensorgate_backend_inflight", backend=proxy.address, pool="primary") == 0
             assert not thread.loop_errors
     finally:
         proxy.release()
