@@ -5,12 +5,10 @@ and admin calls that really change the reference."""
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import math
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
