@@ -35,7 +35,7 @@ def _wait_status(channel, want: int, timeout: float = 20.0) -> None:
 def test_health_follows_the_backends(tritons):
     proxy = UpstreamProxy(tritons[0].grpc_address)
     config = {"listen": "127.0.0.1:0", "pools": {"cpu": {"backends": [proxy.address]}},
-              "health": {"interval_s": 0.1, "timeout_s": 0.5, "unhealthy_after": 1}}
+              "health": {"interval_s": 0.1, "timeout_s": 2.0, "unhealthy_after": 2}}
     try:
         with GatewayThread(config) as gateway, grpc.insecure_channel(gateway.address) as channel:
             assert _check(channel) == SERVING  # the whole server

@@ -35,7 +35,7 @@ def _config(primary: UpstreamProxy, secondary: UpstreamProxy, **extra) -> dict:
     return {
         "listen": "127.0.0.1:0",
         "pools": {"primary": {"backends": [primary.address]}, "secondary": {"backends": [secondary.address]}},
-        "health": {"interval_s": 0.1, "timeout_s": 0.5, "unhealthy_after": 1},
+        "health": {"interval_s": 0.1, "timeout_s": 2.0, "unhealthy_after": 2},
         "batching": {"default": {"enabled": False}},  # one upstream message per request: counts are exact
         "telemetry": {"prometheus_port": 0, "prometheus_host": "127.0.0.1"},
         **extra,
