@@ -76,6 +76,10 @@ def cmd_local_triton(args: argparse.Namespace) -> int:
     print(f"Triton serving {repository} on {triton.grpc_address} (gRPC), {triton.http_address} (HTTP), "
           f"metrics on {triton.metrics_address}; log: {triton.log_path}", flush=True)
     try:
+        # sigwait only takes signals that are blocked: unblocked, SIGTERM's default action would end
+        # the process at once, without stopping Triton. Blocked now, after Triton was started, so
+        # the server does not inherit the mask.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     except KeyboardInterrupt:
         pass

@@ -3,7 +3,7 @@
 `GatewayThread` runs the Gateway in a thread of this process on the grpcio engine (so tests may
 inspect and change its live state with `call`); `EnvoyGatewayThread` runs it on the envoy engine,
 in the Envoy process that a thread here launches and stops. Both give `address`, `snapshot()` (the
-admin GetSnapshot: backends, routing, sequences, batching) and `take_loop_errors()`.
+live state: backends, routing, sequences, batching) and `take_loop_errors()`.
 
 Like asyncpg's `_testbase`, they run the real thing and fail loudly: any exception the gateway's
 event loop logs as unhandled is collected, and the test suite fails a test that leaves one behind.
@@ -93,7 +93,11 @@ class GatewayThread:
         return future.result(timeout)
 
     def snapshot(self) -> dict:
-        """The gateway's live state, as the admin GetSnapshot answers it."""
+        """The gateway's live state (Gateway.snapshot), read on its loop."""
+        return self.call(self.gateway.snapshot)
+
+    def admin_snapshot(self) -> dict:
+        """The gateway's live state as the admin GetSnapshot answers it (JSON: mapping keys are strings)."""
         with grpc.insecure_channel(self.address) as channel:
             call = channel.unary_unary(f"/{GATEWAY_SERVICE}/GetSnapshot",
                                        request_serializer=SnapshotRequest.SerializeToString,
@@ -158,6 +162,10 @@ class EnvoyGatewayThread(GatewayThread):
     async def _create(self) -> EnvoyGateway:
         with open(self.stderr_path, "ab") as stderr:
             return await EnvoyGateway(self.config, self.mapping, stderr=stderr).start()
+
+    def snapshot(self) -> dict:
+        """The live state of the gateway inside Envoy: the admin GetSnapshot."""
+        return self.admin_snapshot()
 
     def take_loop_errors(self) -> list:
         with open(self.stderr_path, encoding="utf-8", errors="replace") as log:

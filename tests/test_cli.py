@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ import tritonclient.grpc as triton_grpc
 from gateway.local.triton import find_free_port
 
 TENSORGATE = [sys.executable, "-m", "gateway"]
+# The console script, as the README runs it (.venv/bin/tensorgate).
+TENSORGATE_SCRIPT = Path(sys.executable).with_name("tensorgate")
 
 
 @pytest.mark.parametrize(
@@ -97,3 +102,35 @@ def test_demo_in_a_short_run_shows_the_drift_alert(tmp_path):
     assert "drift alert fired: simple_scale input/INPUT0[3] psi" in output
     assert "capture folder(s), the first" in output
     assert list((tmp_path / "captures" / "simple_scale").iterdir()), "no retraining capture written"
+
+
+def test_local_triton_serves_the_example_models_until_terminated(tmp_path):
+    """`tensorgate local-triton --grpc-port N` as the README runs it: one Triton with the example
+    models on that port, until SIGTERM (a `kill`, a container stop) ends it cleanly, exit code 0."""
+    port = find_free_port()
+    process = subprocess.Popen(
+        [str(TENSORGATE_SCRIPT), "local-triton", "--grpc-port", str(port), "--name", "readme", "--log-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        line = process.stdout.readline()
+        assert f"on 127.0.0.1:{port} (gRPC)" in line, line
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            assert client.is_server_ready()
+            models = {m["name"] for m in client.get_model_repository_index(as_json=True)["models"] if m.get("state") == "READY"}
+            assert {"simple_scale", "add_sub", "mlp", "fixed_cost", "repeat_decoupled", "accumulate_sequence"} <= models
+            tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
+            tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+            assert client.infer("simple_scale", [tensor]).as_numpy("OUTPUT0")[0, 0] == 2.0
+        finally:
+            client.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0  # stopped Triton and exited, not killed by the signal
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "Triton still listens after local-triton exited"
+    assert (tmp_path / "readme.log").stat().st_size > 0

@@ -163,6 +163,49 @@ def reference_and_current(distribution, seed, rows, features, bins, shift):
 CONTINUOUS = ["normal", "lognormal", "uniform", "cauchy"]
 
 
+def cdf_at_edges_of_samples(values, feature_edges):
+    """F(e_i) counted on the raw values, not on a histogram: the share of the finite values left of
+    each edge (< e_i), and at the last edge the share up to it (<= e_B), as the binned statistics
+    define their CDFs (BELOW counts left of e_0; bin i is [e_i, e_i+1), the last bin closed)."""
+    ordered = np.sort(values[np.isfinite(values)])
+    left_of = np.searchsorted(ordered, feature_edges[:-1], side="left")
+    up_to_last = np.searchsorted(ordered, feature_edges[-1:], side="right")
+    return np.concatenate([left_of, up_to_last]) / ordered.size
+
+
+def binned_wasserstein_by_refinement(cdf_reference, cdf_current, feature_edges) -> float:
+    """The integral over [e_0, e_B] of |F_ref - F_cur|, both CDFs linear inside each bin, computed
+    without the kernel's closed form: the grid of edges is refined with every point where the
+    difference crosses zero, so |difference| is linear between grid points and the trapezoid rule
+    is exact there."""
+    difference = cdf_reference - cdf_current
+    points, values = [feature_edges[0]], [difference[0]]
+    for index in range(len(feature_edges) - 1):
+        d0, d1 = difference[index], difference[index + 1]
+        if d0 * d1 < 0:  # a zero strictly inside the bin
+            left, right = feature_edges[index], feature_edges[index + 1]
+            points.append(left + (right - left) * d0 / (d0 - d1))
+            values.append(0.0)
+        points.append(feature_edges[index + 1])
+        values.append(d1)
+    points, magnitudes = np.array(points), np.abs(np.array(values))
+    return float(np.sum(np.diff(points) * (magnitudes[:-1] + magnitudes[1:]) / 2))
+
+
+@pytest.mark.parametrize("distribution", CONTINUOUS)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("bins", [8, 32])
+@pytest.mark.parametrize("shift", [0.0, 0.3, 1.0])
+def test_ks_equals_the_largest_cdf_gap_at_the_edges(twin, distribution, seed, bins, shift):
+    """Exactly the two-sample KS statistic restricted to the edges, counted on the raw samples."""
+    reference, current, edges, reference_counts, current_counts = reference_and_current(distribution, seed, 4000, 3, bins, shift)
+    got = twin(ks, "ks")(reference_counts, current_counts)
+    for feature in range(3):
+        gaps = (cdf_at_edges_of_samples(reference[:, feature], edges[feature])
+                - cdf_at_edges_of_samples(current[:, feature], edges[feature]))
+        assert got[feature] == pytest.approx(np.abs(gaps).max(), rel=1e-12, abs=1e-15)
+
+
 @pytest.mark.parametrize("distribution", CONTINUOUS)
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("bins", [8, 32])
@@ -178,19 +221,56 @@ def test_ks_within_one_bin_of_scipy(twin, distribution, seed, bins, shift):
         assert want - got[feature] <= shares.max() + 1e-12
 
 
+@pytest.mark.parametrize("distribution", CONTINUOUS)
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("bins", [8, 32])
+@pytest.mark.parametrize("shift", [0.0, 0.3])
+def test_wasserstein_equals_the_integral_of_the_interpolated_cdfs(twin, distribution, seed, bins, shift):
+    """The binned W1 of the docstring (CDFs exact at the edges, linear inside each bin), computed
+    here from the raw samples by a different method, to the precision of the arithmetic."""
+    reference, current, edges, reference_counts, current_counts = reference_and_current(distribution, seed, 4000, 3, bins, shift)
+    got = twin(wasserstein, "wasserstein")(reference_counts, current_counts, edges)
+    for feature in range(3):
+        want = binned_wasserstein_by_refinement(cdf_at_edges_of_samples(reference[:, feature], edges[feature]),
+                                                cdf_at_edges_of_samples(current[:, feature], edges[feature]),
+                                                edges[feature])
+        assert got[feature] == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
 @pytest.mark.parametrize("distribution", ["normal", "lognormal", "uniform"])
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("bins", [8, 32])
 @pytest.mark.parametrize("shift", [0.0, 0.3])
-def test_wasserstein_within_one_bin_width_of_scipy(twin, distribution, seed, bins, shift):
+def test_wasserstein_within_the_binning_error_of_scipy(twin, distribution, seed, bins, shift):
+    """Against SciPy on the samples, within what binning can change: spreading the values of a bin
+    evenly over it moves each by at most half its width, so the two distances differ by at most
+    sum_i (p_i + q_i) w_i / 2 (p, q: the bin shares; w: the widths). Out-of-range values sit at the
+    edge they passed, in the histogram as in SciPy's clipped samples."""
     reference, current, edges, reference_counts, current_counts = reference_and_current(distribution, seed, 4000, 3, bins, shift)
     got = twin(wasserstein, "wasserstein")(reference_counts, current_counts, edges)
     for feature in range(3):
-        # A histogram puts out-of-range values at the edge they passed: compare with SciPy on samples
-        # clipped to the reference range (the reference itself lies inside it).
         clipped = np.clip(current[:, feature], edges[feature, 0], edges[feature, -1])
         want = stats.wasserstein_distance(reference[:, feature], clipped)
-        assert abs(got[feature] - want) <= np.diff(edges[feature]).max()
+        shares = (reference_counts[feature, :bins] / reference_counts[feature, :bins + 2].sum()
+                  + current_counts[feature, :bins] / current_counts[feature, :bins + 2].sum())
+        binning_error = float(np.sum(shares * np.diff(edges[feature])) / 2)
+        assert abs(got[feature] - want) <= binning_error + 1e-12
+
+
+@pytest.mark.parametrize(("edges", "reference", "current", "want"), [
+    # U[0, 2] against U[0, 1]: ∫|2u − u| du over the quantiles = 0.5
+    ([0.0, 1.0, 2.0], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], 0.5),
+    # U[0,1] + U[2,3] (half each) against U[1, 2]: the CDFs cross inside the middle bin: 0.75
+    # (a step CDF, or the trapezoid without the crossing, gives 1.0)
+    ([0.0, 1.0, 2.0, 3.0], [1, 0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0], 0.75),
+    # U[0, 2] against half at 0 (BELOW) and half at 2 (ABOVE); NaN and inf are left out: 0.5
+    ([0.0, 1.0, 2.0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 5, 5], 0.5),
+    # a whole bin's shift of width 3: 3
+    ([0.0, 3.0, 6.0], [1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], 3.0),
+])
+def test_wasserstein_of_known_distributions(twin, edges, reference, current, want):
+    got = twin(wasserstein, "wasserstein")(np.array([reference]), np.array([current]), np.array([edges]))
+    assert got[0] == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize("distribution", list(DISTRIBUTIONS))
@@ -260,9 +340,10 @@ def test_divergence_twins_agree(name, seed):
 
 
 def test_identical_histograms_have_no_drift(twin):
-    *_, counts, _ = reference_and_current("normal", 0, 1000, 3, 10, 0.0)
+    *_, edges, counts, _ = reference_and_current("normal", 0, 1000, 3, 10, 0.0)
     for module, name in [(psi, "psi"), (jensen_shannon, "jensen_shannon"), (ks, "ks"), (chi_square, "chi_square")]:
         np.testing.assert_allclose(twin(module, name)(counts, counts), 0.0, atol=1e-12)
+    np.testing.assert_allclose(twin(wasserstein, "wasserstein")(counts, counts, edges), 0.0, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------ moments

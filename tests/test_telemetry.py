@@ -127,19 +127,45 @@ def test_prometheus_scrapes_request_counter_and_histogram(tritons, prometheus):
         assert not thread.loop_errors
 
 
-def test_unreachable_otlp_collector_never_fails_requests(tritons):
+@pytest.mark.parametrize("collector_state", ["refuses", "hangs"])
+def test_unreachable_otlp_collector_never_fails_requests(tritons, collector_state):
+    """A collector that refuses connections or accepts them and never answers: requests are
+    answered as fast as usual while the exports fail (or wait) in the reader's thread."""
+    from tests.servers import HangingServer
+
+    hanging = HangingServer() if collector_state == "hangs" else None
+    port = hanging.port if hanging is not None else _free_port()
     config = {
         "listen": "127.0.0.1:0",
         "pools": {"primary": {"backends": [tritons[0].grpc_address]}},
-        "telemetry": {"otlp_endpoint": f"127.0.0.1:{_free_port()}", "otlp_interval_s": 0.1},
+        "telemetry": {"otlp_endpoint": f"127.0.0.1:{port}", "otlp_interval_s": 0.1},
     }
-    with GatewayThread(config) as thread:
-        started = time.monotonic()
-        _send(thread.address, 50)  # every request answered while exports fail in their own thread
-        assert time.monotonic() - started < 10
-        counts = thread.call(lambda: [s.count for s in thread.gateway.telemetry.aggregates.snapshot()])
-        assert counts == [50]
-        assert not thread.loop_errors
+    try:
+        with GatewayThread(config) as thread:
+            client = triton_grpc.InferenceServerClient(thread.address)
+            tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
+            tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+            latencies = []
+            try:
+                began = time.monotonic()
+                while time.monotonic() - began < 1.5:  # fifteen export attempts
+                    started = time.perf_counter()
+                    assert client.infer(MODEL, [tensor], client_timeout=10).as_numpy("OUTPUT0")[0, 0] == 2.0
+                    latencies.append(time.perf_counter() - started)
+            finally:
+                client.close()
+            counts = thread.call(lambda: [s.count for s in thread.gateway.telemetry.aggregates.snapshot()])
+            assert counts == [len(latencies)]
+            if hanging is not None:
+                assert hanging.accepted >= 1  # the exporter connected, and got no answer
+            assert not thread.loop_errors
+    finally:
+        if hanging is not None:
+            hanging.close()
+    # A request that waited on an export would take its 10 s timeout or 1-2-4 s retry backoff.
+    p90 = float(np.percentile(latencies, 90))
+    assert len(latencies) >= 50 and p90 < 0.02 and max(latencies) < 2.0, (
+        f"{len(latencies)} requests, p90 {p90 * 1e3:.1f} ms, max {max(latencies) * 1e3:.0f} ms")
 
 
 @pytest.mark.parametrize(
@@ -257,3 +283,61 @@ def test_prometheus_stores_drift_gauges_alerts_and_bin_counts_after_a_drifted_st
         assert _query(api, alerts) >= 1
         assert _query(api, rows) == 64 * 16  # the drifted window's values, every feature, all in buckets
         assert not thread.loop_errors
+
+
+def test_queue_depth_and_backend_inflight_gauges_while_work_waits(tritons):
+    """The gauges read the live state: checked while requests wait in a batch queue and while
+    others are held in flight at the backend (a proxy in front of Triton holds them), then after."""
+    import concurrent.futures
+
+    from tests.servers import UpstreamProxy, sample, scrape
+
+    proxy = UpstreamProxy(tritons[0].grpc_address)
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"primary": {"backends": [proxy.address]}},
+        "upstream": {"transport": "grpc-stream"},  # the proxy speaks gRPC
+        # simple_scale waits for a batch of 4 (the window is a minute); fixed_cost goes straight upstream.
+        "batching": {"default": {"mode": "fixed", "max_queue_delay_us": 60_000_000, "max_batch_size": 4},
+                     "models": {"fixed_cost": {"enabled": False}}},
+        "telemetry": {"prometheus_port": 0, "prometheus_host": "127.0.0.1"},
+    }
+
+    def infer(model: str) -> float:
+        client = triton_grpc.InferenceServerClient(thread.address)
+        tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+        try:
+            return float(client.infer(model, [tensor], client_timeout=60).as_numpy("OUTPUT0")[0, 0])
+        finally:
+            client.close()
+
+    pool = concurrent.futures.ThreadPoolExecutor(9)
+    try:
+        with GatewayThread(config) as thread:
+            port = thread.gateway.telemetry.prometheus_port
+            infer("fixed_cost")  # the models are known, the stream is open
+            proxy.hold()
+            in_flight = [pool.submit(infer, "fixed_cost") for _ in range(5)]
+            queued = [pool.submit(infer, "simple_scale") for _ in range(3)]
+            queue_depth = 'tensorgate_batching_queue_depth'
+            _wait(lambda: proxy.held == 5 and sample(scrape(port), queue_depth, model="simple_scale") == 3, 30,
+                  f"5 requests held at the backend and 3 in the batch queue ({proxy!r}, "
+                  f"{thread.snapshot()})")
+            during = scrape(port)
+            assert sample(during, queue_depth, model="simple_scale", version="1") == 3
+            assert sample(during, "tensorgate_backend_inflight", backend=proxy.address, pool="primary") == 5
+            assert not any(future.done() for future in in_flight + queued)
+
+            proxy.release()
+            assert [future.result(30) for future in in_flight] == [1.0] * 5
+            queued.append(pool.submit(infer, "simple_scale"))  # the fourth fills the batch: it leaves
+            assert [future.result(30) for future in queued] == [2.0] * 4
+            after = scrape(port)
+            assert sample(after, queue_depth, model="simple_scale", version="1") == 0
+            assert sample(after, "tensorgate_backend_inflight", backend=proxy.address, pool="primary") == 0
+            assert not thread.loop_errors
+    finally:
+        proxy.release()
+        pool.shutdown(wait=True)
+        proxy.close()

@@ -11,6 +11,12 @@ completes inside the window is counted and its latency (perf_counter_ns, send to
 Run it in a process of its own (`run_load_in_subprocess`) when the process being measured is
 Python too, so the two do not share a GIL. `--cpu-pid PID` (repeatable) reads those processes' CPU
 time at the edges of the measured window, so CPU per request covers exactly the counted requests.
+
+An answer is not taken on trust: each worker parses its first reply and every `--check-every`-th
+after it (64 by default; parsing all would add client CPU to every request) and compares the
+outputs with what the model must answer (`EXPECTED_OUTPUTS`, the example models; any other model:
+at least one output with data). A wrong reply counts as an error, with a sample of what was wrong;
+`checked` says how many replies of the window were compared.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -32,9 +38,11 @@ from gateway.bench.cpu import cpu_seconds_many
 from gateway.protocol.tensors import NUMPY_DTYPES
 
 __all__ = [
+    "EXPECTED_OUTPUTS",
     "LoadResult",
     "MODEL_INFER_METHOD",
     "build_infer_request",
+    "reply_checker",
     "run_load",
     "run_load_in_subprocess",
     "run_load_sync",
@@ -44,6 +52,15 @@ MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 _MAX_ERROR_SAMPLES = 5
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CHECK_EVERY = 64
+
+#: What each example model answers for an input tensor x (examples/models/README.md), by output name.
+EXPECTED_OUTPUTS: dict[str, Callable[[np.ndarray], dict[str, np.ndarray]]] = {
+    "simple_scale": lambda x: {"OUTPUT0": x * 2},
+    "simple_scale_dynbatch": lambda x: {"OUTPUT0": x * 2},
+    "fixed_cost": lambda x: {"OUTPUT0": x},
+    "fixed_cost_dynbatch": lambda x: {"OUTPUT0": x},
+}
 
 
 @dataclass
@@ -68,6 +85,9 @@ class LoadResult:
     """CPU seconds each watched pid used during the window (see --cpu-pid)."""
     client_cpu_seconds: float = 0.0
     """CPU seconds the load generator itself used during the window."""
+    checked: int = 0
+    """Replies inside the window whose outputs were compared with the expected ones (wrong ones
+    are counted in `errors`)."""
 
     def cpu_us_per_request(self, pid: int) -> float:
         """CPU µs per successful request that process `pid` spent during the window."""
@@ -88,7 +108,7 @@ class LoadResult:
         text = (
             f"{self.requests} requests in {self.seconds:.2f} s at concurrency {self.concurrency}: "
             f"{self.rps:,.0f} req/s, p50 {self.p50_ms:.3f} ms, p90 {self.p90_ms:.3f} ms, "
-            f"p99 {self.p99_ms:.3f} ms, {self.errors} errors"
+            f"p99 {self.p99_ms:.3f} ms, {self.errors} errors ({self.checked} replies checked)"
         )
         for pid in self.cpu_seconds:
             text += f"; pid {pid}: {self.cpu_us_per_request(pid):.0f} CPU µs/request"
@@ -119,6 +139,36 @@ def build_infer_request(
     return request.SerializeToString()
 
 
+def reply_checker(payload: bytes) -> Callable[[bytes], str | None]:
+    """A check of one serialized ModelInferResponse to the request `payload`: None if it is right,
+    else what is wrong. For the models of EXPECTED_OUTPUTS every expected output must be there with
+    the expected shape and bytes; for any other model, at least one output with data."""
+    from gateway.protocol import pb
+
+    request = pb.ModelInferRequest.FromString(payload)
+    expected_of = EXPECTED_OUTPUTS.get(request.model_name)
+    expected: dict[str, np.ndarray] = {}
+    if expected_of is not None:
+        tensor = request.inputs[0]
+        values = np.frombuffer(request.raw_input_contents[0], NUMPY_DTYPES[tensor.datatype]).reshape(list(tensor.shape))
+        expected = expected_of(values)
+
+    def check(reply: bytes) -> str | None:
+        response = pb.ModelInferResponse.FromString(reply)
+        outputs = {o.name: (list(o.shape), raw) for o, raw in zip(response.outputs, response.raw_output_contents)}
+        if not expected:
+            return None if any(raw for _, raw in outputs.values()) else "wrong reply: no output with data"
+        for name, want in expected.items():
+            if name not in outputs:
+                return f"wrong reply: no output {name} (got {sorted(outputs)})"
+            shape, raw = outputs[name]
+            if shape != list(want.shape) or raw != want.tobytes():
+                return f"wrong reply: {name} has shape {shape} and {len(raw)} bytes, not the expected {list(want.shape)}"
+        return None
+
+    return check
+
+
 class _Window:
     """Shared state of one run: which completions count, and what they measured."""
 
@@ -128,6 +178,7 @@ class _Window:
         self.stop = False
         self.max_requests = max_requests
         self.latencies_ns = array.array("q")
+        self.checked = 0
         self.errors = 0
         self.error_samples: list[str] = []
         self.done = asyncio.Event()
@@ -138,12 +189,15 @@ class _Window:
             self.error_samples.append(message)
 
 
-async def _worker(call, payload: bytes, window: _Window, timeout: float, interval_ns: int = 0, offset_ns: int = 0) -> None:
+async def _worker(call, payload: bytes, window: _Window, timeout: float, interval_ns: int = 0, offset_ns: int = 0,
+                  check: Callable[[bytes], str | None] | None = None, check_every: int = CHECK_EVERY) -> None:
     """Send, await, repeat; with `interval_ns`, at most one request per interval (paced: the
-    offered load stays the same however fast the target answers, as long as it keeps up)."""
+    offered load stays the same however fast the target answers, as long as it keeps up). The
+    first reply and every `check_every`-th after it go through `check`."""
     latencies = window.latencies_ns
     clock = time.perf_counter_ns
     next_ns = clock() + offset_ns
+    answered_count = 0
     while not window.stop:
         if interval_ns:
             delay = next_ns - clock()
@@ -152,7 +206,7 @@ async def _worker(call, payload: bytes, window: _Window, timeout: float, interva
             next_ns += interval_ns
         sent = clock()
         try:
-            await call(payload, timeout=timeout)
+            reply = await call(payload, timeout=timeout)
         except grpc.RpcError as error:
             answered = clock()
             if window.start_ns <= answered <= window.end_ns:
@@ -161,10 +215,19 @@ async def _worker(call, payload: bytes, window: _Window, timeout: float, interva
                     window.done.set()  # a count run against a failing target must still end
             continue
         answered = clock()
-        if window.start_ns <= answered <= window.end_ns:
+        inside = window.start_ns <= answered <= window.end_ns
+        checked = check is not None and answered_count % check_every == 0
+        wrong = check(reply) if checked else None
+        answered_count += 1
+        if not inside:
+            continue
+        window.checked += checked
+        if wrong is not None:
+            window.record_error(wrong)
+        else:
             latencies.append(answered - sent)
-            if window.max_requests is not None and len(latencies) >= window.max_requests:
-                window.done.set()
+        if window.max_requests is not None and len(latencies) + window.errors >= window.max_requests:
+            window.done.set()
 
 
 async def run_load(
@@ -178,9 +241,11 @@ async def run_load(
     cpu_pids: Sequence[int] = (),
     timeout: float = 30.0,
     rate: float | None = None,
+    check_every: int = CHECK_EVERY,
 ) -> LoadResult:
     """Closed-loop load on `target` for `seconds` (or until `requests` complete) after a warm-up;
-    with `rate`, paced at that many requests/s in total over the `concurrency` workers."""
+    with `rate`, paced at that many requests/s in total over the `concurrency` workers. Each
+    worker checks its first reply and every `check_every`-th after it (0: none)."""
     if (seconds is None) == (requests is None):
         raise ValueError("give exactly one of seconds or requests")
     options = [
@@ -192,8 +257,10 @@ async def run_load(
         call = channel.unary_unary(MODEL_INFER_METHOD)  # bytes in, bytes out
         window = _Window(requests)
         interval_ns = int(concurrency / rate * 1e9) if rate else 0
+        check = reply_checker(payload) if check_every > 0 else None
         workers = [
-            asyncio.ensure_future(_worker(call, payload, window, timeout, interval_ns, interval_ns * i // concurrency))
+            asyncio.ensure_future(_worker(call, payload, window, timeout, interval_ns, interval_ns * i // concurrency,
+                                          check, max(check_every, 1)))
             for i in range(concurrency)
         ]
         try:
@@ -241,6 +308,7 @@ def _result(window: _Window, concurrency: int, cpu_used: dict[int, float], clien
         mean_ms=mean,
         cpu_seconds=cpu_used,
         client_cpu_seconds=client_used,
+        checked=window.checked,
     )
 
 
@@ -274,6 +342,7 @@ def run_load_in_subprocess(
     python: str = sys.executable,
     timeout: float | None = None,
     rate: float | None = None,
+    check_every: int = CHECK_EVERY,
 ) -> LoadResult:
     """Run the load in a process of its own (`python -m gateway.bench.loadgen ... --json`)."""
     args = [
@@ -283,6 +352,7 @@ def run_load_in_subprocess(
         "--warmup", str(warmup_seconds),
         "--rows", str(rows), "--cols", str(cols),
         "--input", input_name, "--datatype", datatype,
+        "--check-every", str(check_every),
         "--json",
     ]  # fmt: skip
     args += ["--seconds", str(seconds)] if requests is None else ["--requests", str(requests)]
@@ -315,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
     parser.add_argument("--rate", type=float, help="pace the load at this many requests/s in total (default: as fast as answered)")
     parser.add_argument("--cpu-pid", type=int, action="append", default=[], help="pid whose CPU time to measure")
+    parser.add_argument("--check-every", type=int, default=CHECK_EVERY,
+                        help="each worker checks the outputs of its first reply and every N-th after it (0: none)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
     if args.seconds is None and args.requests is None:
@@ -326,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_load_sync(
         args.target, payload, concurrency=args.concurrency, seconds=args.seconds, requests=args.requests,
         warmup_seconds=args.warmup, cpu_pids=args.cpu_pid, timeout=args.timeout, rate=args.rate,
+        check_every=args.check_every,
     )  # fmt: skip
     print(result.to_json() if args.json else result.summary(), flush=True)
     return 0

@@ -17,7 +17,7 @@ class ReferenceConfig:
     file: str | None = None
     """Training data: `.npy` (one tensor) or `.npz` (one array per tensor name), rows first."""
     profile: str | None = None
-    """A saved profile (JSON: bin edges and counts per tensor), e.g. from `drift report --save`."""
+    """A saved profile (JSON: bin edges and counts per tensor), e.g. from `drift report --save-profile`."""
     learn_rows: int = 5000
     """Without file or profile: learn the reference from the first rows seen after start."""
 
@@ -51,7 +51,8 @@ class ModelDriftConfig:
     window_seconds: float | None = None
     """Also close a sub-window after this long (windows by time, for quiet models)."""
     sample_rate: float = 1.0
-    """Fraction of requests whose tensors are counted (for heavy traffic)."""
+    """Fraction of requests whose tensors are counted (for heavy traffic): exactly that share,
+    evenly spread (0.3: 3 requests of every 10)."""
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     thresholds: dict[str, tuple[float, float]] = field(default_factory=lambda: {"psi": (0.1, 0.25)})
     """Per statistic (psi, js, ks, wasserstein, chi_square): (warning, alert) thresholds."""

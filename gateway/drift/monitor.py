@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from fractions import Fraction
 from typing import Callable
 
 import numpy as np
@@ -21,6 +22,9 @@ from gateway.drift.config import ModelDriftConfig
 from gateway.drift.reservoir import Reservoir
 from gateway.ext import drift as kernels
 from gateway.protocol.tensors import NUMPY_DTYPES
+
+#: sample_rate is honoured as a fraction with a denominator up to this (rates below 1e-9 count 1e-9).
+SAMPLE_RATE_DENOMINATOR = 1_000_000_000
 
 STATISTIC_KERNELS: dict[str, Callable] = {
     "psi": lambda ref, cur, edges: kernels.population_stability_index(ref, cur),
@@ -258,13 +262,20 @@ class ModelMonitor:
         self.windows_evaluated = 0
         self.alerts_fired = 0
         self.last_report: dict | None = None
-        self._sample_every = max(1, round(1 / config.sample_rate))
-        self._seen = 0
+        # Exactly `sample_rate` of the requests, evenly spread: each request adds the rate's
+        # numerator to a credit, and one is counted whenever the credit reaches the denominator
+        # (integers, so 0.3 counts 3 requests of every 10, never 1 of 3 or 1 of 4).
+        rate = max(Fraction(config.sample_rate).limit_denominator(SAMPLE_RATE_DENOMINATOR),
+                   Fraction(1, SAMPLE_RATE_DENOMINATOR))
+        self._sample_step, self._sample_period = rate.numerator, rate.denominator
+        self._sample_credit = 0
+        self.sampled = 0  # requests counted
         self._watch_inputs = set(config.inputs) if (config.inputs or config.outputs) else None
         self._watch_outputs = set(config.outputs)
 
     def __repr__(self) -> str:
-        return f"<ModelMonitor {self.model} tensors={len(self.tensors)} windows={self.windows_evaluated} alerts={self.alerts_fired}>"
+        return (f"<ModelMonitor {self.model} tensors={len(self.tensors)} sampled={self.sampled} "
+                f"windows={self.windows_evaluated} alerts={self.alerts_fired}>")
 
     def tensor(self, name: str, kind: str, monitor_type: type = TensorMonitor) -> TensorMonitor:
         """The monitor of a tensor, made on first sight (numeric, or CategoricalMonitor for BYTES)."""
@@ -276,9 +287,12 @@ class ModelMonitor:
         return monitor
 
     def observe(self, request, response) -> None:
-        self._seen += 1
-        if self._seen % self._sample_every:
+        credit = self._sample_credit + self._sample_step
+        if credit < self._sample_period:
+            self._sample_credit = credit
             return
+        self._sample_credit = credit - self._sample_period
+        self.sampled += 1
         closed = False
         sample: dict[str, np.ndarray] = {}
         raw_inputs = request.raw_input_contents

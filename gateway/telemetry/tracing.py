@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 
 from opentelemetry import trace
@@ -89,6 +90,7 @@ class Tracing:
         self._random = (rng or random.Random()).random
         exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=config.otlp_insecure,
                                     headers=dict(config.otlp_headers) or None)
+        self._exporter = exporter
         # A provider of our own (not the global one): the gateway is a library too, tests run several.
         self.provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         self.provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
@@ -200,8 +202,16 @@ class Tracing:
         except Exception:  # a tracing failure must never fail the request
             log.exception("tracing: ending the span of a request failed")
 
-    def close(self) -> None:
-        # Flush what is queued, bounded: an unreachable collector must not hold up shutdown for long.
-        self.provider.force_flush(timeout_millis=2_000)
+    def close(self, flush_s: float = 2.0) -> None:
+        """Flush what is queued, for at most `flush_s`, then stop. An unreachable or hanging
+        collector must not hold up shutdown: the SDK's force_flush ignores its timeout (1.45: each
+        queued batch of 512 spans retries for up to the exporter's 10 s), so the flush runs in a
+        thread of its own, and shutting the exporter down ends its retries and its call in flight."""
+        flush = threading.Thread(target=self.provider.force_flush, name="tensorgate-span-flush", daemon=True)
+        flush.start()
+        flush.join(flush_s)
+        if flush.is_alive():
+            self._exporter.shutdown()
+            flush.join(flush_s)
         self.provider.shutdown()
 
