@@ -6,7 +6,8 @@ What it shows, on any machine with the `local` extra installed and no GPU needed
      pool without failed requests, and when the primary returns it takes traffic again;
   3. drift — simple_scale's input feature 3 shifts by 1σ and the drift alert fires: the shift
      starts once the drift reference is learned, and traffic goes on past the planned time, for
-     at most DRIFT_GRACE_S more, until the alert has fired (a slow, busy machine drives fewer rows);
+     at most OVERTIME_S more, until the alert has fired (a slow, busy machine drives fewer rows)
+     and the primary is back (a slow machine restarts Triton slowly);
   4. a readable summary: requests, errors, latency percentiles per model, who served what.
 
 The gateway is served the way `tensorgate serve` serves it: on the engine its config resolves to
@@ -51,8 +52,9 @@ DRIFT_AT = 0.55  # share of the run after which simple_scale's inputs drift
 #: ~3 s and turns a window over in ~2 s; a fully shifted window scores PSI ~1 against 0.25 to alert.
 DRIFT_LEARN_ROWS = 1000
 DRIFT_WINDOW_ROWS = 500
-#: After the planned time, shifted traffic goes on until the drift alert fires, for at most this long.
-DRIFT_GRACE_S = 30.0
+#: After the planned time, traffic goes on until the drift alert has fired and the restarted primary
+#: is back in rotation, for at most this long.
+OVERTIME_S = 30.0
 #: Admin calls are small, but on a busy machine they wait their turn with the traffic.
 ADMIN_TIMEOUT_S = 10.0
 #: After the traffic stops, how long the capture worker (in the gateway) gets to finish writing.
@@ -390,7 +392,7 @@ async def _run(admin: Admin, address: str, engine: str, seconds: float, concurre
     print(f"\ndriving 4 models for {seconds:.0f} s, {concurrency} requests in flight; the primary Triton is "
           f"killed at {seconds * 0.25:.0f} s and restarted at {seconds * 0.45:.0f} s; at {seconds * DRIFT_AT:.0f} s "
           f"(once {DRIFT_LEARN_ROWS:,} rows of reference are learned) feature {DRIFTED_FEATURE} of simple_scale's "
-          f"input drifts by 1σ, and traffic goes on until its drift alert fires (at most {DRIFT_GRACE_S:.0f} s more):")
+          f"input drifts by 1σ, and traffic goes on until its drift alert fires and the primary is back (at most {OVERTIME_S:.0f} s more):")
     tally = Tally()
     timeline: list[str] = []
     traffic = Traffic()
@@ -410,7 +412,8 @@ async def _run(admin: Admin, address: str, engine: str, seconds: float, concurre
     restart: asyncio.Future | None = None
     try:
         note = mark("routing to pool primary")
-        restarted = learned_noted = waiting_noted = overtime_noted = False
+        restarted = up_noted = returned = learned_noted = waiting_noted = overtime_noted = False
+        quiet: collections.Counter = collections.Counter()  # levels of other features' warnings and clearings
         alerts_seen = 0
         health = "healthy"  # the gateway checked every backend before it served
         while not driver.done() and not watcher.done():
@@ -427,10 +430,12 @@ async def _run(admin: Admin, address: str, engine: str, seconds: float, concurre
             if watched.primary is not None and watched.primary["health"] != health:
                 health = watched.primary["health"]
                 if health == "healthy":
+                    returned = restart is not None
                     note = mark("the gateway sees the primary healthy again; traffic returns to it")
                 else:
+                    detail = watched.primary["detail"]
                     note = mark(f"the gateway takes the primary out of rotation ({health}: "
-                                f"{watched.primary['detail']})")
+                                f"{detail if len(detail) <= 100 else detail[:99] + '…'})")
             if watched.reference_learned and not learned_noted:
                 learned_noted = True
                 note = mark(f"simple_scale's drift reference is learned ({DRIFT_LEARN_ROWS:,} rows)")
@@ -443,7 +448,17 @@ async def _run(admin: Admin, address: str, engine: str, seconds: float, concurre
                     waiting_noted = True
                     note = mark(f"simple_scale's drift reference ({DRIFT_LEARN_ROWS:,} rows) is still being "
                                 "learned: the shift waits for it")
+            if restart is not None and restart.done() and not up_noted:
+                up_noted = True
+                if restart.exception() is not None:
+                    returned = True  # nothing to wait for: the summary says why
+                    note = mark(f"primary Triton did not start again: {str(restart.exception())[:200]}")
+                else:
+                    note = mark(f"primary Triton up again (started in {pools['primary'].startup_seconds:.1f} s)")
             for alert in watched.alerts[alerts_seen:]:
+                if alert.level != "alert" and (alert.tensor, alert.feature) != (DRIFTED_TENSOR, DRIFTED_FEATURE):
+                    quiet[alert.level] += 1  # another feature's warning or its clearing: counted, not narrated
+                    continue
                 note = mark(f"drift {alert.level}: simple_scale {alert.tensor}[{alert.feature}] "
                             f"{alert.statistic} = {alert.value:.3f}")
                 if (fired is None and drift_started is not None and alert.time >= drift_started
@@ -451,12 +466,14 @@ async def _run(admin: Admin, address: str, engine: str, seconds: float, concurre
                     fired = alert  # the shift's alert (the gateway stamps alerts with its clock: this machine's)
             alerts_seen = max(alerts_seen, len(watched.alerts))
             if elapsed >= seconds:
-                if fired is not None or elapsed >= seconds + DRIFT_GRACE_S:
+                if (fired is not None and returned) or elapsed >= seconds + OVERTIME_S:
                     break
                 if not overtime_noted:
                     overtime_noted = True
-                    note = mark("no drift alert yet: the shifted traffic goes on until it fires "
-                                f"(at most {DRIFT_GRACE_S:.0f} s more)")
+                    waiting = [what for what, done in (("the drift alert fires", fired is not None),
+                                                       ("the primary is back", returned)) if not done]
+                    note = mark(f"planned time reached; traffic goes on until {' and '.join(waiting)} "
+                                f"(at most {OVERTIME_S:.0f} s more)")
             _progress(tally, seconds, elapsed, note)
             await asyncio.sleep(0.2)
         if watcher.done():
@@ -472,6 +489,9 @@ async def _run(admin: Admin, address: str, engine: str, seconds: float, concurre
         # The gateway's own account of the run, while it still serves: live state, alerts, metrics.
         snapshot = await admin.snapshot()
         alerts = await admin.alerts(DRIFT_MODEL)
+        if quiet:
+            timeline.append(f"{'':>24}  and {quiet['warning']} drift warning(s) on other features of simple_scale, "
+                            f"{quiet['ok']} cleared again (a 500-row window's noise; below the alert threshold)")
         print(_summary(engine, snapshot, tally, ran, pools, timeline, logs))
         print(await asyncio.to_thread(_from_metrics, metrics_port))
         # Every raised alert leaves its evidence in the capture folder; a worker writes it, so wait a little.
@@ -485,12 +505,15 @@ async def _run(admin: Admin, address: str, engine: str, seconds: float, concurre
             print(f"\ndrift alert fired: simple_scale {fired.tensor}[{fired.feature}] {fired.statistic} = "
                   f"{fired.value:.3f}, {fired.time - drift_started:.1f} s after the 1σ shift")
         else:
-            print(f"\ndrift alert did NOT fire within {DRIFT_GRACE_S:.0f} s after the planned end "
+            print(f"\ndrift alert did NOT fire within {OVERTIME_S:.0f} s after the planned end "
                   + ("(the shift never started: the reference was not learned)" if drift_started is None else
                      f"(the shift started at {shift_at:.1f} s)"))
         print(f"drift: {len(alerts)} alert events (admin ListAlerts); retraining evidence "
               f"(report.json + sample.npz) in {len(captures)} capture folder(s)"
               + (f", the first: {captures[0]}" if captures else ""))
+        if not returned:
+            print(f"the primary Triton was not back in rotation within {OVERTIME_S:.0f} s after the planned end "
+                  f"(its log: {pools['primary'].log_path})")
         if watched.failures:
             print("admin calls that failed and were asked again: "
                   + ", ".join(f"{what} × {count}" for what, count in watched.failures.most_common()))
