@@ -413,6 +413,7 @@ async def _run(admin: Admin, address: str, engine: str, seconds: float, concurre
     try:
         note = mark("routing to pool primary")
         restarted = up_noted = returned = learned_noted = waiting_noted = overtime_noted = False
+        served_at_return: int | None = None  # the primary's served count when it was healthy again
         quiet: collections.Counter = collections.Counter()  # levels of other features' warnings and clearings
         alerts_seen = 0
         health = "healthy"  # the gateway checked every backend before it served
@@ -430,12 +431,17 @@ async def _run(admin: Admin, address: str, engine: str, seconds: float, concurre
             if watched.primary is not None and watched.primary["health"] != health:
                 health = watched.primary["health"]
                 if health == "healthy":
-                    returned = restart is not None
+                    if restart is not None and served_at_return is None:
+                        served_at_return = watched.primary["served"]
                     note = mark("the gateway sees the primary healthy again; traffic returns to it")
                 else:
                     detail = watched.primary["detail"]
                     note = mark(f"the gateway takes the primary out of rotation ({health}: "
                                 f"{detail if len(detail) <= 100 else detail[:99] + '…'})")
+            if served_at_return is not None and not returned and watched.primary["served"] > served_at_return:
+                returned = True
+                note = mark(f"the primary serves again ({watched.primary['served'] - served_at_return} requests "
+                            "since its return, admin GetSnapshot)")
             if watched.reference_learned and not learned_noted:
                 learned_noted = True
                 note = mark(f"simple_scale's drift reference is learned ({DRIFT_LEARN_ROWS:,} rows)")
