@@ -228,8 +228,9 @@ class EnvoyGateway:
         await self.engine.wait()
 
 
-def serving_gateway(config: GatewayConfig, mapping: dict) -> "Gateway | EnvoyGateway":
-    """The gateway on the engine its config names (`server.engine`)."""
+def serving_gateway(config: GatewayConfig, mapping: dict, envoy_stderr=None) -> "Gateway | EnvoyGateway":
+    """The gateway on the engine its config names (`server.engine`); `envoy_stderr`: where the
+    Envoy process's standard error goes on the envoy engine (a file; None: this process's)."""
     if config.server.resolved_engine() == "envoy":
-        return EnvoyGateway(config, mapping)
+        return EnvoyGateway(config, mapping, stderr=envoy_stderr)
     return Gateway(config)

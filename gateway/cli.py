@@ -21,6 +21,7 @@ import signal
 import sys
 
 from gateway.errors import ConfigError
+from gateway.server.config import ENGINES
 
 EXIT_CONFIG = 2
 
@@ -100,7 +101,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _install_loop()
     # The demo narrates failover itself; the gateway's own warnings would interleave with it.
     logging.getLogger("gateway").setLevel(logging.ERROR)
-    return asyncio.run(run_demo(seconds=args.seconds, concurrency=args.concurrency, log_dir=args.log_dir))
+    try:
+        return asyncio.run(run_demo(seconds=args.seconds, concurrency=args.concurrency, log_dir=args.log_dir,
+                                    engine=args.engine))
+    except ConfigError as error:  # e.g. --engine envoy where pyvoy is not installed
+        print(f"tensorgate demo: {error}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="two local Tritons as two pools, the gateway in front, traffic through it")
     demo.add_argument("--seconds", type=float, default=15.0, help="how long to drive traffic")
     demo.add_argument("--concurrency", type=int, default=16)
-    demo.add_argument("--log-dir", default=None, help="where Triton logs are kept (default: a temp dir)")
+    demo.add_argument("--log-dir", default=None,
+                      help="where Triton's and Envoy's logs and the drift captures are kept (default: a temp dir)")
+    demo.add_argument("--engine", choices=ENGINES, default="auto",
+                      help="what serves the gateway (server.engine): envoy (Envoy's HTTP/2 through pyvoy, the "
+                           "gateway's stages inside the Envoy process), grpcio (grpc.aio in this process), or auto: "
+                           "envoy where pyvoy is installed (default)")
     demo.set_defaults(run=cmd_demo)
     return parser
 

@@ -87,12 +87,12 @@ def test_example_config_is_valid():
     assert config.batching.policy_for("simple_scale").mode == "adaptive"
 
 
-def test_demo_in_a_short_run_shows_the_drift_alert(tmp_path):
-    """`tensorgate demo` keeps README's promises even when the run drives little traffic (a short
-    run here, a slow busy machine for `make demo`): failover without failed requests, and the drift
-    alert on simple_scale's shifted feature, with its capture."""
+def _short_demo(tmp_path, *options: str) -> str:
+    """`tensorgate demo` for 6 s: README's promises hold even when the run drives little traffic (a
+    short run here, a slow busy machine for `make demo`): failover without failed requests, and the
+    drift alert on simple_scale's shifted feature, with its capture. Returns the output."""
     result = subprocess.run(
-        [*TENSORGATE, "demo", "--seconds", "6", "--log-dir", str(tmp_path)],
+        [*TENSORGATE, "demo", "--seconds", "6", "--log-dir", str(tmp_path), *options],
         capture_output=True, text=True, timeout=240,
     )
     output = result.stdout.replace("\r", "\n")
@@ -102,6 +102,32 @@ def test_demo_in_a_short_run_shows_the_drift_alert(tmp_path):
     assert "drift alert fired: simple_scale input/INPUT0[3] psi" in output
     assert "capture folder(s), the first" in output
     assert list((tmp_path / "captures" / "simple_scale").iterdir()), "no retraining capture written"
+    return output
+
+
+def test_demo_in_a_short_run_shows_the_drift_alert(tmp_path):
+    """The demo serves the gateway on the engine the default config resolves to (envoy where pyvoy
+    is installed) and sees it only through the admin API, the metrics endpoint and the capture folder."""
+    from gateway.server.config import ServerConfig
+
+    engine = ServerConfig().resolved_engine()
+    output = _short_demo(tmp_path)
+    assert f"\n  engine   {engine} (" in output
+    assert f"\nengine     {engine} (" in output  # the summary says it too
+    if engine == "envoy":
+        assert (tmp_path / "envoy.log").exists()
+
+
+def test_demo_on_the_grpcio_engine(tmp_path):
+    output = _short_demo(tmp_path, "--engine", "grpcio")
+    assert "\n  engine   grpcio (" in output
+    assert not (tmp_path / "envoy.log").exists()
+
+
+def test_demo_refuses_an_unknown_engine():
+    result = subprocess.run([*TENSORGATE, "demo", "--engine", "nginx"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "invalid choice: 'nginx'" in result.stderr
 
 
 def test_local_triton_serves_the_example_models_until_terminated(tmp_path):
