@@ -1,6 +1,6 @@
 """End-to-end benchmark: the gateway against direct Triton and a bare grpc.aio echo server, one run.
 
-    python benchmarks/bench_gateway.py [--quick] [--only issue2|batching|drift|telemetry] [--json OUT]
+    python benchmarks/bench_gateway.py [--quick] [--only overhead|batching|drift|telemetry] [--engine envoy|grpcio] [--json OUT]
                                        [--batching JSON] [--gateway-env NAME=VALUE ...]
 
 `--gateway-env` sets variables in the gateway processes alone, for gRPC settings that only the
@@ -12,14 +12,14 @@ one with the default batching config (adaptive; `--batching` replaces it) — an
 the load generator is a process of its own too. Then, in rounds that alternate the order of
 baseline and subject, measures with 1×16 FP32 requests:
 
-issue 2 (`--only issue2`), on `simple_scale`, through the pass-through gateway (batching OFF):
+overhead (`--only overhead`), on `simple_scale`, through the pass-through gateway (batching OFF):
   (a) the gateway process's CPU µs per request at 64 in flight, against the echo server's (the cost
       of a bare grpc.aio server on uvloop) at the same load; also, for information, the batching
       gateway's CPU µs per request at the same load;
   (b) requests/s through the gateway ÷ requests/s direct to Triton, 64 in flight;
   (c) the p50 and p99 latency the gateway adds at concurrency 1.
 
-issue 3 (`--only batching`), 64 in flight, through the batching gateway (adaptive, defaults):
+batching (`--only batching`), 64 in flight, through the batching gateway (adaptive, defaults):
   (d) backend-bound: rps via the gateway on `fixed_cost` ÷ rps direct to `fixed_cost` (Triton
       dynamic batching off), and ÷ rps direct to `fixed_cost_dynbatch` (Triton batching on);
       tiny CPU-bound: the same with `simple_scale` / `simple_scale_dynbatch`.
@@ -27,14 +27,14 @@ issue 3 (`--only batching`), 64 in flight, through the batching gateway (adaptiv
       Triton's own ModelStatistics over the run, read with tritonclient) and the gateway's CPU µs
       per request.
 
-issue 4 (`--only drift`), on `simple_scale`, 64 in flight: the batching gateway (default batching
+drift (`--only drift`), on `simple_scale`, 64 in flight: the batching gateway (default batching
   config) against a third gateway with the SAME config plus `drift: {models: {simple_scale: {}}}`
   (drift defaults: every input watched, 16 bins, window 5000 rows, reference learned from the first
   5000 rows). Both are first primed with DRIFT_PRIME_REQUESTS requests, so the drift gateway has
   learned its reference and is evaluating windows before anything is measured. Reports each
   gateway's CPU µs per request and the ratio on ÷ off (target ≤ 1.05), with req/s and batch sizes.
 
-issue 5 (`--only telemetry`), on `simple_scale`: the batching gateway (default batching config,
+telemetry (`--only telemetry`), on `simple_scale`: the batching gateway (default batching config,
   telemetry off) against a gateway with the SAME config plus metrics and traces, loaded SIDE BY SIDE
   (two load generators at once, so the machine's noise hits both alike), each paced at 400 req/s
   over 32 workers (TENSORGATE_BENCH_TELEMETRY_RATE, _CONCURRENCY; rate 0 = as fast as answered),
@@ -74,13 +74,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gateway.bench.cpu import descendants  # noqa: E402
 from gateway.bench.loadgen import LoadResult, run_load_in_subprocess  # noqa: E402
 from gateway.local.triton import LocalTriton, default_model_repository, find_free_port  # noqa: E402
 
 MODEL = "simple_scale"
 ROWS, COLS = 1, 16
 HIGH_CONCURRENCY = 64
-SECTIONS = ("issue2", "batching", "drift", "telemetry")
+SECTIONS = ("overhead", "batching", "drift", "telemetry")
 TELEMETRY_CONCURRENCY = int(os.environ.get("TENSORGATE_BENCH_TELEMETRY_CONCURRENCY", "32"))
 # Each gateway gets the same paced load, below what the machine saturates at: CPU per request is
 # then compared at equal throughput (closed-loop, a gateway a little slower would also serve fewer
@@ -108,14 +109,17 @@ BATCHING_CASES = {
 
 # Targets: name -> (comparison, value). None: no target set yet, the figure is reported only.
 TARGETS = {
-    "cpu_ratio": ("<=", 1.5),
+    # The hot-path issue's targets: the whole gateway cheaper than a bare grpc.aio server, no
+    # costlier than the Triton server process it fronts (its Python-backend stubs not counted).
+    "cpu_ratio": ("<=", 0.8),
+    "cpu_ratio_triton": ("<=", 1.0),
     "cpu_ratio_batching_on": None,
     "rps_ratio": None,
     "added_p50_ms": ("<=", 0.5),
-    "added_p99_ms": ("<=", 1.5),
+    "added_p99_ms": ("<=", 1.0),
     "fixed_vs_direct": (">=", 5.0),
     "fixed_vs_dynbatch": (">=", 0.9),
-    "scale_vs_direct": (">=", 1.5),
+    "scale_vs_direct": (">=", 1.0),
     "scale_vs_dynbatch": (">=", 1.0),
     "drift_cpu_ratio": ("<=", 1.05),
     "drift_rps_ratio": None,
@@ -273,7 +277,7 @@ class Run:
 def _plan(sections: list[str]) -> list[Run]:
     """Every run of one round, baseline next to subject, without duplicates."""
     runs: list[Run] = []
-    if "issue2" in sections:
+    if "overhead" in sections:
         runs += [
             Run("echo", MODEL, HIGH_CONCURRENCY),
             Run("gateway", MODEL, HIGH_CONCURRENCY),
@@ -367,6 +371,18 @@ def _print_run(index: int, run: Run, result: LoadResult, batch: float, pids: dic
         print(f"    errors: {'; '.join(result.error_samples)}", flush=True)
 
 
+def _serving_pid(proc: subprocess.Popen) -> int:
+    """The process that serves: `proc`, or its Envoy child when it runs the envoy engine."""
+    for pid in descendants(proc.pid):
+        try:
+            with open(f"/proc/{pid}/comm") as comm:
+                if comm.read().strip() == "envoy":
+                    return pid
+        except OSError:
+            continue
+    return proc.pid
+
+
 def _cpu_us(result: LoadResult, pids: list[int]) -> float:
     if not result.requests:
         return float("nan")
@@ -380,7 +396,7 @@ def _figures(sections: list[str], results: dict[str, LoadResult], batch: dict[st
         return results[label], label
 
     figures: dict[str, float] = {}
-    if "issue2" in sections:
+    if "overhead" in sections:
         (echo, _), (gw64, _), (direct64, _) = get("echo", MODEL), get("gateway", MODEL), get("direct", MODEL)
         (bgw64, bgw_label), (gw1, _), (direct1, _) = get("batchgw", MODEL), get("gateway", MODEL, 1), get("direct", MODEL, 1)
         echo_cpu = echo.cpu_us_per_request(pids["echo"])
@@ -388,6 +404,7 @@ def _figures(sections: list[str], results: dict[str, LoadResult], batch: dict[st
             "echo_cpu_us": echo_cpu,
             "gateway_cpu_us": gw64.cpu_us_per_request(pids["gateway"]),
             "cpu_ratio": gw64.cpu_us_per_request(pids["gateway"]) / echo_cpu,
+            "cpu_ratio_triton": gw64.cpu_us_per_request(pids["gateway"]) / direct64.cpu_us_per_request(pids["triton"]),
             "batchgw_cpu_us": bgw64.cpu_us_per_request(pids["batchgw"]),
             "cpu_ratio_batching_on": bgw64.cpu_us_per_request(pids["batchgw"]) / echo_cpu,
             "batchgw_rps": bgw64.rps,
@@ -511,10 +528,12 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
         return f"{format(s['median'], fmt)} [{format(s['min'], fmt)}–{format(s['max'], fmt)}]" if rounds > 1 else format(s["median"], fmt)
 
     lines = []
-    if "issue2" in sections:
+    if "overhead" in sections:
         rows = [
             ("(a) CPU µs/request, 64 in flight", f"echo {med('echo_cpu_us', '.0f')}", f"{med('gateway_cpu_us', '.0f')}",
              f"×{spread('cpu_ratio', '.2f')}", "cpu_ratio"),
+            ("    same ÷ Triton server (direct)", f"Triton {med('triton_cpu_us_direct', '.0f')}",
+             f"{med('gateway_cpu_us', '.0f')}", f"×{spread('cpu_ratio_triton', '.2f')}", "cpu_ratio_triton"),
             ("    same, batching ON (info)", f"echo {med('echo_cpu_us', '.0f')}", f"{med('batchgw_cpu_us', '.0f')}",
              f"×{spread('cpu_ratio_batching_on', '.2f')}", "cpu_ratio_batching_on"),
             ("(b) requests/s, 64 in flight", f"direct {med('direct_rps', ',.0f')}", f"{med('gateway_rps', ',.0f')}",
@@ -528,7 +547,7 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
         for title, base, subject, ratio, key in rows:
             target, verdict = _verdict(key, summary[key], rounds)
             body.append((title, base, subject, ratio, target, verdict, NAIVE_PROXY.get(key, "")))
-        lines.append(f"issue 2 — {MODEL}, gateway batching OFF (pass-through) unless noted")
+        lines.append(f"overhead — {MODEL}, gateway batching OFF (pass-through) unless noted")
         lines += _render(("measure", "baseline", "gateway", "ratio / added", "target", "", "naive proxy (measured)"), body)
         lines.append("")
         lines.append(
@@ -555,7 +574,7 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
                     f"×{spread(key, '.2f')}", target, verdict,
                     f"{med(f'{case}_gateway_cpu_us', '.0f')}",
                 ))  # fmt: skip
-        lines.append(f"issue 3 — gateway batching ON ({batching_label}), {ROWS}×{COLS} FP32, {HIGH_CONCURRENCY} in flight; "
+        lines.append(f"batching — gateway batching ON ({batching_label}), {ROWS}×{COLS} FP32, {HIGH_CONCURRENCY} in flight; "
                      "batch = Triton's mean executed batch size (ΔModelStatistics)")  # fmt: skip
         lines += _render(("measure", "baseline (direct Triton)", "via batching gateway", "rps ratio", "target", "",
                           "gateway CPU µs/req"), body)  # fmt: skip
@@ -586,7 +605,7 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
     if "drift" in sections:
         if lines:
             lines.append("")
-        lines.append(f"issue 4 — {MODEL}, {HIGH_CONCURRENCY} in flight, two gateways with the default batching config, "
+        lines.append(f"drift — {MODEL}, {HIGH_CONCURRENCY} in flight, two gateways with the default batching config, "
                      f"one adding drift: {json.dumps(DRIFT_CONFIG)} (drift defaults)")  # fmt: skip
         lines += on_off("drift", "e")
         lines.append("")
@@ -597,7 +616,7 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
     if "telemetry" in sections:
         if lines:
             lines.append("")
-        lines.append(f"issue 5 — {MODEL}, two gateways side by side with the default batching config, "
+        lines.append(f"telemetry — {MODEL}, two gateways side by side with the default batching config, "
                      f"each paced at {TELEMETRY_RATE or 'max'} req/s over {TELEMETRY_CONCURRENCY} workers, at the same time, "
                      f"one adding telemetry: {telemetry_label} (a Prometheus endpoint is scraped every {SCRAPE_S:g} s; "
                      f"runs of ≥ {TELEMETRY_SECONDS:g} s)")  # fmt: skip
@@ -634,7 +653,8 @@ def _machine() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s per measurement")
-    parser.add_argument("--only", choices=SECTIONS, help="run one section: issue2 (a–c), batching (d), drift (e) or telemetry (f); default all")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section: overhead (a–c), batching (d), drift (e) or telemetry (f); default all")
+    parser.add_argument("--engine", choices=("envoy", "grpcio"), help="the gateways' server.engine (default: theirs, auto)")
     parser.add_argument("--rounds", type=int, help="rounds, alternating order (default 3, --quick 1)")
     parser.add_argument("--seconds", type=float, help="measured seconds per run (default 4, --quick 2)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds before each window (default 1, --quick 0.5)")
@@ -685,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
             config = {"listen": f"127.0.0.1:{port}", "pools": {"cpu": {"backends": [triton.grpc_address]}}}
             if args.streams:
                 config["upstream"] = {"streams_per_backend": args.streams}
+            if args.engine:
+                config["server"] = {"engine": args.engine}
             if batching is not None:
                 config["batching"] = batching
             if drift is not None:
@@ -703,7 +725,9 @@ def main(argv: list[str] | None = None) -> int:
             procs["echo"] = _spawn([sys.executable, "-m", "gateway.bench.echo", "--port", str(echo_port)],
                                    workdir / "echo.log", "echo serving on")  # fmt: skip
             addresses["echo"] = f"127.0.0.1:{echo_port}"
-        pids = {"triton": triton.pid, **{role: proc.pid for role, proc in procs.items()}}
+        # A gateway on the envoy engine is a launcher (idle while it serves) and its Envoy child,
+        # which runs the gateway's Python: the child's CPU is the gateway's.
+        pids = {"triton": triton.pid, **{role: _serving_pid(proc) for role, proc in procs.items()}}
         triton_pids = _process_group(triton.pid)
         for role, model in sorted({(run.target, run.model) for run in plan}):
             _wait_serving(addresses[role], role, model)
