@@ -85,8 +85,9 @@ class Pipeline:
         if concrete is None:
             concrete = ModelEntry(model, signature.version, signature)
             self._entries[(model, signature.version)] = concrete
-        if version:
-            self._entries[(model, version)] = concrete
+        # The unversioned alias too (forget_unversioned drops it when the fleet changes): without
+        # it, every request that names no version went through routes() and the catalog again.
+        self._entries[(model, version)] = concrete
         return concrete
 
     def forget_unversioned(self) -> None:
