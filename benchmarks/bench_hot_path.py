@@ -25,10 +25,12 @@ Stages, each alone in a loop (median [min–max] of per-call CPU time over round
 measured on a batch of the mean size the batching run formed and reported per request:
 
   parse       upb FromString of the client's bytes
-  validate    validate_request against the signature
+  validate    the request checked against the signature (validate_request; where the checkout has
+              them, through the layouts already validated: pipeline/layout.py)
   resolve     the pipeline's model lookup (an entry already resolved)
   route       Router.choose (once per request direct, once per batch batching)
-  batch key   the key that says which queue a request joins
+  batch key   what says which queue a request joins (batch_key; where the checkout has them, a
+              lookup by the layout validation computed)
   queue       put into a BatchQueue, then the batch taken out of it
   merge       the batch's requests into one request
   split       the batch response into one response per request
@@ -290,14 +292,26 @@ def stage_calls(batch_rows: int, deadline_s: float | None) -> dict[str, tuple]:
     singles = merging.split(batch_response, rows, "stand-in:8001")
     policy = BatchingPolicy(mode="fixed", max_queue_delay_us=10**9)
     queue = BatchQueue(MODEL, policy, 2 * batch_rows, None, lambda: 1, BatchCounters())
-    deadline = None if deadline_s is None else time.monotonic() + deadline_s
     exchange = Exchange(entry, request, time.perf_counter_ns())
     stream_template = _stream_response(batch_rows)
-    resolve = getattr(pipeline, "resolve_now", None)
-    key = getattr(merging, "layout_key", None)
+    # What the hot path calls per request, in this checkout: a layout-cached validation and a
+    # queue found by the request's layout where the code has them, else the full functions.
+    layouts = getattr(entry, "layouts", None)
+    validate = (lambda: layouts.validate(request)) if layouts is not None else (lambda: validate_request(request, SIGNATURE))
+    known_entry = getattr(pipeline, "_known_entry", None)
+    resolve = (lambda: known_entry(request)) if known_entry is not None else (lambda: _complete(pipeline.resolve(MODEL, "")))
+    model_batching = gateway_.batching._batching_of(entry)
+    places = getattr(model_batching, "places", None)
+    if places is not None:
+        layout = layouts.validate(request)
+        gateway_.batching._place(model_batching, request, layout)
+        batch_key = lambda: places.get(layout)  # noqa: E731
+    else:
+        batch_key = lambda: merging.batch_key(request)  # noqa: E731
 
     def queue_round() -> None:
         put = queue.put
+        deadline = None if deadline_s is None else time.monotonic() + deadline_s
         for item in requests:
             put(item, 1, deadline, 0)
         queue._take(time.monotonic())
@@ -308,10 +322,10 @@ def stage_calls(batch_rows: int, deadline_s: float | None) -> dict[str, tuple]:
 
     return {
         "parse": (lambda: pb.ModelInferRequest.FromString(raw), 1),
-        "validate": (lambda: validate_request(request, SIGNATURE), 1),
-        "resolve": ((lambda: resolve(MODEL, "")) if resolve else (lambda: _complete(pipeline.resolve(MODEL, ""))), 1),
+        "validate": (validate, 1),
+        "resolve": (resolve, 1),
         "route": (lambda: router.choose(MODEL, VERSION), 1),
-        "batch key": ((lambda: key(request)) if key else (lambda: merging.batch_key(request)), 1),
+        "batch key": (batch_key, 1),
         "queue put/take": (queue_round, batch_rows),
         "merge": (lambda: merging.merge(requests, rows), batch_rows),
         "split": (lambda: merging.split(batch_response, rows, "stand-in:8001"), batch_rows),

@@ -1,7 +1,8 @@
 """The request path of one inference: resolve → validate → dispatch → observe.
 
     resolve    model name/version → ModelEntry (signature, statistics); NOT_FOUND when unknown
-    validate   gateway/pipeline/validation.py, before anything is forwarded
+    validate   gateway/pipeline/validation.py, before anything is forwarded; its structural checks
+               once per request layout (gateway/pipeline/layout.py)
     dispatch   a Dispatcher: routing's DirectDispatcher routes and sends; the batching stage wraps it
     observe    observers see every finished request's Exchange (statistics, drift, metrics, traces)
 
@@ -19,7 +20,6 @@ from typing import Callable
 from gateway.errors import GatewayError, InvalidArgument, Unimplemented
 from gateway.pipeline.contracts import Dispatcher, Observer, RefusalObserver, TraceStarter
 from gateway.pipeline.exchange import Exchange, ModelEntry
-from gateway.pipeline.validation import validate_request
 from gateway.protocol.tensors import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
 from gateway.upstream.catalog import ModelCatalog
 
@@ -95,15 +95,26 @@ class Pipeline:
         for key in [k for k in self._entries if not k[1]]:
             del self._entries[key]
 
-    async def _admit(self, request, started_ns: int) -> ModelEntry:
-        """Resolve the request's model and validate the request against it; a refusal is observed too."""
+    def _known_entry(self, request) -> ModelEntry | None:
+        """The request's model entry when it is already resolved (every request but the first few)."""
+        return self._entries.get((request.model_name, request.model_version))
+
+    async def _resolve_admitting(self, request, started_ns: int) -> ModelEntry:
+        """resolve() for a request whose model is not resolved yet; a refusal is observed too."""
         try:
-            entry = await self.resolve(request.model_name, request.model_version)
-            validate_request(request, entry.signature)
+            return await self.resolve(request.model_name, request.model_version)
         except GatewayError as error:
             self.refused(request.model_name, request.model_version, error, started_ns)
             raise
-        return entry
+
+    def _validate(self, entry: ModelEntry, request, started_ns: int) -> tuple | None:
+        """Validate the request against the entry's signature, once per request layout
+        (pipeline/layout.py); returns the layout. A refusal is observed too."""
+        try:
+            return entry.layouts.validate(request)
+        except GatewayError as error:
+            self.refused(request.model_name, request.model_version, error, started_ns)
+            raise
 
     def refused(self, model: str, version: str, error: GatewayError, started_ns: int) -> None:
         """Tell the refusal observers of a request refused before admission (also by the front door,
@@ -112,9 +123,11 @@ class Pipeline:
         for observe in self.refusal_observers:
             observe(model, version, error, elapsed)
 
-    def _exchange(self, entry: ModelEntry, request, metadata, started_ns: int) -> Exchange:
+    def _exchange(self, entry: ModelEntry, request, metadata, started_ns: int, layout: tuple | None) -> Exchange:
         trace = self.trace_starter(entry, request, metadata, started_ns) if self.trace_starter is not None else None
-        return Exchange(entry, request, started_ns, trace)
+        exchange = Exchange(entry, request, started_ns, trace)
+        exchange.layout = layout
+        return exchange
 
     def _observe(self, exchange: Exchange, response, error) -> None:
         exchange.elapsed_ns = time.perf_counter_ns() - exchange.started_ns
@@ -124,14 +137,16 @@ class Pipeline:
     async def infer(self, request, deadline: float | None, metadata=None):
         """One response for one request (ModelInfer). `metadata`: the call's gRPC metadata (trace context)."""
         started = time.perf_counter_ns()
-        entry = await self._admit(request, started)
+        # No coroutine layer for a model already resolved: resolving awaits only the first time.
+        entry = self._known_entry(request) or await self._resolve_admitting(request, started)
+        layout = self._validate(entry, request, started)
         if entry.signature.decoupled:
             # Triton answers UNIMPLEMENTED here too; the gateway says what to do instead.
             raise Unimplemented(
                 f"model '{entry.name}' is decoupled (it may send any number of responses); "
                 "use the streaming API (ModelStreamInfer) for it, not ModelInfer"
             )
-        response = await self._infer_one(self._exchange(entry, request, metadata, started), deadline)
+        response = await self._infer_one(self._exchange(entry, request, metadata, started, layout), deadline)
         # The backend call rode a stream; Triton puts `triton_final_response` on stream responses only.
         if FINAL_FLAG_RESPONSE in response.parameters:
             del response.parameters[FINAL_FLAG_RESPONSE]
@@ -153,8 +168,8 @@ class Pipeline:
     async def infer_stream(self, request, deadline: float | None, metadata=None):
         """Yield every response of one request (one for ordinary models, any number if decoupled)."""
         started = time.perf_counter_ns()
-        entry = await self._admit(request, started)
-        exchange = self._exchange(entry, request, metadata, started)
+        entry = self._known_entry(request) or await self._resolve_admitting(request, started)
+        exchange = self._exchange(entry, request, metadata, started, self._validate(entry, request, started))
         if not entry.signature.decoupled:
             yield await self._infer_one(exchange, deadline)
             return
