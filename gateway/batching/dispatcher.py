@@ -166,15 +166,22 @@ class BatchingDispatcher:
                 if not only.future.done():
                     only.future.set_result(response)
                 return
-            rows = [p.rows for p in batch]
-            members = [p.item for p in batch]
-            deadlines = [p.deadline for p in batch if p.deadline is not None]
-            merged = Exchange(entry, merge([m.request for m in members], rows), time.perf_counter_ns())
+            rows, members, requests = [], [], []
+            earliest = trace = None  # the batch's deadline: its members' earliest; its first member trace
+            for pending in batch:
+                member = pending.item
+                rows.append(pending.rows)
+                members.append(member)
+                requests.append(member.request)
+                if pending.deadline is not None and (earliest is None or pending.deadline < earliest):
+                    earliest = pending.deadline
+                if trace is None:
+                    trace = member.trace
+            merged = Exchange(entry, merge(requests, rows), time.perf_counter_ns(), trace)
             merged.members = members
             merged.batch_rows = sum(rows)
-            merged.trace = next((m.trace for m in members if m.trace is not None), None)
             try:
-                response = await self.direct.infer(merged, min(deadlines) if deadlines else None)
+                response = await self.direct.infer(merged, earliest)
             finally:
                 for member in members:
                     member.took_batch(merged)
