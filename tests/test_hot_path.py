@@ -269,8 +269,12 @@ def test_merge_equals_the_field_by_field_build(seed):
         assert merge(requests, rows) == merge_field_by_field(requests, rows)
 
 
+@pytest.mark.parametrize("copied_skeleton", [True, False], ids=["skeleton copied", "skeleton built"])
 @pytest.mark.parametrize("seed", range(6))
-def test_split_equals_the_field_by_field_build(seed):
+def test_split_equals_the_field_by_field_build(seed, copied_skeleton, monkeypatch):
+    import gateway.batching.merge
+
+    monkeypatch.setattr(gateway.batching.merge, "COPY_SKELETON_BELOW", 1 << 40 if copied_skeleton else 0)
     rng = random.Random(seed)
     for _ in range(60):
         rows = [rng.randint(1, 4) for _ in range(rng.randint(1, 8))]
