@@ -1,7 +1,7 @@
 """The gateway's own Python per request, in-process, without gRPC: the direct path, the batching path, each stage.
 
     python benchmarks/bench_hot_path.py [--quick] [--rounds R] [--requests N] [--loop uvloop|asyncio]
-                                        [--root DIR] [--json OUT]
+                                        [--no-deadline] [--stage-batch B] [--root DIR] [--json OUT]
 
 End to end: the real front-door handler (`InferenceService.model_infer`: raw bytes in, raw bytes
 out), Pipeline, BatchingDispatcher, DirectDispatcher and Router, over a stand-in backend whose
@@ -22,7 +22,8 @@ CPU time of the process (`time.process_time`) over N requests per round; rounds 
 configurations; median [min–max] over rounds.
 
 Stages, each alone in a loop (median [min–max] of per-call CPU time over rounds); batch stages are
-measured on a batch of the mean size the batching run formed and reported per request:
+measured on a batch of the mean size the batching run formed (`--stage-batch B`: of B requests)
+and reported per request:
 
   parse       upb FromString of the client's bytes
   validate    the request checked against the signature (validate_request; where the checkout has
@@ -31,7 +32,7 @@ measured on a batch of the mean size the batching run formed and reported per re
   route       Router.choose (once per request direct, once per batch batching)
   batch key   what says which queue a request joins (batch_key; where the checkout has them, a
               lookup by the layout validation computed)
-  queue       put into a BatchQueue, then the batch taken out of it
+  queue       put into a BatchQueue (fixed mode: no capacity check), then the batch taken out of it
   merge       the batch's requests into one request
   split       the batch response into one response per request
   serialize   one request's response to bytes (what the front door returns)
@@ -366,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20_000, help="requests per round and configuration")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--no-deadline", action="store_true", help="requests without a deadline")
+    parser.add_argument("--stage-batch", type=int, help="measure the batch stages on batches of this many "
+                        "requests (default: the mean batch of the batching run)")
     parser.add_argument("--root", help="import the gateway from this checkout instead (see the docstring)")
     parser.add_argument("--json", help="also write the samples (seconds per request) to this file")
     arguments = parser.parse_args(argv)
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         net = [value - driver for value in samples[name]] if name != "driver" else samples[name]
         rows.append([name, spread(samples[name]), spread(net) if name != "driver" else "—"])
     print(table(["path", "µs/request", "net of the driver"], rows))
-    batch_rows = max(1, round(run["mean_batch_rows"]))
+    batch_rows = arguments.stage_batch or max(1, round(run["mean_batch_rows"]))
     print(f"\nbatching: mean batch {run['mean_batch_rows']:.1f} rows; reasons {run['reasons']}\n", flush=True)
 
     loop = new_loop(arguments.loop)
