@@ -18,6 +18,7 @@ from __future__ import annotations
 from math import prod
 
 from gateway.pipeline.validation import _check_raw, validate_request
+from gateway.protocol import pb
 from gateway.protocol.tensors import ELEMENT_BYTES, ModelSignature
 
 #: Layouts remembered per model version; past this the memory starts over (clients that send an
@@ -35,13 +36,18 @@ def layout_of(request) -> tuple | None:
     another order (a map's entries) only make a layout of their own.
     """
     raw = request.raw_input_contents
-    if not raw:
-        return None
-    inputs = tuple([tensor.SerializeToString() for tensor in request.inputs])
+    return _layout(request, len(raw)) if raw else None
+
+
+_serialized_input = pb.ModelInferRequest.InferInputTensor.SerializeToString
+_serialized_output = pb.ModelInferRequest.InferRequestedOutputTensor.SerializeToString
+
+
+def _layout(request, buffers: int) -> tuple:
     outputs = request.outputs
     if outputs:
-        return len(raw), inputs, tuple([output.SerializeToString() for output in outputs])
-    return len(raw), inputs, ()
+        return buffers, tuple(map(_serialized_input, request.inputs)), tuple(map(_serialized_output, outputs))
+    return buffers, tuple(map(_serialized_input, request.inputs)), ()
 
 
 class ValidatedLayouts:
@@ -63,10 +69,11 @@ class ValidatedLayouts:
     def validate(self, request) -> tuple | None:
         """validate_request(request, signature), its structure checked once per layout; returns the
         request's layout (None when it has none). Raises what validate_request raises."""
-        layout = layout_of(request)
-        if layout is None:
+        raw = request.raw_input_contents
+        if not raw:
             validate_request(request, self.signature)
             return None
+        layout = _layout(request, len(raw))
         buffers = self._known.get(layout)
         if buffers is None:
             validate_request(request, self.signature)  # only a layout that passes is remembered
@@ -75,7 +82,7 @@ class ValidatedLayouts:
             self._known[layout] = _buffers(request)
             return layout
         model = self.signature.name
-        for data, (size, name, datatype, elements) in zip(request.raw_input_contents, buffers):
+        for data, (size, name, datatype, elements) in zip(raw, buffers):
             if size is None or len(data) != size:
                 _check_raw(model, name, datatype, data, elements)
         return layout
