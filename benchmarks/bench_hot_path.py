@@ -16,6 +16,8 @@ with a 30 s deadline as the load generator sets (`--no-deadline`: none). Configu
   batching      the default policy (adaptive); batches of ~32 rows form
   batching, 2-row batches   the same with the policy's max_batch_size 2: what each batch costs,
                 shared by 2 requests instead of ~32 (small batches, as a fast backend sees)
+  await floor   a handler that awaits a future resolved on the next loop turn, through one more
+                coroutine layer: what waiting for an answer costs a request before any gateway code
   driver        the load loop alone, over a handler that returns at once (subtracted: "net")
 
 CPU time of the process (`time.process_time`) over N requests per round; rounds alternate the
@@ -206,6 +208,17 @@ async def _noop_handler(raw: bytes, call: Call) -> bytes:
     return raw
 
 
+async def _awaiting_handler(raw: bytes, call: Call) -> bytes:
+    return await _awaiting_layer(raw)
+
+
+async def _awaiting_layer(raw: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    loop.call_soon(future.set_result, raw)
+    return await future
+
+
 # ---- end to end ---------------------------------------------------------------------------------
 
 
@@ -241,15 +254,17 @@ def new_loop(kind: str) -> asyncio.AbstractEventLoop:
 def end_to_end(rounds: int, requests: int, loop_kind: str, deadline_s: float | None) -> dict:
     payloads = [payload(seed) for seed in range(CONCURRENCY)]
     batching_gateway = Gateway(BatchingConfig())
-    setups = {
+    setups: dict = {
         "direct": Gateway(BatchingConfig(default=BatchingPolicy(enabled=False))).handler,
         "batching": batching_gateway.handler,
         "batching, 2-row batches": Gateway(BatchingConfig(default=BatchingPolicy(max_batch_size=2))).handler,
+        "await floor": _awaiting_handler,
         "driver": _noop_handler,
     }
+    gateways = [handler for name, handler in setups.items() if name not in ("await floor", "driver")]
     loops = {name: new_loop(loop_kind) for name in setups}
     for name, handler in setups.items():  # warm up; check every request got its own answer
-        loops[name].run_until_complete(drive(handler, payloads, 2_000, deadline_s, check=name != "driver"))
+        loops[name].run_until_complete(drive(handler, payloads, 2_000, deadline_s, check=handler in gateways))
     counters = batching_gateway.batching.batch_counters(MODEL, VERSION)
     batches_before, rows_before = counters.batches, counters.rows
     samples: dict[str, list[float]] = {name: [] for name in setups}
