@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_drift.py
 	$(PY) benchmarks/bench_telemetry.py
+	$(PY) benchmarks/bench_hot_path.py
 	$(PY) benchmarks/bench_gateway.py
 	$(PY) benchmarks/bench_upstream.py
 

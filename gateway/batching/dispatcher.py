@@ -18,11 +18,15 @@ from gateway.batching.counters import BatchCounters
 from gateway.errors import InvalidArgument
 from gateway.ext import bytes_typed_to_raw, typed_to_raw
 from gateway.pipeline.exchange import Exchange, ModelEntry
+from gateway.pipeline.layout import MAX_LAYOUTS
 from gateway.protocol.tensors import CONTENTS_FIELD
 from gateway.routing.dispatcher import DirectDispatcher
 from gateway.routing.router import Router
 
 log = logging.getLogger(__name__)
+
+
+_UNSEEN = object()
 
 
 class BatchedModel(NamedTuple):
@@ -43,6 +47,8 @@ class _ModelBatching:
         self.policy = policy
         self.max_rows = max_rows
         self.queues: dict[tuple, BatchQueue] = {}
+        self.places: dict[tuple, tuple[BatchQueue, int]] = {}
+        """Request layout (Exchange.layout) → (its queue, its rows), for requests without parameters."""
         self.counters = BatchCounters()
 
     def __repr__(self) -> str:
@@ -82,6 +88,7 @@ class BatchingDispatcher:
         self.config = config
         self.router = router
         self._models: dict[tuple[str, str], _ModelBatching | None] = {}
+        self._by_entry: dict[ModelEntry, _ModelBatching | None] = {}
 
     def __repr__(self) -> str:
         active = [m for m in self._models.values() if m is not None]
@@ -101,19 +108,43 @@ class BatchingDispatcher:
         self._models[key] = state
         return state
 
-    async def infer(self, exchange: Exchange, deadline: float | None):
-        batching = self._batching_of(exchange.entry)
+    def infer(self, exchange: Exchange, deadline: float | None):
+        """An awaitable of the exchange's response: its batch queue's future, or the direct
+        dispatcher's call for a model that does not batch. A plain function, not a coroutine: it
+        never waits itself, so it adds no coroutine layer; what it raises, it raises at the call."""
+        entry = exchange.entry
+        batching = self._by_entry.get(entry, _UNSEEN)
+        if batching is _UNSEEN:
+            batching = self._by_entry[entry] = self._batching_of(entry)
         if batching is None:
-            return await self.direct.infer(exchange, deadline)
+            return self.direct.infer(exchange, deadline)
         request = exchange.request
+        layout = exchange.layout
+        if layout is not None and not request.parameters:
+            # Raw contents, no parameters: the batch key and rows are functions of the layout.
+            place = batching.places.get(layout)
+            if place is None:
+                place = self._place(batching, request, layout)
+            queue, rows = place
+            return queue.put(exchange, rows, deadline, 0)
         to_raw(request)
-        key = batch_key(request)
+        queue = self._queue(batching, batch_key(request))
+        rows = request.inputs[0].shape[0] if request.inputs else 1
+        return queue.put(exchange, rows, deadline, _priority(request))
+
+    def _place(self, batching: _ModelBatching, request, layout: tuple) -> tuple[BatchQueue, int]:
+        place = (self._queue(batching, batch_key(request)), request.inputs[0].shape[0] if request.inputs else 1)
+        if len(batching.places) >= MAX_LAYOUTS:
+            batching.places.clear()
+        batching.places[layout] = place
+        return place
+
+    def _queue(self, batching: _ModelBatching, key: tuple) -> BatchQueue:
         queue = batching.queues.get(key)
         if queue is None:
             queue = self._new_queue(batching)
             batching.queues[key] = queue
-        rows = request.inputs[0].shape[0] if request.inputs else 1
-        return await queue.put(exchange, rows, deadline, _priority(request))
+        return queue
 
     def infer_decoupled(self, exchange: Exchange, deadline: float | None):
         return self.direct.infer_decoupled(exchange, deadline)
@@ -135,15 +166,22 @@ class BatchingDispatcher:
                 if not only.future.done():
                     only.future.set_result(response)
                 return
-            rows = [p.rows for p in batch]
-            members = [p.item for p in batch]
-            deadlines = [p.deadline for p in batch if p.deadline is not None]
-            merged = Exchange(entry, merge([m.request for m in members], rows), time.perf_counter_ns())
+            rows, members, requests = [], [], []
+            earliest = trace = None  # the batch's deadline: its members' earliest; its first member trace
+            for pending in batch:
+                member = pending.item
+                rows.append(pending.rows)
+                members.append(member)
+                requests.append(member.request)
+                if pending.deadline is not None and (earliest is None or pending.deadline < earliest):
+                    earliest = pending.deadline
+                if trace is None:
+                    trace = member.trace
+            merged = Exchange(entry, merge(requests, rows), time.perf_counter_ns(), trace)
             merged.members = members
             merged.batch_rows = sum(rows)
-            merged.trace = next((m.trace for m in members if m.trace is not None), None)
             try:
-                response = await self.direct.infer(merged, min(deadlines) if deadlines else None)
+                response = await self.direct.infer(merged, earliest)
             finally:
                 for member in members:
                     member.took_batch(merged)

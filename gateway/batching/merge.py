@@ -1,4 +1,4 @@
-"""Merging requests into one batch request, and splitting the batch response back, on the ext kernels.
+"""Merging requests into one batch request, and splitting the batch response back (ext's scatter).
 
 Only requests with the same *batch key* share a batch: the same inputs with the same datatypes and
 non-batch dimensions, the same requested outputs, and the same request parameters (other than the
@@ -14,7 +14,7 @@ from typing import Sequence
 import grpc
 
 from gateway.errors import BackendError
-from gateway.ext import gather, scatter, scatter_bytes
+from gateway.ext import scatter, scatter_bytes
 from gateway.protocol import pb
 from gateway.protocol.tensors import ELEMENT_BYTES
 
@@ -43,26 +43,36 @@ def merge(requests: Sequence, rows: Sequence[int]):
     """One ModelInferRequest holding `requests` stacked along the batch dimension.
 
     Every request carries raw contents: the dispatcher converts typed contents per request before
-    it queues them (so a bad value fails only its own request).
+    it queues them (so a bad value fails only its own request). The merged request is the first
+    request copied (model, version, inputs with their parameters, requested outputs, parameters
+    but the scheduling ones) without its id, typed contents and raw buffers; each input's rows
+    become the batch's and its raw buffer the requests' buffers joined (one copy).
     """
     first = requests[0]
-    merged = pb.ModelInferRequest(model_name=first.model_name, model_version=first.model_version)
     total_rows = sum(rows)
-    for name_order, tensor in enumerate(first.inputs):
-        name = tensor.name
-        parts = []
-        for request in requests:
-            # Inputs may come in any order; the batch key guarantees the same set.
-            index = name_order if request.inputs[name_order].name == name else _index_of(request, name)
-            parts.append(request.raw_input_contents[index])
-        merged_tensor = merged.inputs.add(name=name, datatype=tensor.datatype, shape=[total_rows, *tensor.shape[1:]])
-        for key, value in tensor.parameters.items():
-            merged_tensor.parameters[key].CopyFrom(value)
-        merged.raw_input_contents.append(bytes(gather(parts)))
-    merged.outputs.extend(first.outputs)
-    for key, value in first.parameters.items():
-        if key not in SCHEDULING_PARAMETERS:
-            merged.parameters[key].CopyFrom(value)
+    merged = pb.ModelInferRequest()
+    merged.CopyFrom(first)
+    merged.ClearField("id")
+    merged.ClearField("raw_input_contents")
+    parameters = merged.parameters
+    if parameters:
+        for key in SCHEDULING_PARAMETERS:
+            if key in parameters:
+                del parameters[key]
+    single_input = len(merged.inputs) == 1
+    for name_order, tensor in enumerate(merged.inputs):
+        tensor.ClearField("contents")
+        tensor.shape[0] = total_rows
+        if single_input:  # the batch key guarantees every request has just this input
+            parts = [request.raw_input_contents[0] for request in requests]
+        else:
+            name = tensor.name
+            parts = []
+            for request in requests:
+                # Inputs may come in any order; the batch key guarantees the same set.
+                index = name_order if request.inputs[name_order].name == name else _index_of(request, name)
+                parts.append(request.raw_input_contents[index])
+        merged.raw_input_contents.append(b"".join(parts))
     return merged
 
 
@@ -76,8 +86,11 @@ def _index_of(request, name: str) -> int:
 def split(response, rows: Sequence[int], backend: str = "") -> list:
     """Split a batch response into one ModelInferResponse per request, by row counts.
 
-    Output slices are zero-copy views of the batch response's bytes until they are placed in the
-    per-request messages (protobuf takes bytes, so that is the one copy). A response whose outputs do not have the batch's rows is a backend error.
+    Output slices are zero-copy views of the batch response's bytes until each request's response
+    is parsed from its head (model, version, parameters, outputs with its rows: serialized once per
+    row count) followed by its slices as raw_output_contents fields — one join (the one copy) and
+    one upb parse per request, instead of building each response field by field. A response whose
+    outputs do not have the batch's rows is a backend error.
     """
     total_rows = sum(rows)
     raw_outputs = response.raw_output_contents
@@ -89,7 +102,9 @@ def split(response, rows: Sequence[int], backend: str = "") -> list:
             backend,
         )
     parts: list[list] = []
+    raw_bytes = 0
     for tensor, raw in zip(response.outputs, raw_outputs):
+        raw_bytes += len(raw)
         shape = list(tensor.shape)
         if not shape or shape[0] != total_rows:
             raise BackendError(
@@ -110,16 +125,77 @@ def split(response, rows: Sequence[int], backend: str = "") -> list:
                 f"model '{response.model_name}': output '{tensor.name}' cannot be split by rows: {error}",
                 backend,
             ) from None
+    # Each request's response is parsed from its head (built once per row count) followed by its
+    # raw outputs as appended raw_output_contents fields: one join and one upb parse per request.
+    skeleton = _response_skeleton(response, raw_bytes)
+    heads: dict[int, bytes] = {}
+    parse = pb.ModelInferResponse.FromString
     responses = []
+    if len(parts) == 1:
+        for count, piece in zip(rows, parts[0]):
+            head = heads.get(count)
+            if head is None:
+                head = heads[count] = _response_head(skeleton, count)
+            responses.append(parse(b"".join((head, _raw_output_field(len(piece)), piece))))
+        return responses
     for index, count in enumerate(rows):
-        single = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version)
-        for key, value in response.parameters.items():
-            single.parameters[key].CopyFrom(value)
-        for tensor, pieces in zip(response.outputs, parts):
-            out = single.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=[count, *tensor.shape[1:]])
-            for key, value in tensor.parameters.items():
-                out.parameters[key].CopyFrom(value)
-            # upb copies bytes into the message; the slice itself was free.
-            single.raw_output_contents.append(bytes(pieces[index]))
-        responses.append(single)
+        head = heads.get(count)
+        if head is None:
+            head = heads[count] = _response_head(skeleton, count)
+        wire = [head]
+        for pieces in parts:
+            piece = pieces[index]
+            wire += (_raw_output_field(len(piece)), piece)
+        responses.append(parse(b"".join(wire)))
     return responses
+
+
+#: Below this many bytes of raw outputs, a batch response's skeleton is copied whole and its raw
+#: outputs cleared (one upb copy: cheaper than building it field by field); above, it is built.
+COPY_SKELETON_BELOW = 64 * 1024
+
+
+def _response_skeleton(response, raw_bytes: int):
+    """The batch response without its id, raw outputs and typed contents: model, version,
+    parameters, outputs (names, datatypes, shapes, parameters)."""
+    if raw_bytes < COPY_SKELETON_BELOW:
+        skeleton = pb.ModelInferResponse()
+        skeleton.CopyFrom(response)
+        skeleton.ClearField("id")
+        skeleton.ClearField("raw_output_contents")
+    else:
+        skeleton = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version)
+        parameters = response.parameters
+        for key in parameters:
+            skeleton.parameters[key].CopyFrom(parameters[key])
+        skeleton.outputs.extend(response.outputs)
+    for tensor in skeleton.outputs:
+        tensor.ClearField("contents")
+    return skeleton
+
+
+def _response_head(skeleton, count: int) -> bytes:
+    """One request's response without its raw outputs, serialized: the skeleton with `count` rows."""
+    for tensor in skeleton.outputs:
+        tensor.shape[0] = count
+    return skeleton.SerializeToString()
+
+
+_RAW_OUTPUT_TAG = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number << 3 | 2  # length-delimited
+_raw_output_fields: dict[int, bytes] = {}
+
+
+def _raw_output_field(length: int) -> bytes:
+    """The tag and length (varint) that put the next `length` bytes into raw_output_contents."""
+    field = _raw_output_fields.get(length)
+    if field is None:
+        encoded = [_RAW_OUTPUT_TAG]
+        remaining = length
+        while remaining >= 0x80:
+            encoded.append(remaining & 0x7F | 0x80)
+            remaining >>= 7
+        encoded.append(remaining)
+        field = bytes(encoded)
+        if len(_raw_output_fields) < 4096:  # BYTES outputs have lengths of every kind
+            _raw_output_fields[length] = field
+    return field

@@ -39,9 +39,10 @@ LATENCY_EWMA_ALPHA = 0.2
 
 class Queued:
     """A request waiting in a batch queue. `item` is what the caller queued (the batching dispatcher
-    queues the request's Exchange). `waited_s` is set when its batch leaves: time in the queue."""
+    queues the request's Exchange). `waited_s` is set when its batch leaves: time in the queue.
+    `own_send_by`: the latest moment the tenth-of-its-time margin lets it leave (BatchQueue._send_by)."""
 
-    __slots__ = ("item", "rows", "future", "deadline", "enqueued", "waited_s")
+    __slots__ = ("item", "rows", "future", "deadline", "enqueued", "waited_s", "own_send_by")
 
     def __init__(self, item, rows: int, future: asyncio.Future, deadline: float | None, enqueued: float) -> None:
         self.item = item
@@ -50,6 +51,7 @@ class Queued:
         self.deadline = deadline
         self.enqueued = enqueued
         self.waited_s = 0.0
+        self.own_send_by = None if deadline is None else deadline - 0.1 * (deadline - enqueued)
 
 
 SendBatch = Callable[[list[Queued]], Awaitable[None]]
@@ -59,6 +61,12 @@ class BatchQueue:
     """Requests of one batch key, by priority level; sends batches through `send`.
 
     `capacity()` says how many batches of this model may be in flight (adaptive mode).
+
+    Waiting requests' deadlines are tracked as requests come and go, never scanned: per level, two
+    monotonic deques (a sliding-window minimum) hold the requests with a deadline in arrival order,
+    increasing by `deadline` and by `own_send_by`, so their heads are the level's minima. A request
+    leaves its level only from the head (FIFO), so when it leaves it is at the head of a deque or
+    in none of them.
     """
 
     def __init__(
@@ -82,6 +90,9 @@ class BatchQueue:
         self._clock = clock
         self.counters = counters
         self._levels: list[collections.deque[Queued]] = [collections.deque() for _ in range(policy.priority_levels)]
+        self._by_deadline: list[collections.deque[Queued]] = [collections.deque() for _ in self._levels]
+        self._by_own_send_by: list[collections.deque[Queued]] = [collections.deque() for _ in self._levels]
+        self._level_of = [self._level(priority) for priority in range(policy.priority_levels + 1)]
         self.size = 0  # requests waiting
         self.rows = 0  # rows waiting
         self.inflight = 0  # batches sent, not yet answered
@@ -90,6 +101,7 @@ class BatchQueue:
         self._timer_at = 0.0  # when the armed timer fires (monotonic)
         self._with_deadline = 0  # waiting requests that carry a deadline
         self._end_of_turn_pending = False
+        self._idle_wake = 0.0  # set by _due when nothing is due: when something will be
         self._tasks: set[asyncio.Task] = set()
 
     def __repr__(self) -> str:
@@ -116,12 +128,21 @@ class BatchQueue:
                 f"met: its backend answers in ~{self.backend_latency_s * 1e3:.2f} ms; the request was not sent"
             )
         future = asyncio.get_running_loop().create_future()
-        level = self._level(priority)
-        self._levels[level].append(Queued(item, rows, future, deadline, now))
+        level = self._level_of[priority] if 0 <= priority < len(self._level_of) else self._level(priority)
+        pending = Queued(item, rows, future, deadline, now)
+        self._levels[level].append(pending)
         self.size += 1
         self.rows += rows
         if deadline is not None:
             self._with_deadline += 1
+            by_deadline = self._by_deadline[level]
+            while by_deadline and by_deadline[-1].deadline >= deadline:
+                by_deadline.pop()
+            by_deadline.append(pending)
+            by_own, own_send_by = self._by_own_send_by[level], pending.own_send_by
+            while by_own and by_own[-1].own_send_by >= own_send_by:
+                by_own.pop()
+            by_own.append(pending)
         self._schedule(now)
         return future
 
@@ -139,9 +160,11 @@ class BatchQueue:
         once: every request the loop admits in the same turn (under load, grpc hands over many
         calls per turn) joins it, at the cost of no added wait.
         """
+        wake = None
         while self.size:
             reason = self._due(now)
             if reason is None:
+                wake = self._idle_wake  # what _due found, not computed twice
                 break
             if reason == CAPACITY and not end_of_turn:
                 if not self._end_of_turn_pending:
@@ -149,28 +172,34 @@ class BatchQueue:
                     asyncio.get_running_loop().call_soon(self._end_of_turn)
                 break
             self._dispatch(reason, now)
-        self._arm_timer(now)
+        self._arm_timer(now, wake)
 
     def _end_of_turn(self) -> None:
         self._end_of_turn_pending = False
         self._schedule(self._clock(), end_of_turn=True)
 
     def _due(self, now: float) -> str | None:
+        """Why a batch must leave now, or None; with None, `_idle_wake` is when one will have to."""
         if self.rows >= self.max_rows:
             return FULL
         if self.rows in self.preferred:
             return PREFERRED
         if self.adaptive and self.inflight < self._capacity():
             return CAPACITY
-        if now - self._oldest() >= self._delay_cap():
+        oldest, delay_cap = self._oldest(), self._delay_cap()
+        if now - oldest >= delay_cap:
             return DELAY
         send_by = self._send_by()
         if send_by is not None and now >= send_by:
             return DEADLINE
+        self._idle_wake = oldest + delay_cap if send_by is None else min(oldest + delay_cap, send_by)
         return None
 
     def _oldest(self) -> float:
-        return min(level[0].enqueued for level in self._levels if level)
+        levels = self._levels
+        if len(levels) == 1:
+            return levels[0][0].enqueued
+        return min(level[0].enqueued for level in levels if level)
 
     def _delay_cap(self) -> float:
         """Longest a request waits for batch-mates.
@@ -189,33 +218,35 @@ class BatchQueue:
         A request must leave while its deadline still leaves the backend time to answer: twice
         the observed backend latency, a tenth of the time the request had when it arrived (the
         estimate may lag a busy backend), and never less than MIN_DEADLINE_MARGIN_S.
+
+        min over requests of (deadline - max(latency margin, tenth)) is min(earliest deadline -
+        latency margin, earliest own_send_by): the two deques' heads, the same floats exactly.
         """
         if not self._with_deadline:
             return None
         latency_margin = max(2 * self.backend_latency_s, MIN_DEADLINE_MARGIN_S)
         send_by = None
-        for level in self._levels:
-            for pending in level:
-                if pending.deadline is None:
-                    continue
-                margin = max(latency_margin, 0.1 * (pending.deadline - pending.enqueued))
-                candidate = pending.deadline - margin
+        for by_deadline, by_own in zip(self._by_deadline, self._by_own_send_by):
+            if by_deadline:
+                candidate = min(by_deadline[0].deadline - latency_margin, by_own[0].own_send_by)
                 if send_by is None or candidate < send_by:
                     send_by = candidate
         return send_by
 
-    def _arm_timer(self, now: float) -> None:
-        """Make sure a timer fires by the next moment a batch may become due.
+    def _arm_timer(self, now: float, wake: float | None = None) -> None:
+        """Make sure a timer fires by the next moment a batch may become due (`wake`, when the
+        caller knows it).
 
         An armed timer that fires no later than needed is kept (re-arming on every request would
         cost a timer handle per request); one that fires early finds nothing due and re-arms.
         """
         if not self.size:
             return
-        wake = self._oldest() + self._delay_cap()
-        send_by = self._send_by()
-        if send_by is not None:
-            wake = min(wake, send_by)
+        if wake is None:
+            wake = self._oldest() + self._delay_cap()
+            send_by = self._send_by()
+            if send_by is not None:
+                wake = min(wake, send_by)
         if self._timer is not None:
             if self._timer_at <= wake:
                 return
@@ -233,31 +264,44 @@ class BatchQueue:
         """Up to max_rows rows of live requests, highest priority first, FIFO within a level."""
         batch: list[Queued] = []
         rows = 0
-        for level in self._levels:
+        max_rows = self.max_rows
+        for index, level in enumerate(self._levels):
             while level:
                 head = level[0]
                 if head.future.done():  # its caller went away
-                    self._pop(level)
+                    self._pop(index)
                     continue
-                if head.deadline is not None and head.deadline <= now:
-                    self._pop(level)
+                deadline = head.deadline
+                if deadline is not None and deadline <= now:
+                    self._pop(index)
                     self.counters.expired += 1
                     head.future.set_exception(
                         DeadlineExceeded(f"model '{self.model}': deadline passed while waiting for a batch; not sent")
                     )
                     continue
-                if rows + head.rows > self.max_rows:
+                if rows + head.rows > max_rows:
                     return batch
-                batch.append(self._pop(level))
+                if deadline is None:  # _pop, inline: the common case, once per request
+                    level.popleft()
+                    self.size -= 1
+                    self.rows -= head.rows
+                else:
+                    self._pop(index)
+                batch.append(head)
                 rows += head.rows
         return batch
 
-    def _pop(self, level: collections.deque) -> Queued:
-        pending = level.popleft()
+    def _pop(self, index: int) -> Queued:
+        pending = self._levels[index].popleft()
         self.size -= 1
         self.rows -= pending.rows
         if pending.deadline is not None:
             self._with_deadline -= 1
+            by_deadline, by_own = self._by_deadline[index], self._by_own_send_by[index]
+            if by_deadline and by_deadline[0] is pending:
+                by_deadline.popleft()
+            if by_own and by_own[0] is pending:
+                by_own.popleft()
         return pending
 
     def _dispatch(self, reason: str, now: float) -> None:
@@ -268,7 +312,7 @@ class BatchQueue:
         for pending in batch:
             pending.waited_s = now - pending.enqueued
         self.counters.record_batch(reason, sum(p.rows for p in batch), [p.waited_s for p in batch])
-        task = asyncio.ensure_future(self._run(batch))
+        task = asyncio.get_running_loop().create_task(self._run(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

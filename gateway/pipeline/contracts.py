@@ -8,7 +8,7 @@ grpc.aio's `_base_server.py`.
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Awaitable, Protocol
 
 from gateway.errors import GatewayError
 from gateway.pipeline.exchange import Exchange, ModelEntry
@@ -25,8 +25,10 @@ class Dispatcher(Protocol):
     `deadline` is an absolute `time.monotonic()` instant, or None for no deadline.
     """
 
-    async def infer(self, exchange: Exchange, deadline: float | None):
-        """The one response (an inference.ModelInferResponse) to `exchange.request`."""
+    def infer(self, exchange: Exchange, deadline: float | None) -> Awaitable:
+        """An awaitable of the one response (an inference.ModelInferResponse) to `exchange.request`:
+        a coroutine (`async def infer`), or a future where the dispatcher has no waiting of its own
+        to do. The pipeline awaits it at once, so raising at the call is the same as at the await."""
 
     def infer_decoupled(self, exchange: Exchange, deadline: float | None) -> AsyncIterator:
         """Every response to `exchange.request`, the empty final one included (see FINAL_FLAG_RESPONSE)."""

@@ -1,7 +1,8 @@
 """The request path of one inference: resolve → validate → dispatch → observe.
 
     resolve    model name/version → ModelEntry (signature, statistics); NOT_FOUND when unknown
-    validate   gateway/pipeline/validation.py, before anything is forwarded
+    validate   gateway/pipeline/validation.py, before anything is forwarded; its structural checks
+               once per request layout (gateway/pipeline/layout.py)
     dispatch   a Dispatcher: routing's DirectDispatcher routes and sends; the batching stage wraps it
     observe    observers see every finished request's Exchange (statistics, drift, metrics, traces)
 
@@ -19,7 +20,6 @@ from typing import Callable
 from gateway.errors import GatewayError, NotFound, Unimplemented
 from gateway.pipeline.contracts import Dispatcher, Observer, RefusalObserver, TraceStarter
 from gateway.pipeline.exchange import Exchange, ModelEntry
-from gateway.pipeline.validation import validate_request
 from gateway.protocol import triton_messages as triton
 from gateway.protocol.tensors import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
 from gateway.upstream.catalog import ModelCatalog
@@ -86,8 +86,9 @@ class Pipeline:
         if concrete is None:
             concrete = ModelEntry(model, signature.version, signature)
             self._entries[(model, signature.version)] = concrete
-        if version:
-            self._entries[(model, version)] = concrete
+        # The unversioned alias too (forget_unversioned drops it when the fleet changes): without
+        # it, every request that names no version went through routes() and the catalog again.
+        self._entries[(model, version)] = concrete
         return concrete
 
     def forget_unversioned(self) -> None:
@@ -95,25 +96,36 @@ class Pipeline:
         for key in [k for k in self._entries if not k[1]]:
             del self._entries[key]
 
-    async def _admit(self, request, started_ns: int, unary: bool = False) -> ModelEntry:
-        """Resolve the request's model and validate the request against it; a refusal is observed too.
-        `unary`: the request came by ModelInfer, which a decoupled model refuses before any check."""
+    def _known_entry(self, request) -> ModelEntry | None:
+        """The request's model entry when it is already resolved (every request but the first few)."""
+        return self._entries.get((request.model_name, request.model_version))
+
+    async def _resolve_admitting(self, request, started_ns: int) -> ModelEntry:
+        """resolve() for a request whose model is not resolved yet; a refusal is observed too."""
         try:
-            entry = await self.resolve(request.model_name, request.model_version)
-            if request.model_version and request.model_version != entry.version:
-                # Triton reads " 1" and "01" as version 1; every transport upstream gets the version as it is.
-                request.model_version = entry.version
+            return await self.resolve(request.model_name, request.model_version)
+        except GatewayError as error:
+            self.refused(request.model_name, request.model_version, error, started_ns)
+            raise
+
+    def _admit(self, entry: ModelEntry, request, started_ns: int, unary: bool = False) -> tuple | None:
+        """Check the request against its model: ModelInfer on a decoupled model is refused before
+        anything else (as Triton does; `unary`), then the request is validated, once per request
+        layout (pipeline/layout.py). Returns the layout; a refusal is observed too."""
+        if request.model_version and request.model_version != entry.version:
+            # Triton reads " 1" and "01" as version 1; every transport upstream gets the version as it is.
+            request.model_version = entry.version
+        try:
             if unary and entry.signature.decoupled:
                 # Triton's refusal, then what to do instead.
                 raise Unimplemented(
                     f"{triton.DECOUPLED_UNARY.format()}: model '{entry.name}' is decoupled (it may send any "
                     "number of responses); use the streaming API (ModelStreamInfer) for it"
                 )
-            validate_request(request, entry.signature)
+            return entry.layouts.validate(request)
         except GatewayError as error:
             self.refused(request.model_name, request.model_version, error, started_ns)
             raise
-        return entry
 
     def refused(self, model: str, version: str, error: GatewayError, started_ns: int) -> None:
         """Tell the refusal observers of a request refused before admission (also by the front door,
@@ -122,9 +134,11 @@ class Pipeline:
         for observe in self.refusal_observers:
             observe(model, version, error, elapsed)
 
-    def _exchange(self, entry: ModelEntry, request, metadata, started_ns: int) -> Exchange:
+    def _exchange(self, entry: ModelEntry, request, metadata, started_ns: int, layout: tuple | None) -> Exchange:
         trace = self.trace_starter(entry, request, metadata, started_ns) if self.trace_starter is not None else None
-        return Exchange(entry, request, started_ns, trace)
+        exchange = Exchange(entry, request, started_ns, trace)
+        exchange.layout = layout
+        return exchange
 
     def _observe(self, exchange: Exchange, response, error) -> None:
         exchange.elapsed_ns = time.perf_counter_ns() - exchange.started_ns
@@ -134,8 +148,10 @@ class Pipeline:
     async def infer(self, request, deadline: float | None, metadata=None):
         """One response for one request (ModelInfer). `metadata`: the call's gRPC metadata (trace context)."""
         started = time.perf_counter_ns()
-        entry = await self._admit(request, started, unary=True)
-        response = await self._infer_one(self._exchange(entry, request, metadata, started), deadline)
+        # No coroutine layer for a model already resolved: resolving awaits only the first time.
+        entry = self._known_entry(request) or await self._resolve_admitting(request, started)
+        layout = self._admit(entry, request, started, unary=True)
+        response = await self._infer_one(self._exchange(entry, request, metadata, started, layout), deadline)
         # The backend call rode a stream; Triton puts `triton_final_response` on stream responses only.
         if FINAL_FLAG_RESPONSE in response.parameters:
             del response.parameters[FINAL_FLAG_RESPONSE]
@@ -157,8 +173,8 @@ class Pipeline:
     async def infer_stream(self, request, deadline: float | None, metadata=None):
         """Yield every response of one request (one for ordinary models, any number if decoupled)."""
         started = time.perf_counter_ns()
-        entry = await self._admit(request, started)
-        exchange = self._exchange(entry, request, metadata, started)
+        entry = self._known_entry(request) or await self._resolve_admitting(request, started)
+        exchange = self._exchange(entry, request, metadata, started, self._admit(entry, request, started))
         if not entry.signature.decoupled:
             yield await self._infer_one(exchange, deadline)
             return

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.pipeline.counters import RequestCounters
+from gateway.pipeline.layout import ValidatedLayouts
 from gateway.protocol.tensors import ModelSignature
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +30,11 @@ class ModelEntry:
     version: str
     signature: ModelSignature
     counters: RequestCounters = field(default_factory=RequestCounters)
+    layouts: ValidatedLayouts = field(init=False, repr=False)
+    """The request layouts that passed validation against `signature` (pipeline/layout.py)."""
+
+    def __post_init__(self) -> None:
+        self.layouts = ValidatedLayouts(self.signature)
 
 
 class Exchange:
@@ -40,7 +46,7 @@ class Exchange:
 
     __slots__ = (
         "entry", "request", "started_ns", "elapsed_ns", "backend", "route", "queued_ns",
-        "upstream_started_ns", "upstream_ns", "batch_rows", "trace", "members",
+        "upstream_started_ns", "upstream_ns", "batch_rows", "trace", "members", "layout",
     )
 
     def __init__(self, entry: ModelEntry, request, started_ns: int, trace: object | None = None) -> None:
@@ -56,6 +62,7 @@ class Exchange:
         self.batch_rows = 0  # rows of the batch this request rode in (0 when sent alone)
         self.trace = trace  # the trace starter's handle (telemetry's RequestTrace), set only for sampled requests
         self.members: list[Exchange] = []
+        self.layout: tuple | None = None  # the request's layout once validated (pipeline/layout.py), if it has one
 
     def __repr__(self) -> str:
         backend = self.backend.address if self.backend is not None else None

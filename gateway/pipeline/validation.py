@@ -42,7 +42,7 @@ def validate_request(request, signature: ModelSignature) -> None:
     """
     model = signature.name
     if len(request.parameters):
-        _check_parameters(request.parameters)
+        check_parameters(request.parameters)
     inputs = list(request.inputs)  # iterating a protobuf repeated field costs more than a list
     raw = request.raw_input_contents
     outputs = list(request.outputs) if len(request.outputs) else ()
@@ -73,7 +73,7 @@ PARAMETER_KINDS = {
 CLIENT_TRITON_PARAMETERS = ("triton_enable_empty_final_response",)
 
 
-def _check_parameters(parameters) -> None:
+def check_parameters(parameters) -> None:
     """Triton's gRPC front end refuses reserved keys and its own parameters of the wrong kind; the
     gateway refuses them first, so every upstream transport sees only requests Triton accepts."""
     for key in parameters:

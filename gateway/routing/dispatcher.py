@@ -7,7 +7,7 @@ stage wraps it and hands it whole batches as single requests.
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable
 
 from gateway.errors import Unavailable
 from gateway.pipeline.contracts import TracedSend
@@ -89,11 +89,12 @@ class DirectDispatcher:
             remaining_us = int((deadline - self._clock()) * 1e6)
             request.parameters["timeout"].int64_param = max(remaining_us, 1)
 
-    async def _send(self, backend: Backend, exchange: Exchange, deadline: float | None):
+    def _send(self, backend: Backend, exchange: Exchange, deadline: float | None) -> Awaitable:
+        """The backend call's awaitable (a plain function: no coroutine layer of its own)."""
         exchange.backend = backend
         if exchange.trace is not None and self.traced_send is not None:
-            return await self.traced_send(backend, exchange, deadline)
-        return await backend.infer(exchange.request)
+            return self.traced_send(backend, exchange, deadline)
+        return backend.infer(exchange.request)
 
     async def infer(self, exchange: Exchange, deadline: float | None):
         entry, request = exchange.entry, exchange.request

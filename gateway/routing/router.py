@@ -26,7 +26,8 @@ class Router:
         self._default_pools = tuple(fleet.pools)
         self._random = rng or random.Random()
         self._tables: dict[tuple[str, str], list[list[Backend]]] = {}
-        fleet.on_change(self._tables.clear)
+        self._healthy_counts: dict[tuple[str, str], int] = {}
+        fleet.on_change(self._fleet_changed)
         self.decisions: dict[tuple[str, str], int] = {}  # (pool, reason) -> backends picked
 
     def __repr__(self) -> str:
@@ -47,6 +48,10 @@ class Router:
         route = self._routes.get(model) if self._routes is not None else None
         return route.sequence_idle_timeout_s if route is not None else None
 
+    def _fleet_changed(self) -> None:
+        self._tables.clear()
+        self._healthy_counts.clear()
+
     def _table(self, model: str, version: str) -> list[list[Backend]]:
         key = (model, version)
         table = self._tables.get(key)
@@ -59,8 +64,13 @@ class Router:
         return table
 
     def healthy_count(self, model: str, version: str) -> int:
-        """Healthy backends that serve the model, over all its pools."""
-        return sum(len(candidates) for candidates in self._table(model, version))
+        """Healthy backends that serve the model, over all its pools (asked by batching on every
+        request: counted once per fleet change)."""
+        key = (model, version)
+        count = self._healthy_counts.get(key)
+        if count is None:
+            count = self._healthy_counts[key] = sum(len(candidates) for candidates in self._table(model, version))
+        return count
 
     def decisions_by_reason(self) -> dict[str, int]:
         """Backends picked, by reason, over all pools."""
