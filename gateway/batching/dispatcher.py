@@ -15,11 +15,9 @@ from gateway.batching.config import BatchingConfig, BatchingPolicy
 from gateway.batching.merge import batch_key, merge, split
 from gateway.batching.queue import BatchQueue, Queued
 from gateway.batching.counters import BatchCounters
-from gateway.errors import InvalidArgument
-from gateway.ext import bytes_typed_to_raw, typed_to_raw
 from gateway.pipeline.exchange import Exchange, ModelEntry
 from gateway.pipeline.layout import MAX_LAYOUTS
-from gateway.protocol.tensors import CONTENTS_FIELD
+from gateway.protocol.tensors import raw_of_typed
 from gateway.routing.dispatcher import DirectDispatcher
 from gateway.routing.router import Router
 
@@ -60,15 +58,7 @@ def to_raw(request) -> None:
     a value out of range for its datatype fails this request alone, never its batch-mates)."""
     if request.raw_input_contents or not request.inputs:
         return
-    raw = []
-    for tensor in request.inputs:
-        try:
-            if tensor.datatype == "BYTES":
-                raw.append(bytes_typed_to_raw(tensor.contents.bytes_contents))
-            else:
-                raw.append(typed_to_raw(getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype]), tensor.datatype))
-        except ValueError as error:
-            raise InvalidArgument(f"input '{tensor.name}' of model '{request.model_name}': {error}") from None
+    raw = raw_of_typed(request)
     for tensor in request.inputs:
         tensor.ClearField("contents")
     request.raw_input_contents.extend(raw)

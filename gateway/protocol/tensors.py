@@ -2,7 +2,8 @@
 
 One home for the datatype tables (the Cython kernels in ext/ keep their own copies, which
 tests/test_layers.py holds equal to these), what a model accepts (`ModelSignature`, built from a
-backend's metadata and config) and the names of Triton's final-response flags.
+backend's metadata and config), the names of Triton's final-response flags, and the conversion
+of a request's typed contents to raw bytes (`raw_of_typed`, with the kernels).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from gateway.errors import InvalidArgument
+from gateway.ext import bytes_typed_to_raw, typed_to_raw
 
 #: Bytes per element of each fixed-size KServe v2 datatype (BYTES is variable-size).
 ELEMENT_BYTES = {
@@ -95,3 +99,23 @@ class ModelSignature:
             sequence=config.HasField("sequence_batching"),
             sequence_idle_s=idle,
         )
+
+
+def raw_of_typed(request) -> list[bytes]:
+    """The raw bytes of each input of a request that carries typed contents, as Triton reads them.
+
+    One request at a time, so a value out of range for its datatype fails this request alone
+    (INVALID_ARGUMENT naming the input), never the requests batched or sent with it.
+    """
+    raw = []
+    for tensor in request.inputs:
+        try:
+            if tensor.datatype == "BYTES":
+                raw.append(bytes_typed_to_raw(tensor.contents.bytes_contents))
+            else:
+                field = CONTENTS_FIELD.get(tensor.datatype)
+                values = getattr(tensor.contents, field) if field is not None else ()
+                raw.append(typed_to_raw(values, tensor.datatype) if values else b"")
+        except ValueError as error:
+            raise InvalidArgument(f"input '{tensor.name}' of model '{request.model_name}': {error}") from None
+    return raw

@@ -29,9 +29,8 @@ from typing import Mapping
 import grpc
 
 from gateway.errors import BackendError, GatewayError, InvalidArgument, Unavailable
-from gateway.ext import bytes_typed_to_raw, typed_to_raw
 from gateway.protocol import pb
-from gateway.protocol.tensors import CONTENTS_FIELD
+from gateway.protocol.tensors import raw_of_typed
 from gateway.upstream.http import AnswerTooLarge, ConnectionFailed, HttpPool
 
 __all__ = ["RestInference", "STATUS_OF_HTTP", "decode_response", "encode_request", "error_of", "infer_target"]
@@ -71,22 +70,6 @@ def _parameters(parameters) -> dict:
     return {key: _parameter(value) for key, value in parameters.items()}
 
 
-def _raw_of_typed(request) -> list[bytes]:
-    """The raw bytes of each input of a request that carries typed contents (as Triton reads them)."""
-    raw = []
-    for tensor in request.inputs:
-        try:
-            if tensor.datatype == "BYTES":
-                raw.append(bytes_typed_to_raw(tensor.contents.bytes_contents))
-            else:
-                field = CONTENTS_FIELD.get(tensor.datatype)
-                values = getattr(tensor.contents, field) if field is not None else ()
-                raw.append(typed_to_raw(values, tensor.datatype) if values else b"")
-        except ValueError as error:
-            raise InvalidArgument(f"input '{tensor.name}' of model '{request.model_name}': {error}") from None
-    return raw
-
-
 def encode_request(request) -> tuple[bytes, list[bytes]]:
     """(JSON header, tensor bytes in input order) of a ModelInferRequest.
 
@@ -96,7 +79,7 @@ def encode_request(request) -> tuple[bytes, list[bytes]]:
     inputs = request.inputs
     blobs = list(request.raw_input_contents)
     if not blobs and inputs:
-        blobs = _raw_of_typed(request)
+        blobs = raw_of_typed(request)
     elif len(blobs) != len(inputs):
         raise InvalidArgument(
             f"model '{request.model_name}': the request has {len(inputs)} inputs but {len(blobs)} raw input "
