@@ -192,7 +192,8 @@ def test_unmeetable_deadline_is_not_sent(tritons, event_loop_kind):
             client.infer("fixed_cost", inputs, client_timeout=0.0015)
         assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
         stats = gateway.call(gateway.gateway.snapshot)
-        assert sum(b["served"] for b in stats["backends"].values()) == served, "the request must not be sent"
+        assert sum(b["served"] for b in stats["backends"].values()) == served, \
+            f"the request must not be sent: {error.value.message()!r}; {stats}"
 
 
 def test_deadline_sends_a_batch_early(tritons, event_loop_kind):
