@@ -191,3 +191,12 @@ def test_ks_pvalue_equals_scipy_kolmogorov():
     assert ks.ks_pvalue(result.statistic, 20_000, 5000) == pytest.approx(
         stats.kstwobign.sf(math.sqrt(20_000 * 5000 / 25_000) * result.statistic), rel=1e-12)
     assert ks.ks_pvalue(result.statistic, 20_000, 5000) >= result.pvalue * 0.99  # conservative side of SciPy's
+
+
+def test_kolmogorov_quantile_and_the_reference_band():
+    for probability in (0.5, 0.1, 1e-3, 1e-9):
+        assert ks.kolmogorov_quantile(probability) == pytest.approx(stats.kstwobign.isf(probability), rel=1e-9)
+    margin = stats.kstwobign.isf(1e-3) / math.sqrt(20_000)
+    assert ks.ks_pvalue_given_reference(margin, 20_000, 5000, 1e-3) == pytest.approx(1.0)
+    assert ks.ks_pvalue_given_reference(margin + 0.03, 20_000, 5000, 1e-3) == pytest.approx(
+        stats.kstwobign.sf(math.sqrt(5000) * 0.03), rel=1e-9)

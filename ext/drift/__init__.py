@@ -35,7 +35,7 @@ from gateway.ext.drift.chi_square import chi_square_test
 from gateway.ext.drift.chi_square import chi2_survival, degrees_of_freedom
 from gateway.ext.drift.histogram import (ABOVE, BELOW, EXTRA_COLUMNS, INF, NAN, cell_index, coarsen, fold_tails,
                                          new_histogram, quantile_edges)
-from gateway.ext.drift.ks import ks_pvalue
+from gateway.ext.drift.ks import ks_pvalue, ks_pvalue_given_reference
 from gateway.ext.drift.moments import new_moments, variance
 
 KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_numpy" in the same module
@@ -125,7 +125,7 @@ __all__ = [
     "ABOVE", "BELOW", "EXTRA_COLUMNS", "GATEWAY_KERNELS", "INF", "KERNELS", "NAN", "USING_EXTENSIONS",
     "as_raw", "cell_index", "chi2_survival", "chi_square_goodness", "chi_square_goodness_table",
     "chi_square_statistic", "chi_square_table", "chi_square_test", "coarsen", "degrees_of_freedom", "fold_tails",
-    "ks_pvalue", "update_cdf", "wasserstein_distance_tails",
+    "ks_pvalue", "ks_pvalue_given_reference", "update_cdf", "wasserstein_distance_tails",
     "jensen_shannon_distance", "jensen_shannon_table", "ks_statistic", "merge_moments", "new_histogram",
     "new_moments", "population_stability_index", "psi_table", "quantile_edges", "update_buckets",
     "update_bytes_buckets", "update_histogram", "update_moments", "variance", "warm_up",

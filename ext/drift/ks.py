@@ -96,3 +96,31 @@ def ks_pvalue(statistic: float, reference_rows: float, current_rows: float) -> f
         return math.nan
     effective = reference_rows * current_rows / (reference_rows + current_rows)
     return kolmogorov_survival(math.sqrt(effective) * statistic)
+
+
+def kolmogorov_quantile(probability: float) -> float:
+    """x with P(K > x) = probability (scipy.stats.kstwobign.isf), by bisection on kolmogorov_survival."""
+    low, high = 0.0, 10.0
+    for _ in range(200):
+        middle = (low + high) / 2.0
+        if kolmogorov_survival(middle) > probability:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2.0
+
+
+def ks_pvalue_given_reference(statistic: float, reference_rows: float, current_rows: float, band: float) -> float:
+    """P-value of a window's KS statistic against a fixed reference, valid for that reference.
+
+    The reference is a sample too, fixed for every window compared with it: a test at the two-sample
+    effective size is right on average over references, but one unlucky reference would raise the
+    false alarms of every window after it. Given a reference whose empirical CDF lies within its own
+    band sup|F_m - F| <= c/sqrt(m), c = kolmogorov_quantile(band) (true for all but `band` of
+    references), sup|F_n - F_m| > D implies sup|F_n - F| > D - c/sqrt(m): so
+    p = P(K > sqrt(n) (D - c/sqrt(m))), conservative, and the window alone is random.
+    """
+    if not (statistic == statistic) or reference_rows <= 0 or current_rows <= 0:
+        return math.nan
+    margin = kolmogorov_quantile(band) / math.sqrt(reference_rows)
+    return kolmogorov_survival(math.sqrt(current_rows) * max(statistic - margin, 0.0))

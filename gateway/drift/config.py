@@ -62,8 +62,9 @@ class ModelDriftConfig:
     thresholds: dict[str, tuple[float, float]] = field(default_factory=lambda: {"psi": (0.1, 0.25)})
     """Per statistic (psi, js, ks, wasserstein, chi_square): (warning, alert) thresholds."""
     mode: str = "threshold"
-    """threshold: alert on `thresholds` after `consecutive` windows. calibrated: per-feature tests (KS,
-    and chi² of homogeneity on the bins) at a level set by `false_alarms_per_windows`, Holm's
+    """threshold: alert on `thresholds` after `consecutive` windows. calibrated: a test per feature
+    (KS on the fine bins against this reference, allowing for the reference's own sampling error;
+    chi² of homogeneity for BYTES buckets) at a level set by `false_alarms_per_windows`, with Holm's
     correction across every test of the model: an alert fires on the first window that rejects."""
     false_alarms_per_windows: float = 1000.0
     """calibrated: at most one false alert per this many windows of window_rows rows, per model (the
