@@ -92,9 +92,20 @@ def cmd_drift_report(args) -> int:
     if args.save_profile:
         histograms = json.loads(report.histograms_json)
         with open(args.save_profile, "w", encoding="utf-8") as stream:
-            json.dump({k: {"edges": v["edges"], "reference": v["current"] or v["reference"]} for k, v in histograms.items()}, stream)
+            json.dump({k: _profile_entry(v) for k, v in histograms.items()}, stream)
         print(f"\nprofile of the current window saved to {args.save_profile}")
     if args.plot:
         plot_report(report, args.plot)
         print(f"\nplot written to {args.plot}")
     return 0
+
+
+def _profile_entry(histogram: dict) -> dict:
+    """A tensor's saved profile: its current window (or reference) on the bins, and on the fine CDF bins."""
+    entry = {"edges": histogram["edges"], "reference": histogram["current"] or histogram["reference"]}
+    cdf = histogram.get("cdf")
+    if cdf is not None:
+        current = cdf["current"] is not None
+        entry["cdf"] = {"edges": cdf["edges"], "reference": cdf["current"] if current else cdf["reference"],
+                        "reference_tails": cdf["current_tails"] if current else cdf["reference_tails"]}
+    return entry
