@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import grpc
 
@@ -27,13 +28,16 @@ def format_report(report) -> str:
     statistics = ["psi", "js", "ks", "wasserstein", "chi_square"]
     lines = [
         f"drift report of model '{report.model}': {report.windows_evaluated} windows evaluated, "
-        f"{report.window_rows} rows per window",
+        f"{report.window_rows} rows per window, {report.mode or 'threshold'} mode"
+        + (f" (level {report.alpha:.3g} an evaluation)" if report.mode == "calibrated" else ""),
         "",
-        f"  {'tensor':<20}{'feature':>8}  " + "".join(f"{name:>12}" for name in statistics) + "  level",
+        f"  {'tensor':<20}{'feature':>8}  " + "".join(f"{name:>12}" for name in statistics)
+        + f"{'p (ks)':>12}{'shift (σ)':>11}  level",
     ]
     ranked = sorted(report.features, key=lambda f: -f.statistics.get("psi", 0.0))
     for feature in ranked:
         values = "".join(f"{feature.statistics.get(name, float('nan')):>12.4f}" for name in statistics)
+        values += f"{feature.p_values.get('ks', float('nan')):>12.3g}{feature.effect_size:>+11.3f}"
         lines.append(f"{LEVEL_MARK.get(feature.level, '?')} {feature.tensor:<20}{feature.feature:>8}  {values}  {feature.level}")
     if not report.features:
         lines.append("  (no full window yet: the reference is being learned or the window is filling)")
@@ -41,7 +45,10 @@ def format_report(report) -> str:
         lines.append("")
         lines.append("alerts:")
         for alert in report.alerts:
-            lines.append(f"  {alert.level:<8} {alert.tensor} feature {alert.feature}: {alert.statistic} = {alert.value:.4f}")
+            why = f", p = {alert.p_value:.3g}" if alert.mode == "calibrated" else ""
+            since = time.strftime("%H:%M:%S", time.localtime(alert.since)) if alert.since == alert.since else "?"
+            lines.append(f"  {alert.level:<8} {alert.tensor} feature {alert.feature}: {alert.statistic} = {alert.value:.4f}"
+                         f"{why} ({alert.mode or 'threshold'} mode), shift {alert.effect_size:+.3f} σ, since {since}")
     return "\n".join(lines)
 
 
