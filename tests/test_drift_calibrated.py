@@ -165,3 +165,20 @@ def test_calibrated_alert_through_the_gateway(tritons, tmp_path):
         assert abs(got["ks"] - exact_ks) <= max(0.01 * exact_ks, 0.35 * noise_ks), (feature, got["ks"], exact_ks)
         assert abs(got["wasserstein"] - exact_w1) <= max(0.01 * exact_w1, 0.35 * noise_w1), (feature, got["wasserstein"], exact_w1)
     assert math.isclose(by_feature[3].statistics["ks"], stats.ks_2samp(reference[:, 3], window_rows[:, 3]).statistic, rel_tol=0.01)
+
+
+@pytest.mark.parametrize(("mean", "scale"), [(0.0, 1.0), (10.0, 3.0), (-500.0, 0.01)])
+def test_effect_size_is_the_mean_shift_in_reference_sds_whatever_the_units(mean, scale):
+    """A feature of mean `mean` and SD `scale` moved by 0.5 SD reports +0.5 (and an unmoved one 0),
+    within the noise of 5,000 rows' mean (±0.014 SD) and the binning."""
+    fired: list[dict] = []
+    monitor = _monitor(fired)
+    rng = np.random.default_rng(4)
+    monitor.observe(_request(mean + scale * rng.standard_normal((REFERENCE_ROWS, FEATURES))), None)
+    for _ in range(SUB_WINDOWS):
+        block = mean + scale * rng.standard_normal((WINDOW // SUB_WINDOWS, FEATURES))
+        block[:, 3] += 0.5 * scale
+        monitor.observe(_request(block), None)
+    effects = {f["feature"]: f["effect_size"] for f in monitor.last_report["features"]}
+    assert effects[3] == pytest.approx(0.5, abs=0.05)
+    assert max(abs(effects[f]) for f in effects if f != 3) < 0.06
