@@ -102,7 +102,8 @@ def cdf_case(rows: int, bins: int, dtype: str, target: str, distribution: str = 
     def build(suffix):
         edges, block = data(rows, bins, dtype, distribution)
         counts, tails = histogram.new_histogram(edges), np.zeros((FEATURES, 2))
-        return functools.partial(getattr(histogram, "update_cdf" + suffix), counts, tails, edges,
+        outer = np.zeros((FEATURES, max(64, 16 * rows // bins)))  # as the monitor sizes it for `rows` a sub-window
+        return functools.partial(getattr(histogram, "update_cdf" + suffix), counts, tails, outer, edges,
                                  *histogram.cell_index(edges), block)
 
     size = f"{rows} x {FEATURES} {dtype}, B={bins}" + ("" if distribution == "normal" else f", {distribution}")

@@ -2,9 +2,9 @@
 
 On the hot path (one call per request or batch block, `nogil`, in place):
     update_histogram(counts, edges, block)     binned counts + below / above / NaN / inf   histogram.py
-    update_cdf(counts, tails, edges, *cell_index(edges), block)
-                                               the same with a prebuilt cell table and the sums of
-                                               the outer bins' values (fine CDF bins)      histogram.py
+    update_cdf(counts, tails, outer, edges, *cell_index(edges), block)
+                                               the same with a prebuilt cell table, the sums of the
+                                               outer bins' values and those values (fine CDF bins)  histogram.py
     update_bytes_buckets(counts, raw)          hashed buckets of KServe BYTES elements     categorical.py
 Library kernels the gateway does not call (offline analysis, tests; compiled on first use, not at start):
     update_moments(state, block)               running count, mean, M2 (Welford / Chan)    moments.py
@@ -36,6 +36,7 @@ from gateway.ext.drift.chi_square import chi2_survival, degrees_of_freedom
 from gateway.ext.drift.histogram import (ABOVE, BELOW, EXTRA_COLUMNS, INF, NAN, cell_index, coarsen, fold_tails,
                                          new_histogram, quantile_edges)
 from gateway.ext.drift.ks import ks_pvalue, ks_pvalue_given_reference
+from gateway.ext.drift.wasserstein import outer_regions_exact
 from gateway.ext.drift.moments import new_moments, variance
 
 KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_numpy" in the same module
@@ -52,6 +53,7 @@ KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_nu
     "ks": ks,
     "wasserstein": wasserstein,
     "wasserstein_tails": wasserstein,
+    "wasserstein_inner": wasserstein,
     "chi_square": chi_square,
     "chi_square_goodness": chi_square,
     "chi_square_goodness_table": chi_square,
@@ -76,6 +78,7 @@ jensen_shannon_table = getattr(jensen_shannon, "jensen_shannon_table" + _suffix)
 ks_statistic = getattr(ks, "ks" + _suffix)
 wasserstein_distance = getattr(wasserstein, "wasserstein" + _suffix)
 wasserstein_distance_tails = getattr(wasserstein, "wasserstein_tails" + _suffix)
+wasserstein_inner = getattr(wasserstein, "wasserstein_inner" + _suffix)
 chi_square_statistic = getattr(chi_square, "chi_square" + _suffix)
 chi_square_goodness = getattr(chi_square, "chi_square_goodness" + _suffix)
 chi_square_goodness_table = getattr(chi_square, "chi_square_goodness_table" + _suffix)
@@ -99,7 +102,7 @@ def warm_up() -> float:
         block = np.zeros((3, features), dtype)
         for variant in (block, _read_only(block)):
             histogram.update_histogram(counts, edges, variant)
-            histogram.update_cdf(counts, np.zeros((features, 2)), edges, *cell_index(edges), variant)
+            histogram.update_cdf(counts, np.zeros((features, 2)), np.zeros((features, 8)), edges, *cell_index(edges), variant)
     table = np.ones((features, buckets), np.int64)
     raw = b"\x01\x00\x00\x00a\x00\x00\x00\x00"
     categorical.update_bytes_buckets(table, np.frombuffer(raw, np.uint8))
@@ -109,6 +112,7 @@ def warm_up() -> float:
     chi_square.chi_square_goodness(counts, counts)
     wasserstein.wasserstein(counts, counts, edges)
     wasserstein.wasserstein_tails(counts, counts, edges, np.zeros((features, 2)), np.zeros((features, 2)))
+    wasserstein.wasserstein_inner(counts, counts, edges)
     for tables in (psi.psi_table, jensen_shannon.jensen_shannon_table, chi_square.chi_square_table,
                    chi_square.chi_square_goodness_table):
         tables(table, table)
@@ -125,7 +129,7 @@ __all__ = [
     "ABOVE", "BELOW", "EXTRA_COLUMNS", "GATEWAY_KERNELS", "INF", "KERNELS", "NAN", "USING_EXTENSIONS",
     "as_raw", "cell_index", "chi2_survival", "chi_square_goodness", "chi_square_goodness_table",
     "chi_square_statistic", "chi_square_table", "chi_square_test", "coarsen", "degrees_of_freedom", "fold_tails",
-    "ks_pvalue", "ks_pvalue_given_reference", "update_cdf", "wasserstein_distance_tails",
+    "ks_pvalue", "ks_pvalue_given_reference", "outer_regions_exact", "update_cdf", "wasserstein_inner", "wasserstein_distance_tails",
     "jensen_shannon_distance", "jensen_shannon_table", "ks_statistic", "merge_moments", "new_histogram",
     "new_moments", "population_stability_index", "psi_table", "quantile_edges", "update_buckets",
     "update_bytes_buckets", "update_histogram", "update_moments", "variance", "warm_up",

@@ -85,7 +85,7 @@ def _cell_table(edges, cells):
 
 
 @numba.njit(nogil=True, cache=True)
-def _count_block(counts, edges, block, origin, scale, bounds, start, steps, tails, track_tails):
+def _count_block(counts, edges, block, origin, scale, bounds, start, steps, tails, outer, track_tails):
     """The shared loop of `update_histogram` and `update_cdf` (see their docstrings)."""
     features = edges.shape[0]
     bins = edges.shape[1] - 1
@@ -121,6 +121,10 @@ def _count_block(counts, edges, block, origin, scale, bounds, start, steps, tail
                     counts[feature, bins - 1] += 1
                 if track_tails:
                     tails[feature, 0 if value < edges[feature, 1] else 1] += value
+                    stored = (counts[feature, 0] + counts[feature, bins - 1] + counts[feature, bins]
+                              + counts[feature, bins + 1] - 1)  # outer values before this one
+                    if stored < outer.shape[1]:
+                        outer[feature, stored] = value
     return counts
 
 
@@ -146,7 +150,8 @@ def update_histogram(counts, edges, block):
         cells *= 4
         origin, scale, bounds, start, steps = _cell_table(edges, cells)
     no_tails = np.zeros((1, 2), np.float64)
-    return _count_block(counts, edges, block, origin, scale, bounds, start, steps, no_tails, False)
+    no_outer = np.zeros((1, 0), np.float64)
+    return _count_block(counts, edges, block, origin, scale, bounds, start, steps, no_tails, no_outer, False)
 
 
 def cell_index(edges, cells_per_bin: int = 4):
@@ -171,35 +176,45 @@ def cell_index(edges, cells_per_bin: int = 4):
 
 
 @numba.njit(nogil=True, cache=True)
-def update_cdf(counts, tails, edges, origin, scale, bounds, start, steps, block):
-    """`update_histogram` with a prebuilt cell table (`cell_index(edges, ...)`) and tail sums; returns `counts`.
+def update_cdf(counts, tails, outer, edges, origin, scale, bounds, start, steps, block):
+    """`update_histogram` with a prebuilt cell table (`cell_index(edges, ...)`) and the outer values; returns `counts`.
 
     `tails: float64[F, 2]` accumulates, per feature, the sum of the finite values left of e_1 (BELOW
     and bin 0) and right of e_B-1 (bin B-1 and ABOVE): with the counts, the exact integral of each
-    CDF over the two outer bins and beyond (wasserstein.py). Meant for fine CDF bins (256 and more),
-    where building the table on every call would cost more than counting a small block.
+    CDF over the two outer bins and beyond (wasserstein.py). `outer: float64[F, C]` keeps those values
+    themselves, in arrival order, the first C of them (the k-th outer value of a feature is at
+    outer[f, k], k counted from the counts' outer columns, so `counts` must start at zero with it):
+    with all of them, W1 over the outer regions is exact even where the CDFs cross there (a heavy
+    tail's few values). Meant for fine CDF bins (256 and more), where building the table on every
+    call would cost more than counting a small block; outer values take the slow path (2 in B).
     """
     features = edges.shape[0]
     bins = edges.shape[1] - 1
     if (bins < 2 or bins > MAX_BINS or counts.shape[0] != features or counts.shape[1] != bins + 4
             or block.shape[1] != features or tails.shape[0] != features or tails.shape[1] != 2
+            or outer.shape[0] != features
             or start.shape[0] != features or origin.shape[0] != features or bounds.shape[0] != features
             or steps < 0 or steps > bins - 1):
         raise ValueError(_SHAPE_ERROR + ", tails float64[F, 2] and the cell index of edges")
-    return _count_block(counts, edges, block, origin, scale, bounds, start, steps, tails, True)
+    return _count_block(counts, edges, block, origin, scale, bounds, start, steps, tails, outer, True)
 
 
-def update_cdf_numpy(counts, tails, edges, origin, scale, bounds, start, steps, block):
+def update_cdf_numpy(counts, tails, outer, edges, origin, scale, bounds, start, steps, block):
     """NumPy twin of `update_cdf` (the cell index is not needed, and ignored)."""
-    update_histogram_numpy(counts, edges, block)
-    edges, block = np.asarray(edges), np.asarray(block, np.float64)
-    if tails.shape != (edges.shape[0], 2) or edges.shape[1] < 3:
+    edges, block = np.asarray(edges), np.asarray(block)
+    if tails.shape != (edges.shape[0], 2) or edges.shape[1] < 3 or outer.shape[0] != edges.shape[0]:
         raise ValueError(_SHAPE_ERROR + ", tails float64[F, 2] and the cell index of edges")
+    bins = edges.shape[1] - 1
+    stored = counts[:, 0] + counts[:, bins - 1] + counts[:, bins] + counts[:, bins + 1]
+    update_histogram_numpy(counts, edges, block)
     for feature in range(edges.shape[0]):
-        column = block[:, feature]
-        finite = column[np.isfinite(column)]
-        tails[feature, 0] += finite[finite < edges[feature, 1]].sum()
-        tails[feature, 1] += finite[finite >= edges[feature, -2]].sum()
+        column = block[:, feature].astype(np.float64)
+        outside = np.isfinite(column) & ((column < edges[feature, 1]) | (column >= edges[feature, -2]))
+        values = column[outside]  # in row order, as the kernel meets them
+        tails[feature, 0] += values[values < edges[feature, 1]].sum()
+        tails[feature, 1] += values[values >= edges[feature, 1]].sum()
+        room = max(0, outer.shape[1] - int(stored[feature]))
+        outer[feature, int(stored[feature]):int(stored[feature]) + min(room, values.size)] = values[:room]
     return counts
 
 

@@ -179,3 +179,77 @@ def _inner_numpy(reference, current, edges):
     same_sign = (d0 >= 0) == (d1 >= 0)
     segments = np.where(a0 + a1 == 0, 0.0, np.where(same_sign, width * (a0 + a1) / 2.0, crossing))
     return segments.sum(axis=1)
+
+
+@numba.njit(nogil=True, cache=True)
+def wasserstein_inner(reference, current, edges):
+    """float64[F]: the part of `wasserstein_tails` over the interior bins 1 … B-2 only (CDFs linear
+    inside each), for callers that integrate the outer regions from the outer values themselves."""
+    features = reference.shape[0]
+    bins = reference.shape[1] - EXTRA_COLUMNS
+    if (current.shape[0] != features or current.shape[1] != reference.shape[1] or bins < 2
+            or edges.shape[0] != features or edges.shape[1] != bins + 1):
+        raise ValueError("reference, current must be histograms int64[F, B+4] (B >= 2) over edges float64[F, B+1]")
+    result = np.empty(features, np.float64)
+    for feature in range(features):
+        reference_total = 0.0
+        current_total = 0.0
+        for index in range(bins + 2):
+            reference_total += reference[feature, index]
+            current_total += current[feature, index]
+        if reference_total == 0.0 or current_total == 0.0:
+            result[feature] = np.nan
+            continue
+        reference_below = np.float64(reference[feature, bins] + reference[feature, 0])
+        current_below = np.float64(current[feature, bins] + current[feature, 0])
+        difference = reference_below / reference_total - current_below / current_total
+        distance = 0.0
+        for index in range(1, bins - 1):
+            reference_below += reference[feature, index]
+            current_below += current[feature, index]
+            next_difference = reference_below / reference_total - current_below / current_total
+            distance += _segment(difference, next_difference, edges[feature, index + 1] - edges[feature, index])
+            difference = next_difference
+        result[feature] = distance
+    return result
+
+
+def wasserstein_inner_numpy(reference, current, edges):
+    """NumPy twin of `wasserstein_inner`."""
+    reference, current, edges = (np.asarray(a, np.float64) for a in (reference, current, edges))
+    if reference.shape != current.shape or reference.shape[1] < 6 or edges.shape != (reference.shape[0], reference.shape[1] - 3):
+        raise ValueError("reference, current must be histograms int64[F, B+4] (B >= 2) over edges float64[F, B+1]")
+    empty = (reference[:, :-2].sum(axis=1) == 0) | (current[:, :-2].sum(axis=1) == 0)
+    return np.where(empty, np.nan, _inner_numpy(reference, current, edges))
+
+
+def outer_regions_exact(reference_values, current_values, reference_rows: float, current_rows: float,
+                        first: float, last: float) -> float:
+    """∫ |F_ref - F_cur| over (-inf, e_1) and [e_B-1, inf), exactly, from every value there.
+
+    Left of e_1, F(x) = #(values <= x) / n counts only values left of e_1; right of e_B-1,
+    1 - F(x) = #(values > x) / n only values right of it: so those values (and the row totals) are
+    all the integral needs. Plain NumPy, off the hot path: a window has ~2 n / B of them.
+    """
+    reference_values = np.asarray(reference_values, np.float64)
+    current_values = np.asarray(current_values, np.float64)
+
+    def region(reference_side, current_side, low, high, right):
+        points = np.unique(np.concatenate([reference_side, current_side, [low, high]]))
+        points = points[(points >= low) & (points <= high)]
+        if points.size < 2:
+            return 0.0
+        sample = points[:-1]
+        if right:  # 1 - F(x) on [x_k, x_k+1): values > x_k
+            reference_share = (reference_side.size - np.searchsorted(np.sort(reference_side), sample, side="right")) / reference_rows
+            current_share = (current_side.size - np.searchsorted(np.sort(current_side), sample, side="right")) / current_rows
+        else:  # F(x) on [x_k, x_k+1): values <= x_k
+            reference_share = np.searchsorted(np.sort(reference_side), sample, side="right") / reference_rows
+            current_share = np.searchsorted(np.sort(current_side), sample, side="right") / current_rows
+        return float(np.sum(np.abs(reference_share - current_share) * np.diff(points)))
+
+    left = region(reference_values[reference_values < first], current_values[current_values < first],
+                  min(reference_values.min(initial=first), current_values.min(initial=first)), first, False)
+    right = region(reference_values[reference_values >= last], current_values[current_values >= last],
+                   last, max(reference_values.max(initial=last), current_values.max(initial=last)), True)
+    return left + right

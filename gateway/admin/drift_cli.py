@@ -114,5 +114,6 @@ def _profile_entry(histogram: dict) -> dict:
     if cdf is not None:
         current = cdf["current"] is not None
         entry["cdf"] = {"edges": cdf["edges"], "reference": cdf["current"] if current else cdf["reference"],
-                        "reference_tails": cdf["current_tails"] if current else cdf["reference_tails"]}
+                        "reference_tails": cdf["current_tails"] if current else cdf["reference_tails"],
+                        "reference_outer": cdf["current_outer"] if current else cdf["reference_outer"]}
     return entry

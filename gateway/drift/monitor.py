@@ -31,15 +31,25 @@ REFERENCE_BAND = 1e-3
 #: sample_rate is honoured as a fraction with a denominator up to this (rates below 1e-9 count 1e-9).
 SAMPLE_RATE_DENOMINATOR = 1_000_000_000
 
-def _histogram_statistics(reference, current, cdf_reference, cdf_current, cdf_edges, reference_tails, current_tails):
+def _histogram_statistics(reference, current, cdf_reference, cdf_current, cdf_edges, reference_tails, current_tails,
+                          reference_outer=None, current_outer=None):
     """Every statistic of one tensor's window: PSI, JS and chi² (Evidently's, with its p-value) on the
-    bins; KS and Wasserstein-1 on the fine CDF bins (W1 with exact tails where both sides have them)."""
+    bins; KS and Wasserstein-1 on the fine CDF bins (W1's outer regions exact: from the outer values
+    where both sides kept them all, else from their sums)."""
     goodness = np.asarray(kernels.chi_square_goodness(reference, current))
     dof = kernels.degrees_of_freedom(kernels.fold_tails(reference), kernels.fold_tails(current))
     if reference_tails is not None and cdf_edges.shape[1] > 2:
         wasserstein = kernels.wasserstein_distance_tails(cdf_reference, cdf_current, cdf_edges, reference_tails, current_tails)
     else:
         wasserstein = kernels.wasserstein_distance(cdf_reference, cdf_current, cdf_edges)
+    if reference_outer is not None and current_outer is not None and cdf_edges.shape[1] > 2:
+        inner = kernels.wasserstein_inner(cdf_reference, cdf_current, cdf_edges)
+        wasserstein = np.array(wasserstein, np.float64)
+        for feature, (reference_values, current_values) in enumerate(zip(reference_outer, current_outer)):
+            if reference_values is not None and current_values is not None and not math.isnan(inner[feature]):
+                wasserstein[feature] = inner[feature] + kernels.outer_regions_exact(
+                    reference_values, current_values, cdf_reference[feature, :-2].sum(), cdf_current[feature, :-2].sum(),
+                    cdf_edges[feature, 1], cdf_edges[feature, -2])
     return {
         "psi": np.asarray(kernels.population_stability_index(reference, current)),
         "js": np.asarray(kernels.jensen_shannon_distance(reference, current)),
@@ -101,11 +111,14 @@ class TensorMonitor:
         self.cdf_edges: np.ndarray | None = None
         self.cdf_reference: np.ndarray | None = None
         self.reference_tails: np.ndarray | None = None  # None: a profile without them (W1 binned)
+        self.reference_outer: list[np.ndarray] | None = None  # per feature, every value outside [e_1, e_B-1)
         self._index = None
         self._learning: list[np.ndarray] = []
         self._learned_rows = 0
         self._ring: list[np.ndarray] = []
         self._ring_tails: list[np.ndarray | None] = []
+        self._ring_outer: list[np.ndarray | None] = []
+        self._current_outer: np.ndarray | None = None
         self._current: np.ndarray | None = None
         self._current_tails: np.ndarray | None = None
         self._current_rows = 0
@@ -142,9 +155,11 @@ class TensorMonitor:
         """A new reference: fresh sub-window, empty ring, cumulative counts from zero."""
         self._ring.clear()
         self._ring_tails.clear()
+        self._ring_outer.clear()
         self._ring_started.clear()
         self._current = self._fresh()
         self._current_tails = self._fresh_tails()
+        self._current_outer = self._fresh_outer()
         self._current_rows = 0
         self.observed = self._coarse(self._fresh())
         self.observed_since_ns = time.time_ns()
@@ -156,11 +171,17 @@ class TensorMonitor:
         edges = kernels.quantile_edges(data, self.config.bins * refine)
         tails = np.zeros((edges.shape[0], 2))
         self._index = kernels.cell_index(edges)
-        counts = kernels.update_cdf(kernels.new_histogram(edges), tails, edges, *self._index, data)
-        self._set_fine(edges, counts, tails, refine)
+        counts = kernels.update_cdf(kernels.new_histogram(edges), tails, np.zeros((edges.shape[0], 0)), edges,
+                                    *self._index, data)
+        outer = [column[np.isfinite(column) & ((column < edges[f, 1]) | (column >= edges[f, -2]))]
+                 for f, column in enumerate(data.T)]
+        self._set_fine(edges, counts, tails, refine, outer)
 
-    def _set_fine(self, cdf_edges: np.ndarray, cdf_counts: np.ndarray, tails: np.ndarray | None, refine: int) -> None:
+    def _set_fine(self, cdf_edges: np.ndarray, cdf_counts: np.ndarray, tails: np.ndarray | None, refine: int,
+                  outer: list | None = None) -> None:
         self.cdf_edges, self.cdf_reference, self.reference_tails, self.refine = cdf_edges, cdf_counts, tails, refine
+        self.reference_outer = None if outer is None or any(v is None for v in outer) else [
+            np.asarray(v, np.float64) for v in outer]
         self.edges = np.ascontiguousarray(cdf_edges[:, ::refine])
         self.reference = kernels.coarsen(cdf_counts, refine)
         if self._index is None:
@@ -175,7 +196,7 @@ class TensorMonitor:
             refine = (cdf_edges.shape[1] - 1) // (np.shape(edges)[1] - 1)
             self._index = kernels.cell_index(cdf_edges)
             tails = np.ascontiguousarray(cdf["tails"], dtype=np.float64) if cdf.get("tails") is not None else None
-            self._set_fine(cdf_edges, np.ascontiguousarray(cdf["counts"], dtype=np.int64), tails, refine)
+            self._set_fine(cdf_edges, np.ascontiguousarray(cdf["counts"], dtype=np.int64), tails, refine, cdf.get("outer"))
             return
         edges = np.ascontiguousarray(edges, dtype=np.float64)
         self._index = kernels.cell_index(edges)
@@ -185,8 +206,10 @@ class TensorMonitor:
         """Learn the reference again from the next rows."""
         self.edges = self.reference = self._current = self.observed = None
         self.cdf_edges = self.cdf_reference = self.reference_tails = self._current_tails = self._index = None
+        self.reference_outer = self._current_outer = None
         self._ring.clear()
         self._ring_tails.clear()
+        self._ring_outer.clear()
         self._ring_started.clear()
         self._learning.clear()
         self._learned_rows = 0
@@ -202,11 +225,16 @@ class TensorMonitor:
                 self.set_reference(np.concatenate(self._learning))
                 self._learning.clear()
             return False
-        kernels.update_cdf(self._current, self._current_tails, self.cdf_edges, *self._index, block)
+        kernels.update_cdf(self._current, self._current_tails, self._current_outer, self.cdf_edges, *self._index, block)
         return self._count_rows(len(block))
 
     def _fresh_tails(self) -> np.ndarray | None:
         return np.zeros((self.cdf_edges.shape[0], 2))
+
+    def _fresh_outer(self) -> np.ndarray | None:
+        """Room for the outer values of one sub-window: 8× the 2 n / B a quiet one has, at least 64."""
+        bins = self.cdf_edges.shape[1] - 1
+        return np.zeros((self.cdf_edges.shape[0], max(64, 16 * self.sub_window_rows // bins)))
 
     def _coarse(self, counts: np.ndarray) -> np.ndarray:
         return kernels.coarsen(counts, self.refine)
@@ -225,15 +253,18 @@ class TensorMonitor:
             return False
         self._ring.append(self._current)
         self._ring_tails.append(self._current_tails)
+        self._ring_outer.append(self._current_outer)
         self._ring_started.append(self._current_wall)
         self.observed += self._coarse(self._current)
         if len(self._ring) > self.config.sub_windows:
             self._ring.pop(0)
             self._ring_tails.pop(0)
+            self._ring_outer.pop(0)
             self._ring_started.pop(0)
         self.window_started = self._ring_started[0]
         self._current = self._fresh()
         self._current_tails = self._fresh_tails()
+        self._current_outer = self._fresh_outer()
         self._current_rows = 0
         self._current_started = time.monotonic()
         self._current_wall = time.time()
@@ -257,10 +288,28 @@ class TensorMonitor:
         """Fine CDF counts and tail sums of the sub-windows closed so far."""
         return np.sum(self._ring, axis=0), np.sum(self._ring_tails, axis=0)
 
+    def window_outer(self) -> list[np.ndarray | None]:
+        """Per feature, the window's values outside [e_1, e_B-1), or None where a sub-window had more
+        than it keeps (then W1 takes the outer regions from their sums)."""
+        bins = self.cdf_edges.shape[1] - 1
+        outer_columns = [0, bins - 1, bins, bins + 1]
+        result = []
+        for feature in range(self.cdf_edges.shape[0]):
+            parts = []
+            for counts, kept in zip(self._ring, self._ring_outer):
+                seen = int(counts[feature, outer_columns].sum())
+                if seen > kept.shape[1]:
+                    parts = None
+                    break
+                parts.append(kept[feature, :seen])
+            result.append(None if parts is None else np.concatenate(parts) if parts else np.empty(0))
+        return result
+
     def statistics(self) -> dict[str, np.ndarray]:
         cdf_current, current_tails = self.cdf_window()
         return _histogram_statistics(self.reference, self._coarse(cdf_current), self.cdf_reference, cdf_current,
-                                     self.cdf_edges, self.reference_tails, current_tails)
+                                     self.cdf_edges, self.reference_tails, current_tails,
+                                     self.reference_outer, self.window_outer() if self.reference_outer is not None else None)
 
     def tests(self) -> dict[str, np.ndarray]:
         """Per-feature p-values of the calibrated mode: KS on the fine bins, against this reference
@@ -358,6 +407,9 @@ class CategoricalMonitor(TensorMonitor):
         return self._new_counts(self.reference.shape[0])
 
     def _fresh_tails(self) -> None:
+        return None
+
+    def _fresh_outer(self) -> None:
         return None
 
     def _coarse(self, counts: np.ndarray) -> np.ndarray:
@@ -557,7 +609,8 @@ class ModelMonitor:
             kind, _, name = key.partition("/")
             cdf = entry.get("cdf")
             if cdf is not None:
-                cdf = {"edges": cdf["edges"], "counts": cdf["reference"], "tails": cdf.get("reference_tails")}
+                cdf = {"edges": cdf["edges"], "counts": cdf["reference"], "tails": cdf.get("reference_tails"),
+                       "outer": cdf.get("reference_outer")}
             self.tensor(name, kind).set_reference_counts(np.array(entry["edges"]), np.array(entry["reference"]), cdf)
         return len(profile)
 
@@ -568,7 +621,8 @@ class ModelMonitor:
             if tensor.reference is not None and tensor.has_window:
                 counts, tails = tensor.cdf_window()
                 cdf = None if tails is None else {"edges": tensor.cdf_edges, "counts": counts,
-                                                  "tails": tails if tensor.reference_tails is not None else None}
+                                                  "tails": tails if tensor.reference_tails is not None else None,
+                                                  "outer": tensor.window_outer()}
                 tensor.set_reference_counts(tensor.edges, tensor.window(), cdf)
                 changed += 1
         return changed
@@ -605,7 +659,10 @@ class ModelMonitor:
                 entry["cdf"] = {
                     "edges": monitor.cdf_edges.tolist(), "reference": monitor.cdf_reference.tolist(),
                     "reference_tails": None if monitor.reference_tails is None else monitor.reference_tails.tolist(),
+                    "reference_outer": None if monitor.reference_outer is None else [v.tolist() for v in monitor.reference_outer],
                     "current": None if cdf_current is None else cdf_current.tolist(),
                     "current_tails": None if current_tails is None else current_tails.tolist(),
+                    "current_outer": None if not monitor.has_window else [
+                        None if v is None else v.tolist() for v in monitor.window_outer()],
                 }
         return out
