@@ -183,7 +183,7 @@ def test_wasserstein_tails_twins_agree(seed):
                                wasserstein.wasserstein_inner_numpy(counts[0], counts[1], edges), rtol=1e-12)
 
 
-def test_outer_regions_exact_where_the_cdfs_cross_in_the_tail():
+def test_outer_regions_exact_where_the_cdfs_cross_in_the_tail(twin):
     """The outer values give the exact W1 of the outer regions even where the CDFs cross there
     (the sums alone give |∫D|, a lower bound): SciPy on samples that live only in the tails."""
     rng = np.random.default_rng(5)
@@ -191,7 +191,7 @@ def test_outer_regions_exact_where_the_cdfs_cross_in_the_tail():
     first, last = -1.0, 1.0
     reference = reference[(reference < first) | (reference >= last)]
     current = current[(current < first) | (current >= last)]
-    got = wasserstein.outer_regions_exact(reference, current, reference.size, current.size, first, last)
+    got = twin(wasserstein, "outer_regions_exact")(reference, current, float(reference.size), float(current.size), first, last)
     # with no value between the regions, the gap [first, last) contributes |F_ref - F_cur| × 2 there
     gap = abs((reference < first).mean() - (current < first).mean()) * (last - first)
     assert got + gap == pytest.approx(stats.wasserstein_distance(reference, current), rel=1e-9)
@@ -227,3 +227,16 @@ def test_kolmogorov_quantile_and_the_reference_band():
     assert ks.ks_pvalue_given_reference(margin, 20_000, 5000, 1e-3) == pytest.approx(1.0)
     assert ks.ks_pvalue_given_reference(margin + 0.03, 20_000, 5000, 1e-3) == pytest.approx(
         stats.kstwobign.sf(math.sqrt(5000) * 0.03), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_outer_regions_twins_agree_with_ties_and_empty_sides(seed):
+    rng = np.random.default_rng(seed)
+    reference = np.round(rng.standard_t(2, 400) * 3)  # ties
+    current = np.round(rng.standard_t(2, 90) * 3) + seed
+    first, last = -2.0, 2.0
+    keep = lambda v: v[(v < first) | (v >= last)]
+    for r, c in ((keep(reference), keep(current)), (keep(reference), np.empty(0)), (np.empty(0), keep(current))):
+        got = wasserstein.outer_regions_exact(r, c, 400.0, 90.0, first, last)
+        want = wasserstein.outer_regions_exact_numpy(r, c, 400.0, 90.0, first, last)
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15)

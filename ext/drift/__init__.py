@@ -36,7 +36,6 @@ from gateway.ext.drift.chi_square import chi2_survival, degrees_of_freedom
 from gateway.ext.drift.histogram import (ABOVE, BELOW, EXTRA_COLUMNS, INF, NAN, cell_index, coarsen, fold_tails,
                                          new_histogram, quantile_edges)
 from gateway.ext.drift.ks import ks_pvalue, ks_pvalue_given_reference
-from gateway.ext.drift.wasserstein import outer_regions_exact
 from gateway.ext.drift.moments import new_moments, variance
 
 KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_numpy" in the same module
@@ -54,6 +53,7 @@ KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_nu
     "wasserstein": wasserstein,
     "wasserstein_tails": wasserstein,
     "wasserstein_inner": wasserstein,
+    "outer_regions_exact": wasserstein,
     "chi_square": chi_square,
     "chi_square_goodness": chi_square,
     "chi_square_goodness_table": chi_square,
@@ -79,6 +79,7 @@ ks_statistic = getattr(ks, "ks" + _suffix)
 wasserstein_distance = getattr(wasserstein, "wasserstein" + _suffix)
 wasserstein_distance_tails = getattr(wasserstein, "wasserstein_tails" + _suffix)
 wasserstein_inner = getattr(wasserstein, "wasserstein_inner" + _suffix)
+outer_regions_exact = getattr(wasserstein, "outer_regions_exact" + _suffix)
 chi_square_statistic = getattr(chi_square, "chi_square" + _suffix)
 chi_square_goodness = getattr(chi_square, "chi_square_goodness" + _suffix)
 chi_square_goodness_table = getattr(chi_square, "chi_square_goodness_table" + _suffix)
@@ -113,6 +114,7 @@ def warm_up() -> float:
     wasserstein.wasserstein(counts, counts, edges)
     wasserstein.wasserstein_tails(counts, counts, edges, np.zeros((features, 2)), np.zeros((features, 2)))
     wasserstein.wasserstein_inner(counts, counts, edges)
+    wasserstein.outer_regions_exact(np.zeros(3), np.zeros(2), 3.0, 2.0, 0.5, 1.5)
     for tables in (psi.psi_table, jensen_shannon.jensen_shannon_table, chi_square.chi_square_table,
                    chi_square.chi_square_goodness_table):
         tables(table, table)

@@ -12,6 +12,7 @@ value on either side gets NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -98,6 +99,7 @@ def ks_pvalue(statistic: float, reference_rows: float, current_rows: float) -> f
     return kolmogorov_survival(math.sqrt(effective) * statistic)
 
 
+@functools.lru_cache(maxsize=64)
 def kolmogorov_quantile(probability: float) -> float:
     """x with P(K > x) = probability (scipy.stats.kstwobign.isf), by bisection on kolmogorov_survival."""
     low, high = 0.0, 10.0

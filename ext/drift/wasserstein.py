@@ -223,8 +223,58 @@ def wasserstein_inner_numpy(reference, current, edges):
     return np.where(empty, np.nan, _inner_numpy(reference, current, edges))
 
 
-def outer_regions_exact(reference_values, current_values, reference_rows: float, current_rows: float,
-                        first: float, last: float) -> float:
+@numba.njit(nogil=True, cache=True)
+def outer_regions_exact(reference_values, current_values, reference_rows, current_rows, first, last):
+    """∫ |F_ref - F_cur| over (-inf, e_1) and [e_B-1, inf), exactly, from every value there (see the twin)."""
+    reference_sorted = np.sort(reference_values)
+    current_sorted = np.sort(current_values)
+    total = 0.0
+    # left of e_1, ascending: on [p, v) each CDF is (values <= p) / n
+    i = j = 0
+    below_reference = below_current = 0.0
+    low = first
+    if reference_sorted.size and reference_sorted[0] < low:
+        low = reference_sorted[0]
+    if current_sorted.size and current_sorted[0] < low:
+        low = current_sorted[0]
+    point = low
+    while True:
+        next_reference = reference_sorted[i] if i < reference_sorted.size and reference_sorted[i] < first else np.inf
+        next_current = current_sorted[j] if j < current_sorted.size and current_sorted[j] < first else np.inf
+        value = min(next_reference, next_current, first)
+        total += (value - point) * abs(below_reference / reference_rows - below_current / current_rows)
+        if value >= first:
+            break
+        while i < reference_sorted.size and reference_sorted[i] == value:
+            below_reference += 1.0
+            i += 1
+        while j < current_sorted.size and current_sorted[j] == value:
+            below_current += 1.0
+            j += 1
+        point = value
+    # right of e_B-1, ascending: on [p, v) each 1 - F is (values > p) / n
+    i = np.searchsorted(reference_sorted, last, side="right")
+    j = np.searchsorted(current_sorted, last, side="right")
+    above_reference = np.float64(reference_sorted.size - i)
+    above_current = np.float64(current_sorted.size - j)
+    point = last
+    while i < reference_sorted.size or j < current_sorted.size:
+        next_reference = reference_sorted[i] if i < reference_sorted.size else np.inf
+        next_current = current_sorted[j] if j < current_sorted.size else np.inf
+        value = min(next_reference, next_current)
+        total += (value - point) * abs(above_reference / reference_rows - above_current / current_rows)
+        while i < reference_sorted.size and reference_sorted[i] == value:
+            above_reference -= 1.0
+            i += 1
+        while j < current_sorted.size and current_sorted[j] == value:
+            above_current -= 1.0
+            j += 1
+        point = value
+    return total
+
+
+def outer_regions_exact_numpy(reference_values, current_values, reference_rows: float, current_rows: float,
+                              first: float, last: float) -> float:
     """∫ |F_ref - F_cur| over (-inf, e_1) and [e_B-1, inf), exactly, from every value there.
 
     Left of e_1, F(x) = #(values <= x) / n counts only values left of e_1; right of e_B-1,

@@ -48,8 +48,8 @@ def _histogram_statistics(reference, current, cdf_reference, cdf_current, cdf_ed
         for feature, (reference_values, current_values) in enumerate(zip(reference_outer, current_outer)):
             if reference_values is not None and current_values is not None and not math.isnan(inner[feature]):
                 wasserstein[feature] = inner[feature] + kernels.outer_regions_exact(
-                    reference_values, current_values, cdf_reference[feature, :-2].sum(), cdf_current[feature, :-2].sum(),
-                    cdf_edges[feature, 1], cdf_edges[feature, -2])
+                    reference_values, current_values, float(cdf_reference[feature, :-2].sum()),
+                    float(cdf_current[feature, :-2].sum()), float(cdf_edges[feature, 1]), float(cdf_edges[feature, -2]))
     return {
         "psi": np.asarray(kernels.population_stability_index(reference, current)),
         "js": np.asarray(kernels.jensen_shannon_distance(reference, current)),
@@ -292,18 +292,10 @@ class TensorMonitor:
         """Per feature, the window's values outside [e_1, e_B-1), or None where a sub-window had more
         than it keeps (then W1 takes the outer regions from their sums)."""
         bins = self.cdf_edges.shape[1] - 1
-        outer_columns = [0, bins - 1, bins, bins + 1]
-        result = []
-        for feature in range(self.cdf_edges.shape[0]):
-            parts = []
-            for counts, kept in zip(self._ring, self._ring_outer):
-                seen = int(counts[feature, outer_columns].sum())
-                if seen > kept.shape[1]:
-                    parts = None
-                    break
-                parts.append(kept[feature, :seen])
-            result.append(None if parts is None else np.concatenate(parts) if parts else np.empty(0))
-        return result
+        seen = np.array([counts[:, [0, bins - 1, bins, bins + 1]].sum(axis=1) for counts in self._ring])  # [S, F]
+        complete = (seen <= np.array([[kept.shape[1]] for kept in self._ring_outer])).all(axis=0)
+        return [np.concatenate([kept[feature, :seen[index, feature]] for index, kept in enumerate(self._ring_outer)])
+                if complete[feature] else None for feature in range(self.cdf_edges.shape[0])]
 
     def statistics(self) -> dict[str, np.ndarray]:
         cdf_current, current_tails = self.cdf_window()
