@@ -57,6 +57,7 @@ KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_nu
     "chi_square": chi_square,
     "chi_square_goodness": chi_square,
     "chi_square_goodness_table": chi_square,
+    "chi2_survival_many": chi_square,
     "chi_square_table": chi_square,
 }
 
@@ -83,6 +84,7 @@ outer_regions_exact = getattr(wasserstein, "outer_regions_exact" + _suffix)
 chi_square_statistic = getattr(chi_square, "chi_square" + _suffix)
 chi_square_goodness = getattr(chi_square, "chi_square_goodness" + _suffix)
 chi_square_goodness_table = getattr(chi_square, "chi_square_goodness_table" + _suffix)
+chi2_survival_many = getattr(chi_square, "chi2_survival_many" + _suffix)
 chi_square_table = getattr(chi_square, "chi_square_table" + _suffix)
 
 
@@ -114,6 +116,7 @@ def warm_up() -> float:
     wasserstein.wasserstein(counts, counts, edges)
     wasserstein.wasserstein_tails(counts, counts, edges, np.zeros((features, 2)), np.zeros((features, 2)))
     wasserstein.wasserstein_inner(counts, counts, edges)
+    chi_square.chi2_survival_many(np.zeros(features), np.ones(features, np.int64))
     wasserstein.outer_regions_exact(np.zeros(3), np.zeros(2), 3.0, 2.0, 0.5, 1.5)
     for tables in (psi.psi_table, jensen_shannon.jensen_shannon_table, chi_square.chi_square_table,
                    chi_square.chi_square_goodness_table):
@@ -129,7 +132,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "ABOVE", "BELOW", "EXTRA_COLUMNS", "GATEWAY_KERNELS", "INF", "KERNELS", "NAN", "USING_EXTENSIONS",
-    "as_raw", "cell_index", "chi2_survival", "chi_square_goodness", "chi_square_goodness_table",
+    "as_raw", "cell_index", "chi2_survival", "chi2_survival_many", "chi_square_goodness", "chi_square_goodness_table",
     "chi_square_statistic", "chi_square_table", "chi_square_test", "coarsen", "degrees_of_freedom", "fold_tails",
     "ks_pvalue", "ks_pvalue_given_reference", "outer_regions_exact", "update_cdf", "wasserstein_inner", "wasserstein_distance_tails",
     "jensen_shannon_distance", "jensen_shannon_table", "ks_statistic", "merge_moments", "new_histogram",

@@ -184,6 +184,27 @@ def chi2_survival(statistic: float, dof: int) -> float:
     return math.exp(log_prefactor) * fraction
 
 
+_chi2_survival = numba.njit(nogil=True, cache=True)(chi2_survival)  # the same code, compiled
+
+
+@numba.njit(nogil=True, cache=True)
+def chi2_survival_many(statistics, dof):
+    """float64[F]: chi2_survival of each (statistic, dof); NaN where dof < 1 or the statistic is NaN."""
+    result = np.empty(statistics.shape[0], np.float64)
+    for index in range(statistics.shape[0]):
+        if dof[index] >= 1 and not np.isnan(statistics[index]):
+            result[index] = _chi2_survival(statistics[index], dof[index])
+        else:
+            result[index] = np.nan
+    return result
+
+
+def chi2_survival_many_numpy(statistics, dof):
+    """Twin of `chi2_survival_many`: the plain Python `chi2_survival`, one at a time."""
+    return np.array([chi2_survival(float(x), int(k)) if k >= 1 and not np.isnan(x) else np.nan
+                     for x, k in zip(statistics, dof)], np.float64)
+
+
 def chi_square_test(reference, current, histogram: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(statistic, p-value) float64[F] each; p is NaN where a feature has fewer than 2 non-zero columns."""
     if histogram:

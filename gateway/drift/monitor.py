@@ -61,8 +61,8 @@ def _histogram_statistics(reference, current, cdf_reference, cdf_current, cdf_ed
 
 
 def _chi2_pvalues(statistics: np.ndarray, dof: np.ndarray) -> np.ndarray:
-    return np.array([kernels.chi2_survival(float(x), int(k)) if k >= 1 and not math.isnan(x) else math.nan
-                     for x, k in zip(statistics, dof)])
+    return np.asarray(kernels.chi2_survival_many(np.ascontiguousarray(statistics, np.float64),
+                                                 np.ascontiguousarray(dof, np.int64)))
 
 
 def tensor_block(datatype: str, shape, raw: bytes, features: tuple[int, ...], reduction: str) -> np.ndarray | None:
@@ -112,6 +112,7 @@ class TensorMonitor:
         self.cdf_reference: np.ndarray | None = None
         self.reference_tails: np.ndarray | None = None  # None: a profile without them (W1 binned)
         self.reference_outer: list[np.ndarray] | None = None  # per feature, every value outside [e_1, e_B-1)
+        self._window_sums: tuple | None = None  # (ring length, newest sub-window, counts, tails) of cdf_window
         self._index = None
         self._learning: list[np.ndarray] = []
         self._learned_rows = 0
@@ -285,8 +286,11 @@ class TensorMonitor:
         return self._coarse(np.sum(self._ring, axis=0))
 
     def cdf_window(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Fine CDF counts and tail sums of the sub-windows closed so far."""
-        return np.sum(self._ring, axis=0), np.sum(self._ring_tails, axis=0)
+        """Fine CDF counts and tail sums of the sub-windows closed so far (summed once per ring change)."""
+        if self._window_sums is None or self._window_sums[0] != len(self._ring_started) or self._window_sums[1] is not self._ring[-1]:
+            self._window_sums = (len(self._ring_started), self._ring[-1],
+                                 np.sum(self._ring, axis=0), np.sum(self._ring_tails, axis=0))
+        return self._window_sums[2], self._window_sums[3]
 
     def window_outer(self) -> list[np.ndarray | None]:
         """Per feature, the window's values outside [e_1, e_B-1), or None where a sub-window had more
