@@ -113,6 +113,7 @@ class TensorMonitor:
         self.reference_tails: np.ndarray | None = None  # None: a profile without them (W1 binned)
         self.reference_outer: list[np.ndarray] | None = None  # per feature, every value outside [e_1, e_B-1)
         self._window_sums: tuple | None = None  # (ring length, newest sub-window, counts, tails) of cdf_window
+        self._reference_moments: tuple | None = None  # (cdf_reference, mean, sd) of effect_sizes
         self._index = None
         self._learning: list[np.ndarray] = []
         self._learned_rows = 0
@@ -254,7 +255,7 @@ class TensorMonitor:
             return False
         self._ring.append(self._current)
         self._ring_tails.append(self._current_tails)
-        self._ring_outer.append(self._current_outer)
+        self._ring_outer.append(self._outer_parts(self._current, self._current_outer))
         self._ring_started.append(self._current_wall)
         self.observed += self._coarse(self._current)
         if len(self._ring) > self.config.sub_windows:
@@ -292,14 +293,23 @@ class TensorMonitor:
                                  np.sum(self._ring, axis=0), np.sum(self._ring_tails, axis=0))
         return self._window_sums[2], self._window_sums[3]
 
+    def _outer_parts(self, counts: np.ndarray, kept: np.ndarray | None) -> list[np.ndarray | None] | None:
+        """A closed sub-window's outer values per feature (None where it saw more than it kept)."""
+        if kept is None:
+            return None
+        bins = self.cdf_edges.shape[1] - 1
+        seen = counts[:, [0, bins - 1, bins, bins + 1]].sum(axis=1)
+        return [kept[feature, :seen[feature]].copy() if seen[feature] <= kept.shape[1] else None
+                for feature in range(counts.shape[0])]
+
     def window_outer(self) -> list[np.ndarray | None]:
         """Per feature, the window's values outside [e_1, e_B-1), or None where a sub-window had more
         than it keeps (then W1 takes the outer regions from their sums)."""
-        bins = self.cdf_edges.shape[1] - 1
-        seen = np.array([counts[:, [0, bins - 1, bins, bins + 1]].sum(axis=1) for counts in self._ring])  # [S, F]
-        complete = (seen <= np.array([[kept.shape[1]] for kept in self._ring_outer])).all(axis=0)
-        return [np.concatenate([kept[feature, :seen[index, feature]] for index, kept in enumerate(self._ring_outer)])
-                if complete[feature] else None for feature in range(self.cdf_edges.shape[0])]
+        result = []
+        for feature in range(self.cdf_edges.shape[0]):
+            parts = [sub_window[feature] for sub_window in self._ring_outer]
+            result.append(None if any(part is None for part in parts) else np.concatenate(parts))
+        return result
 
     def statistics(self) -> dict[str, np.ndarray]:
         cdf_current, current_tails = self.cdf_window()
@@ -322,7 +332,10 @@ class TensorMonitor:
         from the fine bins (each bin's values at its midpoint; the outer regions at their exact means
         where tail sums are known)."""
         cdf_current, current_tails = self.cdf_window()
-        reference_mean, reference_sd = _binned_moments(self.cdf_reference, self.cdf_edges, self.reference_tails)
+        if self._reference_moments is None or self._reference_moments[0] is not self.cdf_reference:
+            self._reference_moments = (self.cdf_reference,
+                                       *_binned_moments(self.cdf_reference, self.cdf_edges, self.reference_tails))
+        _, reference_mean, reference_sd = self._reference_moments
         current_mean, _ = _binned_moments(cdf_current, self.cdf_edges, current_tails if self.reference_tails is not None else None)
         with np.errstate(divide="ignore", invalid="ignore"):
             return (current_mean - reference_mean) / reference_sd
