@@ -16,21 +16,27 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install --quiet --no-build-isolation -e ".[test,bench]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# The protocol descriptor set, rebuilt whenever a .proto changes (setup.py compiles what is stale).
+DESCRIPTORS := gateway/protocol/tensorgate.binpb
+$(DESCRIPTORS): $(STAMP) $(wildcard protos/*.proto)
+	$(PY) setup.py --name >/dev/null
+	touch $(DESCRIPTORS)
 
-# Regenerate the protocol descriptor set from protos/ (also done by every install).
+install: $(STAMP) $(DESCRIPTORS)
+
+# Regenerate the protocol descriptor set from protos/ unconditionally.
 protos: $(STAMP)
-	rm -f gateway/protocol/tensorgate.binpb
+	rm -f $(DESCRIPTORS)
 	$(PY) setup.py --name >/dev/null
 
 # Rebuild the Cython kernels in place after editing ext/*.pyx.
 compile: $(STAMP)
 	$(PY) setup.py build_ext --inplace --quiet
 
-demo: $(STAMP)
+demo: $(STAMP) $(DESCRIPTORS)
 	$(VENV)/bin/tensorgate demo
 
-test: $(STAMP) test-tools
+test: $(STAMP) $(DESCRIPTORS) test-tools
 	$(PY) -m pytest -q
 
 # What the tests need beside .venv: a real Prometheus server (tests/test_telemetry.py runs
@@ -49,7 +55,7 @@ test-tools:
 	echo "make test: installing the Debian package prometheus (the telemetry tests run a real Prometheus server)"; \
 	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
 
-bench: $(STAMP)
+bench: $(STAMP) $(DESCRIPTORS)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_drift.py
 	$(PY) benchmarks/bench_telemetry.py

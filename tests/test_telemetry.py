@@ -282,6 +282,10 @@ def test_prometheus_stores_drift_gauges_alerts_and_bin_counts_after_a_drifted_st
         assert min(float(series["value"][1]) for series in body) > 0.25  # PSI's usual "significant shift"
         assert _query(api, alerts) >= 1
         assert _query(api, rows) == 64 * 16  # the drifted window's values, every feature, all in buckets
+        effect = f'tensorgate_drift_statistic{{model="{MODEL}",tensor="input/INPUT0",statistic="effect_size"}}'
+        shifts = [float(series["value"][1]) for series in
+                  _get_json(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": effect}))["data"]["result"]]
+        assert len(shifts) == 16 and min(shifts) > 2.0  # 3σ, in reference SDs (64 rows: noisy, binned)
         assert not thread.loop_errors
 
 

@@ -2,14 +2,19 @@
 
 On the hot path (one call per request or batch block, `nogil`, in place):
     update_histogram(counts, edges, block)     binned counts + below / above / NaN / inf   histogram.py
+    update_cdf(counts, tails, outer, edges, *cell_index(edges), block)
+                                               the same with a prebuilt cell table, the sums of the
+                                               outer bins' values and those values (fine CDF bins)  histogram.py
     update_bytes_buckets(counts, raw)          hashed buckets of KServe BYTES elements     categorical.py
 Library kernels the gateway does not call (offline analysis, tests; compiled on first use, not at start):
     update_moments(state, block)               running count, mean, M2 (Welford / Chan)    moments.py
     update_buckets(counts, values)             hashed buckets of integer categories        categorical.py
 When a window closes, one call per statistic, float64[F] out:
     population_stability_index, jensen_shannon_distance, ks_statistic, wasserstein_distance,
-    chi_square_statistic (histograms int64[F, B+4]; modules psi, jensen_shannon, ks, wasserstein, chi_square);
-    psi_table, jensen_shannon_table, chi_square_table (frequency tables int64[F, K]).
+    wasserstein_distance_tails, chi_square_statistic, chi_square_goodness (histograms int64[F, B+4];
+    modules psi, jensen_shannon, ks, wasserstein, chi_square); psi_table, jensen_shannon_table,
+    chi_square_table, chi_square_goodness_table (frequency tables int64[F, K]).
+p-values without SciPy (plain Python, per feature): ks_pvalue, chi2_survival.
 
 `TENSORGATE_NO_EXTENSIONS=1` exports the `*_numpy` twins under the same names (as gateway.ext does).
 Kernels compile on first call and are cached on disk (`cache=True`, in this package's __pycache__);
@@ -27,11 +32,15 @@ from gateway.ext import USING_EXTENSIONS
 from gateway.ext.drift import categorical, chi_square, histogram, jensen_shannon, ks, moments, psi, wasserstein
 from gateway.ext.drift.categorical import as_raw
 from gateway.ext.drift.chi_square import chi_square_test
-from gateway.ext.drift.histogram import ABOVE, BELOW, EXTRA_COLUMNS, INF, NAN, fold_tails, new_histogram, quantile_edges
+from gateway.ext.drift.chi_square import chi2_survival, degrees_of_freedom
+from gateway.ext.drift.histogram import (ABOVE, BELOW, EXTRA_COLUMNS, INF, NAN, cell_index, coarsen, fold_tails,
+                                         new_histogram, quantile_edges)
+from gateway.ext.drift.ks import ks_pvalue, ks_pvalue_given_reference
 from gateway.ext.drift.moments import new_moments, variance
 
 KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_numpy" in the same module
     "update_histogram": histogram,
+    "update_cdf": histogram,
     "update_moments": moments,
     "merge_moments": moments,
     "update_buckets": categorical,
@@ -42,7 +51,13 @@ KERNELS = {  # Numba kernel name -> its module; the twin is the same name + "_nu
     "jensen_shannon_table": jensen_shannon,
     "ks": ks,
     "wasserstein": wasserstein,
+    "wasserstein_tails": wasserstein,
+    "wasserstein_inner": wasserstein,
+    "outer_regions_exact": wasserstein,
     "chi_square": chi_square,
+    "chi_square_goodness": chi_square,
+    "chi_square_goodness_table": chi_square,
+    "chi2_survival_many": chi_square,
     "chi_square_table": chi_square,
 }
 
@@ -51,6 +66,7 @@ GATEWAY_KERNELS = frozenset(KERNELS) - {"update_moments", "merge_moments", "upda
 
 _suffix = "" if USING_EXTENSIONS else "_numpy"
 update_histogram = getattr(histogram, "update_histogram" + _suffix)
+update_cdf = getattr(histogram, "update_cdf" + _suffix)
 update_moments = getattr(moments, "update_moments" + _suffix)
 merge_moments = getattr(moments, "merge_moments" + _suffix)
 update_buckets = getattr(categorical, "update_buckets" + _suffix)
@@ -62,7 +78,13 @@ jensen_shannon_distance = getattr(jensen_shannon, "jensen_shannon" + _suffix)
 jensen_shannon_table = getattr(jensen_shannon, "jensen_shannon_table" + _suffix)
 ks_statistic = getattr(ks, "ks" + _suffix)
 wasserstein_distance = getattr(wasserstein, "wasserstein" + _suffix)
+wasserstein_distance_tails = getattr(wasserstein, "wasserstein_tails" + _suffix)
+wasserstein_inner = getattr(wasserstein, "wasserstein_inner" + _suffix)
+outer_regions_exact = getattr(wasserstein, "outer_regions_exact" + _suffix)
 chi_square_statistic = getattr(chi_square, "chi_square" + _suffix)
+chi_square_goodness = getattr(chi_square, "chi_square_goodness" + _suffix)
+chi_square_goodness_table = getattr(chi_square, "chi_square_goodness_table" + _suffix)
+chi2_survival_many = getattr(chi_square, "chi2_survival_many" + _suffix)
 chi_square_table = getattr(chi_square, "chi_square_table" + _suffix)
 
 
@@ -83,14 +105,21 @@ def warm_up() -> float:
         block = np.zeros((3, features), dtype)
         for variant in (block, _read_only(block)):
             histogram.update_histogram(counts, edges, variant)
+            histogram.update_cdf(counts, np.zeros((features, 2)), np.zeros((features, 8)), edges, *cell_index(edges), variant)
     table = np.ones((features, buckets), np.int64)
     raw = b"\x01\x00\x00\x00a\x00\x00\x00\x00"
     categorical.update_bytes_buckets(table, np.frombuffer(raw, np.uint8))
     categorical.update_bytes_buckets(table, np.frombuffer(bytearray(raw), np.uint8))
     for histograms in (psi.psi, jensen_shannon.jensen_shannon, ks.ks, chi_square.chi_square):
         histograms(counts, counts)
+    chi_square.chi_square_goodness(counts, counts)
     wasserstein.wasserstein(counts, counts, edges)
-    for tables in (psi.psi_table, jensen_shannon.jensen_shannon_table, chi_square.chi_square_table):
+    wasserstein.wasserstein_tails(counts, counts, edges, np.zeros((features, 2)), np.zeros((features, 2)))
+    wasserstein.wasserstein_inner(counts, counts, edges)
+    chi_square.chi2_survival_many(np.zeros(features), np.ones(features, np.int64))
+    wasserstein.outer_regions_exact(np.zeros(3), np.zeros(2), 3.0, 2.0, 0.5, 1.5)
+    for tables in (psi.psi_table, jensen_shannon.jensen_shannon_table, chi_square.chi_square_table,
+                   chi_square.chi_square_goodness_table):
         tables(table, table)
     return time.perf_counter() - started
 
@@ -103,7 +132,9 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "ABOVE", "BELOW", "EXTRA_COLUMNS", "GATEWAY_KERNELS", "INF", "KERNELS", "NAN", "USING_EXTENSIONS",
-    "as_raw", "chi_square_statistic", "chi_square_table", "chi_square_test", "fold_tails",
+    "as_raw", "cell_index", "chi2_survival", "chi2_survival_many", "chi_square_goodness", "chi_square_goodness_table",
+    "chi_square_statistic", "chi_square_table", "chi_square_test", "coarsen", "degrees_of_freedom", "fold_tails",
+    "ks_pvalue", "ks_pvalue_given_reference", "outer_regions_exact", "update_cdf", "wasserstein_inner", "wasserstein_distance_tails",
     "jensen_shannon_distance", "jensen_shannon_table", "ks_statistic", "merge_moments", "new_histogram",
     "new_moments", "population_stability_index", "psi_table", "quantile_edges", "update_buckets",
     "update_bytes_buckets", "update_histogram", "update_moments", "variance", "warm_up",

@@ -9,8 +9,15 @@ the statistic of `scipy.stats.chi2_contingency(table, correction=False)` with th
 dropped, with (non-zero columns - 1) degrees of freedom. Meant for categorical features
 (`chi_square_table` on categorical.py's buckets); `chi_square` takes histograms int64[F, B+4] with
 BELOW folded into the first bin, ABOVE into the last, NAN and INF left out. The kernels return the
-statistic; `chi_square_test` adds the p-value with SciPy, off the hot path. A feature with no counted
-value on either side gets NaN.
+statistic; `chi_square_test` adds the p-value (computed here, without SciPy), off the hot path. A
+feature with no counted value on either side gets NaN.
+
+`chi_square_goodness` / `chi_square_goodness_table` are Evidently's chi-square (its `chisquare`
+stattest, `scipy.stats.chisquare(f_obs, f_exp)`): the current counts against the counts the
+reference's shares predict, E_k = reference_k * current_total / reference_total, over the bins
+non-empty on either side, with (those bins - 1) degrees of freedom; a bin the reference never saw
+but the current did gives +inf. It treats the reference as exact, so it is what people compare
+with, while the drift stage's calibrated tests use the two-sample homogeneity statistic above.
 """
 
 from __future__ import annotations
@@ -61,6 +68,56 @@ def chi_square_table(reference, current):
     return _chi_square(reference, current, reference.shape[1], False)
 
 
+@numba.njit(nogil=True, cache=True)
+def _chi_square_goodness(reference, current, bins, fold):
+    check_same_shape(reference, current, bins)
+    features = reference.shape[0]
+    result = np.empty(features, np.float64)
+    for feature in range(features):
+        reference_total, current_total = folded_totals(reference, current, feature, bins, fold)
+        if reference_total == 0.0 or current_total == 0.0:
+            result[feature] = np.nan
+            continue
+        scale = current_total / reference_total
+        statistic = 0.0
+        for index in range(bins):
+            observed = folded_count(current, feature, index, bins, fold)
+            expected = folded_count(reference, feature, index, bins, fold) * scale
+            if expected > 0.0:
+                statistic += (observed - expected) ** 2 / expected
+            elif observed > 0.0:
+                statistic = np.inf
+        result[feature] = statistic
+    return result
+
+
+@numba.njit(nogil=True, cache=True)
+def chi_square_goodness(reference, current):
+    """float64[F]: Evidently's chi-square of the current histogram against the reference's shares."""
+    return _chi_square_goodness(reference, current, reference.shape[1] - EXTRA_COLUMNS, True)
+
+
+@numba.njit(nogil=True, cache=True)
+def chi_square_goodness_table(reference, current):
+    """float64[F]: Evidently's chi-square of a current frequency table against the reference's shares."""
+    return _chi_square_goodness(reference, current, reference.shape[1], False)
+
+
+def chi_square_goodness_table_numpy(reference, current):
+    """NumPy twin of `chi_square_goodness_table`."""
+    reference, current = count_tables_numpy(reference, current)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = reference * (current.sum(axis=1, keepdims=True) / reference.sum(axis=1, keepdims=True))
+        terms = np.where(expected > 0, (current - expected) ** 2 / expected, np.where(current > 0, np.inf, 0.0))
+    empty = (reference.sum(axis=1) == 0) | (current.sum(axis=1) == 0)
+    return np.where(empty, np.nan, terms.sum(axis=1))
+
+
+def chi_square_goodness_numpy(reference, current):
+    """NumPy twin of `chi_square_goodness`."""
+    return chi_square_goodness_table_numpy(fold_tails(reference), fold_tails(current))
+
+
 def chi_square_table_numpy(reference, current):
     """NumPy twin of `chi_square_table`."""
     reference, current = count_tables_numpy(reference, current)
@@ -94,6 +151,8 @@ def chi2_survival(statistic: float, dof: int) -> float:
     a, x = dof / 2.0, statistic / 2.0
     if x <= 0.0:
         return 1.0
+    if x == math.inf:
+        return 0.0
     log_prefactor = a * math.log(x) - x - math.lgamma(a)
     if x < a + 1.0:  # series of P(a, x); Q = 1 - P
         term = total = 1.0 / a
@@ -123,6 +182,27 @@ def chi2_survival(statistic: float, dof: int) -> float:
         if abs(step - 1.0) < 1e-16:
             break
     return math.exp(log_prefactor) * fraction
+
+
+_chi2_survival = numba.njit(nogil=True, cache=True)(chi2_survival)  # the same code, compiled
+
+
+@numba.njit(nogil=True, cache=True)
+def chi2_survival_many(statistics, dof):
+    """float64[F]: chi2_survival of each (statistic, dof); NaN where dof < 1 or the statistic is NaN."""
+    result = np.empty(statistics.shape[0], np.float64)
+    for index in range(statistics.shape[0]):
+        if dof[index] >= 1 and not np.isnan(statistics[index]):
+            result[index] = _chi2_survival(statistics[index], dof[index])
+        else:
+            result[index] = np.nan
+    return result
+
+
+def chi2_survival_many_numpy(statistics, dof):
+    """Twin of `chi2_survival_many`: the plain Python `chi2_survival`, one at a time."""
+    return np.array([chi2_survival(float(x), int(k)) if k >= 1 and not np.isnan(x) else np.nan
+                     for x, k in zip(statistics, dof)], np.float64)
 
 
 def chi_square_test(reference, current, histogram: bool = True) -> tuple[np.ndarray, np.ndarray]:

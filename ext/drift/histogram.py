@@ -85,25 +85,11 @@ def _cell_table(edges, cells):
 
 
 @numba.njit(nogil=True, cache=True)
-def update_histogram(counts, edges, block):
-    """Add the values of `block[R, F]` to `counts[F, B+4]` against `edges[F, B+1]`; returns `counts`.
-
-    Updated in place. Rows are read in memory order, so a C-contiguous block is read once, front to
-    back. Per in-range value: one multiply to find its cell, one table load and `steps` branch-free
-    comparisons (unsigned indices, so no negative-index wrap-around code either).
-    """
+def _count_block(counts, edges, block, origin, scale, bounds, start, steps, tails, outer, track_tails):
+    """The shared loop of `update_histogram` and `update_cdf` (see their docstrings)."""
     features = edges.shape[0]
     bins = edges.shape[1] - 1
-    if (bins < 1 or bins > MAX_BINS or counts.shape[0] != features or counts.shape[1] != bins + 4
-            or block.shape[1] != features):
-        raise ValueError(_SHAPE_ERROR)
-    # Building the table costs F x cells a call: 4 cells a bin for small blocks; large blocks refine
-    # the grid while some cell still holds several edges, up to 256 cells a bin.
-    cells = 4 * bins
-    origin, scale, bounds, start, steps = _cell_table(edges, cells)
-    while steps > 1 and cells < 256 * bins and features * cells * 64 <= block.shape[0] * features:
-        cells *= 4
-        origin, scale, bounds, start, steps = _cell_table(edges, cells)
+    cells = start.shape[1] - 1
     one = np.uint64(1)
     last_cell = np.float64(cells)
     for row in range(block.shape[0]):
@@ -124,11 +110,122 @@ def update_histogram(counts, edges, block):
                 counts[feature, bins + 2] += 1
             elif np.isinf(value):
                 counts[feature, bins + 3] += 1
-            elif value < edges[feature, 0]:
-                counts[feature, bins] += 1
-            else:
-                counts[feature, bins + 1] += 1
+            else:  # finite, outside the fast range: out of range, or (update_cdf) in an outer bin
+                if value < edges[feature, 0]:
+                    counts[feature, bins] += 1
+                elif value > edges[feature, bins]:
+                    counts[feature, bins + 1] += 1
+                elif value < edges[feature, 1]:
+                    counts[feature, 0] += 1
+                else:
+                    counts[feature, bins - 1] += 1
+                if track_tails:
+                    tails[feature, 0 if value < edges[feature, 1] else 1] += value
+                    stored = (counts[feature, 0] + counts[feature, bins - 1] + counts[feature, bins]
+                              + counts[feature, bins + 1] - 1)  # outer values before this one
+                    if stored < outer.shape[1]:
+                        outer[feature, stored] = value
     return counts
+
+
+@numba.njit(nogil=True, cache=True)
+def update_histogram(counts, edges, block):
+    """Add the values of `block[R, F]` to `counts[F, B+4]` against `edges[F, B+1]`; returns `counts`.
+
+    Updated in place. Rows are read in memory order, so a C-contiguous block is read once, front to
+    back. Per in-range value: one multiply to find its cell, one table load and `steps` branch-free
+    comparisons (unsigned indices, so no negative-index wrap-around code either). The cell table is
+    built on every call; `update_cdf` takes one built once (`cell_index`).
+    """
+    features = edges.shape[0]
+    bins = edges.shape[1] - 1
+    if (bins < 1 or bins > MAX_BINS or counts.shape[0] != features or counts.shape[1] != bins + 4
+            or block.shape[1] != features):
+        raise ValueError(_SHAPE_ERROR)
+    # Building the table costs F x cells a call: 4 cells a bin for small blocks; large blocks refine
+    # the grid while some cell still holds several edges, up to 256 cells a bin.
+    cells = 4 * bins
+    origin, scale, bounds, start, steps = _cell_table(edges, cells)
+    while steps > 1 and cells < 256 * bins and features * cells * 64 <= block.shape[0] * features:
+        cells *= 4
+        origin, scale, bounds, start, steps = _cell_table(edges, cells)
+    no_tails = np.zeros((1, 2), np.float64)
+    no_outer = np.zeros((1, 0), np.float64)
+    return _count_block(counts, edges, block, origin, scale, bounds, start, steps, no_tails, no_outer, False)
+
+
+def cell_index(edges, cells_per_bin: int = 4):
+    """The cell table of `edges` for `update_cdf`, built once per reference: (origin, scale, bounds, start, steps).
+
+    Refined (x4 cells) while some cell holds several edges, up to 64 x `cells_per_bin` cells a bin.
+    Its `bounds` are the inner edges [e_1, e_B-1): values of the two outer bins take the slow path,
+    which adds them to the tail sums, so the fast path has no tail branch (2 values in B take it).
+    """
+    edges = np.ascontiguousarray(edges, np.float64)
+    bins = edges.shape[1] - 1
+    if bins < 2:
+        raise ValueError("update_cdf needs at least 2 bins")
+    cells = cells_per_bin * bins
+    origin, scale, bounds, start, steps = _cell_table(edges, cells)
+    while steps > 1 and cells < 64 * cells_per_bin * bins:
+        cells *= 4
+        origin, scale, bounds, start, steps = _cell_table(edges, cells)
+    bounds[:, 0] = edges[:, 1]
+    bounds[:, 1] = np.nextafter(edges[:, bins - 1], -np.inf)  # value <= bound  <=>  value < e_B-1
+    return origin, scale, bounds, start, steps
+
+
+@numba.njit(nogil=True, cache=True)
+def update_cdf(counts, tails, outer, edges, origin, scale, bounds, start, steps, block):
+    """`update_histogram` with a prebuilt cell table (`cell_index(edges, ...)`) and the outer values; returns `counts`.
+
+    `tails: float64[F, 2]` accumulates, per feature, the sum of the finite values left of e_1 (BELOW
+    and bin 0) and right of e_B-1 (bin B-1 and ABOVE): with the counts, the exact integral of each
+    CDF over the two outer bins and beyond (wasserstein.py). `outer: float64[F, C]` keeps those values
+    themselves, in arrival order, the first C of them (the k-th outer value of a feature is at
+    outer[f, k], k counted from the counts' outer columns, so `counts` must start at zero with it):
+    with all of them, W1 over the outer regions is exact even where the CDFs cross there (a heavy
+    tail's few values). Meant for fine CDF bins (256 and more), where building the table on every
+    call would cost more than counting a small block; outer values take the slow path (2 in B).
+    """
+    features = edges.shape[0]
+    bins = edges.shape[1] - 1
+    if (bins < 2 or bins > MAX_BINS or counts.shape[0] != features or counts.shape[1] != bins + 4
+            or block.shape[1] != features or tails.shape[0] != features or tails.shape[1] != 2
+            or outer.shape[0] != features
+            or start.shape[0] != features or origin.shape[0] != features or bounds.shape[0] != features
+            or steps < 0 or steps > bins - 1):
+        raise ValueError(_SHAPE_ERROR + ", tails float64[F, 2] and the cell index of edges")
+    return _count_block(counts, edges, block, origin, scale, bounds, start, steps, tails, outer, True)
+
+
+def update_cdf_numpy(counts, tails, outer, edges, origin, scale, bounds, start, steps, block):
+    """NumPy twin of `update_cdf` (the cell index is not needed, and ignored)."""
+    edges, block = np.asarray(edges), np.asarray(block)
+    if tails.shape != (edges.shape[0], 2) or edges.shape[1] < 3 or outer.shape[0] != edges.shape[0]:
+        raise ValueError(_SHAPE_ERROR + ", tails float64[F, 2] and the cell index of edges")
+    bins = edges.shape[1] - 1
+    stored = counts[:, 0] + counts[:, bins - 1] + counts[:, bins] + counts[:, bins + 1]
+    update_histogram_numpy(counts, edges, block)
+    for feature in range(edges.shape[0]):
+        column = block[:, feature].astype(np.float64)
+        outside = np.isfinite(column) & ((column < edges[feature, 1]) | (column >= edges[feature, -2]))
+        values = column[outside]  # in row order, as the kernel meets them
+        tails[feature, 0] += values[values < edges[feature, 1]].sum()
+        tails[feature, 1] += values[values >= edges[feature, 1]].sum()
+        room = max(0, outer.shape[1] - int(stored[feature]))
+        outer[feature, int(stored[feature]):int(stored[feature]) + min(room, values.size)] = values[:room]
+    return counts
+
+
+def coarsen(counts, refine: int) -> np.ndarray:
+    """A histogram int64[F, B+4] of fine bins -> int64[F, B/refine + 4]: each run of `refine` bins summed."""
+    counts = np.asarray(counts)
+    fine_bins = counts.shape[1] - EXTRA_COLUMNS
+    if refine < 1 or fine_bins % refine:
+        raise ValueError(f"{fine_bins} bins do not split into runs of {refine}")
+    inside = counts[:, :fine_bins].reshape(counts.shape[0], fine_bins // refine, refine).sum(axis=2)
+    return np.concatenate([inside, counts[:, fine_bins:]], axis=1)
 
 
 def update_histogram_numpy(counts, edges, block):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import grpc
 
@@ -27,13 +28,16 @@ def format_report(report) -> str:
     statistics = ["psi", "js", "ks", "wasserstein", "chi_square"]
     lines = [
         f"drift report of model '{report.model}': {report.windows_evaluated} windows evaluated, "
-        f"{report.window_rows} rows per window",
+        f"{report.window_rows} rows per window, {report.mode or 'threshold'} mode"
+        + (f" (level {report.alpha:.3g} an evaluation)" if report.mode == "calibrated" else ""),
         "",
-        f"  {'tensor':<20}{'feature':>8}  " + "".join(f"{name:>12}" for name in statistics) + "  level",
+        f"  {'tensor':<20}{'feature':>8}  " + "".join(f"{name:>12}" for name in statistics)
+        + f"{'p (ks)':>12}{'shift (σ)':>11}  level",
     ]
     ranked = sorted(report.features, key=lambda f: -f.statistics.get("psi", 0.0))
     for feature in ranked:
         values = "".join(f"{feature.statistics.get(name, float('nan')):>12.4f}" for name in statistics)
+        values += f"{feature.p_values.get('ks', float('nan')):>12.3g}{feature.effect_size:>+11.3f}"
         lines.append(f"{LEVEL_MARK.get(feature.level, '?')} {feature.tensor:<20}{feature.feature:>8}  {values}  {feature.level}")
     if not report.features:
         lines.append("  (no full window yet: the reference is being learned or the window is filling)")
@@ -41,7 +45,10 @@ def format_report(report) -> str:
         lines.append("")
         lines.append("alerts:")
         for alert in report.alerts:
-            lines.append(f"  {alert.level:<8} {alert.tensor} feature {alert.feature}: {alert.statistic} = {alert.value:.4f}")
+            why = f", p = {alert.p_value:.3g}" if alert.mode == "calibrated" else ""
+            since = time.strftime("%H:%M:%S", time.localtime(alert.since)) if alert.since == alert.since else "?"
+            lines.append(f"  {alert.level:<8} {alert.tensor} feature {alert.feature}: {alert.statistic} = {alert.value:.4f}"
+                         f"{why} ({alert.mode or 'threshold'} mode), shift {alert.effect_size:+.3f} σ, since {since}")
     return "\n".join(lines)
 
 
@@ -92,9 +99,21 @@ def cmd_drift_report(args) -> int:
     if args.save_profile:
         histograms = json.loads(report.histograms_json)
         with open(args.save_profile, "w", encoding="utf-8") as stream:
-            json.dump({k: {"edges": v["edges"], "reference": v["current"] or v["reference"]} for k, v in histograms.items()}, stream)
+            json.dump({k: _profile_entry(v) for k, v in histograms.items()}, stream)
         print(f"\nprofile of the current window saved to {args.save_profile}")
     if args.plot:
         plot_report(report, args.plot)
         print(f"\nplot written to {args.plot}")
     return 0
+
+
+def _profile_entry(histogram: dict) -> dict:
+    """A tensor's saved profile: its current window (or reference) on the bins, and on the fine CDF bins."""
+    entry = {"edges": histogram["edges"], "reference": histogram["current"] or histogram["reference"]}
+    cdf = histogram.get("cdf")
+    if cdf is not None:
+        current = cdf["current"] is not None
+        entry["cdf"] = {"edges": cdf["edges"], "reference": cdf["current"] if current else cdf["reference"],
+                        "reference_tails": cdf["current_tails"] if current else cdf["reference_tails"],
+                        "reference_outer": cdf["current_outer"] if current else cdf["reference_outer"]}
+    return entry

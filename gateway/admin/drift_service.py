@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Callable
 
 from gateway.drift.stage import DriftStage
@@ -57,6 +58,9 @@ class DriftService:
         return self.m["DriftAlert"](
             model=alert["model"], tensor=alert["tensor"], feature=int(alert["feature"]), statistic=alert["statistic"],
             value=float(alert["value"]), level=alert["level"], time=float(alert["time"]),
+            mode=alert.get("mode", "threshold"), p_value=float(alert.get("p_value", math.nan)),
+            alpha=float(alert.get("alpha", math.nan)), effect_size=float(alert.get("effect_size", math.nan)),
+            since=float(alert.get("since") or math.nan),
         )
 
     def get_report(self, request):
@@ -65,12 +69,17 @@ class DriftService:
         response = self.m["DriftReport"](
             model=request.model, window_rows=int(report.get("window_rows", 0)),
             windows_evaluated=int(report.get("windows_evaluated", 0)),
-            histograms_json=json.dumps(report["histograms"]),
+            histograms_json=json.dumps(report["histograms"]), mode=report.get("mode") or self._monitor(request.model).config.mode,
+            alpha=float(report.get("alpha") or math.nan),
         )
         for feature in report["features"]:
-            item = response.features.add(tensor=feature["tensor"], feature=int(feature["feature"]), level=feature["level"])
+            item = response.features.add(tensor=feature["tensor"], feature=int(feature["feature"]), level=feature["level"],
+                                         effect_size=float(feature.get("effect_size", math.nan)),
+                                         since=float(feature.get("since") or math.nan))
             for name, value in feature["statistics"].items():
                 item.statistics[name] = float(value)
+            for name, value in feature.get("p_values", {}).items():
+                item.p_values[name] = float(value)
         response.alerts.extend(self._alert(a) for a in report["alerts"])
         return response
 

@@ -8,6 +8,7 @@ from gateway.errors import ConfigError
 
 STATISTICS = ("psi", "js", "ks", "wasserstein", "chi_square")
 REDUCTIONS = ("none", "mean", "l2")
+MODES = ("threshold", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,11 @@ class ModelDriftConfig:
     trailing dimensions of a [rows, C, ...] tensor (one feature per channel of an image), or per
     row of a [rows, D] tensor (one feature per embedding)."""
     bins: int = 16
-    """Bins per feature; edges come from reference quantiles, so every bin starts with mass."""
+    """Bins per feature for PSI, JS and chi²; edges come from reference quantiles, so every bin starts with mass."""
+    cdf_refine: int = 16
+    """KS and Wasserstein-1 are computed on bins × cdf_refine quantile bins (the bins above are runs of
+    cdf_refine of them), with the sums of the outer bins' values for W1's tails: one histogram update
+    a request either way."""
     buckets: int = 64
     """Hashed frequency buckets per feature of a BYTES (categorical) tensor."""
     window_rows: int = 5000
@@ -56,8 +61,16 @@ class ModelDriftConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     thresholds: dict[str, tuple[float, float]] = field(default_factory=lambda: {"psi": (0.1, 0.25)})
     """Per statistic (psi, js, ks, wasserstein, chi_square): (warning, alert) thresholds."""
+    mode: str = "threshold"
+    """threshold: alert on `thresholds` after `consecutive` windows. calibrated: a test per feature
+    (KS on the fine bins against this reference, allowing for the reference's own sampling error;
+    chi² of homogeneity for BYTES buckets) at a level set by `false_alarms_per_windows`, with Holm's
+    correction across every test of the model: an alert fires on the first window that rejects."""
+    false_alarms_per_windows: float = 1000.0
+    """calibrated: at most one false alert per this many windows of window_rows rows, per model (the
+    level of each evaluation is 1 / (this × sub_windows): a window is evaluated sub_windows times)."""
     consecutive: int = 2
-    """Windows in a row above a threshold before the alert fires."""
+    """Windows in a row above a threshold before the alert fires (threshold mode)."""
     clear_after: int = 2
     """Windows in a row below the warning threshold before a fired alert clears (hysteresis)."""
 
@@ -69,6 +82,12 @@ class ModelDriftConfig:
             raise ConfigError(f"{path}.buckets", "expected at least 2 buckets")
         if self.bins < 2:
             raise ConfigError(f"{path}.bins", "expected at least 2 bins")
+        if self.cdf_refine < 1 or self.bins * self.cdf_refine > 65536:
+            raise ConfigError(f"{path}.cdf_refine", "expected at least 1, with bins × cdf_refine <= 65536")
+        if self.mode not in MODES:
+            raise ConfigError(f"{path}.mode", f"expected one of {', '.join(MODES)}, got {self.mode!r}")
+        if not self.false_alarms_per_windows >= 1:
+            raise ConfigError(f"{path}.false_alarms_per_windows", "expected at least 1 (one false alert per N windows)")
         if self.sub_windows < 1 or self.window_rows < self.sub_windows:
             raise ConfigError(f"{path}.sub_windows", "expected 1 to window_rows sub-windows")
         if not 0 < self.sample_rate <= 1:

@@ -13,7 +13,9 @@ local counters (gateway/telemetry/aggregates.py); `drift_hook` counts drift aler
     tensorgate.backend.inflight         gauge      {request}  backend, pool
     tensorgate.backend.healthy          gauge      1          backend, pool (1 in rotation, 0 out)
     tensorgate.routing.decisions        counter    {decision} pool, reason (preferred, spill, failover)
-    tensorgate.drift.statistic          gauge      1          model, tensor, feature, statistic (last window)
+    tensorgate.drift.statistic          gauge      1          model, tensor, feature, statistic (last window;
+                                                              also effect_size: the mean shift in reference
+                                                              SDs, and p_<test>: the calibrated tests' p-values)
     tensorgate.drift.alerts             counter    {alert}    model, tensor, statistic, level
     tensorgate.drift.observations       histogram  1          model, tensor, feature (values counted in the
                                                               drift bins since the reference was set)
@@ -35,6 +37,7 @@ the PeriodicExportingMetricReader's thread; a collector that is down never slows
 from __future__ import annotations
 
 import logging
+import math
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
@@ -253,9 +256,12 @@ class TelemetryStage:
         for model, monitor in self._monitors():
             report = monitor.last_report
             for feature in (report or {}).get("features", ()):
+                labels = {"model": model, "tensor": feature["tensor"], "feature": str(feature["feature"])}
                 for statistic, value in feature["statistics"].items():
-                    out.append(Observation(value, {"model": model, "tensor": feature["tensor"],
-                                                   "feature": str(feature["feature"]), "statistic": statistic}))
+                    out.append(Observation(value, {**labels, "statistic": statistic}))
+                out.append(Observation(feature.get("effect_size", math.nan), {**labels, "statistic": "effect_size"}))
+                for test, value in feature.get("p_values", {}).items():
+                    out.append(Observation(value, {**labels, "statistic": f"p_{test}"}))
         return out
 
     def _drift_alert_counts(self, options: CallbackOptions) -> Iterable[Observation]:
