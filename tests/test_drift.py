@@ -116,11 +116,12 @@ def test_hostile_values_are_counted_not_crashed():
     tensor = monitor.tensors[("input", "X")]
     assert tensor.reference is not None
     weird = np.array([[np.nan, np.inf, -np.inf], [1e300, -1e300, 1.0], [1.0, 1.0, 1.0]] * 40)
-    monitor.observe(_fake_request(weird), None)  # fills a sub-window (50 rows) at once
+    monitor.observe(_fake_request(weird), None)  # 120 rows: two sub-windows of 50, 20 rows over
     monitor.observe(_fake_request(np.empty((0, 3))), None)  # an empty block
-    monitor.observe(_fake_request(weird), None)  # the second sub-window: the window is full
-    window = tensor.window()
-    assert window.sum() == 2 * weird.size  # every value counted: a bin, below/above, NaN or inf
+    monitor.observe(_fake_request(weird), None)  # 120 more: two more sub-windows, 40 rows over
+    # Every value counted — a bin, below/above, NaN or inf — in sub-windows of exactly 50 rows.
+    assert tensor.window().sum() == config.window_rows * 3  # the last two sub-windows
+    assert tensor.observed.sum() == 4 * 50 * 3  # every closed sub-window
     assert monitor.last_report is not None
     for feature in monitor.last_report["features"]:
         statistics = dict(feature["statistics"])
@@ -311,3 +312,49 @@ def test_npz_reference_and_windows_by_time(tmp_path):
         monitor.observe(_fake_request(np.random.default_rng(2).standard_normal((10, 4))), None)
         time.sleep(0.11)
     assert monitor.windows_evaluated >= 1
+
+
+# ---- one compiled update per event-loop turn ----------------------------------------------------
+
+def _monitor(sample_rate: float = 1.0) -> ModelMonitor:
+    config = ModelDriftConfig(window_rows=400, sample_rate=sample_rate, reference=ReferenceConfig(learn_rows=200))
+    return ModelMonitor("m", config, lambda alert: None, reservoir_rows=64)
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.4])
+def test_observing_many_requests_at_once_counts_what_observing_each_counts(sample_rate):
+    rng = np.random.default_rng(5)
+    requests = [_fake_request(rng.standard_normal((rows, 3))) for rows in rng.integers(1, 5, 300)]
+    one_by_one, together = _monitor(sample_rate), _monitor(sample_rate)
+    for request in requests:
+        one_by_one.observe(request, None)
+    for start in range(0, len(requests), 17):
+        together.observe_many([(request, None) for request in requests[start:start + 17]])
+    assert together.sampled == one_by_one.sampled == round(len(requests) * sample_rate)
+    a, b = one_by_one.tensors[("input", "X")], together.tensors[("input", "X")]
+    assert np.array_equal(a.reference, b.reference) and np.array_equal(a.edges, b.edges)
+    assert np.array_equal(a.observed, b.observed)  # every sampled row counted, in the same bins
+
+
+async def test_the_drift_stage_counts_a_turns_requests_in_one_update():
+    from gateway.configfile import load_dataclass
+    from gateway.drift.config import DriftConfig
+    from gateway.drift.stage import DriftStage
+
+    stage = DriftStage(load_dataclass(DriftConfig, {"models": {"m": {"window_rows": 400}}}))
+    monitor = stage.monitors["m"]
+    calls = []
+    observe_many = monitor.observe_many
+    monitor.observe_many = lambda pairs: (calls.append(len(pairs)), observe_many(pairs))
+
+    class Finished:  # what the observer reads of an Exchange
+        def __init__(self, request):
+            self.entry, self.request = type("Entry", (), {"name": "m"})(), request
+
+    rng = np.random.default_rng(6)
+    for _ in range(3):  # three event-loop turns of 8 requests each
+        for _ in range(8):
+            stage.observer(Finished(_fake_request(rng.standard_normal((1, 3)))), None, None)
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert calls == [8, 8, 8] and monitor.sampled == 24

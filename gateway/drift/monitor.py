@@ -219,16 +219,32 @@ class TensorMonitor:
         self.window_started = None
 
     def update(self, block: np.ndarray) -> bool:
-        """Count a [rows, F] block; True when a sub-window just closed and a full window is ready."""
-        if self.reference is None:
-            self._learning.append(np.array(block, dtype=np.float64))
-            self._learned_rows += len(block)
-            if self._learned_rows >= self.config.reference.learn_rows:
-                self.set_reference(np.concatenate(self._learning))
-                self._learning.clear()
-            return False
-        kernels.update_cdf(self._current, self._current_tails, self._current_outer, self.cdf_edges, *self._index, block)
-        return self._count_rows(len(block))
+        """Count a [rows, F] block; True when a sub-window closed and a full window is ready.
+
+        The block is cut where the reference is complete (exactly `learn_rows` rows) and where a
+        sub-window is full (exactly `sub_window_rows`), so the windows are the same whether rows
+        come one request at a time or many requests at once (DriftStage counts a loop turn's).
+        """
+        ready = False
+        while len(block):
+            if self.reference is None:
+                needed = self.config.reference.learn_rows - self._learned_rows
+                part, block = block[:needed], block[needed:]
+                self._learning.append(np.array(part, dtype=np.float64))
+                self._learned_rows += len(part)
+                if self._learned_rows >= self.config.reference.learn_rows:
+                    self.set_reference(np.concatenate(self._learning))
+                    self._learning.clear()
+                continue
+            room = self.sub_window_rows - self._current_rows
+            if 0 < room < len(block):
+                part, block = block[:room], block[room:]
+            else:
+                part, block = block, block[:0]
+            kernels.update_cdf(self._current, self._current_tails, self._current_outer, self.cdf_edges, *self._index,
+                               np.ascontiguousarray(part))
+            ready |= self._count_rows(len(part))
+        return ready
 
     def _fresh_tails(self) -> np.ndarray | None:
         return np.zeros((self.cdf_edges.shape[0], 2))
@@ -452,6 +468,18 @@ class CategoricalMonitor(TensorMonitor):
         return [(bounds, tuple(map(int, row))) for row in observed]
 
 
+def _add(groups: dict, kind: str, tensor, raw: bytes) -> None:
+    """Put one tensor's raw contents with those of the same kind, name, datatype and trailing shape."""
+    shape = tensor.shape
+    key = (kind, tensor.name, tensor.datatype, tuple(shape[1:]))
+    group = groups.get(key)
+    if group is None:
+        groups[key] = [shape[0] if shape else 1, [raw]]
+    else:
+        group[0] += shape[0] if shape else 1
+        group[1].append(raw)
+
+
 class ModelMonitor:
     """All drift state of one model; `observe` is called once per finished request."""
 
@@ -490,35 +518,54 @@ class ModelMonitor:
         return monitor
 
     def observe(self, request, response) -> None:
-        credit = self._sample_credit + self._sample_step
-        if credit < self._sample_period:
-            self._sample_credit = credit
+        """Count one finished request's watched tensors (sampled at `sample_rate`)."""
+        self.observe_many(((request, response),))
+
+    def observe_many(self, pairs) -> None:
+        """Count the watched tensors of several finished requests, (request, response) each.
+
+        Each request is sampled on its own (`sample_rate`); the sampled requests' tensors of one
+        name, datatype and trailing shape are joined and counted with one compiled update, so the
+        gateway's per-request cost is a few list appends (DriftStage calls this once per event-loop
+        turn with that turn's requests). A sub-window that fills is evaluated after the whole call.
+        """
+        step, period = self._sample_step, self._sample_period
+        credit = self._sample_credit
+        sampled = []
+        for pair in pairs:
+            credit += step
+            if credit >= period:
+                credit -= period
+                sampled.append(pair)
+        self._sample_credit = credit
+        if not sampled:
             return
-        self._sample_credit = credit - self._sample_period
-        self.sampled += 1
+        self.sampled += len(sampled)
+        groups: dict[tuple, list] = {}  # (kind, name, datatype, trailing shape) -> [rows, raw parts]
+        watch_inputs, watch_outputs = self._watch_inputs, self._watch_outputs
+        for request, response in sampled:
+            raw_inputs = request.raw_input_contents
+            if raw_inputs:  # typed contents are converted to raw only on the batching path
+                for index, tensor in enumerate(request.inputs):
+                    if watch_inputs is None or tensor.name in watch_inputs:
+                        _add(groups, "input", tensor, raw_inputs[index])
+            if response is not None and watch_outputs:
+                raw_outputs = response.raw_output_contents
+                for index, tensor in enumerate(response.outputs):
+                    if tensor.name in watch_outputs and index < len(raw_outputs):
+                        _add(groups, "output", tensor, raw_outputs[index])
         closed = False
         sample: dict[str, np.ndarray] = {}
-        raw_inputs = request.raw_input_contents
-        for index, tensor in enumerate(request.inputs):
-            if self._watch_inputs is not None and tensor.name not in self._watch_inputs:
+        for (kind, name, datatype, trailing), (rows, parts) in groups.items():
+            raw = parts[0] if len(parts) == 1 else b"".join(parts)
+            if datatype == "BYTES":
+                if kind == "input":
+                    closed |= self.tensor(name, kind, CategoricalMonitor).update_raw(raw, math.prod(trailing) if trailing else 1)
                 continue
-            if not raw_inputs:
-                continue  # typed contents: converted to raw only on the batching path
-            if tensor.datatype == "BYTES":
-                features = math.prod(tensor.shape[1:]) if len(tensor.shape) > 1 else 1
-                closed |= self.tensor(tensor.name, "input", CategoricalMonitor).update_raw(raw_inputs[index], features)
-                continue
-            block = tensor_block(tensor.datatype, tensor.shape, raw_inputs[index], *self._shape_of(tensor.name))
+            block = tensor_block(datatype, (rows, *trailing), raw, *self._shape_of(name))
             if block is not None:
-                closed |= self.tensor(tensor.name, "input").update(block)
-                sample[f"input/{tensor.name}"] = block
-        if response is not None and self._watch_outputs:
-            for index, tensor in enumerate(response.outputs):
-                if tensor.name in self._watch_outputs and index < len(response.raw_output_contents):
-                    block = tensor_block(tensor.datatype, tensor.shape, response.raw_output_contents[index], *self._shape_of(tensor.name))
-                    if block is not None:
-                        closed |= self.tensor(tensor.name, "output").update(block)
-                        sample[f"output/{tensor.name}"] = block
+                closed |= self.tensor(name, kind).update(block)
+                sample[f"{kind}/{name}"] = block
         if sample and len({len(v) for v in sample.values()}) == 1:
             self.reservoir.offer(sample)
         if closed:

@@ -24,6 +24,7 @@ class DriftStage:
         self.config = config
         self.alerts: list[dict] = []
         self.observe_errors = 0
+        self._pending: dict = {}  # ModelMonitor -> [(request, response)] of this event-loop turn
         self.hooks: list = [self.alerts.append, LogSink()]
         self.webhook = WebhookSink(config.webhook) if config.webhook else None
         if self.webhook is not None:
@@ -89,12 +90,22 @@ class DriftStage:
         monitor = self.monitors.get(entry.name)
         if monitor is None:
             return
+        # Counted at the end of this event-loop turn with the turn's other requests of the model:
+        # one compiled update per tensor per turn (ModelMonitor.observe_many), not per request.
+        pending = self._pending.get(monitor)
+        if pending is None:
+            pending = self._pending[monitor] = []
+            asyncio.get_running_loop().call_soon(self._flush, monitor)
+        pending.append((exchange.request, response))
+
+    def _flush(self, monitor) -> None:
+        pairs = self._pending.pop(monitor, ())
         try:
-            monitor.observe(exchange.request, response)
-        except Exception:  # drift bookkeeping must never fail the request it watches
+            monitor.observe_many(pairs)
+        except Exception:  # drift bookkeeping must never fail the requests it watches
             self.observe_errors += 1
             if self.observe_errors == 1 or self.observe_errors % 1000 == 0:
-                log.exception("drift monitor of model '%s' failed (%d times)", entry.name, self.observe_errors)
+                log.exception("drift monitor of model '%s' failed (%d times)", monitor.model, self.observe_errors)
 
     def report(self, model: str) -> dict:
         monitor = self.monitors[model]
