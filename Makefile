@@ -59,7 +59,9 @@ bench: $(STAMP) $(DESCRIPTORS)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_drift.py
 	$(PY) benchmarks/bench_telemetry.py
+	$(PY) benchmarks/bench_drift_observe.py
 	$(PY) benchmarks/bench_hot_path.py
+	$(PY) benchmarks/bench_engines.py
 	$(PY) benchmarks/bench_gateway.py
 	$(PY) benchmarks/bench_upstream.py
 
