@@ -18,7 +18,7 @@ import math
 import numba
 import numpy as np
 
-from gateway.ext.drift.histogram import ABOVE, BELOW, EXTRA_COLUMNS
+from gateway.ext.drift.histogram import ABOVE, BELOW, EXTRA_COLUMNS, folded_totals
 
 
 @numba.njit(nogil=True, cache=True)
@@ -30,11 +30,7 @@ def ks(reference, current):
         raise ValueError("reference and current must be histograms int64[F, B+4] of the same shape")
     result = np.empty(features, np.float64)
     for feature in range(features):
-        reference_total = 0.0
-        current_total = 0.0
-        for index in range(bins + 2):
-            reference_total += reference[feature, index]
-            current_total += current[feature, index]
+        reference_total, current_total = folded_totals(reference, current, feature, bins, True)
         if reference_total == 0.0 or current_total == 0.0:
             result[feature] = np.nan
             continue

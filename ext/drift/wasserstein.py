@@ -16,7 +16,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from gateway.ext.drift.histogram import ABOVE, BELOW, EXTRA_COLUMNS
+from gateway.ext.drift.histogram import ABOVE, BELOW, EXTRA_COLUMNS, folded_totals
 
 
 @numba.njit(nogil=True, cache=True)
@@ -41,11 +41,7 @@ def wasserstein(reference, current, edges):
         raise ValueError("reference, current must be histograms int64[F, B+4] over edges float64[F, B+1]")
     result = np.empty(features, np.float64)
     for feature in range(features):
-        reference_total = 0.0
-        current_total = 0.0
-        for index in range(bins + 2):
-            reference_total += reference[feature, index]
-            current_total += current[feature, index]
+        reference_total, current_total = folded_totals(reference, current, feature, bins, True)
         if reference_total == 0.0 or current_total == 0.0:
             result[feature] = np.nan
             continue
@@ -108,11 +104,7 @@ def wasserstein_tails(reference, current, edges, reference_tails, current_tails)
                          "with tails float64[F, 2]")
     result = np.empty(features, np.float64)
     for feature in range(features):
-        reference_total = 0.0
-        current_total = 0.0
-        for index in range(bins + 2):
-            reference_total += reference[feature, index]
-            current_total += current[feature, index]
+        reference_total, current_total = folded_totals(reference, current, feature, bins, True)
         if reference_total == 0.0 or current_total == 0.0:
             result[feature] = np.nan
             continue
@@ -192,11 +184,7 @@ def wasserstein_inner(reference, current, edges):
         raise ValueError("reference, current must be histograms int64[F, B+4] (B >= 2) over edges float64[F, B+1]")
     result = np.empty(features, np.float64)
     for feature in range(features):
-        reference_total = 0.0
-        current_total = 0.0
-        for index in range(bins + 2):
-            reference_total += reference[feature, index]
-            current_total += current[feature, index]
+        reference_total, current_total = folded_totals(reference, current, feature, bins, True)
         if reference_total == 0.0 or current_total == 0.0:
             result[feature] = np.nan
             continue
