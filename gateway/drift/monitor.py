@@ -471,12 +471,14 @@ class CategoricalMonitor(TensorMonitor):
 def _add(groups: dict, kind: str, tensor, raw: bytes) -> None:
     """Put one tensor's raw contents with those of the same kind, name, datatype and trailing shape."""
     shape = tensor.shape
+    if not shape:  # a scalar has no rows to count (tensor_block skips it too)
+        return
     key = (kind, tensor.name, tensor.datatype, tuple(shape[1:]))
     group = groups.get(key)
     if group is None:
-        groups[key] = [shape[0] if shape else 1, [raw]]
+        groups[key] = [shape[0], [raw]]
     else:
-        group[0] += shape[0] if shape else 1
+        group[0] += shape[0]
         group[1].append(raw)
 
 
