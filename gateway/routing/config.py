@@ -106,7 +106,7 @@ class RoutingConfig:
 
     retry_unavailable: bool = True
     """Retry once on another backend when a backend is unreachable, while the deadline allows."""
-    ewma_tau_s: float = 1.0
+    ewma_tau_s: float = 0.5
     """Time constant of the EWMA service time per backend: a sample's weight decays as exp(-Δt/tau)."""
     slo_spill_ratio: float = 0.8
     """A pool stops taking a model's traffic when its service time exceeds this share of the

@@ -256,9 +256,7 @@ class Router:
     def observe(self, model: str, version: str, backend: Backend, elapsed_s: float, ahead: int) -> None:
         """A call of `model` `version` on `backend` took `elapsed_s` with `ahead` requests already in
         flight there when it was sent: update its service time, and its pool's gate."""
-        estimate = self._estimates.get((model, version, backend))
-        if estimate is None:
-            return  # not (or no longer) a candidate of this model version
+        estimate = self._estimates.get((model, version, backend)) or self._estimate(model, version, backend)
         now = self._clock()
         estimate.observe(elapsed_s, ahead, now, self._config.ewma_tau_s)
         row = self._rows.get((model, version, backend.pool))
