@@ -25,8 +25,14 @@ class PoolConfig:
     """HTTP/REST address (host:port) of the same servers, in the order of `backends`; used when
     `upstream.transport` is `http`. Empty (the default): each server's HTTP port is its gRPC port
     plus `upstream.http_port_offset` (-1: Triton's own defaults, HTTP 8000 beside gRPC 8001)."""
+    cost: float = 1.0
+    """What a request served by this pool costs, relative to the other pools (e.g. its cost per hour
+    divided by the requests per hour it serves). A model's pools are tried cheapest first (ties keep
+    the model's own order); with a latency objective, the cheapest pool predicted to meet it wins."""
 
     def validate(self, path: str) -> None:
+        if not 0 <= self.cost < float("inf"):
+            raise ConfigError(f"{path}.cost", f"expected a cost >= 0, got {self.cost}")
         if not self.backends:
             raise ConfigError(f"{path}.backends", "expected at least one backend address")
         for index, address in enumerate(self.backends):
