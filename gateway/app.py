@@ -12,6 +12,8 @@ import json
 import logging
 import os
 
+from gateway.admin.deploy_service import SERVICE as DEPLOY_SERVICE
+from gateway.admin.deploy_service import DeployService
 from gateway.admin.drift_service import SERVICE as DRIFT_SERVICE
 from gateway.admin.drift_service import DriftService
 from gateway.admin.gateway_service import SERVICE as GATEWAY_SERVICE
@@ -23,6 +25,7 @@ from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE
 from gateway.routing.dispatcher import DirectDispatcher
 from gateway.routing.mirror import Mirror
+from gateway.rollout.controller import RolloutController
 from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
 from gateway.server.engines.grpcio import GrpcioEngine
@@ -66,6 +69,8 @@ class Gateway:
         self.traffic = TrafficStage(self.router, config.models)
         self.pipeline.version_pickers = self.traffic.pickers  # the same dict: a new split applies at once
         self.pipeline.attach(observer=self.traffic.observer)
+        self.rollouts = RolloutController(config.rollout, self.traffic, self.router, self.fleet)
+        self.pipeline.attach(observer=self.rollouts.observer)
         self.fleet.on_change(self.pipeline.forget_unversioned)
         self.drift = DriftStage(config.drift)
         if self.drift.monitors:
@@ -101,11 +106,12 @@ class Gateway:
 
     def methods(self) -> list:
         """Every gRPC method the gateway serves, on whichever engine."""
-        services = [INFERENCE_SERVICE, DRIFT_SERVICE, GATEWAY_SERVICE, HEALTH_SERVICE]
+        services = [INFERENCE_SERVICE, DRIFT_SERVICE, GATEWAY_SERVICE, DEPLOY_SERVICE, HEALTH_SERVICE]
         return [
             *self.inference.methods(),
             *DriftService(self.drift).methods(),
             *GatewayService(self.snapshot).methods(),
+            *DeployService(self.rollouts).methods(),
             *self.health.methods(),
             *ReflectionService(services).methods(),
         ]
@@ -123,12 +129,14 @@ class Gateway:
         if self.telemetry is not None:
             self.telemetry.start()
         await self.fleet.start()
+        await self.rollouts.start()  # after the fleet: a resumed rollout needs the backends' health
         self._sweeper = asyncio.ensure_future(self._sweep_sequences())
 
     async def stop_stages(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        await self.rollouts.close()
         await self.batching.close()
         await self.traffic.close()
         await self.direct.probes.close()

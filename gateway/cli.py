@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--save-profile", help="save the current window as a reference profile (JSON)")
     report.set_defaults(run=cmd_drift_report)
 
+    from gateway.admin.deploy_cli import add_commands as add_deploy_commands
+
+    add_deploy_commands(commands)
+
     demo = commands.add_parser("demo", help="two local Tritons as two pools, the gateway in front, traffic through it")
     demo.add_argument("--seconds", type=float, default=15.0, help="how long to drive traffic")
     demo.add_argument("--concurrency", type=int, default=16)

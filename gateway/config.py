@@ -27,6 +27,7 @@ from gateway.batching.config import BatchingConfig
 from gateway.configfile import load_dataclass
 from gateway.drift.config import DriftConfig
 from gateway.errors import ConfigError
+from gateway.rollout.config import RolloutConfig
 from gateway.routing.config import ModelRoute, RoutingConfig
 from gateway.server.config import ServerConfig
 from gateway.telemetry.config import TelemetryConfig
@@ -49,6 +50,7 @@ class GatewayConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     def validate(self, path: str) -> None:
         host, port = self.listen.rpartition(":")[::2]

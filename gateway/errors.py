@@ -8,6 +8,7 @@
     ├── DeadlineExceeded              the client's deadline ran out at the gateway
     ├── Unimplemented                 an API that cannot cross the gateway (shared memory)
     ├── PermissionDenied              an API the gateway refuses on purpose (repository control)
+    ├── FailedPrecondition            an admin action the state forbids (a rollout already running)
     ├── BackendError                  a status reported by a Triton backend, passed through
     └── InternalError                 a gateway bug: INTERNAL, never a backend's fault
 
@@ -61,6 +62,10 @@ class Unimplemented(GatewayError):
 
 class PermissionDenied(GatewayError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class FailedPrecondition(GatewayError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class BackendError(GatewayError):

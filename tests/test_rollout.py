@@ -1,0 +1,271 @@
+"""Gated rollouts through the real gateway, on two real Triton servers in explicit model-control mode,
+under steady loopback load from stock tritonclient: a good candidate is loaded, shifted and promoted
+with zero failed requests; three bad candidates are each rolled back automatically with their
+evidence in the audit log and never get more than their canary share; a restarted gateway restores
+the split; the CLI drives it."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from gateway.audit.log import AuditLog, verify_chain
+from gateway.local.triton import LocalTriton
+from gateway.testing import GatewayThread
+
+MODEL = "rollout_scale"
+FIXTURE = Path(__file__).parent / "fixtures" / "models" / MODEL
+
+
+@pytest.fixture(scope="module")
+def explicit_tritons(tmp_path_factory):
+    """Two Tritons in explicit model-control mode with version 1 of rollout_scale loaded."""
+    repository = tmp_path_factory.mktemp("rollout-repository")
+    shutil.copytree(FIXTURE, repository / MODEL)
+    servers = [LocalTriton(repository, name=f"rollout-{i}", log_dir=tmp_path_factory.mktemp("rollout-logs"),
+                           extra_args=["--model-control-mode=explicit", f"--load-model={MODEL}"]) for i in range(2)]
+    for server in servers:
+        server.start()
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def _loaded(server: LocalTriton) -> list[str]:
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    return sorted((m.version for m in client.get_model_repository_index().models if m.name == MODEL and m.state == "READY"),
+                  key=int)
+
+
+@pytest.fixture
+def tritons_at_v1(explicit_tritons):
+    """Every test starts with only version 1 loaded on both servers."""
+    for server in explicit_tritons:
+        if _loaded(server) != ["1"]:
+            client = grpcclient.InferenceServerClient(server.grpc_address)
+            config = client.get_model_config(MODEL, as_json=True)["config"]
+            config["version_policy"] = {"specific": {"versions": [1]}}
+            client.load_model(MODEL, config=json.dumps(config))
+    deadline = time.monotonic() + 30
+    while any(_loaded(server) != ["1"] for server in explicit_tritons):
+        assert time.monotonic() < deadline, [_loaded(s) for s in explicit_tritons]
+        time.sleep(0.2)
+    return explicit_tritons
+
+
+def _config(tritons, tmp_path, **rollout) -> dict:
+    return {
+        "listen": "127.0.0.1:0",
+        "pools": {"cpu": {"backends": [t.grpc_address for t in tritons]}},
+        "models": {MODEL: {"pools": ["cpu"], "latency_slo_ms": 250}},
+        "health": {"interval_s": 0.5},
+        "rollout": {"state_file": str(tmp_path / "rollout-state.json"), "audit_log": str(tmp_path / "audit.jsonl"),
+                    "steps": [5, 25, 50], "step_seconds": 1.5, "min_requests": 30, "check_interval_s": 0.2,
+                    "min_evidence": 20, "min_output_values": 320, "load_timeout_s": 120, **rollout},
+    }
+
+
+class Load:
+    """Steady traffic from stock tritonclient (4 threads, one channel each): answers by version, failures."""
+
+    def __init__(self, address: str, threads: int = 4) -> None:
+        self.address = address
+        self.versions: dict[str, int] = {}
+        self.failures: list[str] = []
+        self.sent = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> "Load":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _run(self) -> None:
+        client = grpcclient.InferenceServerClient(self.address)
+        data = np.arange(32, dtype=np.float32).reshape(2, 16) / 7.0
+        while not self._stop.is_set():
+            tensor = grpcclient.InferInput("INPUT0", [2, 16], "FP32")
+            tensor.set_data_from_numpy(data)
+            try:
+                result = client.infer(MODEL, [tensor], client_timeout=30)
+                version = result.get_response().model_version
+                with self._lock:
+                    self.sent += 1
+                    self.versions[version] = self.versions.get(version, 0) + 1
+            except Exception as error:  # noqa: BLE001 — every failure is what the test counts
+                with self._lock:
+                    self.sent += 1
+                    self.failures.append(str(error)[:200])
+
+
+def _wait_status(gateway: GatewayThread, wanted: set[str], timeout: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = gateway.call(lambda: gateway.gateway.rollouts.states(MODEL))[MODEL]
+        if state["status"] in wanted:
+            return state
+        assert time.monotonic() < deadline, f"rollout stuck in {state['status']}: {state['reason']}"
+        time.sleep(0.1)
+
+
+def test_a_good_candidate_is_loaded_shifted_and_promoted_with_no_failed_request(tritons_at_v1, tmp_path):
+    config = _config(tritons_at_v1, tmp_path)
+    with GatewayThread(config) as gateway, Load(gateway.address) as load:
+        time.sleep(1.0)
+        gateway.call(lambda: gateway.gateway.rollouts.begin(MODEL, "2", actor="test", reason="a good candidate"))
+        seen_steps = set()
+        deadline = time.monotonic() + 240
+        while True:
+            state = gateway.call(lambda: gateway.gateway.rollouts.states(MODEL))[MODEL]
+            if state["status"] == "canary":
+                seen_steps.add(state["step"])
+            if state["status"] in ("promoted", "rolled-back", "failed"):
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+        assert state["status"] == "promoted", state["reason"]
+        time.sleep(1.0)
+        promoted_at = dict(load.versions)
+        time.sleep(1.5)
+        after = {v: load.versions.get(v, 0) - promoted_at.get(v, 0) for v in load.versions}
+    assert load.failures == [], load.failures[:5]
+    assert seen_steps == {0, 1, 2}
+    assert state["live"] == "2" and state["previous"] == "1" and state["weights"] == {"2": 1.0}
+    assert after.get("1", 0) == 0 and after["2"] > 0  # after promotion every request is answered by v2
+    assert state["backends"] == {t.grpc_address: ["1", "2"] for t in tritons_at_v1}  # v1 kept for a rollback
+    actions = [record["action"] for record in AuditLog(tmp_path / "audit.jsonl").records()]
+    assert actions == ["deploy", "shift", "shift", "shift", "promote"]
+    assert verify_chain(tmp_path / "audit.jsonl").records == 5
+
+
+@pytest.mark.parametrize(("version", "failing_check"), [("3", "error_rate"), ("4", "latency_p99_ms"), ("5", "output_psi")])
+def test_a_bad_candidate_is_rolled_back_within_its_canary_share(tritons_at_v1, tmp_path, version, failing_check):
+    """Errors (v3), answers past the 250 ms objective (v4), drifted outputs (v5): each rolled back at
+    the first 5 % step by the check that catches it, with the evidence in the audit log; the
+    candidate got no more than its 5 % share of requests (a 4σ binomial bound), and every request
+    after the rollback is answered by v1."""
+    config = _config(tritons_at_v1, tmp_path, step_seconds=60)
+    with GatewayThread(config) as gateway, Load(gateway.address) as load:
+        time.sleep(1.0)
+        gateway.call(lambda: gateway.gateway.rollouts.begin(MODEL, version, actor="test"))
+        state = _wait_status(gateway, {"rolled-back", "failed", "promoted"})
+        split = gateway.call(lambda: gateway.gateway.traffic.snapshot())[MODEL]["split"]
+        rolled_back_at = dict(load.versions)
+        time.sleep(1.5)
+        after = {v: load.versions.get(v, 0) - rolled_back_at.get(v, 0) for v in load.versions}
+        final = _wait_unloaded(gateway, tritons_at_v1, version)
+    assert state["status"] == "rolled-back", state
+    assert state["live"] == "1" and state["weights"] == {"1": 1.0}
+    assert failing_check in state["reason"], state["reason"]
+    failing = [c for c in state["evidence"]["checks"] if c["ok"] is False]
+    assert [c["check"] for c in failing] == [failing_check]
+    picked = split["picked"]
+    total = sum(picked.values())
+    bound = 0.05 * total + 4 * math.sqrt(total * 0.05 * 0.95)
+    assert picked.get(version, 0) <= bound, picked
+    assert after.get(version, 0) == 0 and after.get("1", 0) > 0
+    if version == "3":  # its answers are errors: no more failed requests than it was given
+        assert 0 < len(load.failures) <= picked[version]
+    else:
+        assert load.failures == []
+    assert final == {t.grpc_address: ["1"] for t in tritons_at_v1}  # the candidate unloaded everywhere
+    records = list(AuditLog(tmp_path / "audit.jsonl").records())
+    rollback = [r for r in records if r["action"] == "rollback"]
+    assert len(rollback) == 1 and rollback[0]["version"] == int(version) and rollback[0]["actor"] == "gateway"
+    assert any(c["check"] == failing_check and c["ok"] is False for c in rollback[0]["evidence"]["checks"])
+    assert [r["action"] for r in records] == ["deploy", "shift", "rollback", "unload"]
+    verify_chain(tmp_path / "audit.jsonl")
+
+
+def _wait_unloaded(gateway, tritons, version: str) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        loaded = {t.grpc_address: _loaded(t) for t in tritons}
+        if all(version not in versions for versions in loaded.values()) or time.monotonic() > deadline:
+            return loaded
+        time.sleep(0.2)
+
+
+def test_a_failed_load_changes_nothing(tritons_at_v1, tmp_path):
+    """Version 9 does not exist in the repository: the load fails, the rollout ends failed, v1 keeps
+    every request, no split is left behind, and the audit log says why."""
+    config = _config(tritons_at_v1, tmp_path)
+    with GatewayThread(config) as gateway, Load(gateway.address) as load:
+        time.sleep(0.5)
+        gateway.call(lambda: gateway.gateway.rollouts.begin(MODEL, "9", actor="test"))
+        state = _wait_status(gateway, {"failed", "rolled-back", "promoted"})
+        split = gateway.call(lambda: gateway.gateway.traffic.snapshot()).get(MODEL, {}).get("split")
+        time.sleep(0.5)
+    assert state["status"] == "failed" and "loading version 9 failed" in state["reason"], state
+    assert split is None
+    assert load.failures == [] and set(load.versions) == {"1"}
+    assert [t for t in tritons_at_v1 if _loaded(t) != ["1"]] == []
+    records = list(AuditLog(tmp_path / "audit.jsonl").records())
+    assert [r["action"] for r in records] == ["deploy"] and records[0]["evidence"] == {"failed": True}
+
+
+def test_a_restarted_gateway_restores_the_split_and_resumes(tritons_at_v1, tmp_path):
+    """Stopped at the 5 % step, a new gateway with the same state file applies the same split at once
+    and carries the rollout on to promotion."""
+    config = _config(tritons_at_v1, tmp_path, step_seconds=600)
+    with GatewayThread(config) as gateway:
+        with Load(gateway.address):
+            gateway.call(lambda: gateway.gateway.rollouts.begin(MODEL, "2", actor="test"))
+            state = _wait_status(gateway, {"canary", "failed", "rolled-back"})
+    assert state["status"] == "canary" and state["weights"] == {"1": 0.95, "2": 0.05}
+    saved = json.loads((tmp_path / "rollout-state.json").read_text())[MODEL]
+    assert saved["status"] == "canary" and saved["step"] == 0
+    quick = _config(tritons_at_v1, tmp_path, step_seconds=1.0)
+    with GatewayThread(quick) as gateway:
+        split = gateway.call(lambda: gateway.gateway.traffic.snapshot())[MODEL]["split"]
+        assert split["weights"] == {"1": 0.95, "2": 0.05}
+        with Load(gateway.address) as load:
+            state = _wait_status(gateway, {"promoted", "rolled-back", "failed"})
+    assert state["status"] == "promoted", state["reason"]
+    assert load.failures == []
+
+
+def test_rollout_rollback_and_status_from_the_command_line(tritons_at_v1, tmp_path):
+    """`tensorgate rollout --wait` follows a rollout to its promotion (exit 0); `tensorgate status`
+    shows the versions per backend and the split; `tensorgate rollback` goes back to v1."""
+    config = _config(tritons_at_v1, tmp_path, step_seconds=0.5, min_requests=10)
+    with GatewayThread(config) as gateway, Load(gateway.address) as load:
+        cli = [sys.executable, "-m", "gateway"]
+        rollout = subprocess.run([*cli, "rollout", MODEL, "2", "--gateway", gateway.address, "--wait",
+                                  "--steps", "10,50", "--reason", "from the CLI"], capture_output=True, text=True, timeout=240)
+        assert rollout.returncode == 0, rollout.stdout + rollout.stderr
+        assert "promoted" in rollout.stdout
+        status = subprocess.run([*cli, "status", "--gateway", gateway.address], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert f"{MODEL}: promoted — live v2" in status.stdout and "versions 1, 2" in status.stdout
+        back = subprocess.run([*cli, "rollback", MODEL, "--gateway", gateway.address, "--reason", "test"],
+                              capture_output=True, text=True, timeout=120)
+        assert back.returncode == 0, back.stderr
+        assert f"{MODEL}: rolled-back — live v1" in back.stdout
+        time.sleep(1.0)
+        before = dict(load.versions)
+        time.sleep(1.0)
+        assert load.versions.get("2", 0) == before.get("2", 0)
+        again = subprocess.run([*cli, "rollout", MODEL, "9x", "--gateway", gateway.address], capture_output=True,
+                               text=True, timeout=60)
+        assert again.returncode == 1 and "INVALID_ARGUMENT" in again.stderr
+    assert load.failures == []
+    actions = [r["action"] for r in AuditLog(tmp_path / "audit.jsonl").records()]
+    assert actions == ["deploy", "shift", "shift", "promote", "rollback"]
