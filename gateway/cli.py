@@ -1,4 +1,4 @@
-"""`tensorgate` command line: serve, local-triton, drift report, demo.
+"""`tensorgate` command line: serve, local-triton, drift report, demo, package, package-verify, audit.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid configuration (the error names the
 key path).
@@ -109,6 +109,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def cmd_package(args: argparse.Namespace) -> int:
+    from gateway.packaging.cli import cmd_package as run
+
+    return run(args)
+
+
+def cmd_package_verify(args: argparse.Namespace) -> int:
+    from gateway.packaging.cli import cmd_package_verify as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorgate", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -152,6 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
                            "gateway's stages inside the Envoy process), grpcio (grpc.aio in this process), or auto: "
                            "envoy where pyvoy is installed (default)")
     demo.set_defaults(run=cmd_demo)
+
+    from gateway.audit import cli as audit_cli
+    from gateway.packaging import cli as package_cli
+
+    package = commands.add_parser("package", help="a trained model -> an immutable, versioned Triton model folder")
+    package_cli.add_arguments(package)
+    package.set_defaults(run=cmd_package)
+    verify = commands.add_parser("package-verify", help="check packaged versions against their manifests (refuses tampered ones)")
+    package_cli.add_verify_arguments(verify)
+    verify.set_defaults(run=cmd_package_verify)
+
+    audit = commands.add_parser("audit", help="the hash-chained audit log of packages and rollouts")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit_commands.add_parser("verify", help="check the hash chain; names the first bad line")
+    audit_cli.add_arguments(audit_verify)
+    audit_verify.set_defaults(run=audit_cli.cmd_verify)
+    audit_show = audit_commands.add_parser("show", help="print the records")
+    audit_cli.add_show_arguments(audit_show)
+    audit_show.set_defaults(run=audit_cli.cmd_show)
     return parser
 
 
