@@ -33,7 +33,7 @@ def explicit_tritons(tmp_path_factory):
     repository = tmp_path_factory.mktemp("rollout-repository")
     shutil.copytree(FIXTURE, repository / MODEL)
     servers = [LocalTriton(repository, name=f"rollout-{i}", log_dir=tmp_path_factory.mktemp("rollout-logs"),
-                           extra_args=["--model-control-mode=explicit", f"--load-model={MODEL}"]) for i in range(2)]
+                           model_control="explicit", load_models=[MODEL]) for i in range(2)]
     for server in servers:
         server.start()
     yield servers
@@ -116,13 +116,7 @@ class Load:
 
 
 def _wait_status(gateway: GatewayThread, wanted: set[str], timeout: float = 180.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = gateway.call(lambda: gateway.gateway.rollouts.states(MODEL))[MODEL]
-        if state["status"] in wanted:
-            return state
-        assert time.monotonic() < deadline, f"rollout stuck in {state['status']}: {state['reason']}"
-        time.sleep(0.1)
+    return _wait_for(gateway, MODEL, wanted, timeout)
 
 
 def test_a_good_candidate_is_loaded_shifted_and_promoted_with_no_failed_request(tritons_at_v1, tmp_path):
@@ -269,3 +263,87 @@ def test_rollout_rollback_and_status_from_the_command_line(tritons_at_v1, tmp_pa
     assert load.failures == []
     actions = [r["action"] for r in AuditLog(tmp_path / "audit.jsonl").records()]
     assert actions == ["deploy", "shift", "shift", "promote", "rollback"]
+
+
+# ------------------------------------------------------------------ packaged versions: digests, tampering
+
+def _dense_onnx(bias: float) -> bytes:
+    from onnx import TensorProto, helper
+
+    weights = np.array([[1.0, -2.0], [0.5, 0.25], [-1.0, 3.0]], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], "dense",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        initializer=[helper.make_tensor("W", TensorProto.FLOAT, [3, 2], weights.ravel()),
+                     helper.make_tensor("b", TensorProto.FLOAT, [2], np.full(2, bias, np.float32))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_packaged_versions_roll_out_with_their_digests_and_a_tampered_one_is_refused(tmp_path):
+    """`tensorgate package` writes versions 1, 2 and 3 of an ONNX model; the rollout of 2 records its
+    digest in the state and the audit log; version 3, changed on disk after packaging, is refused
+    before anything is loaded."""
+    from gateway.packaging import PackageRequest, package
+
+    repository = tmp_path / "repository"
+    for version, bias in ((1, 0.0), (2, 0.001), (3, 0.002)):
+        (tmp_path / f"dense{version}.onnx").write_bytes(_dense_onnx(bias))
+        package(PackageRequest(source=str(tmp_path / f"dense{version}.onnx"), name="dense", repository=repository))
+    manifest = json.loads((repository / "dense" / "2" / "tensorgate-manifest.json").read_text())
+    onnx_file = next((repository / "dense" / "3").rglob("*.onnx"))
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-1] + b"\x00")  # one byte changed after packaging
+    (repository / "dense" / "config.pbtxt").write_text(
+        (repository / "dense" / "config.pbtxt").read_text().replace("version_policy", "# version_policy")
+        + "\nversion_policy: { specific { versions: [ 1 ] } }\n")
+    servers = [LocalTriton(repository, name=f"packaged-{i}", model_control="explicit", load_models=["dense"],
+                           log_dir=tmp_path / "logs") for i in range(2)]
+    for server in servers:
+        server.start()
+    try:
+        config = {
+            "listen": "127.0.0.1:0", "pools": {"cpu": {"backends": [s.grpc_address for s in servers]}},
+            "models": {"dense": {"pools": ["cpu"]}}, "health": {"interval_s": 0.5},
+            "rollout": {"repository": str(repository), "audit_log": str(tmp_path / "audit.jsonl"),
+                        "steps": [50], "step_seconds": 0.5, "min_requests": 10, "check_interval_s": 0.2,
+                        "min_evidence": 5, "min_output_values": 20},
+        }
+        with GatewayThread(config) as gateway:
+            stop = threading.Event()
+
+            def traffic():
+                client = grpcclient.InferenceServerClient(gateway.address)
+                while not stop.is_set():
+                    tensor = grpcclient.InferInput("x", [4, 3], "FP32")
+                    tensor.set_data_from_numpy(np.random.default_rng().standard_normal((4, 3)).astype(np.float32))
+                    client.infer("dense", [tensor])
+
+            thread = threading.Thread(target=traffic, daemon=True)
+            thread.start()
+            gateway.call(lambda: gateway.gateway.rollouts.begin("dense", "3", actor="test"))
+            refused = _wait_for(gateway, "dense", {"failed", "rolled-back", "promoted"})
+            gateway.call(lambda: gateway.gateway.rollouts.begin("dense", "2", actor="test"))
+            promoted = _wait_for(gateway, "dense", {"failed", "rolled-back", "promoted"})
+            stop.set()
+            thread.join(timeout=30)
+    finally:
+        for server in servers:
+            server.stop()
+    assert refused["status"] == "failed" and "refused" in refused["reason"] and "model.onnx" in refused["reason"], refused
+    assert promoted["status"] == "promoted", promoted["reason"]
+    assert promoted["digests"] == {"2": manifest["digest"]}
+    records = list(AuditLog(tmp_path / "audit.jsonl").records())
+    assert records[0]["action"] == "deploy" and records[0]["version"] == 3 and records[0]["evidence"] == {"failed": True}
+    assert {r["digest"] for r in records[1:]} == {manifest["digest"]}
+
+
+def _wait_for(gateway: GatewayThread, model: str, wanted: set[str], timeout: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = gateway.call(lambda: gateway.gateway.rollouts.states(model))[model]
+        if state["status"] in wanted:
+            return state
+        assert time.monotonic() < deadline, state
+        time.sleep(0.1)

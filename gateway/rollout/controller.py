@@ -255,11 +255,11 @@ class RolloutController:
         return True
 
     def _verify(self, state: ModelRollout) -> str | None | bool:
-        """The candidate's digest from its package manifest (None when the repository is not
-        readable here or the version was not packaged); False when it was refused (tampered)."""
+        """The candidate's digest from its package manifest (None when no repository is configured);
+        False when it was refused: not a package, or one whose files no longer match its manifest."""
         if not self.config.repository:
             return None
-        from gateway.packaging.errors import PackagingError
+        from gateway.packaging.errors import PackageError
         from gateway.packaging.repository import verify_version
 
         folder = Path(self.config.repository) / state.model
@@ -267,9 +267,7 @@ class RolloutController:
             return self._fail(state, f"version {state.candidate} is not in the repository {folder}")
         try:
             manifest = verify_version(folder, int(state.candidate))
-        except FileNotFoundError:
-            return None  # not made by `tensorgate package`: nothing to check it against
-        except PackagingError as error:
+        except PackageError as error:
             self._fail(state, f"version {state.candidate} is refused: {error}")
             return False
         digest = manifest.get("digest")
