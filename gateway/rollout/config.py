@@ -34,8 +34,14 @@ class RolloutConfig:
     max_error_rate_increase: float = 0.01
     """Fail when the candidate's error rate exceeds the live version's by more than this."""
     latency_ratio: float = 1.5
-    """Without the model's latency_slo_ms: fail when the candidate's p99 exceeds this × the live
-    version's p99 (+ 1 ms). With it: fail when the candidate's p99 exceeds the objective."""
+    """Fail when the candidate's p99 exceeds this × the live version's p99 (+ 1 ms) and, where the
+    model has a latency_slo_ms, also the objective: a slowdown both versions share is the machine's,
+    not the candidate's."""
+    min_latency_evidence: int = 50
+    """Candidate answers before the latency check may fail it (a p99 of fewer is about the maximum)."""
+    warmup_answers: int = 10
+    """The candidate's first answers, left out of its p99: a just-loaded version pays its warm-up
+    (a Python backend's first execute, caches) on them."""
     max_output_psi: float = 0.25
     """Fail when the PSI between the live version's and the candidate's outputs exceeds this."""
     output: str = ""
@@ -54,7 +60,7 @@ class RolloutConfig:
         for name in ("step_seconds", "step_timeout_s", "check_interval_s", "load_timeout_s", "latency_ratio"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{path}.{name}", "expected a positive number")
-        if self.min_requests < 1 or self.min_evidence < 1 or self.min_output_values < 1:
+        if self.min_requests < 1 or self.min_evidence < 1 or self.min_output_values < 1 or self.min_latency_evidence < 1 or self.warmup_answers < 0:
             raise ConfigError(f"{path}.min_requests", "expected at least 1")
         if not 0 <= self.max_error_rate_increase <= 1:
             raise ConfigError(f"{path}.max_error_rate_increase", "expected a fraction between 0 and 1")

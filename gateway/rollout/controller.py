@@ -190,6 +190,8 @@ class RolloutController:
     async def _run(self, state: ModelRollout, resume: bool) -> None:
         model, candidate = state.model, state.candidate
         try:
+            if resume and state.status != "loading":  # the evidence starts again after a restart
+                self._watches[model] = _Watch(state.live, candidate, self.config)
             if state.status == "loading":
                 if not await self._load(state):
                     return
@@ -228,26 +230,22 @@ class RolloutController:
         self._split(state, {live: 1.0})  # requests naming no version stay on live while Triton's default moves
         done: list[tuple[Backend, list[str], dict]] = []
         try:
-            for backend in backends:
+            for backend in backends:  # one at a time: the others keep serving while it loads
                 before = await repository.loaded_versions(backend, model)
                 config = await repository.model_config(backend, model)
-                await repository.load_versions(backend, model, sorted({*before, live, candidate}, key=int), config)
                 done.append((backend, before, config))
-            deadline = self.config.load_timeout_s
-            ready = await asyncio.gather(*(repository.wait_ready(b, model, candidate, deadline) for b in backends))
-            if not all(ready):
-                late = [b.address for b, ok in zip(backends, ready) if not ok]
-                raise GatewayError(f"version {candidate} was not ready on {', '.join(late)} within {deadline:g} s")
-            await asyncio.gather(*(self.fleet.check(b) for b in backends))
+                await self._reload(backend, model, sorted({*before, live, candidate}, key=int), config)
+                if not await repository.wait_ready(backend, model, candidate, self.config.load_timeout_s):
+                    raise GatewayError(f"version {candidate} was not ready on {backend.address} "
+                                       f"within {self.config.load_timeout_s:g} s")
         except GatewayError as error:
             for backend, before, config in done:  # put back what was loaded before
                 try:
-                    await repository.load_versions(backend, model, before, config)
+                    await self._reload(backend, model, before, config)
                 except GatewayError:
                     log.exception("could not restore %s's versions of %s", backend.address, model)
             self._split(state, pinned_before)
             self._watches.pop(model, None)
-            await asyncio.gather(*(self.fleet.check(b) for b in backends), return_exceptions=True)
             return self._fail(state, f"loading version {candidate} failed; nothing changed: {error.message}")
         self._audit("deploy", state, candidate, state.actor, state.reason or f"loaded on {len(backends)} backends",
                     {"backends": [b.address for b in backends], "live": live})
@@ -357,25 +355,32 @@ class RolloutController:
             except GatewayError as error:
                 log.error("could not unload version %s of %s: %s", candidate, model, error.message)
 
+    async def _reload(self, backend: Backend, model: str, versions: list[str], config: dict) -> None:
+        """Load exactly `versions` on one backend and wait until it is ready and healthy again (a
+        strict-readiness Triton reports not ready while it loads: the gateway sends its requests
+        to the other backends meanwhile)."""
+        await repository.load_versions(backend, model, versions, config)
+        if not await repository.wait_server_ready(backend, self.config.load_timeout_s):
+            raise FailedPrecondition(f"backend {backend.address} was not ready again within "
+                                     f"{self.config.load_timeout_s:g} s of loading {model} versions {versions}")
+        await self.fleet.check(backend)
+
     async def _set_versions(self, model: str, versions: list[str] | None, drop: str | None = None) -> None:
         """Load exactly `versions` (or what is loaded minus `drop`) on every backend of the model."""
-        backends = self._backends(model)
-        for backend in backends:
+        for backend in self._backends(model):
             loaded = await repository.loaded_versions(backend, model)
             wanted = versions if versions is not None else [v for v in loaded if v != drop]
             if wanted and sorted(wanted, key=int) != loaded:
-                await repository.load_versions(backend, model, wanted, await repository.model_config(backend, model))
-        await asyncio.gather(*(self.fleet.check(b) for b in backends), return_exceptions=True)
+                await self._reload(backend, model, wanted, await repository.model_config(backend, model))
 
     async def _ensure_loaded(self, model: str, version: str) -> None:
         for backend in self._backends(model):
             loaded = await repository.loaded_versions(backend, model)
             if version not in loaded:
                 config = await repository.model_config(backend, model)
-                await repository.load_versions(backend, model, sorted({*loaded, version}, key=int), config)
+                await self._reload(backend, model, sorted({*loaded, version}, key=int), config)
                 if not await repository.wait_ready(backend, model, version, self.config.load_timeout_s):
                     raise FailedPrecondition(f"version {version} of '{model}' did not become ready on {backend.address}")
-            await self.fleet.check(backend)
 
     # ---- helpers -------------------------------------------------------------------------------
 

@@ -48,8 +48,10 @@ class VersionEvidence:
     def error_rate(self) -> float | None:
         return self.errors / self.requests if self.requests else None
 
-    def p99_ms(self) -> float | None:
-        answered = self._latencies[:min(self._next, MAX_LATENCIES)]
+    def p99_ms(self, skip: int = 0) -> float | None:
+        """p99 of the answers' latencies, leaving out the first `skip` (a just-loaded version's first
+        answers pay its warm-up) until the ring has wrapped."""
+        answered = self._latencies[min(skip, self._next):self._next] if self._next <= MAX_LATENCIES else self._latencies
         return float(np.percentile(answered, 99) * 1e3) if len(answered) else None
 
     def summary(self) -> dict:
@@ -70,15 +72,13 @@ def judge(config: RolloutConfig, slo_ms: float | None, live: VersionEvidence, ca
     checks.append({"check": "error_rate", "ok": (rate <= limit) if enough else None,
                    "value": rate, "limit": round(limit, 6)})
     answered = candidate.requests - candidate.errors
-    p99 = candidate.p99_ms()
-    if slo_ms is not None:
-        latency_limit = slo_ms
-    else:
-        live_p99 = live.p99_ms()
-        latency_limit = None if live_p99 is None else config.latency_ratio * live_p99 + 1.0
-    judged = answered >= config.min_evidence and p99 is not None and latency_limit is not None
+    p99, live_p99 = candidate.p99_ms(config.warmup_answers), live.p99_ms()
+    latency_limit = None if live_p99 is None else config.latency_ratio * live_p99 + 1.0
+    if latency_limit is not None and slo_ms is not None:
+        latency_limit = max(latency_limit, slo_ms)
+    judged = answered >= config.min_latency_evidence + config.warmup_answers and p99 is not None and latency_limit is not None
     checks.append({"check": "latency_p99_ms", "ok": (p99 <= latency_limit) if judged else None,
-                   "value": p99, "limit": latency_limit, "against": "slo" if slo_ms is not None else "live p99"})
+                   "value": p99, "limit": latency_limit, "slo_ms": slo_ms, "live_p99_ms": live_p99})
     summary = outputs.summary()
     psi = summary.get("psi")
     seen = (int(outputs.live.sum()) if outputs.live is not None else 0,
@@ -112,7 +112,7 @@ class ShadowEvidence:
     def error_rate(self) -> float | None:
         return self.errors / self.requests if self.requests else None
 
-    def p99_ms(self) -> float | None:
+    def p99_ms(self, skip: int = 0) -> float | None:
         p99 = self._counters.latency.percentile(0.99)
         return None if p99 is None else p99 * 1e3
 

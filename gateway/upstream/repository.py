@@ -56,6 +56,27 @@ async def load_versions(backend: Backend, model: str, versions: list[str], confi
                               f"{error.message}") from None
 
 
+async def server_ready(backend: Backend) -> bool:
+    response = await backend.call("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse, CALL_TIMEOUT_S)
+    return bool(response.ready)
+
+
+async def wait_server_ready(backend: Backend, timeout_s: float) -> bool:
+    """Poll ServerReady until it says ready (True) or `timeout_s` passes (False). A Triton with
+    --strict-readiness reports not ready while any model loads or unloads, so the gateway's health
+    check takes it out of rotation meanwhile: reload one backend at a time, and wait for this."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            if await server_ready(backend):
+                return True
+        except GatewayError:
+            pass
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
+
+
 async def version_ready(backend: Backend, model: str, version: str) -> bool:
     response = await backend.call("ModelReady", pb.ModelReadyRequest(name=model, version=version),
                                   pb.ModelReadyResponse, CALL_TIMEOUT_S)
