@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     for result in results:
         for sample in result.error_samples:
             print(f"error at {result.target} {result.label}: {sample}")
+    sys.stdout.flush()
     for warning in saturation_warnings(results):
         print(f"warning: {warning}", file=sys.stderr)
     context = {

@@ -32,6 +32,8 @@ __all__ = ["Harness", "HarnessError", "Settings", "StepResult", "is_stable", "sa
 #: A load process using more than this share of one core is near saturation: its own queueing
 #: then shows in the latencies it reports.
 SATURATION_SHARE = 0.8
+#: Open loop: a p99 send lag above this says the harness, not the target, is behind schedule.
+LATE_SEND_MS = 5.0
 
 
 class HarnessError(RuntimeError):
@@ -283,9 +285,17 @@ def saturation_warnings(results: Sequence[StepResult]) -> list[str]:
                 f"{result.target} {result.label}: a load process used {result.client_core_share:.0%} of a core; "
                 f"the harness is near saturation and its own queueing adds to the latencies: use more --workers"
                 + (f" (this machine has {os.cpu_count()} CPUs)" if os.cpu_count() else ""))
-        if result.mode == "rate" and result.level and result.sent_per_s < result.level * 0.95:
-            warnings.append(f"{result.target} {result.label}: sent only {result.sent_per_s:,.0f} req/s of the "
-                            f"{result.level:,.0f} asked for: the harness could not keep the rate")
+        if result.mode == "rate" and result.level:
+            # Poisson arrivals: the count in the measured windows varies by sqrt(count) by itself.
+            expected = result.level * result.seconds
+            slack = max(0.05, 3 / np.sqrt(expected)) if expected > 0 else 1.0
+            if result.sent_per_s < result.level * (1 - slack):
+                warnings.append(f"{result.target} {result.label}: sent only {result.sent_per_s:,.0f} req/s of the "
+                                f"{result.level:,.0f} asked for: the harness could not keep the rate")
+            if result.lag_p99_ms > LATE_SEND_MS:
+                warnings.append(f"{result.target} {result.label}: 1 % of requests left more than "
+                                f"{result.lag_p99_ms:.1f} ms after their scheduled time: the harness falls behind "
+                                f"(the latencies, counted from the scheduled time, include that)")
         if not result.stable:
             warnings.append(f"{result.target} {result.label}: not stable after {result.windows} windows "
                             f"(throughput per window: {', '.join(f'{t:,.0f}' for t in result.window_throughputs)})")

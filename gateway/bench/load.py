@@ -145,17 +145,28 @@ class _Load:
         answered = time.perf_counter_ns()
         self.answered_total += 1
         recorder = self.recorder  # the window may have turned while the request was in flight
+        if self._wrong(index, reply, recorder):
+            return
+        if recorder.measuring:
+            recorder.latencies.append(answered - start_ns)
+
+    def _wrong(self, index: int, reply, recorder: _Recorder) -> bool:
+        """Check every `check_every`-th reply; True (and an error counted) if it is wrong."""
         check = self.step.check_every and self.replies % self.step.check_every == 0
         self.replies += 1
         if check and self.checkers:
             recorder.checked += recorder.measuring
-            wrong = self.checkers[index](reply)
+            if not isinstance(reply, bytes):  # a stream's reply: the ModelInferResponse inside
+                reply = reply.infer_response.SerializeToString()
+            try:
+                wrong = self.checkers[index](reply)
+            except Exception as error:  # noqa: BLE001 - an unparsable reply is a wrong one
+                wrong = f"wrong reply: cannot parse it ({error})"
             if wrong is not None:
                 self.failed_total += 1
                 recorder.error("WRONG_REPLY", wrong)
-                return
-        if recorder.measuring:
-            recorder.latencies.append(answered - start_ns)
+                return True
+        return False
 
     # ---- closed loop ---------------------------------------------------------------------------
 
@@ -189,6 +200,8 @@ class _Load:
             self.recorder.error("STREAM_ERROR", error)
             return
         recorder = self.recorder
+        if self._wrong(index, reply, recorder):
+            return
         if recorder.measuring:
             recorder.latencies.append(answered - start)
 
@@ -253,7 +266,8 @@ class _Stream:
         self.call = self.method()
         self.reader = asyncio.ensure_future(self._read(self.call))
 
-    async def infer(self, payload: bytes) -> tuple[bytes, str | None]:
+    async def infer(self, payload: bytes) -> tuple[object, str | None]:
+        """(the ModelStreamInferResponse, its error message or None)."""
         from gateway.protocol import pb
 
         request_id = str(next(self.ids))
@@ -281,7 +295,7 @@ class _Stream:
                 message = pb.ModelStreamInferResponse.FromString(reply)
                 future = self.pending.pop(message.infer_response.id, None)
                 if future is not None and not future.done():
-                    future.set_result((reply, message.error_message or None))
+                    future.set_result((message, message.error_message or None))
         except grpc.RpcError as error:
             for future in self.pending.values():
                 if not future.done():

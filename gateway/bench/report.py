@@ -83,12 +83,20 @@ def write_csv(path: str, results: Sequence[StepResult]) -> None:
 
 def write_json(path: str, results: Sequence[StepResult], context: dict) -> None:
     with open(path, "w") as file:
-        json.dump({**context, "steps": [r.to_dict() for r in results]}, file, indent=1, default=_nan_safe)
+        # NaN (no successful request in a step) is not JSON: it is written as null.
+        json.dump(_nan_to_none({**context, "steps": [r.to_dict() for r in results]}), file, indent=1,
+                  allow_nan=False)
         file.write("\n")
 
 
-def _nan_safe(value):
-    return str(value)
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(item) for item in value]
+    return value
 
 
 def plot(path: str, results: Sequence[StepResult], title: str) -> None:
