@@ -232,10 +232,13 @@ def main(argv: list[str] | None = None) -> int:
             summary.append(f"| {names[step['target']]} | {step['level']:g} | {step['throughput']:,.0f} | "
                            f"{step['p50_ms']:.2f} | {step['p90_ms']:.2f} | {step['p99_ms']:.2f} | "
                            f"{sum(step['errors'].values())} | {'yes' if step['stable'] else 'no'} |")
-        answered = {name: after[name] - before[name] for name in tritons}
-        summary += ["", f"Triton's own success counts over the sweep: {answered}; the harness counted "
-                        f"{sum(s['answered_total'] for s in compare['steps'] if s['target'] != gateway.address)} "
-                        f"answers from the direct targets.", ""]
+        counted = {name: after[name] - before[name] for name in tritons}
+        harness_direct = sum(s["answered_total"] for s in compare["steps"]
+                             if s["target"] == tritons["gpu-batched"].grpc_address)
+        # gpu-plain also serves the gateway's (batched) requests, so only gpu-batched's count is the harness's alone.
+        summary += ["", f"Requests GPU Triton with its batcher counted (ModelStatistics): {counted['gpu-batched']:,}; "
+                        f"tensorgate bench counted {harness_direct:,} answers from it.", ""]
+        (out / "counts.json").write_text(json.dumps({"triton": counted, "harness_gpu_batched": harness_direct}))
 
         summary += spill(args, tritons, compare, gateway.address, out, logs, gateway_workers, bench_workers, window,
                          gateways)
