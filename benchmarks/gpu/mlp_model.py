@@ -33,9 +33,17 @@ class TritonPythonModel:
         weights = make_weights(*sizes)
         self.torch = None
         if parameters.get("backend", "torch") == "torch":
+            # The stub's interpreter does not read PYTHONPATH: scenario.py passes its own here, so a
+            # PyTorch installed beside the launching Python (e.g. pip --target) is found too.
+            import sys
+
+            for folder in reversed([p for p in parameters.get("python_path", "").split(":") if p]):
+                if folder not in sys.path:
+                    sys.path.insert(0, folder)
             try:
                 import torch
-            except ImportError:
+            except ImportError as error:
+                print(f"mlp: no PyTorch here ({error}); NumPy runs the model", flush=True)
                 torch = None
             if torch is not None:
                 self.torch = torch

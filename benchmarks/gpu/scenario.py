@@ -54,7 +54,8 @@ parameters: [
   {{ key: "in" value: {{ string_value: "{size_in}" }} }},
   {{ key: "hidden" value: {{ string_value: "{hidden}" }} }},
   {{ key: "out" value: {{ string_value: "{size_out}" }} }},
-  {{ key: "backend" value: {{ string_value: "{backend}" }} }}
+  {{ key: "backend" value: {{ string_value: "{backend}" }} }},
+  {{ key: "python_path" value: {{ string_value: "{python_path}" }} }}
 ]
 {batching}
 """
@@ -67,7 +68,7 @@ def write_repository(folder: Path, *, kind: str, dynamic_batching: bool, sizes, 
     batching = "dynamic_batching { max_queue_delay_microseconds: 500 }" if dynamic_batching else ""
     (model / "config.pbtxt").write_text(CONFIG_TEMPLATE.format(
         max_batch=256, size_in=sizes[0], hidden=sizes[1], size_out=sizes[2], kind=kind, count=count,
-        backend=backend, batching=batching))
+        backend=backend, batching=batching, python_path=os.environ.get("PYTHONPATH", "")))
     return folder
 
 
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu" / "out"), help="where results go")
     parser.add_argument("--gateway-workers", type=int, default=None,
                         help="gateway processes on one port (default: 1 with --cpu, else 4)")
+    parser.add_argument("--model-backend", choices=["torch", "numpy"], default=None,
+                        help="what runs the MLP inside Triton (default: numpy with --cpu --short, else torch)")
     parser.add_argument("--bench-workers", type=int, default=None, help="load processes (default: 1 with --cpu, else 4)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     small = args.cpu and args.short
     sizes = SHORT_CPU_SIZES if small else FULL_SIZES
-    backend = "numpy" if small else "torch"
+    backend = args.model_backend or ("numpy" if small else "torch")
     gpu_kind = "KIND_CPU" if args.cpu else "KIND_GPU"
     gateway_workers = args.gateway_workers or (1 if args.cpu else 4)
     bench_workers = args.bench_workers or (1 if args.cpu else 4)
