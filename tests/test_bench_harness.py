@@ -184,3 +184,23 @@ def test_bytes_models_and_model_errors_are_reported_by_status(triton, tmp_path, 
 def test_a_missing_model_is_a_usage_error(triton, capsys):
     assert main(["bench", triton.grpc_address, "--model", "no_such_model", *QUICK]) == 2
     assert "no_such_model" in capsys.readouterr().err
+
+
+def test_the_harness_warns_about_its_own_saturation_and_a_rate_it_could_not_keep():
+    from gateway.bench.harness import StepResult, saturation_warnings
+
+    def step(**changes):
+        figures = dict(target="t", mode="concurrency", level=64, requests=1000, seconds=3.0, throughput=333.0,
+                       rows_per_s=333.0, p50_ms=1.0, p90_ms=2.0, p95_ms=3.0, p99_ms=4.0, mean_ms=1.5, errors={},
+                       error_samples=[], stable=True, windows=3, client_cpu_us_per_request=100.0,
+                       client_core_share=0.3, workers=1, sent_per_s=333.0)
+        return StepResult(**{**figures, **changes})
+
+    assert saturation_warnings([step()]) == []
+    busy = saturation_warnings([step(client_core_share=0.95)])
+    assert len(busy) == 1 and "95% of a core" in busy[0] and "--workers" in busy[0]
+    behind = saturation_warnings([step(mode="rate", level=1000, sent_per_s=800, lag_p99_ms=12.0)])
+    assert any("sent only 800 req/s of the 1,000" in w for w in behind)
+    assert any("12.0 ms after their scheduled time" in w for w in behind)
+    # Poisson arrivals vary by themselves: 3 % short over 3,000 arrivals is no warning.
+    assert saturation_warnings([step(mode="rate", level=1000, sent_per_s=970, lag_p99_ms=1.0)]) == []
