@@ -130,6 +130,36 @@ def test_latency_counts_from_the_scheduled_time_not_the_send():
     assert late >= 200 and prompt < 100
 
 
+def test_open_loop_requests_due_while_the_harness_stalled_are_charged_the_stall():
+    """The open loop's own event loop stalls for 0.3 s (as a starved or overloaded client would):
+    the arrivals due meanwhile leave late, in a burst, and their latency counts from when they were
+    due, so the stall shows in the latency (and in the send lag) instead of vanishing."""
+
+    async def scenario():
+        server, port = await start_echo_server("127.0.0.1:0")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                load = _Load(channel, [build_infer_request("simple_scale")], [],
+                             Step(target="", mode="rate", level=200, window_s=1, warmup_s=0))
+                load.recorder.measuring = True
+                arrivals = asyncio.ensure_future(load.arrivals())
+                await asyncio.sleep(0.2)
+                time.sleep(0.3)  # blocks the loop: nothing can be sent
+                await asyncio.sleep(0.3)
+                load.stopping = True
+                await arrivals
+                recorder = load.recorder
+                return (np.frombuffer(recorder.latencies.tobytes(), np.int64) / 1e6,
+                        np.frombuffer(recorder.lags.tobytes(), np.int64) / 1e6, recorder.sent)
+        finally:
+            await server.stop(0)
+
+    latencies, lags, sent = asyncio.run(scenario())
+    assert sent > 60  # ~160 due in 0.8 s, the ones due during the stall sent late rather than dropped
+    assert lags.max() >= 200 and latencies.max() >= 200
+    assert np.median(latencies) < 100  # the others were on time
+
+
 def test_stability_is_perf_analyzers_rule():
     assert is_stable([100, 105, 95], [1.0, 1.05, 0.98], 10)
     assert not is_stable([100, 130, 95], [1.0, 1.0, 1.0], 10)  # throughput disagrees
