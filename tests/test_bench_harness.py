@@ -156,8 +156,9 @@ def test_open_loop_requests_due_while_the_harness_stalled_are_charged_the_stall(
 
     latencies, lags, sent = asyncio.run(scenario())
     assert sent > 60  # ~160 due in 0.8 s, the ones due during the stall sent late rather than dropped
-    assert lags.max() >= 200 and latencies.max() >= 200
-    assert np.median(latencies) < 100  # the others were on time
+    late = int((lags >= 200).sum())
+    assert late >= 1  # the stall held back the requests due during it ...
+    assert (latencies >= 200).sum() >= late  # ... and each of them was charged at least that wait
 
 
 def test_stability_is_perf_analyzers_rule():

@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     for warning in saturation_warnings(results):
         print(f"warning: {warning}", file=sys.stderr)
     context = {
-        "command": "tensorgate bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "tensorgate bench",
+        "command": ("tensorgate " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
+                    else "tensorgate bench (called in-process)"),
         "started": started.isoformat(timespec="seconds"), "model": args.model, "targets": targets,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
                    f"{platform.python_version()}", "stream": args.stream, "workers": args.workers,

@@ -119,20 +119,24 @@ class _Load:
         self.replies = 0
         self.unary = channel.unary_unary(INFER_METHOD)
         self.streams: list[_Stream] = []
+        self.next_stream = 0
 
     # ---- one request ---------------------------------------------------------------------------
 
-    async def send(self, index: int, start_ns: int) -> None:
-        """Send payload `index`; its latency counts from `start_ns` (send time, or scheduled time)."""
+    async def send(self, index: int, start_ns: int, stream: "_Stream | None" = None) -> None:
+        """Send payload `index` (over `stream`, or the next stream in turn, or unary); its latency
+        counts from `start_ns` (the send time, or the scheduled time)."""
         recorder = self.recorder
         self.sent_total += 1
         recorder.sent += recorder.measuring
         payload = self.payloads[index]
         try:
             if self.streams:
-                reply, error = await self.streams[index % len(self.streams)].infer(payload)
-                if error is not None:
-                    self.answered_total += 1  # the target answered, with an error of the model's
+                if stream is None:
+                    self.next_stream = (self.next_stream + 1) % len(self.streams)  # round robin
+                    stream = self.streams[self.next_stream]
+                reply, error = await stream.infer(payload)
+                if error is not None:  # the model's error, as a stream carries it (no status code)
                     self.failed_total += 1
                     self.recorder.error("STREAM_ERROR", error)
                     return
@@ -141,6 +145,8 @@ class _Load:
         except grpc.RpcError as error:
             self.failed_total += 1
             self.recorder.error(error.code().name, error.details() or "")
+            if stream is not None:
+                await asyncio.sleep(0.01)  # a broken stream: do not spin while it is being replaced
             return
         answered = time.perf_counter_ns()
         self.answered_total += 1
@@ -176,34 +182,8 @@ class _Load:
             if self.stopping:
                 return
             index = turn % count
-            if self.streams:
-                stream = self.streams[number % len(self.streams)]
-                await self._send_on(stream, index)
-            else:
-                await self.send(index, time.perf_counter_ns())
-
-    async def _send_on(self, stream: "_Stream", index: int) -> None:
-        start = time.perf_counter_ns()
-        self.sent_total += 1
-        self.recorder.sent += self.recorder.measuring
-        try:
-            reply, error = await stream.infer(self.payloads[index])
-        except grpc.RpcError as rpc_error:
-            self.failed_total += 1
-            self.recorder.error(rpc_error.code().name, rpc_error.details() or "")
-            await asyncio.sleep(0.01)  # a broken stream: do not spin while it is being replaced
-            return
-        answered = time.perf_counter_ns()
-        self.answered_total += 1
-        if error is not None:
-            self.failed_total += 1
-            self.recorder.error("STREAM_ERROR", error)
-            return
-        recorder = self.recorder
-        if self._wrong(index, reply, recorder):
-            return
-        if recorder.measuring:
-            recorder.latencies.append(answered - start)
+            stream = self.streams[number % len(self.streams)] if self.streams else None
+            await self.send(index, time.perf_counter_ns(), stream)
 
     # ---- open loop -----------------------------------------------------------------------------
 
