@@ -129,6 +129,7 @@ class Gateway:
             self.config.listen, self.methods(),
             max_receive_bytes=self.config.server.max_message_bytes,
             max_send_bytes=self.config.upstream.max_message_bytes,
+            reuse_port=self.config.server.reuse_port,
         )
         await self.start_stages()
         self.port = await engine.start()

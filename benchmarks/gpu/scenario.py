@@ -84,7 +84,8 @@ def statistics(target: str) -> int:
 
 
 def yaml_config(listen: str, pools: dict[str, list[str]], extra: str = "") -> str:
-    lines = [f"listen: {listen}", "server: {engine: grpcio}", "pools:"]
+    # grpcio: the GPU image has no pyvoy; reuse_port: several gateway processes share the port.
+    lines = [f"listen: {listen}", "server: {engine: grpcio, reuse_port: true}", "pools:"]
     for name, backends in pools.items():
         lines.append(f"  {name}: {{backends: {json.dumps(backends)}}}")
     lines.append("health: {interval_s: 1.0, timeout_s: 2.0}")

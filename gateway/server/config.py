@@ -31,6 +31,10 @@ class ServerConfig:
     3.11+), grpcio otherwise."""
     envoy_threads: int | None = None
     """envoy engine: Envoy's worker threads (its C++ side); None: one per core."""
+    reuse_port: bool = False
+    """grpcio engine: bind `listen` with SO_REUSEPORT, so several `tensorgate serve` processes share
+    one port and the kernel spreads connections over them (one grpc.aio process uses about one
+    core). Off by default: a second gateway on a taken port then fails instead of sharing it."""
 
     def resolved_engine(self) -> str:
         if self.engine != "auto":

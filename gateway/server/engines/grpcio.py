@@ -70,13 +70,14 @@ def generic_handlers(methods: list[Method]) -> list[grpc.GenericRpcHandler]:
 class GrpcioEngine:
     """A grpc.aio server on `listen` ("host:port"; port 0 picks one) serving `methods`."""
 
-    def __init__(self, listen: str, methods: list[Method], max_receive_bytes: int, max_send_bytes: int) -> None:
+    def __init__(self, listen: str, methods: list[Method], max_receive_bytes: int, max_send_bytes: int,
+                 reuse_port: bool = False) -> None:
         self.listen = listen
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_receive_bytes),
                 ("grpc.max_send_message_length", max_send_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ]
         )
         self._server.add_generic_rpc_handlers(generic_handlers(methods))
