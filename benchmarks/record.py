@@ -111,7 +111,7 @@ def sweep(plots: Path, stamp: str, quick: bool, results_folder: Path) -> list[st
             window = ["--measurement-interval", "0.5", "--max-trials", "3"] if quick else \
                      ["--measurement-interval", "2", "--max-trials", "8"]
             command = ["bench", triton.grpc_address, "--model", "simple_scale", "--compare", f"127.0.0.1:{port}",
-                       "--concurrency", "1,8,64", *window, "--plot", str(png), "--quiet"]
+                       "--concurrency", "1,8,64", *window, "--plot", os.path.relpath(png, ROOT), "--quiet"]
             print("$ tensorgate " + " ".join(command), flush=True)
             done = subprocess.run([sys.executable, "-m", "gateway", *command], cwd=ROOT, capture_output=True,
                                   text=True, check=True)

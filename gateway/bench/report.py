@@ -100,7 +100,8 @@ def _nan_to_none(value):
 
 
 def plot(path: str, results: Sequence[StepResult], title: str) -> None:
-    """Latency percentiles (p50 solid, p90 dashed, p99 dotted) against throughput, one colour per target."""
+    """Latency percentiles (p50 solid, p90 dashed, p99 dotted) against throughput, one colour per
+    target, each step's load level written at its p99 point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,6 +120,9 @@ def plot(path: str, results: Sequence[StepResult], title: str) -> None:
                 axes.plot(x, [getattr(r, field) for r in points], style, marker="o", markersize=3,
                           color=colours[index % len(colours)],
                           label=f"{target} {field[:3]}" + (" (open loop)" if mode == "rate" else ""))
+            for r in points:  # which step each point is: the curves follow the load levels in order
+                axes.annotate(r.label, (r.throughput, r.p99_ms), fontsize=6, xytext=(3, 3),
+                              textcoords="offset points", color=colours[index % len(colours)])
     axes.set_xlabel("throughput (requests/s)")
     axes.set_ylabel("latency (ms)")
     axes.set_yscale("log")
