@@ -46,7 +46,7 @@ import grpc
 from gateway.server.engines import grpc_wire
 from gateway.server.engines.grpc_wire import WireError, frame, percent_encode, status_bytes
 from gateway.server.engines.watch import DEADLINE, CallWatch
-from gateway.server.rpc import Call, Method, status_of
+from gateway.server.rpc import Call, Method, status_of, trailers_of
 
 __all__ = ["ENV_ARGUMENT", "ENV_OPTIONS", "ENV_SERVICES", "GrpcAsgiApp"]  # and `app`, built on first access
 
@@ -104,20 +104,28 @@ def peer_of(scope: dict) -> str:
     return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
-def _trailers_only(code: grpc.StatusCode, message: str) -> dict:
+def _metadata_headers(trailers) -> list[tuple[bytes, bytes]]:
+    return [(key.encode("latin-1"), value.encode("latin-1")) for key, value in trailers]
+
+
+def _trailers_only(code: grpc.StatusCode, message: str, trailers=()) -> dict:
     headers = [(b"content-type", _GRPC), (b"grpc-accept-encoding", grpc_wire.ACCEPT_ENCODING),
                (b"grpc-status", status_bytes(code))]
     if message:
         headers.append((b"grpc-message", percent_encode(message)))
+    if trailers:
+        headers += _metadata_headers(trailers)
     return {"type": "http.response.start", "status": 200, "headers": headers, "trailers": False}
 
 
-def _trailers(code: grpc.StatusCode, message: str) -> dict:
+def _trailers(code: grpc.StatusCode, message: str, trailers=()) -> dict:
     if code is grpc.StatusCode.OK:
         return _OK_TRAILERS
     headers = [(b"grpc-status", status_bytes(code))]
     if message:
         headers.append((b"grpc-message", percent_encode(message)))
+    if trailers:
+        headers += _metadata_headers(trailers)
     return {"type": "http.response.trailers", "headers": headers, "more_trailers": False}
 
 
@@ -228,6 +236,7 @@ class GrpcAsgiApp:
 
     async def _unary(self, method: Method, call: Call, inflate, receive: Callable, send: Callable) -> None:
         watch = watched = None
+        trailers = ()
         try:
             request = await self._read_one(receive, inflate)
             if request is None:
@@ -249,6 +258,7 @@ class GrpcAsgiApp:
             code, message = error.code, error.message
         except Exception as error:
             code, message = status_of(error, method.path)
+            trailers = trailers_of(error)
         else:
             if watched is not None:
                 watch.discard(watched)
@@ -263,7 +273,7 @@ class GrpcAsgiApp:
         finally:
             if watched is not None:
                 watch.discard(watched)
-        await self._end_early(send, code, message)
+        await self._end_early(send, code, message, trailers)
 
     async def _read_one(self, receive: Callable, inflate) -> bytes | None:
         """The one request message of a unary call (None: the client disconnected)."""
@@ -308,6 +318,7 @@ class GrpcAsgiApp:
         watched = None
         started = False
         responses = watch = None
+        trailers = ()
         try:
             if call.deadline is not None:
                 if call.deadline <= time.monotonic():
@@ -337,6 +348,7 @@ class GrpcAsgiApp:
             code, message = error.code, error.message
         except Exception as error:
             code, message = status_of(error, method.path)
+            trailers = trailers_of(error)
         else:
             code, message = grpc.StatusCode.OK, ""
         finally:
@@ -346,11 +358,11 @@ class GrpcAsgiApp:
                 await _quietly(responses.aclose())
             await _quietly(requests.aclose())
         if not started:
-            await self._end_early(send, code, message)
+            await self._end_early(send, code, message, trailers)
             return
         try:
             await send(_END_BODY)
-            await send(_trailers(code, message))
+            await send(_trailers(code, message, trailers))
         except OSError:
             pass
 
@@ -369,10 +381,10 @@ class GrpcAsgiApp:
 
     # ------------------------------------------------------------------------------- endings
 
-    async def _end_early(self, send: Callable, code: grpc.StatusCode, message: str) -> None:
+    async def _end_early(self, send: Callable, code: grpc.StatusCode, message: str, trailers=()) -> None:
         """A trailers-only response: the status in the only HEADERS frame, which ends the stream."""
         try:
-            await send(_trailers_only(code, message))
+            await send(_trailers_only(code, message, trailers))
             await send(_END_BODY)
         except OSError:
             pass
