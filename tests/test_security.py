@@ -67,6 +67,14 @@ def scale_request(rows: int = 1) -> service_pb2.ModelInferRequest:
     return request
 
 
+def wait_ready(client, headers=None, model: str = "simple_scale", timeout: float = 60.0) -> None:
+    """Until the gateway routes `model` (its first health check may fail on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while not client.is_model_ready(model, headers=headers):
+        assert time.monotonic() < deadline, f"{model} not ready at the gateway after {timeout:g} s"
+        time.sleep(0.1)
+
+
 def status_of(call) -> grpc.StatusCode:
     with pytest.raises(triton_grpc.InferenceServerException) as error:
         call()
@@ -113,6 +121,7 @@ def test_tls_front_door(engine, tritons, pki):
     config["server"] = {"tls": {"cert_file": str(pki.server.cert), "key_file": str(pki.server.key)}}
     with serve(engine, config) as gateway:
         client = _tls_client(gateway.address, pki)
+        wait_ready(client)
         result = client.infer("simple_scale", scale_inputs(), client_timeout=20)
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2.0, np.float32))
         # A plaintext client gets nothing, nor one that does not trust the gateway's CA.
@@ -127,6 +136,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate_of_the_ca(engine, trit
                                 "client_ca_file": str(pki.ca.cert)}}
     with serve(engine, config) as gateway:
         client = _tls_client(gateway.address, pki, cert=pki.client)
+        wait_ready(client)
         result = client.infer("simple_scale", scale_inputs(), client_timeout=20)
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2.0, np.float32))
         _refused(_tls_client(gateway.address, pki))  # no certificate
@@ -159,6 +169,9 @@ def tenants(request, tritons, tmp_path_factory):
     }}
     thread = serve(request.param, config)
     with thread:
+        ops = bearer(credentials["ops"])
+        for model in ("simple_scale", "add_sub"):
+            wait_ready(triton_grpc.InferenceServerClient(thread.address), ops, model)
         yield SimpleNamespace(gateway=thread, credentials=credentials, engine=request.param)
     for name in variables:
         os.environ.pop(name, None)
@@ -326,6 +339,7 @@ def limited(request, tritons):
     config["limits"] = {"max_tensors": 3, "max_bytes_element_bytes": 16,
                         "models": {"simple_scale": {"max_message_bytes": 200}}}
     with serve(request.param, config) as thread:
+        wait_ready(triton_grpc.InferenceServerClient(thread.address))
         yield thread
 
 
@@ -377,7 +391,7 @@ def test_streams_per_connection_are_bounded(engine, tritons):
         live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
                                    request_serializer=service_pb2.ServerLiveRequest.SerializeToString,
                                    response_deserializer=service_pb2.ServerLiveResponse.FromString)
-        assert live(service_pb2.ServerLiveRequest(), timeout=20).live
+        wait_ready(triton_grpc.InferenceServerClient(gateway.address))
         feeds, calls = [], []
         for _ in range(2):  # two streams open, each with an answer back: both are live at the gateway
             feed: queue.Queue = queue.Queue()
