@@ -171,6 +171,7 @@ class Gateway:
             "sequences": len(self.sequences),
             "batching": self.batching.snapshot(),
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},
+            "tenants": {} if self.guard is None else self.guard.snapshot(),
         }
 
     async def wait(self) -> None:

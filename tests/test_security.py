@@ -292,6 +292,13 @@ def test_over_the_rate_is_resource_exhausted_with_a_pushback_every_time(tenants)
             assert "tenant 'slow' is over its rate limit of 0.05 requests/s" in error.value.details()
             trailers = dict(error.value.trailing_metadata())
             assert 0 < int(trailers["grpc-retry-pushback-ms"]) <= 20_000
+        # on a stream, each request spends from the same rate: refused one by one, the stream stays open
+        stream = channel.stream_stream(STREAM, request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+                                       response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+        replies = list(stream(iter([scale_request(), scale_request()]), metadata=slow, timeout=20))
+        assert len(replies) == 2
+        for reply in replies:
+            assert "tenant 'slow' is over its rate limit" in reply.error_message
         assert time.monotonic() - started < 15, "the refusals took too long to test the rate"
         # other tenants are not held back by slow's rate
         infer(scale_request(), metadata=tuple(bearer(tenants.credentials["alpha"]).items()), timeout=20)
@@ -312,6 +319,8 @@ def test_admin_services_need_an_admin_tenant(tenants):
         state = json.loads(snapshot(SnapshotRequest(), metadata=tuple(bearer(tenants.credentials["ops"]).items()),
                                     timeout=10).json)
         assert state["backends"]
+        assert state["tenants"]["alpha"] is None  # no rate
+        assert state["tenants"]["slow"]["rate_limited"] >= 20  # the rate test ran before
         text = json.dumps(state)
     assert not any(secret in text for secret in tenants.credentials.values())
 

@@ -62,6 +62,14 @@ class Guard:
         if self.limits is not None:
             self.limits.check(request, size)
 
+    def snapshot(self) -> dict:
+        """Per tenant: calls admitted and refused by its rate (None: no rate); no credentials."""
+        if self.directory is None:
+            return {}
+        return {name: None if tenant.bucket is None else
+                {"admitted": tenant.bucket.taken, "rate_limited": tenant.bucket.refused}
+                for name, tenant in self.directory.tenants.items()}
+
     @staticmethod
     def may_use(call, model: str) -> bool:
         tenant = call.tenant

@@ -1,0 +1,146 @@
+"""What authentication, rates and request limits cost a request, in-process (CPU per call).
+
+    python benchmarks/bench_security.py [--rounds R] [--calls N]
+
+Each figure is the CPU time (`time.process_time`) of N calls in a loop, median [min–max] over R
+rounds, per call:
+
+  auth off        the ModelInfer handler an engine is given when `auth` and `limits` are absent:
+                  the same function object as before security existed (checked), so 0 by design
+  authenticate    TenantDirectory.authenticate on a grpc.aio-style metadata tuple of 6 entries with
+                  `authorization: Bearer <32-byte token>`: header scan, SHA-256, dict lookup,
+                  hmac.compare_digest
+  + rate          the same plus the tenant's token-bucket update (Guard.admit_call)
+  model check     Guard.check_infer without limits: the tenant's allow-list (a set lookup)
+  limits          Guard.check_infer with max_tensors, max_bytes_element_bytes and a per-model
+                  message limit, on a 1×16 FP32 request (no BYTES walk) and on a 64-element BYTES
+                  request (the Cython walk)
+  wrapped handler server/access.py's unary wrapper (authenticate + rate, then await) around a
+                  handler that returns at once, driven by `coroutine.send(None)`; the bare handler
+                  beside it; "wrapper layer alone" = wrapped - bare - (authenticate + rate)
+
+Compare with the gateway's whole CPU per request in benchmarks/RESULTS.md (hundreds of µs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.protocol import pb  # noqa: E402
+from gateway.security.config import AuthConfig, LimitsConfig, ModelLimits, RateLimit, Secret, TenantConfig  # noqa: E402
+from gateway.security.guard import Guard  # noqa: E402
+from gateway.server.access import guarded  # noqa: E402
+from gateway.server.rpc import Call, Method  # noqa: E402
+
+TOKEN = "x" * 43  # secrets.token_urlsafe(32) is 43 characters
+
+
+def _metadata() -> tuple:
+    return (("user-agent", "grpc-python/1.85.3 grpc-c/44.0.0 (linux; chttp2)"), ("authorization", f"Bearer {TOKEN}"),
+            ("grpc-accept-encoding", "identity, deflate, gzip"), ("te", "trailers"),
+            ("content-type", "application/grpc"), ("x-request-id", "abc"))
+
+
+def _guard(limits: LimitsConfig | None) -> Guard:
+    os.environ["BENCH_SECURITY_TOKEN"] = TOKEN
+    tenants = {f"tenant{i}": TenantConfig(models=("other",), tokens=(Secret(env=f"BENCH_SECURITY_{i}"),))
+               for i in range(50)}
+    for i in range(50):
+        os.environ[f"BENCH_SECURITY_{i}"] = f"token-{i}-" + "y" * 30
+    tenants["bench"] = TenantConfig(models=("simple_scale", "bytes_reverse"), tokens=(Secret(env="BENCH_SECURITY_TOKEN"),),
+                                    rate=RateLimit(requests_per_s=1e12, burst=10**12))
+    return Guard(AuthConfig(tenants=tenants), limits)
+
+
+def _requests() -> tuple[pb.ModelInferRequest, pb.ModelInferRequest]:
+    scale = pb.ModelInferRequest(model_name="simple_scale")
+    scale.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    scale.raw_input_contents.append(bytes(64))
+    text = pb.ModelInferRequest(model_name="bytes_reverse")
+    text.inputs.add(name="TEXT", datatype="BYTES", shape=[64, 1])
+    text.raw_input_contents.append(b"".join(struct.pack("<I", 12) + b"hello world!" for _ in range(64)))
+    return scale, text
+
+
+def _per_call(function, calls: int) -> float:
+    started = time.process_time()
+    for _ in range(calls):
+        function()
+    return (time.process_time() - started) / calls * 1e6
+
+
+def _drive(handler, call: Call):
+    def once():
+        coroutine = handler(b"", call)
+        try:
+            coroutine.send(None)
+        except StopIteration:
+            pass
+
+    return once
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=50_000)
+    args = parser.parse_args(argv)
+
+    plain_guard = _guard(None)
+    limits = LimitsConfig(max_tensors=64, max_bytes_element_bytes=1 << 20,
+                          models={"simple_scale": ModelLimits(max_message_bytes=1 << 20)})
+    limited_guard = _guard(limits)
+    scale, text = _requests()
+    metadata = _metadata()
+    call = Call(None, metadata, "")
+    call.tenant = plain_guard.directory.authenticate(call)
+    limited_call = Call(None, metadata, "")
+    limited_call.tenant = limited_guard.directory.authenticate(limited_call)
+
+    async def bare(raw: bytes, call: Call) -> bytes:
+        return raw
+
+    (wrapped,) = guarded([Method("/inference.GRPCInferenceService/ModelInfer", False, bare)], plain_guard)
+    assert guarded([Method("/x/Y", False, bare)], None)[0].handler is bare  # auth off: the handler as it was
+
+    def fresh_call() -> Call:
+        return Call(None, metadata, "")
+
+    cases = {
+        "authenticate": lambda: plain_guard.directory.authenticate(fresh_call()),
+        "authenticate + rate": lambda: plain_guard.admit_call(fresh_call()),
+        "model check": lambda: plain_guard.check_infer(call, scale, 100, False),
+        "limits, 1×16 FP32": lambda: limited_guard.check_infer(limited_call, scale, 100, False),
+        "limits, 64 BYTES elements": lambda: limited_guard.check_infer(limited_call, text, 1100, False),
+        "bare handler": _drive(bare, call),
+        "wrapped handler": _drive(wrapped.handler, fresh_call()),
+        "new Call (baseline)": fresh_call,
+    }
+    results: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, function in cases.items():
+            results[name].append(_per_call(function, args.calls))
+
+    def figure(name: str) -> str:
+        values = results[name]
+        return f"{statistics.median(values):.2f} [{min(values):.2f}–{max(values):.2f}]"
+
+    print(f"Python {sys.version.split()[0]}, {args.rounds} rounds × {args.calls} calls, µs per call, median [min–max]")
+    for name in cases:
+        print(f"  {name:28s} {figure(name)}")
+    wrapper = [w - b - a for w, b, a in zip(results["wrapped handler"], results["bare handler"],
+                                             results["authenticate + rate"])]
+    print(f"  {'wrapper layer alone':28s} {statistics.median(wrapper):.2f}  (wrapped - bare - authenticate + rate)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
