@@ -127,6 +127,14 @@ def test_config_errors_name_where_a_secret_was_never_what_it_is(monkeypatch, tmp
     with pytest.raises(ConfigError) as error:
         config_from_mapping({**base, "upstream": {"tls": {"cert_file": str(tmp_path)}}})
     assert error.value.path == "upstream.tls.cert_file"
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello")
+    with pytest.raises(ConfigError) as error:
+        config_from_mapping({**base, "server": {"tls": {"cert_file": str(not_pem), "key_file": str(not_pem)}}})
+    assert error.value.path == "server.tls.key_file" and "not a PEM certificate chain" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        config_from_mapping({**base, "upstream": {"tls": {"ca_file": str(not_pem)}}})
+    assert error.value.path == "upstream.tls"
 
 
 def test_nothing_configured_means_no_guard_at_all():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import ssl
 import sys
 from dataclasses import dataclass
 
@@ -45,8 +46,19 @@ class ServerTls:
     def validate(self, path: str) -> None:
         check_readable(self.cert_file, f"{path}.cert_file")
         check_readable(self.key_file, f"{path}.key_file")
+        # Loaded once here so that a bad PEM or a key of another certificate is a config error
+        # naming the key, not an engine that fails to start (ssl's messages never show key material).
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, ValueError) as error:
+            raise ConfigError(f"{path}.key_file", f"not a PEM certificate chain and its private key: {error}") from None
         if self.client_ca_file is not None:
             check_readable(self.client_ca_file, f"{path}.client_ca_file")
+            try:
+                context.load_verify_locations(self.client_ca_file)
+            except ssl.SSLError as error:
+                raise ConfigError(f"{path}.client_ca_file", f"not a PEM CA bundle: {error}") from None
 
     @property
     def mutual(self) -> bool:

@@ -105,6 +105,10 @@ class UpstreamTls:
                 raise ConfigError(f"{path}.{key}", f"cannot read file {value!r}")
         if (self.cert_file is None) != (self.key_file is None):
             raise ConfigError(f"{path}.cert_file", "expected cert_file and key_file together (or neither)")
+        try:
+            self.ssl_context()  # a bad PEM or a key of another certificate: a config error, at load
+        except (ssl.SSLError, ValueError) as error:
+            raise ConfigError(path, f"cannot load the TLS files: {error}") from None
 
     def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         """(CA, key, certificate chain) as PEM bytes, as grpc.ssl_channel_credentials takes them."""

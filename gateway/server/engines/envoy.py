@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import importlib
 import inspect
 import json
@@ -89,7 +90,10 @@ def metadata_of(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | by
         if name.endswith("-bin"):
             for part in value.split(b","):
                 part = part.strip()
-                metadata.append((name, base64.b64decode(part + b"=" * (-len(part) % 4))))
+                try:
+                    metadata.append((name, base64.b64decode(part + b"=" * (-len(part) % 4))))
+                except binascii.Error:  # not base64: the client's own garbage, passed on as sent
+                    metadata.append((name, part))
         else:
             metadata.append((name, value.decode("latin-1")))
     return tuple(metadata)
