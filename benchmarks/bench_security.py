@@ -11,6 +11,8 @@ rounds, per call:
   authenticate    TenantDirectory.authenticate on a grpc.aio-style metadata tuple of 6 entries with
                   `authorization: Bearer <32-byte token>`: header scan, SHA-256, dict lookup,
                   hmac.compare_digest
+  authenticate, envoy headers  the same, with the request's headers as the envoy engine hands
+                  them to Call (a dict: one lookup instead of the scan)
   + rate          the same plus the tenant's token-bucket update (Guard.admit_call)
   model check     Guard.check_infer without limits: the tenant's allow-list (a set lookup)
   limits          Guard.check_infer with max_tensors, max_bytes_element_bytes and a per-model
@@ -192,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     def fresh_call() -> Call:
         return Call(None, metadata, "")
 
+    envoy_headers = {key.encode(): value.encode() for key, value in metadata}
+
     cases = {
         "authenticate": lambda: plain_guard.directory.authenticate(fresh_call()),
+        "authenticate, envoy headers": lambda: plain_guard.directory.authenticate(Call(None, metadata, "", envoy_headers)),
         "authenticate + rate": lambda: plain_guard.admit_call(fresh_call()),
         "model check": lambda: plain_guard.check_infer(call, scale, 100, False),
         "limits, 1×16 FP32": lambda: limited_guard.check_infer(limited_call, scale, 100, False),

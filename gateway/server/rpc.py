@@ -41,13 +41,14 @@ class Call:
     handlers never look, and reading them costs on every request with some engines (grpc.aio).
     """
 
-    __slots__ = ("deadline", "_metadata", "_peer", "tenant")
+    __slots__ = ("deadline", "_metadata", "_peer", "_headers", "tenant")
 
-    def __init__(self, deadline: float | None = None, metadata=(), peer="") -> None:
+    def __init__(self, deadline: float | None = None, metadata=(), peer="", headers=None) -> None:
         self.deadline = deadline
         """Absolute `time.monotonic()` instant from the client's grpc-timeout, or None."""
         self._metadata = metadata
         self._peer = peer
+        self._headers = headers  # an engine's {lower-case key bytes: value bytes}, for header()
         self.tenant = None
         """Who is calling, when authentication is on (gateway/server/access.py sets it); else None."""
 
@@ -59,7 +60,12 @@ class Call:
         return self._metadata
 
     def header(self, key: str) -> str | bytes | None:
-        """The first value of metadata `key` (lower case), or None."""
+        """A value of metadata `key` (lower case), or None. With the engine's request headers at
+        hand, one dict lookup (authentication reads a header on every call); else a scan."""
+        headers = self._headers
+        if headers is not None and not key.endswith("-bin"):
+            value = headers.get(key.encode("latin-1"))
+            return None if value is None else value.decode("latin-1")
         for name, value in self.metadata:
             if name == key:
                 return value

@@ -230,7 +230,7 @@ class GrpcAsgiApp:
         except WireError as error:
             await self._end_early(send, error.code, error.message)
             return
-        call = Call(deadline, partial(metadata_of, scope["headers"]), partial(peer_of, scope))
+        call = Call(deadline, partial(metadata_of, scope["headers"]), partial(peer_of, scope), headers)
         if method.streaming:
             await self._stream(method, call, inflate, receive, send)
         else:
