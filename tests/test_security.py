@@ -419,3 +419,28 @@ def test_streams_per_connection_are_bounded(engine, tritons):
         assert live(service_pb2.ServerLiveRequest(), timeout=20).live
         feeds[1].put(None)
         list(calls[1])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_rapid_reset_flood_does_not_take_the_gateway_down(engine, tritons):
+    """HTTP/2 rapid reset: streams opened and reset at once, 1,500 of them on one connection. Envoy
+    counts them as premature resets and closes such connections (its default protection, kept on);
+    either engine goes on serving everyone else."""
+    with serve(engine, base_config(tritons)) as gateway:
+        client = triton_grpc.InferenceServerClient(gateway.address)
+        wait_ready(client)
+        with grpc.insecure_channel(gateway.address) as channel:
+            stream = channel.stream_stream(STREAM, request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+                                           response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+            for _ in range(1500):
+                feed: queue.Queue = queue.Queue()
+                call = stream(iter(feed.get, None), timeout=30)
+                call.cancel()
+                feed.put(None)
+        result = client.infer("simple_scale", scale_inputs(), client_timeout=20)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2.0, np.float32))
+        if engine == "envoy":
+            stats = gateway.gateway.engine._admin("GET", "/stats?filter=ingress_http.downstream_rq_too_many_premature_resets")
+            closed = int(stats.split(":")[1])
+            assert closed >= 1, stats
+        assert not gateway.take_loop_errors()
