@@ -29,11 +29,11 @@ from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
 from gateway.security.guard import Guard
 from gateway.server.access import guarded
+from gateway.server.config import ServerTls
 from gateway.server.engines.grpcio import GrpcioEngine
 from gateway.server.health import SERVICE as HEALTH_SERVICE
 from gateway.server.health import HealthService
 from gateway.server.inference import InferenceService
-from gateway.server.config import ServerTls
 from gateway.server.reflection import ReflectionService
 from gateway.telemetry.stage import GatewayView, TelemetryStage
 from gateway.upstream.catalog import ModelCatalog
