@@ -252,6 +252,10 @@ def test_pool_config_names_what_is_wrong():
         "pools.gpu.backends": {"gpu": {}},
         "pools.gpu.dns": {"gpu": {"dns": "triton-gpu.models.svc"}},
     }
+    for pools in ({"gpu": {"dns": "10.0.0.5:8001"}}, {"gpu": {"dns": "[::1]:8001"}}, {"gpu": {"dns": "a..b:8001"}}):
+        with pytest.raises(ConfigError) as error:
+            config_from_mapping({**base, "pools": pools})
+        assert error.value.path == "pools.gpu.dns"
     for path, pools in cases.items():
         with pytest.raises(ConfigError) as error:
             config_from_mapping({**base, "pools": pools})

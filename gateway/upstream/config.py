@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from gateway.errors import ConfigError
@@ -13,6 +14,14 @@ def parse_address(address: str, path: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(path, f"expected host:port, got {address!r}")
     return host.strip("[]"), int(port)
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def derived_http_address(address: str, offset: int) -> str:
@@ -47,7 +56,9 @@ class PoolConfig:
             raise ConfigError(f"{path}.backends", "expected at least one backend address, or `dns: name:port`")
         if self.dns is not None:
             host, _ = parse_address(self.dns, f"{path}.dns")
-            if ":" in host or not all(0 < len(label) < 64 for label in host.rstrip(".").split(".")):
+            if _is_ip_address(host):
+                raise ConfigError(f"{path}.dns", f"expected a DNS name, got the address {host!r}: list it in `backends`")
+            if not all(0 < len(label) < 64 for label in host.rstrip(".").split(".")):
                 raise ConfigError(f"{path}.dns", f"expected a DNS name and a port (name:port), got {self.dns!r}")
         for index, address in enumerate(self.backends):
             parse_address(address, f"{path}.backends[{index}]")
