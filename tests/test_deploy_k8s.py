@@ -252,3 +252,52 @@ def test_compose_file_parses_and_its_gateway_config_loads():
     for service in services.values():
         if "build" in service:
             assert service["build"]["target"] in targets
+
+
+# ---- the dev Triton's command line, as the dev overlay and compose run it -------------------------
+
+
+def test_dev_triton_command_serves_on_the_ports_it_names(tmp_path):
+    """The dev overlay's `tensorgate local-triton …` arguments, run here with free ports on another
+    loopback address (0.0.0.0 in the pod): Triton answers gRPC, HTTP and metrics where the
+    Service and the gateway's derived HTTP port expect them, and SIGTERM stops it cleanly."""
+    import signal
+    import urllib.request
+
+    import tritonclient.grpc as triton_grpc
+
+    from gateway.local.triton import find_free_port, find_free_ports
+
+    triton = find(render(K8S / "overlays" / "dev"), "Deployment", "triton-cpu")
+    spec = container(triton, "triton")
+    args = list(spec["args"])
+    ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+    assert {name: int(args[args.index(f"--{name}-port") + 1]) for name in ("http", "grpc", "metrics")} == ports
+    http_port, grpc_port = find_free_ports(2)
+    local = {"--host": "127.0.0.6", "--http-port": str(http_port), "--grpc-port": str(grpc_port),
+             "--metrics-port": str(find_free_port()), "--log-dir": str(tmp_path),
+             "--model-repository": str(ROOT / "examples" / "models")}
+    for flag, value in local.items():
+        args[args.index(flag) + 1] = value
+    executable = Path(shutil.which("tensorgate", path=str(Path(__import__("sys").executable).parent)))
+    assert spec["command"] == [executable.name]
+    process = subprocess.Popen([str(executable), *args], stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"on 127.0.0.6:{grpc_port} (gRPC)" in line, line
+        client = triton_grpc.InferenceServerClient(f"127.0.0.6:{grpc_port}")
+        try:
+            assert client.is_server_ready()
+        finally:
+            client.close()
+        with urllib.request.urlopen(f"http://127.0.0.6:{http_port}/v2/health/ready", timeout=10) as answer:
+            assert answer.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.6:{local['--metrics-port']}/metrics", timeout=10) as answer:
+            assert b"nv_inference_request_success" in answer.read()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -186,13 +186,16 @@ def test_dns_outage_keeps_the_backends_and_an_empty_answer_drains_them(dns_serve
     a = f"{HOSTS[0]}:{pod_tritons[0].grpc_port}"
     dns_server.set(NAME, [HOSTS[0]])
     with gateway_on("grpcio-uvloop", _config(dns_server, pod_tritons[0].grpc_port, "http")) as gateway:
-        fleet = gateway.gateway.fleet
-        discovery = gateway.call(lambda: fleet.discovery["pods"])
+        def discovery() -> dict:
+            return gateway.snapshot()["discovery"]["pods"]
+
+        assert discovery()["dns"] == f"{NAME}:{pod_tritons[0].grpc_port}" and discovery()["resolutions"] >= 1
         for mode in ("silent", "refuse"):
             setattr(dns_server, mode, True)
             try:
-                failures_before = discovery.failures
-                _wait(lambda: discovery.failures >= failures_before + 2, f"DNS fails ({mode}) twice", timeout=20)
+                failures_before = discovery()["failures"]
+                _wait(lambda: discovery()["failures"] >= failures_before + 2, f"DNS fails ({mode}) twice", timeout=20)
+                assert discovery()["last_error"]
                 assert _slow(gateway.address, 0.0) == 0.0
                 assert {k: v["health"] for k, v in gateway.snapshot()["backends"].items()} == {a: "healthy"}
             finally:
