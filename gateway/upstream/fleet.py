@@ -1,4 +1,5 @@
-"""All backends of all pools, and the background health checks that keep their state current."""
+"""All backends of all pools, the background health checks that keep their state current, and the
+DNS discovery that adds and drains backends of pools named by DNS."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ class Fleet:
 
     def __repr__(self) -> str:
         healthy = sum(b.healthy for b in self.backends())
-        return f"<Fleet pools={list(self.pools)} backends={len(self.backends())} healthy={healthy}>"
+        return (f"<Fleet pools={list(self.pools)} backends={len(self.backends())} healthy={healthy} "
+                f"draining={len(self._drains)}>")
 
     def backends(self) -> list[Backend]:
         return [backend for pool in self.pools.values() for backend in pool]
