@@ -5,7 +5,9 @@ manifests around it, and the compose file parses and its config loads.
 Rendering uses kustomize itself, as kubectl embeds it (`kubectl kustomize`; kubectl 1.32 carries
 kustomize v5.5 on the project's machines). Schemas: the `kubernetes-validate` wheel (pinned in
 pyproject.toml), which ships every Kubernetes release's JSON schemas and validates offline; the
-manifests are held to KUBERNETES_VERSION's strict schemas (unknown fields are errors).
+manifests are held to KUBERNETES_VERSION's strict schemas (unknown fields are errors). Compose:
+the `compose-spec` wheel (pinned), the Rust compose_spec crate's validating parser (no Docker
+engine or `docker compose` runs here).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from compose_spec import PyCompose
 
 from gateway.config import GatewayConfig, config_from_mapping, load_config
 from gateway.upstream.config import parse_address
@@ -221,9 +224,12 @@ COMPOSE = DEPLOY / "compose" / "compose.yaml"
 
 
 def test_compose_file_parses_and_its_gateway_config_loads():
-    compose = yaml.safe_load(COMPOSE.read_text())
+    # The Compose specification's own rules (compose_spec, pinned): ValueError names what is wrong.
+    compose = PyCompose.from_yaml(COMPOSE.read_text()).to_dict()
     services = compose["services"]
     assert {"gateway", "triton-1", "triton-2", "collector", "prometheus", "grafana"} <= set(services)
+    for name, service in services.items():
+        assert set(service.get("depends_on") or ()) <= set(services), f"{name} depends on a service not defined"
 
     # Every bind-mounted file exists.
     for name, service in services.items():
@@ -255,6 +261,17 @@ def test_compose_file_parses_and_its_gateway_config_loads():
 
 
 # ---- the dev Triton's command line, as the dev overlay and compose run it -------------------------
+
+
+def test_compose_spec_refuses_what_compose_would():
+    """The parser above is strict, so passing it means something."""
+    text = COMPOSE.read_text()
+    for broken in (text.replace("stop_grace_period: 30s", "stop_grace_perod: 30s"),
+                   text.replace('"8101:8101"', '"81x01:8101"'),
+                   text.replace("shm_size: 512m", "shm_size: lots")):
+        assert broken != text
+        with pytest.raises(ValueError):
+            PyCompose.from_yaml(broken)
 
 
 def test_dev_triton_command_serves_on_the_ports_it_names(tmp_path):
