@@ -85,24 +85,39 @@ def test_streaming_and_several_load_processes(triton, capsys):
     assert successes(triton.grpc_address, "simple_scale") > before
 
 
-def test_open_loop_keeps_its_rate_and_queueing_shows_in_the_latency(triton, tmp_path, capsys):
-    """fixed_cost takes 2 ms per call, one call at a time: offered 1.5x what it serves, requests
+def test_open_loop_keeps_its_rate(triton, tmp_path):
+    """600 requests/s for three 2 s windows: ~3,600 Poisson arrivals, whose count varies by ~1.7 %
+    by itself; what the harness sent in the windows stays within 5 % of the rate asked for."""
+    path = tmp_path / "rate.json"
+    assert main(["bench", triton.grpc_address, "--model", "simple_scale", "--rate", "600",
+                 "--measurement-interval", "2", "--max-trials", "3", "--warmup", "0.3", "--quiet",
+                 "--json", str(path)]) == 0
+    step = json.loads(path.read_text())["steps"][0]
+    assert step["mode"] == "rate" and step["level"] == 600 and step["errors"] == {}
+    assert step["sent_per_s"] == pytest.approx(600, rel=0.05)
+
+
+def test_open_loop_keeps_sending_while_the_target_queues(triton, tmp_path):
+    """fixed_cost takes 2 ms per call, one call at a time: offered twice what it serves, requests
     queue at Triton. An open-loop harness keeps sending on schedule, so its latencies grow with the
     queue; a closed loop at the same target only ever sees the service time."""
     closed = tmp_path / "closed.json"
-    assert main(["bench", triton.grpc_address, "--model", "fixed_cost", "--concurrency", "1", *QUICK,
+    # Concurrency 1: the service time. Concurrency 4: Triton always has the next request waiting,
+    # so what it answers is what it can serve.
+    assert main(["bench", triton.grpc_address, "--model", "fixed_cost", "--concurrency", "1,4", *QUICK,
                  "--json", str(closed)]) == 0
-    capacity_step = json.loads(closed.read_text())["steps"][0]
-    rate = round(1.5 * capacity_step["throughput"])
+    service_step, capacity_step = json.loads(closed.read_text())["steps"]
+    rate = round(2 * capacity_step["throughput"])
     opened = tmp_path / "open.json"
     assert main(["bench", triton.grpc_address, "--model", "fixed_cost", "--rate", str(rate),
                  "--measurement-interval", "2", "--max-trials", "3", "--warmup", "0.3", "--quiet",
                  "--json", str(opened)]) == 0
     step = json.loads(opened.read_text())["steps"][0]
     assert step["mode"] == "rate" and step["errors"] == {}
-    assert step["sent_per_s"] == pytest.approx(rate, rel=0.05)  # the schedule held while the target fell behind
-    assert step["throughput"] < rate * 0.9  # the target could not keep up ...
-    assert step["p50_ms"] > 10 * capacity_step["p50_ms"]  # ... and the queue shows in the latency
+    # Sending did not slow down to the pace of the answers (a closed loop's would) ...
+    assert step["sent_per_s"] > 1.4 * step["throughput"]
+    # ... and the queue shows in the latency.
+    assert step["p50_ms"] > 10 * service_step["p50_ms"]
     # How late requests left (the harness's own delay, on this shared machine up to ~0.1 s) is
     # reported apart, and is a small part of what the queue at the target added.
     assert 0 <= step["lag_p99_ms"] < step["p50_ms"]
