@@ -34,10 +34,10 @@ def _install_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config, mapping) -> None:
+async def _serve(config, mapping, worker=None) -> None:
     from gateway.app import serving_gateway
 
-    gateway = serving_gateway(config, mapping)
+    gateway = serving_gateway(config, mapping, worker=worker)
     await gateway.start()
     print(f"tensorgate serving on {gateway.address} ({config.server.resolved_engine()} engine)", flush=True)
     stop = asyncio.Event()
@@ -48,19 +48,47 @@ async def _serve(config, mapping) -> None:
     await gateway.stop()
 
 
+def _worker_count(args: argparse.Namespace, config) -> int:
+    """--workers, else server.workers; `auto`: the cores this process may run on."""
+    if args.workers is None:
+        return config.server.resolved_workers()
+    if args.workers == "auto":
+        return len(os.sched_getaffinity(0))
+    if not args.workers.isdigit() or int(args.workers) < 1:
+        raise ConfigError("--workers", f"expected a number of processes (1 or more) or auto, got {args.workers!r}")
+    return int(args.workers)
+
+
+async def _supervise(config, config_path: str, count: int, listen: str | None, verbose: bool) -> int:
+    from gateway.workers.supervisor import Supervisor
+
+    def ready(supervisor) -> None:
+        port = supervisor.hub.prometheus_port
+        metrics = "" if port is None else f"; metrics on http://{config.telemetry.prometheus_host}:{port}/metrics"
+        print(f"tensorgate serving on {supervisor.address} ({config.server.resolved_engine()} engine, "
+              f"{count} workers, parent pid {os.getpid()}{metrics})", flush=True)
+
+    return await Supervisor(config, config_path, count, listen=listen, verbose=verbose).run(on_ready=ready)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.config import config_from_mapping, read_config_mapping
+    from gateway.workers.role import WorkerRole
 
+    worker = WorkerRole.from_environment()  # set by the parent of several workers
     try:
         mapping = read_config_mapping(args.config)
         config = config_from_mapping(mapping)
         if args.listen:
             config = config.with_listen(args.listen)
+        count = 1 if worker is not None else _worker_count(args, config)
     except ConfigError as error:
         print(f"tensorgate: invalid config {args.config}: {error}", file=sys.stderr)
         return EXIT_CONFIG
     _install_loop()
-    asyncio.run(_serve(config, mapping))
+    if count > 1:
+        return asyncio.run(_supervise(config, args.config, count, args.listen, args.verbose))
+    asyncio.run(_serve(config, mapping, worker))
     return 0
 
 
@@ -117,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True, help="YAML config file")
     serve.add_argument("--listen", help="override the config's listen address (host:port)")
+    serve.add_argument("--workers", help="worker processes on the one port (server.workers): a number, or auto "
+                                         "for one per available core; 1 (default) serves in this process")
     serve.set_defaults(run=cmd_serve)
 
     local = commands.add_parser("local-triton", help="run one local Triton server from the nvidia-pytriton wheel")

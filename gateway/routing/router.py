@@ -11,6 +11,7 @@ import random
 
 from gateway.errors import NotFound, Unavailable
 from gateway.routing.config import ModelRoute
+from gateway.routing.rendezvous import Rendezvous, sequence_key
 from gateway.upstream.backend import Backend
 from gateway.upstream.fleet import Fleet
 
@@ -29,6 +30,7 @@ class Router:
         self._healthy_counts: dict[tuple[str, str], int] = {}
         fleet.on_change(self._fleet_changed)
         self.decisions: dict[tuple[str, str], int] = {}  # (pool, reason) -> backends picked
+        self._rendezvous = Rendezvous()
 
     def __repr__(self) -> str:
         return f"<Router routes={'all' if self._routes is None else sorted(self._routes)} decisions={self.decisions}>"
@@ -84,6 +86,17 @@ class Router:
 
         `exclude` is the backend that just failed the request: picking another is a failover.
         """
+        return self._choose(model, version, exclude, None)
+
+    def choose_for_sequence(self, model: str, version: str, sequence_id: object,
+                            exclude: Backend | None = None) -> tuple[Backend, str]:
+        """The backend a sequence starts on: in the most preferred pool with a healthy backend, the
+        one rendezvous hashing ranks first for (model, sequence id). Every process that sees the
+        same healthy backends picks the same one (gateway/routing/rendezvous.py), so a sequence
+        continued through another worker or replica finds its state."""
+        return self._choose(model, version, exclude, sequence_key(model, sequence_id))
+
+    def _choose(self, model: str, version: str, exclude: Backend | None, key: int | None) -> tuple[Backend, str]:
         for rank, candidates in enumerate(self._table(model, version)):
             if exclude is not None:
                 candidates = [b for b in candidates if b is not exclude]
@@ -91,6 +104,8 @@ class Router:
                 continue
             if len(candidates) == 1:
                 chosen = candidates[0]
+            elif key is not None:
+                chosen = self._rendezvous.pick(key, candidates)
             else:
                 first, second = self._random.sample(candidates, 2)
                 chosen = first if first.outstanding <= second.outstanding else second

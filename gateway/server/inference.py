@@ -17,7 +17,7 @@ from gateway.errors import GatewayError, PermissionDenied, Unimplemented
 from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE, pb
 from gateway.routing.dispatcher import sequence_of
-from gateway.server.model_statistics import model_statistics
+from gateway.server.model_statistics import PeerCounts, model_statistics
 from gateway.server.rpc import Call, Method, methods_of, parse_request, status_of
 from gateway.upstream.fleet import Fleet
 
@@ -41,10 +41,13 @@ SETTINGS_REASON = (
 class InferenceService:
     """Serves the KServe v2 / Triton inference protocol on top of the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, fleet: Fleet, server_name: str = "triton") -> None:
+    def __init__(self, pipeline: Pipeline, fleet: Fleet, server_name: str = "triton",
+                 peer_counts: PeerCounts | None = None) -> None:
+        """`peer_counts`: the other workers' counts, which ModelStatistics adds (gateway/workers/)."""
         self.pipeline = pipeline
         self.fleet = fleet
         self.server_name = server_name
+        self.peer_counts = peer_counts
 
     def __repr__(self) -> str:
         return f"<InferenceService {self.pipeline!r}>"
@@ -136,7 +139,7 @@ class InferenceService:
 
     async def model_statistics(self, raw: bytes, call: Call) -> bytes:
         request = parse_request(pb.ModelStatisticsRequest, raw)
-        response = await model_statistics(self.pipeline, self.fleet, request, call.deadline)
+        response = await model_statistics(self.pipeline, self.fleet, request, call.deadline, self.peer_counts)
         return response.SerializeToString()
 
     # ---- inference -----------------------------------------------------------------------------

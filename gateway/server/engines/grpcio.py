@@ -70,13 +70,16 @@ def generic_handlers(methods: list[Method]) -> list[grpc.GenericRpcHandler]:
 class GrpcioEngine:
     """A grpc.aio server on `listen` ("host:port"; port 0 picks one) serving `methods`."""
 
-    def __init__(self, listen: str, methods: list[Method], max_receive_bytes: int, max_send_bytes: int) -> None:
+    def __init__(self, listen: str, methods: list[Method], max_receive_bytes: int, max_send_bytes: int,
+                 reuse_port: bool = False) -> None:
+        """`reuse_port`: SO_REUSEPORT, so several processes (gateway/workers/) serve one port; off, a
+        second server on a port in use fails to start instead of sharing it unnoticed."""
         self.listen = listen
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_receive_bytes),
                 ("grpc.max_send_message_length", max_send_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ]
         )
         self._server.add_generic_rpc_handlers(generic_handlers(methods))
