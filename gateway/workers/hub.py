@@ -129,8 +129,12 @@ class Hub:
         """The merged live state: backends, routing, sequences, batching, drift, and the workers."""
         reports = list(self.latest.values())
         totals = self.totals()
+        workers = self.workers_status()
+        for report in reports:  # what each live worker answered so far (its ModelStatistics counts)
+            answered = sum(c.success_count + c.fail_count for c in report.counts.values())
+            workers.setdefault(str(report.worker_id), {})["requests"] = answered
         return {
-            "workers": self.workers_status(),
+            "workers": workers,
             "backends": {
                 b.address: {"pool": b.pool, "health": b.health or ("healthy" if b.healthy else "unhealthy"),
                             "detail": b.detail, "outstanding": b.outstanding, "served": b.served, "failed": b.failed}
