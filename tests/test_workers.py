@@ -79,6 +79,12 @@ def _sequence_inputs(value: int):
     return [tensor]
 
 
+@pytest.fixture(scope="module", params=["grpcio", "envoy"])
+def engine(request) -> str:
+    """Both engines: SO_REUSEPORT on grpc.aio's socket, Envoy's reuse_port on Envoy's listener."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
     servers = start_tritons(2, tmp_path_factory.mktemp("workers-triton-logs"), "workers")
@@ -95,7 +101,7 @@ def reference_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def workers(backends, reference_file):
+def workers(backends, reference_file, engine):
     config = {
         "listen": "127.0.0.1:0",
         "pools": {"main": {"backends": [b.grpc_address for b in backends]}},
@@ -103,7 +109,7 @@ def workers(backends, reference_file):
         "drift": {"models": {"simple_scale": {"inputs": ["INPUT0"], "window_rows": 2560,
                                               "reference": {"file": str(reference_file)}}}},
     }
-    with WorkersProcess(config, workers=2) as process:
+    with WorkersProcess(config, workers=2, engine=engine) as process:
         yield process
 
 
@@ -243,9 +249,9 @@ class Load:
         self._thread.join(60)
 
 
-def test_a_killed_worker_comes_back_and_the_other_fails_nothing(backends):
+def test_a_killed_worker_comes_back_and_the_other_fails_nothing(backends, engine):
     config = {"listen": "127.0.0.1:0", "pools": {"main": {"backends": [b.grpc_address for b in backends]}}}
-    with WorkersProcess(config, workers=2) as process:
+    with WorkersProcess(config, workers=2, engine=engine) as process:
         survivor = connect_to(process.address, 0)
         pids = process.worker_pids()
         load = Load(survivor).start()
@@ -271,11 +277,11 @@ def test_a_killed_worker_comes_back_and_the_other_fails_nothing(backends):
     assert f"worker 1 (pid {pids[1]}) exited with status -9" in process.output()
 
 
-def test_sigterm_under_load_drains_both_workers_with_no_failed_request(backends):
+def test_sigterm_under_load_drains_both_workers_with_no_failed_request(backends, engine):
     proxy = UpstreamProxy(backends[0].grpc_address)  # holds requests at the backend on demand
     config = {"listen": "127.0.0.1:0", "pools": {"main": {"backends": [proxy.address]}},
               "upstream": {"transport": "grpc-stream"}, "server": {"grace_s": 20}}
-    process = WorkersProcess(config, workers=2).start()
+    process = WorkersProcess(config, workers=2, engine=engine).start()
     connections = [connect_to(process.address, worker) for worker in (0, 1, 0, 1)]
     try:
         loads = [Load(connection, model="fixed_cost").start() for connection in connections]
