@@ -44,6 +44,11 @@ async def _serve(config, mapping, worker=None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if worker is not None:
+        # The parent forwards SIGHUP to every worker; SIGHUP's default action would end them all at
+        # once. Until the gateway reloads its config on SIGHUP, a worker says so and keeps serving.
+        loop.add_signal_handler(signal.SIGHUP, lambda: logging.getLogger("gateway.cli").warning(
+            "worker %d: SIGHUP received; config reload is not supported here, still serving", worker.worker_id))
     await stop.wait()
     await gateway.stop()
 

@@ -289,6 +289,12 @@ def test_sigterm_under_load_drains_both_workers_with_no_failed_request(backends,
         for load in loads:
             load.stop()
         assert all(load.ok > 0 and load.failures == [] for load in loads)
+        # SIGHUP goes to every worker, and none of them dies of it.
+        pids = process.worker_pids()
+        process.process.send_signal(signal.SIGHUP)
+        assert poll(lambda: "forwarded SIGHUP to the workers" in process.output(), True)
+        time.sleep(1.0)
+        assert process.worker_pids() == pids
         # Then requests in flight on both workers, held at the backend, when the parent gets SIGTERM.
         proxy.hold()
         outcomes: list = []
@@ -321,3 +327,37 @@ def _outcome(connection: Connection) -> str:
         return "ok"
     except Exception as error:  # noqa: BLE001
         return repr(error)
+
+
+def _otlp_count(request, model: str) -> tuple[int, int]:
+    """(data points of tensorgate.requests for `model`, their sum) in one OTLP export."""
+    points = [p for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+              if m.name == "tensorgate.requests" for p in m.sum.data_points
+              if any(kv.key == "model" and kv.value.string_value == model for kv in p.attributes)]
+    return len(points), sum(p.as_int for p in points)
+
+
+def test_one_otlp_stream_carries_both_workers_counts(backends):
+    from gateway.bench.otlp_receiver import GrpcReceiver
+
+    receiver = GrpcReceiver()
+    config = {"listen": "127.0.0.1:0", "pools": {"main": {"backends": [backends[0].grpc_address]}},
+              "telemetry": {"otlp_endpoint": f"127.0.0.1:{receiver.port}", "otlp_interval_s": 0.5}}
+    try:
+        with WorkersProcess(config, workers=2) as process:
+            first, second = connect_to(process.address, 0), connect_to(process.address, 1)
+            for connection, count in ((first, 11), (second, 7)):
+                for _ in range(count):
+                    connection.client.infer("mlp", _scale_inputs(np.ones((1, 16))))
+            first.close()
+            second.close()
+
+            def latest():
+                exports = [_otlp_count(request, "mlp") for request, _ in receiver.received()]
+                return exports[-1] if exports else None
+
+            # One series (one backend, status OK) holding both workers' requests, in one export stream.
+            assert poll(latest, (1, 18)) == (1, 18)
+            assert all(points <= 1 for points, _ in (_otlp_count(r, "mlp") for r, _ in receiver.received()))
+    finally:
+        receiver.stop()

@@ -62,6 +62,7 @@ class WorkerSlot:
     process: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     ready: bool = False
+    ready_at: float = 0.0
     restarts: int = 0
     exits: list[int] = field(default_factory=list)  # exit statuses of its past processes
     reporting: bool = True  # last seen state of its reports, for logging changes
@@ -135,7 +136,9 @@ class Supervisor:
             await stopping
             watcher.cancel()
             await self._stop_workers()
-            for keeper in keepers:
+            # Every process has ended: each keeper logs its worker's exit and returns.
+            _, late = await asyncio.wait(keepers, timeout=5.0)
+            for keeper in late:
                 keeper.cancel()
             await asyncio.gather(*keepers, return_exceptions=True)
         finally:
@@ -170,7 +173,7 @@ class Supervisor:
                 return
             text = line.decode(errors="replace").rstrip()
             if text.startswith(READY_LINE) and process is slot.process:
-                slot.ready = True
+                slot.ready, slot.ready_at = True, time.monotonic()
                 if all(s.ready for s in self.slots):
                     self._all_ready.set()
             print(f"[worker {slot.worker_id}] {text}", flush=True)
@@ -241,11 +244,12 @@ class Supervisor:
                 if not slot.ready:
                     continue
                 age = self.hub.report_age_s(slot.worker_id)
-                reporting = age is not None and age < self._stale_after_s()
+                if age is None or time.monotonic() - slot.ready_at < age:  # nothing yet from this process
+                    age = time.monotonic() - slot.ready_at
+                reporting = age < self._stale_after_s()
                 if reporting != slot.reporting:
                     slot.reporting = reporting
                     if reporting:
                         log.info("worker %d (pid %s) reports again", slot.worker_id, slot.pid)
                     else:
-                        log.warning("worker %d (pid %s) has not reported for %s s", slot.worker_id, slot.pid,
-                                    "?" if age is None else f"{age:.1f}")
+                        log.warning("worker %d (pid %s) has not reported for %.1f s", slot.worker_id, slot.pid, age)
