@@ -274,7 +274,19 @@ def test_a_killed_worker_comes_back_and_the_other_fails_nothing(backends, engine
         assert load.ok > 0
         assert process.worker_pids()[0] == pids[0]  # the survivor was never restarted
         survivor.close()
+        # A parent killed outright takes its workers with it (they would serve on, unsupervised).
+        workers_now = list(process.worker_pids().values())
+        process.process.kill()
+        assert poll(lambda: [pid for pid in workers_now if _alive(pid)], [], timeout=60) == []
     assert f"worker 1 (pid {pids[1]}) exited with status -9" in process.output()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
 
 
 def test_sigterm_under_load_drains_both_workers_with_no_failed_request(backends, engine):

@@ -94,7 +94,11 @@ class WorkerLink:
     async def _report_every(self) -> None:
         while True:
             await asyncio.sleep(self.role.report_s)
-            await self.report()
+            try:
+                await self.report()
+            except Exception:  # a report that cannot be taken must not end the reporting
+                self.reports_failed += 1
+                log.exception("worker %d: taking a report failed", self.role.worker_id)
 
     async def report(self, final: bool = False) -> bool:
         """Ship one report now; False when the hub could not take it (its drift rows are kept)."""

@@ -13,7 +13,8 @@ it keeps dying within 5 s of its start); each runs in a process group of its own
 when it ends, so an Envoy it started cannot outlive it. SIGTERM (or SIGINT) is forwarded to every
 worker, which drains on its own (server.grace_s); the parent waits for them, kills what is left
 after the grace period and a margin, and exits. SIGHUP is forwarded to every worker (each reloads
-its config). The parent logs each worker's start, exit and restart, and a worker whose reports stop
+its config). A parent killed outright takes its workers along (PR_SET_PDEATHSIG: each gets SIGTERM
+and drains). The parent logs each worker's start, exit and restart, and a worker whose reports stop
 arriving; the admin snapshot lists every worker's state under "workers".
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -41,6 +43,10 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 10.0
 #: Time the workers get to stop beyond server.grace_s (Envoy's own stop, the last reports).
 STOP_MARGIN_S = 15.0
 READY_LINE = "tensorgate serving on "
+#: util-linux `setpriv --pdeathsig TERM` execs the worker with PR_SET_PDEATHSIG set (it survives
+#: exec): a parent that is killed outright (OOM, SIGKILL) takes its workers with it, drained,
+#: instead of leaving them serving the port with nobody to merge their numbers.
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 
 
 def reserve_port(listen: str) -> tuple[socket.socket, str]:
@@ -151,6 +157,8 @@ class Supervisor:
 
     def _command(self) -> list[str]:
         command = [sys.executable, "-m", "gateway"]
+        if _SETPRIV is not None:
+            command = [_SETPRIV, "--pdeathsig", "TERM", "--", *command]
         if self.verbose:
             command.append("-v")
         return [*command, "serve", "--config", self.config_path, "--listen", self.address]
