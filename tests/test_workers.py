@@ -151,6 +151,8 @@ def test_metrics_and_model_statistics_count_the_traffic_of_both_workers(workers)
         # Each worker answers with every worker's counts.
         for connection in (first, second):
             assert poll(lambda: _model_statistics(connection, "mlp"), (total, total)) == (total, total)
+            every_model = connection.client.get_inference_statistics(as_json=True)["model_stats"]
+            assert [int(m["inference_count"]) for m in every_model if m["name"] == "mlp"] == [total]
 
         def prometheus():
             samples = scrape(workers.prometheus_port)

@@ -12,8 +12,8 @@ A worker that exits while the parent is serving is restarted (after 0.5 s, doubl
 it keeps dying within 5 s of its start); each runs in a process group of its own, which is killed
 when it ends, so an Envoy it started cannot outlive it. SIGTERM (or SIGINT) is forwarded to every
 worker, which drains on its own (server.grace_s); the parent waits for them, kills what is left
-after the grace period and a margin, and exits. SIGHUP is forwarded to every worker (each reloads
-its config). A parent killed outright takes its workers along (PR_SET_PDEATHSIG: each gets SIGTERM
+after the grace period and a margin, and exits. SIGHUP is forwarded to every worker (for the config
+reload each worker does when the gateway has one; today a worker logs it and keeps serving). A parent killed outright takes its workers along (PR_SET_PDEATHSIG: each gets SIGTERM
 and drains). The parent logs each worker's start, exit and restart, and a worker whose reports stop
 arriving; the admin snapshot lists every worker's state under "workers".
 """
