@@ -86,17 +86,6 @@ class Router:
 
         `exclude` is the backend that just failed the request: picking another is a failover.
         """
-        return self._choose(model, version, exclude, None)
-
-    def choose_for_sequence(self, model: str, version: str, sequence_id: object,
-                            exclude: Backend | None = None) -> tuple[Backend, str]:
-        """The backend a sequence starts on: in the most preferred pool with a healthy backend, the
-        one rendezvous hashing ranks first for (model, sequence id). Every process that sees the
-        same healthy backends picks the same one (gateway/routing/rendezvous.py), so a sequence
-        continued through another worker or replica finds its state."""
-        return self._choose(model, version, exclude, sequence_key(model, sequence_id))
-
-    def _choose(self, model: str, version: str, exclude: Backend | None, key: int | None) -> tuple[Backend, str]:
         for rank, candidates in enumerate(self._table(model, version)):
             if exclude is not None:
                 candidates = [b for b in candidates if b is not exclude]
@@ -104,8 +93,6 @@ class Router:
                 continue
             if len(candidates) == 1:
                 chosen = candidates[0]
-            elif key is not None:
-                chosen = self._rendezvous.pick(key, candidates)
             else:
                 first, second = self._random.sample(candidates, 2)
                 chosen = first if first.outstanding <= second.outstanding else second
@@ -113,6 +100,31 @@ class Router:
             key = (chosen.pool, reason)
             self.decisions[key] = self.decisions.get(key, 0) + 1
             return chosen, reason
+        self._refuse(model, version, exclude)
+
+    def choose_for_sequence(self, model: str, version: str, sequence_id: object,
+                            exclude: Backend | None = None) -> tuple[Backend, str]:
+        """The backend a sequence starts on: in the most preferred pool with a healthy backend, the
+        one rendezvous hashing ranks first for (model, sequence id). Every process that sees the
+        same healthy backends picks the same one (gateway/routing/rendezvous.py), so a sequence
+        continued through another worker or replica finds its state."""
+        sequence_hash = sequence_key(model, sequence_id)
+        for rank, candidates in enumerate(self._table(model, version)):
+            if exclude is not None:
+                candidates = [b for b in candidates if b is not exclude]
+            if candidates:
+                chosen = self._rendezvous.pick(sequence_hash, candidates)
+                return chosen, self._decided(chosen, rank, exclude)
+        self._refuse(model, version, exclude)
+
+    def _decided(self, chosen: Backend, rank: int, exclude: Backend | None) -> str:
+        """Count the pick by pool and reason (as `choose` does inline: it runs on every request)."""
+        reason = FAILOVER if exclude is not None else (PREFERRED if rank == 0 else SPILL)
+        key = (chosen.pool, reason)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        return reason
+
+    def _refuse(self, model: str, version: str, exclude: Backend | None) -> None:
         if self.pools_of(model) is None:
             raise NotFound(f"model '{model}' is not routed by this gateway")
         pools = ", ".join(self.pools_of(model) or ())
