@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Callable
 
@@ -14,9 +15,9 @@ Snapshot = message_class("tensorgate.admin.v1.Snapshot")
 
 
 class GatewayService:
-    """Answers GetSnapshot with `snapshot()` (Gateway.snapshot) as JSON."""
+    """Answers GetSnapshot with `snapshot()` (Gateway.snapshot, or an awaitable of it) as JSON."""
 
-    def __init__(self, snapshot: Callable[[], dict]) -> None:
+    def __init__(self, snapshot: Callable[[], object]) -> None:
         self._snapshot = snapshot
 
     def methods(self) -> list[Method]:
@@ -24,4 +25,7 @@ class GatewayService:
 
     async def get_snapshot(self, raw: bytes, call: Call) -> bytes:
         parse_request(SnapshotRequest, raw)
-        return Snapshot(json=json.dumps(self._snapshot(), default=str)).SerializeToString()
+        snapshot = self._snapshot()
+        if inspect.isawaitable(snapshot):  # a worker of several asks its parent for the merged view
+            snapshot = await snapshot
+        return Snapshot(json=json.dumps(snapshot, default=str)).SerializeToString()
