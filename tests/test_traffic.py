@@ -1,0 +1,156 @@
+"""Versions and traffic through the real gateway, with real Tritons and stock clients: a weighted
+split between versions (observed shares within binomial bounds), a sticky key (header or
+parameter) that keeps a client on one version, and a shadow version that gets copies of live
+traffic — its errors never reach a client, its drops are counted, and its outputs are compared
+with the live version's.
+
+`versioned_scale` answers OUTPUT0 = INPUT0 × version for versions 1 and 2, so each answer says
+which version served it; version 3 fails every request (a broken candidate).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from gateway.routing.config import ShadowConfig
+from gateway.testing import GatewayThread
+from tests.conftest import gateway_on
+
+MODEL = "versioned_scale"
+STICKY = "tensorgate-sticky-key"
+
+
+def _config(tritons, **route) -> dict:
+    return {
+        "listen": "127.0.0.1:0",
+        "pools": {"a": {"backends": [tritons[0].grpc_address]}, "b": {"backends": [tritons[1].grpc_address]}},
+        "models": {MODEL: {"pools": ["a", "b"], **route}},
+        "health": {"interval_s": 0.5},
+    }
+
+
+def _version_of(result) -> str:
+    """Which version answered: OUTPUT0 / INPUT0 (the inputs are never 0)."""
+    return result.get_response().model_version
+
+
+def _send(address: str, count: int, headers=None, parameters=None, values=None) -> list:
+    client = triton_grpc.InferenceServerClient(address)
+    try:
+        results = []
+        for i in range(count):
+            x = np.full((1, 16), 1.0 + i % 7, np.float32) if values is None else values[i].reshape(1, 16)
+            tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
+            tensor.set_data_from_numpy(x)
+            result = client.infer(MODEL, [tensor], headers=headers, parameters=parameters, client_timeout=30)
+            ratio = float(result.as_numpy("OUTPUT0")[0, 0] / x[0, 0])
+            assert str(round(ratio)) == _version_of(result), (ratio, _version_of(result))
+            results.append(result)
+        return results
+    finally:
+        client.close()
+
+
+def _wait(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_split_shares_within_binomial_bounds_and_a_failing_shadow_never_reaches_clients(tritons):
+    requests, threads, canary = 1600, 8, 0.2
+    route = {"split": {"1": 80, "2": 20}, "shadow": {"version": "3", "max_in_flight": 2}}
+    with GatewayThread(_config(tritons, **route)) as gateway:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            batches = list(pool.map(lambda _: _send(gateway.address, requests // threads), range(threads)))
+        versions = [_version_of(result) for batch in batches for result in batch]  # every request answered
+        assert len(versions) == requests
+        on_canary = versions.count("2")
+        sigma = math.sqrt(requests * canary * (1 - canary))
+        assert abs(on_canary - requests * canary) <= 4 * sigma, (on_canary, requests * canary, sigma)
+        assert versions.count("1") == requests - on_canary
+
+        _wait(lambda: gateway.snapshot()["traffic"][MODEL]["shadow"]["in_flight"] == 0, "the shadow's copies to finish")
+        snapshot = gateway.snapshot()
+        traffic = snapshot["traffic"][MODEL]
+        assert traffic["split"]["picked"] == {"1": requests - on_canary, "2": on_canary}
+        assert traffic["split"]["stable"] == "1" and traffic["split"]["canaries"] == ["2"]
+        live = traffic["versions"]
+        assert (live["1"]["requests"], live["2"]["requests"]) == (requests - on_canary, on_canary)
+        assert live["1"]["errors"] == live["2"]["errors"] == 0
+        assert live["1"]["latency"]["count"] == requests - on_canary and live["1"]["latency"]["p99_ms"] > 0
+
+        shadow = traffic["shadow"]
+        # Every live request was copied, or its copy was dropped because 2 were already out; none lost.
+        assert shadow["sent"] + shadow["dropped"] + shadow["unplaced"] == requests, shadow
+        assert shadow["sent"] > 0 and shadow["dropped"] > 0, shadow
+        # The broken version failed every copy it got; no client saw any of it.
+        assert shadow["requests"] == shadow["sent"] and shadow["errors"] == shadow["sent"], shadow
+        assert shadow["statuses"] == {"INTERNAL": shadow["sent"]}, shadow["statuses"]
+
+        # Backend picks by reason (batching merges requests of one version: picks <= requests).
+        routing = snapshot["routing"]
+        assert 0 < routing["a/preferred"] <= requests - on_canary and 0 < routing["a/canary"] <= on_canary, routing
+        assert routing["a/shadow"] == shadow["sent"], routing
+        assert not gateway.loop_errors
+
+
+def test_sticky_key_keeps_a_client_on_one_version(tritons, front_door):
+    """Through every front door (the header is gRPC metadata the engine hands over)."""
+    with gateway_on(front_door, _config(tritons, split={"1": 50, "2": 50})) as gateway:
+        seen = {}
+        for user in range(24):
+            key = f"user-{user}"
+            by_header = {_version_of(r) for r in _send(gateway.address, 8, headers={STICKY: key})}
+            by_parameter = {_version_of(r) for r in _send(gateway.address, 8, parameters={STICKY: key})}
+            assert len(by_header) == 1 and by_header == by_parameter, (key, by_header, by_parameter)
+            seen[key] = by_header.pop()
+        # The keys spread over both versions (a 50/50 split: all 24 on one side has odds 2^-23).
+        assert set(seen.values()) == {"1", "2"}, seen
+        # Without a key, each request is drawn anew: both versions answer.
+        assert {_version_of(r) for r in _send(gateway.address, 40)} == {"1", "2"}
+        # A request naming its version gets it, key or not.
+        client = triton_grpc.InferenceServerClient(gateway.address)
+        tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+        for version in ("1", "2"):
+            result = client.infer(MODEL, [tensor], model_version=version, headers={STICKY: "user-0"})
+            assert result.get_response().model_version == version
+        client.close()
+
+
+@pytest.mark.parametrize("shadow_version, differs", [("2", True), ("1", False)])
+def test_shadow_outputs_are_compared_with_the_live_versions(tritons, shadow_version, differs):
+    """The live version is 1; a shadow of version 2 (outputs twice as large) shows in PSI and KS, a
+    shadow of version 1 itself does not."""
+    with GatewayThread(_config(tritons, split={"1": 1})) as gateway:
+        traffic = gateway.gateway.traffic
+        gateway.call(traffic.set_shadow, MODEL, ShadowConfig(version=shadow_version, max_in_flight=64, learn_values=800))
+        values = np.random.default_rng(3).normal(5.0, 1.0, (400, 16)).astype(np.float32)
+        _send(gateway.address, 400, values=values)
+        _wait(lambda: gateway.snapshot()["traffic"][MODEL]["shadow"]["in_flight"] == 0, "the shadow's copies to finish")
+        shadow = gateway.snapshot()["traffic"][MODEL]["shadow"]
+        assert shadow["errors"] == 0 and shadow["sent"] + shadow["dropped"] == 400, shadow
+        outputs = shadow["outputs"]
+        assert not outputs["learning"], outputs
+        assert sum(outputs["live"]) == 400 * 16
+        assert sum(outputs["shadow"]) == shadow["sent"] * 16
+        if differs:
+            assert outputs["psi"] > 1.0 and outputs["ks"] > 0.5, outputs
+        else:
+            assert outputs["psi"] < 0.05 and outputs["ks"] < 0.05, outputs
+        assert shadow["latency"]["count"] == shadow["sent"]
+
+        # The rollout API: the shadow goes, its copies stop.
+        gateway.call(traffic.clear_shadow, MODEL)
+        _send(gateway.address, 10)
+        assert gateway.snapshot()["traffic"][MODEL]["shadow"] is None
+        assert not gateway.loop_errors
