@@ -105,7 +105,7 @@ class Gateway:
         return [
             *self.inference.methods(),
             *DriftService(self.drift).methods(),
-            *GatewayService(self.snapshot).methods(),
+            *GatewayService(self.snapshot, self.traffic).methods(),
             *self.health.methods(),
             *ReflectionService(services).methods(),
         ]

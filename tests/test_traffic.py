@@ -154,3 +154,43 @@ def test_shadow_outputs_are_compared_with_the_live_versions(tritons, shadow_vers
         _send(gateway.address, 10)
         assert gateway.snapshot()["traffic"][MODEL]["shadow"] is None
         assert not gateway.loop_errors
+
+
+def _set_traffic(address: str, **fields) -> dict | None:
+    import json
+
+    import grpc
+
+    from gateway.admin.gateway_service import SERVICE, SetTrafficRequest, Snapshot
+
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(f"/{SERVICE}/SetTraffic", request_serializer=SetTrafficRequest.SerializeToString,
+                                   response_deserializer=Snapshot.FromString)
+        return json.loads(call(SetTrafficRequest(model=MODEL, **fields), timeout=10).json)
+
+
+def test_admin_set_traffic_drives_split_and_shadow_on_every_front_door(tritons, front_door):
+    """What `tensorgate rollout` will do from another process: the stages may live inside Envoy."""
+    import json
+
+    import grpc
+
+    with gateway_on(front_door, _config(tritons, split={"1": 1})) as gateway:
+        assert {_version_of(r) for r in _send(gateway.address, 10)} == {"1"}
+        state = _set_traffic(gateway.address, split={"1": 0, "2": 1}, shadow_json=json.dumps({"version": "3"}))
+        assert state["split"]["weights"] == {"1": 0.0, "2": 1.0} and state["shadow"]["version"] == "3"
+        assert {_version_of(r) for r in _send(gateway.address, 20)} == {"2"}
+        _wait(lambda: gateway.snapshot()["traffic"][MODEL]["shadow"]["requests"] >= 1, "a shadow answer")
+        # Invalid changes are refused whole, naming what was wrong; the split in force stays.
+        for fields, words in (({"split": {"1": -1.0}}, "expected a weight >= 0"),
+                              ({"shadow_json": json.dumps({"pool": "nowhere"})}, "unknown pool 'nowhere'"),
+                              ({"shadow_json": "{", "split": {"1": 1.0}}, "expected a JSON object")):
+            with pytest.raises(grpc.RpcError) as refused:
+                _set_traffic(gateway.address, **fields)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in refused.value.details()
+        assert gateway.snapshot()["traffic"][MODEL]["split"]["weights"] == {"1": 0.0, "2": 1.0}
+        state = _set_traffic(gateway.address, clear_split=True, clear_shadow=True)
+        assert state["split"] is None and state["shadow"] is None
+        # No split: a request naming no version gets Triton's default (the latest, 3: broken).
+        with pytest.raises(Exception, match="broken on purpose"):
+            _send(gateway.address, 1)

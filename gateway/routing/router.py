@@ -89,6 +89,9 @@ class Router:
         route = self._routes.get(model)
         return self._by_cost(route.pools) if route is not None else None
 
+    def pool_names(self) -> tuple[str, ...]:
+        return tuple(self._fleet.pools)
+
     def routes(self, model: str) -> bool:
         return (self._routes is None) or (model in self._routes)
 

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import random
 
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 from gateway.pipeline.exchange import Exchange
 from gateway.routing.config import STICKY_KEY, ModelRoute, ShadowConfig
 from gateway.routing.router import Router
@@ -59,7 +59,23 @@ class TrafficStage:
         """Whether a split may read the sticky key from a call's metadata."""
         return bool(self.splits)
 
+    def routes(self, model: str) -> bool:
+        return self._router.routes(model)
+
     # ---- the rollout API ----------------------------------------------------------------------
+
+    def check_split(self, model: str, weights: dict[str, float]) -> None:
+        """Raise ConfigError when `weights` is not a valid split (changes nothing)."""
+        VersionSplit(model, {str(v): float(w) for v, w in weights.items()}, self._sticky_key(model))
+
+    def check_shadow(self, model: str, config: ShadowConfig) -> None:
+        """Raise ConfigError when `config` is not a valid shadow of the model (changes nothing)."""
+        config.validate(f"models.{model}.shadow")
+        if config.pool and config.pool not in self._router.pool_names():
+            raise ConfigError(
+                f"models.{model}.shadow.pool",
+                f"unknown pool {config.pool!r}; expected one of: {', '.join(self._router.pool_names())}",
+            )
 
     def set_split(self, model: str, weights: dict[str, float]) -> VersionSplit:
         """Split the model's requests that name no version between versions by weight. Raises
@@ -82,7 +98,7 @@ class TrafficStage:
 
     def set_shadow(self, model: str, config: ShadowConfig) -> ShadowTarget:
         """Copy the model's live traffic to `config`'s version and/or pool (replacing any shadow)."""
-        config.validate(f"models.{model}.shadow")
+        self.check_shadow(model, config)
         previous = self.shadows.get(model)
         target = self.shadows[model] = ShadowTarget(model, config, self._router, self._rng)
         if previous is not None:
