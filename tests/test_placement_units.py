@@ -57,8 +57,17 @@ def test_load_score_prefers_short_queues_then_fast_backends():
     fast, slow, unknown = LatencyEstimate(), LatencyEstimate(), LatencyEstimate()
     fast.observe(0.001, 0, 1.0, 1.0)
     slow.observe(0.010, 0, 1.0, 1.0)
-    assert load_score(fast, 3) < load_score(slow, 0)  # 4 ms vs 10 ms
-    assert load_score(unknown, 0) < load_score(unknown, 1)  # nothing known: outstanding decides
+    assert load_score(fast, 3, 1.0, 1.0) < load_score(slow, 0, 1.0, 1.0)  # 4 ms vs 10 ms
+    assert load_score(unknown, 0, 1.0, 1.0) < load_score(unknown, 1, 1.0, 1.0)  # nothing known: outstanding decides
+
+
+def test_load_score_of_an_unobserved_backend_decays_so_it_is_tried_again():
+    stale, busy = LatencyEstimate(), LatencyEstimate()
+    stale.observe(2.0, 0, now=0.0, tau_s=0.5)  # a cold start's 2 s answer, then no traffic
+    busy.observe(0.002, 0, now=10.0, tau_s=0.5)
+    assert load_score(stale, 0, 0.5, 0.5) > load_score(busy, 8, 0.5, 0.5)  # fresh: avoided
+    assert load_score(stale, 0, 10.0, 0.5) < load_score(busy, 8, 10.0, 0.5)  # 10 s later: tried again
+    assert load_score(stale, 0, 10.0, 0.5) < load_score(stale, 3, 10.0, 0.5)  # … and its queue counts
 
 
 # ---- the gate -------------------------------------------------------------------------------------

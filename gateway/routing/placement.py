@@ -53,10 +53,18 @@ class LatencyEstimate:
         return self.service_s * (outstanding + 1)
 
 
-def load_score(estimate: LatencyEstimate, outstanding: int) -> float:
-    """Power of two choices compares this: the predicted latency, or the queue while nothing is
-    known (a backend never observed scores by its outstanding requests alone, in tiny units)."""
-    return (outstanding + 1) * (estimate.service_s or 1e-9)
+def load_score(estimate: LatencyEstimate, outstanding: int, now: float, tau_s: float) -> float:
+    """Power of two choices compares this: the predicted latency, with the service time decaying
+    towards zero while the backend goes unobserved (as linkerd's peak-EWMA does), so a backend whose
+    last answers were slow — a cold start, a past hiccup — is tried again before long instead of
+    starving for want of new samples; the outstanding requests it then gets raise its score again,
+    so the retrial is a trickle, not a flood. A backend never observed scores by its outstanding
+    requests alone, in tiny units."""
+    if not estimate.samples:
+        return (outstanding + 1) * 1e-9
+    age = now - estimate.updated
+    decay = math.exp(-age / tau_s) if age > tau_s else 1.0
+    return (outstanding + 1) * max(estimate.service_s * decay, 1e-9)
 
 
 class PoolGate:

@@ -178,8 +178,10 @@ class Router:
         second = int(self._random() * (count - 1))
         if second >= first:
             second += 1
+        now, tau = self._clock(), self._config.ewma_tau_s
         a, b = backends[first], backends[second]
-        return first if load_score(estimates[first], a.outstanding) <= load_score(estimates[second], b.outstanding) else second
+        a_score = load_score(estimates[first], a.outstanding, now, tau)
+        return first if a_score <= load_score(estimates[second], b.outstanding, now, tau) else second
 
     def choose(self, model: str, version: str, exclude: Backend | None = None) -> tuple[Backend, str]:
         """A backend for the model from the cheapest pool that has a healthy one (predicted to meet
