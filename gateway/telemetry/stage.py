@@ -12,7 +12,8 @@ local counters (gateway/telemetry/aggregates.py); `drift_hook` counts drift aler
     tensorgate.batching.queue.depth     gauge      {request}  model, version (waiting now)
     tensorgate.backend.inflight         gauge      {request}  backend, pool
     tensorgate.backend.healthy          gauge      1          backend, pool (1 in rotation, 0 out)
-    tensorgate.routing.decisions        counter    {decision} pool, reason (preferred, spill, failover)
+    tensorgate.routing.decisions        counter    {decision} pool, reason (preferred, spill, failover, canary,
+                                                              shadow, probe)
     tensorgate.drift.statistic          gauge      1          model, tensor, feature, statistic (last window;
                                                               also effect_size: the mean shift in reference
                                                               SDs, and p_<test>: the calibrated tests' p-values)
@@ -377,7 +378,7 @@ class TelemetryStage:
         meter.create_observable_gauge("tensorgate.backend.inflight", [self._backend_inflight],
                                       unit="{request}", description="Requests sent to the backend, not yet answered.")
         meter.create_observable_counter("tensorgate.routing.decisions", [self._routing_decisions], unit="{decision}",
-                                        description="Backends picked, by pool and why (preferred, spill, failover).")
+                                        description="Backends picked, by pool and why (preferred, spill, failover, canary, shadow, probe).")
         meter.create_observable_gauge("tensorgate.batching.queue.depth", [self._queue_depth], unit="{request}",
                                       description="Requests waiting in the gateway's batch queues.")
         meter.create_observable_gauge("tensorgate.drift.statistic", [self._drift_statistics], unit="1",
