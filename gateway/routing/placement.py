@@ -28,12 +28,14 @@ import math
 class LatencyEstimate:
     """EWMA service time (seconds per request in line) of one model on one backend."""
 
-    __slots__ = ("service_s", "updated", "samples")
+    __slots__ = ("service_s", "updated", "samples", "gate", "peers")
 
     def __init__(self) -> None:
         self.service_s = 0.0  # 0 until the first observation: an unknown backend is predicted fast
         self.updated = 0.0
         self.samples = 0
+        self.gate: PoolGate | None = None  # the gate of its pool for this model version (an objective is set)
+        self.peers: list[LatencyEstimate] = []  # the estimates of its pool's backends, itself included
 
     def __repr__(self) -> str:
         return f"<LatencyEstimate service={self.service_s * 1e3:.2f}ms samples={self.samples}>"
@@ -47,6 +49,19 @@ class LatencyEstimate:
             self.service_s = sample
         self.updated = now
         self.samples += 1
+
+    def update_gate(self, now: float) -> None:
+        """After an observation: close or open the pool's gate. The pool's best service time is
+        only computed when this backend alone cannot decide (it is over the spill line while the
+        gate is open): O(1) on the common path."""
+        gate = self.gate
+        if gate is None:
+            return
+        if gate.open:
+            if self.service_s > gate.spill_s:
+                gate.update(min(e.service_s for e in self.peers if e.samples), now)
+        elif self.service_s < gate.return_s:
+            gate.update(self.service_s, now)
 
     def predict(self, outstanding: int) -> float:
         """Seconds the next request would take with `outstanding` requests ahead of it."""

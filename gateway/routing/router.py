@@ -65,7 +65,6 @@ class Router:
         self._default_pools = self._by_cost(tuple(fleet.pools))
         self._random = (rng or random.Random()).random
         self._tables: dict[tuple[str, str], list[PoolRow]] = {}
-        self._rows: dict[tuple[str, str, str], PoolRow] = {}  # (model, version, pool) -> its row in a table
         self._healthy_counts: dict[tuple[str, str], int] = {}
         self._estimates: dict[tuple[str, str, Backend], LatencyEstimate] = {}  # kept across table rebuilds
         self._gates: dict[tuple[str, str, str], PoolGate] = {}  # (model, version, pool): kept too
@@ -111,7 +110,6 @@ class Router:
 
     def _fleet_changed(self) -> None:
         self._tables.clear()
-        self._rows.clear()
         self._healthy_counts.clear()
 
     def _slo_s(self, model: str) -> float | None:
@@ -129,6 +127,8 @@ class Router:
                 gate = self._gates[(model, version, pool)] = PoolGate(
                     pool, slo_s, config.slo_spill_ratio, config.slo_return_ratio, config.probe_interval_s
                 )
+        for estimate in estimates:
+            estimate.gate, estimate.peers = gate, estimates
         return PoolRow(pool, backends, estimates, gate)
 
     def _estimate(self, model: str, version: str, backend: Backend) -> LatencyEstimate:
@@ -144,8 +144,6 @@ class Router:
         if table is None:
             slo_s = self._slo_s(model)
             table = [self._row(model, version, pool, slo_s) for pool in self.pools_of(model) or ()]
-            for row in table:
-                self._rows[(model, version, row.pool)] = row
             self._tables[key] = table
         return table
 
@@ -264,10 +262,7 @@ class Router:
         estimate = self._estimates.get((model, version, backend)) or self._estimate(model, version, backend)
         now = self._clock()
         estimate.observe(elapsed_s, ahead, now, self._config.ewma_tau_s)
-        row = self._rows.get((model, version, backend.pool))
-        if row is not None and row.gate is not None:
-            best = min((e.service_s for e in row.estimates if e.samples), default=estimate.service_s)
-            row.gate.update(best, now)
+        estimate.update_gate(now)
 
     def placement(self) -> dict:
         """Live placement state for the snapshot: per model version and pool, the gate and each
