@@ -171,6 +171,17 @@ def test_router_takes_the_fastest_predicted_when_no_pool_meets_the_objective():
     assert router.choose("m", "1")[0] is gpu
 
 
+def test_no_probe_copy_when_the_live_request_goes_to_the_closed_pool_itself():
+    clock = Clock()
+    fleet, router = slo_router(clock, cpu=0)  # one pool: nowhere to spill
+    gpu = fleet.pools["gpu"][0]
+    router.choose("m", "1")
+    router.observe("m", "1", gpu, 0.400, 0)
+    clock.now += 5
+    assert router.choose("m", "1") == (gpu, PREFERRED)  # the fastest predicted, closed or not
+    assert router.probe is None and ("gpu", PROBE) not in router.decisions
+
+
 def test_router_spills_when_the_preferred_pool_has_no_healthy_backend():
     clock = Clock()
     fleet, router = slo_router(clock)

@@ -193,6 +193,7 @@ class Router:
     def _place(self, model: str, version: str, exclude: Backend | None, live: bool) -> tuple[Backend, str]:
         table = self._table(model, version)
         fallback: tuple[float, Backend, int] | None = None  # fastest predicted, when no pool meets the objective
+        probe: Backend | None = None  # a backend of a closed pool due a measurement
         now = 0.0
         for rank, row in enumerate(table):
             backends, estimates = row.backends, row.estimates
@@ -208,16 +209,19 @@ class Router:
                 predicted = estimates[index].predict(chosen.outstanding)
                 if not gate.open:
                     now = now or self._clock()
-                    if live and exclude is None and self.probe is None and gate.probe_due(now):
-                        self.probe = chosen
-                        self._count(row.pool, PROBE)
+                    if live and exclude is None and probe is None and self.probe is None and gate.probe_due(now):
+                        probe = chosen
                 if not gate.open or predicted > gate.spill_s:
                     if fallback is None or predicted < fallback[0]:
                         fallback = (predicted, chosen, rank)
                     continue
+            if probe is not None:
+                self._send_probe(probe, chosen)
             return chosen, self._decided(model, version, row.pool, rank, exclude, live)
         if fallback is not None:
             _, chosen, rank = fallback
+            if probe is not None:
+                self._send_probe(probe, chosen)
             return chosen, self._decided(model, version, chosen.pool, rank, exclude, live)
         if self.pools_of(model) is None:
             raise NotFound(f"model '{model}' is not routed by this gateway")
@@ -226,6 +230,13 @@ class Router:
             f"model '{model}'{f' version {version}' if version else ''}: no healthy backend in pools [{pools}]"
             + (" other than the one that just failed" if exclude is not None else "")
         )
+
+    def _send_probe(self, probe: Backend, chosen: Backend) -> None:
+        """Ask the dispatcher for a probe copy, unless the live request itself goes to that pool
+        (no pool met the objective and the closed one is the fastest): it measures the pool then."""
+        if probe.pool != chosen.pool:
+            self.probe = probe
+            self._count(probe.pool, PROBE)
 
     def _decided(self, model: str, version: str, pool: str, rank: int, exclude: Backend | None, live: bool) -> str:
         if not live:
