@@ -9,6 +9,7 @@ import asyncio
 import math
 import random
 
+import numpy as np
 import pytest
 
 from gateway.errors import ConfigError, Unavailable
@@ -19,6 +20,7 @@ from gateway.routing.mirror import Mirror
 from gateway.routing.placement import LatencyEstimate, PoolGate, load_score
 from gateway.routing.router import CANARY, PREFERRED, PROBE, SHADOW, SPILL, Router
 from gateway.traffic.split import VersionSplit, key_fraction
+from gateway.traffic.stats import OutputComparison
 from tests.test_routing_units import StandInBackend, StandInFleet
 
 
@@ -333,3 +335,31 @@ def test_mirror_is_bounded_counts_drops_and_keeps_errors_to_itself():
         await mirror.close()
 
     asyncio.run(scenario())
+
+
+# ---- the output comparison ------------------------------------------------------------------------
+
+
+def response_of(values: np.ndarray, name: str = "OUTPUT0") -> object:
+    response = pb.ModelInferResponse(model_name="m")
+    tensor = response.outputs.add(name=name, datatype="FP32", shape=list(values.shape))
+    response.raw_output_contents.append(values.astype(np.float32).tobytes())
+    assert tensor.name == name
+    return response
+
+
+def test_output_comparison_learns_edges_from_the_reference_and_compares_each_side():
+    rng = np.random.default_rng(0)
+    comparison = OutputComparison("", bins=10, learn_values=500, reference="1")
+    comparison.add("2", response_of(rng.normal(3.0, 1.0, 100)))  # before the edges: waits, then counted
+    assert comparison.summary()["learning"]
+    for _ in range(10):
+        comparison.add("1", response_of(rng.normal(0.0, 1.0, 100)))
+        comparison.add("same", response_of(rng.normal(0.0, 1.0, 100)))
+    summary = comparison.summary()
+    assert not summary["learning"] and summary["reference"] == "1"
+    assert sum(summary["counts"]["1"]) == 1000 and sum(summary["counts"]["2"]) == 100
+    assert summary["compared"]["2"]["ks"] > 0.8
+    assert summary["compared"]["same"]["ks"] < 0.1
+    comparison.add("1", pb.ModelInferResponse(model_name="m"))  # no such output: counted apart
+    assert comparison.summary()["unreadable"] == 1

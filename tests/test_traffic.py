@@ -88,6 +88,13 @@ def test_split_shares_within_binomial_bounds_and_a_failing_shadow_never_reaches_
         assert live["1"]["errors"] == live["2"]["errors"] == 0
         assert live["1"]["latency"]["count"] == requests - on_canary and live["1"]["latency"]["p99_ms"] > 0
 
+        # Each version's outputs, on edges learned from the stable version's, compared with them.
+        outputs = traffic["outputs"]
+        assert outputs["reference"] == "1" and not outputs["learning"], outputs
+        assert sum(outputs["counts"]["1"]) == (requests - on_canary) * 16
+        assert sum(outputs["counts"]["2"]) == on_canary * 16
+        assert outputs["compared"]["2"]["ks"] > 0.3, outputs["compared"]  # version 2 doubles every value
+
         shadow = traffic["shadow"]
         # Every live request was copied, or its copy was dropped because 2 were already out; none lost.
         assert shadow["sent"] + shadow["dropped"] + shadow["unplaced"] == requests, shadow
@@ -141,12 +148,13 @@ def test_shadow_outputs_are_compared_with_the_live_versions(tritons, shadow_vers
         assert shadow["errors"] == 0 and shadow["sent"] + shadow["dropped"] == 400, shadow
         outputs = shadow["outputs"]
         assert not outputs["learning"], outputs
-        assert sum(outputs["live"]) == 400 * 16
-        assert sum(outputs["shadow"]) == shadow["sent"] * 16
+        assert sum(outputs["counts"]["live"]) == 400 * 16
+        assert sum(outputs["counts"]["shadow"]) == shadow["sent"] * 16
+        compared = outputs["compared"]["shadow"]
         if differs:
-            assert outputs["psi"] > 1.0 and outputs["ks"] > 0.5, outputs
+            assert compared["psi"] > 1.0 and compared["ks"] > 0.5, outputs
         else:
-            assert outputs["psi"] < 0.05 and outputs["ks"] < 0.05, outputs
+            assert compared["psi"] < 0.05 and compared["ks"] < 0.05, outputs
         assert shadow["latency"]["count"] == shadow["sent"]
 
         # The rollout API: the shadow goes, its copies stop.

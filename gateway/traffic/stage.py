@@ -7,6 +7,7 @@ The programmatic API a rollout drives (each takes effect on the next request):
     set_shadow(model, ShadowConfig)       copy live traffic to a version and/or pool
     clear_shadow(model)
     version_counters(model)               {version: TrafficCounters} of live traffic
+    outputs[model]                        a split's OutputComparison: each version's outputs vs the stable one's
     shadow_of(model)                      the ShadowTarget (its counters, drops, output comparison)
     snapshot()                            all of it as JSON-able dicts (admin GetSnapshot `traffic`)
 
@@ -26,7 +27,10 @@ from gateway.routing.config import STICKY_KEY, ModelRoute, ShadowConfig
 from gateway.routing.router import Router
 from gateway.traffic.shadow import ShadowTarget
 from gateway.traffic.split import VersionSplit
-from gateway.traffic.stats import WARM, TrafficCounters, warm_up
+from gateway.traffic.stats import WARM, OutputComparison, TrafficCounters, warm_up
+
+#: Bins and learned values of the per-version output comparison of a split (as a shadow's defaults).
+SPLIT_BINS, SPLIT_LEARN_VALUES = ShadowConfig.bins, ShadowConfig.learn_values
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,8 @@ class TrafficStage:
         self.splits: dict[str, VersionSplit] = {}
         self.shadows: dict[str, ShadowTarget] = {}
         self.counters: dict[tuple[str, str], TrafficCounters] = {}
+        self.outputs: dict[str, OutputComparison] = {}
+        """model with a split -> its versions' outputs, compared with the stable version's."""
         self._warming: asyncio.Future | None = None
         for model, route in (routes or {}).items():
             if route.split is not None:
@@ -86,6 +92,12 @@ class TrafficStage:
                 if version in split.picked:
                     split.picked[version] += count
         self.splits[model] = split
+        comparison = self.outputs.get(model)
+        if comparison is None or comparison.reference != split.stable:  # compared with the stable version
+            route = self._router.route_of(model)
+            output = route.compare_output if route is not None else ""
+            self.outputs[model] = OutputComparison(output, SPLIT_BINS, SPLIT_LEARN_VALUES, reference=split.stable)
+            self._warm()
         self.pickers[model] = split.pick
         self._router.set_canaries(model, split.canaries)
         log.info("traffic split of %s: %s (stable %s)", model, split.weights, split.stable)
@@ -94,6 +106,7 @@ class TrafficStage:
     def clear_split(self, model: str) -> None:
         self.splits.pop(model, None)
         self.pickers.pop(model, None)
+        self.outputs.pop(model, None)
         self._router.set_canaries(model, set())
 
     def set_shadow(self, model: str, config: ShadowConfig) -> ShadowTarget:
@@ -127,11 +140,15 @@ class TrafficStage:
         shadow = self.shadows.get(model)
         if shadow is None and model not in self.splits:
             return
-        key = (model, exchange.entry.version)
+        version = exchange.entry.version
+        key = (model, version)
         counters = self.counters.get(key)
         if counters is None:
             counters = self.counters[key] = TrafficCounters()
         counters.record(exchange.elapsed_ns / 1e9, error)
+        comparison = self.outputs.get(model)
+        if comparison is not None and response is not None:
+            comparison.add(version, response)
         if shadow is not None:
             shadow.observe(exchange, response, error)
 
@@ -166,6 +183,7 @@ class TrafficStage:
                     "sticky_key": split.sticky_key, "picked": dict(split.picked),
                 },
                 "versions": {version: c.summary() for version, c in sorted(self.version_counters(model).items())},
+                "outputs": None if model not in self.outputs else self.outputs[model].summary(),
                 "shadow": None if shadow is None else shadow.summary(),
             }
         return result
