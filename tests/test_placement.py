@@ -3,7 +3,8 @@
 Two Tritons from the wheel are the pools: `gpu` (cheap per request) and `cpu` (four times the
 cost). The `slow_on_demand` model sleeps, per execute call, what a file names; only the `gpu`
 server's model reads a file, so the test makes that pool slow and fast again while clients send a
-steady closed-loop load. The objective is 250 ms; the slow pool takes 400 ms a call.
+steady closed-loop load. The objective is 1 s (generous: the machine running the tests may be
+loaded, and the fast pool must stay clearly inside it); the slow pool takes 2 s a call.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from gateway.testing import GatewayThread
 from tests.servers import sample, scrape
 
 MODEL = "slow_on_demand"
-SLO_MS = 250.0
-SLOW_MS = 400.0
+SLO_MS = 1000.0
+SLOW_MS = 2000.0
 CLIENTS = 4
 DECISIONS = "tensorgate_routing_decisions_total"
 
