@@ -202,3 +202,25 @@ def test_admin_set_traffic_drives_split_and_shadow_on_every_front_door(tritons, 
         # No split: a request naming no version gets Triton's default (the latest, 3: broken).
         with pytest.raises(Exception, match="broken on purpose"):
             _send(gateway.address, 1)
+
+
+def test_split_and_sticky_key_apply_to_streams(tritons):
+    """ModelStreamInfer: the stream's metadata carries the key for each of its requests."""
+    import queue
+
+    with GatewayThread(_config(tritons, split={"1": 50, "2": 50})) as gateway:
+        for user in ("user-1", "user-2", "user-3", "user-4"):
+            answers: queue.Queue = queue.Queue()
+            client = triton_grpc.InferenceServerClient(gateway.address)
+            client.start_stream(callback=lambda result, error: answers.put((result, error)), headers={STICKY: user})
+            tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
+            tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+            for i in range(10):
+                client.async_stream_infer(MODEL, [tensor], request_id=str(i))
+            results = [answers.get(timeout=30) for _ in range(10)]
+            client.stop_stream()
+            client.close()
+            assert all(error is None for _, error in results), results
+            versions = {result.get_response().model_version for result, _ in results}
+            by_unary = {_version_of(r) for r in _send(gateway.address, 3, headers={STICKY: user})}
+            assert len(versions) == 1 and versions == by_unary, (user, versions, by_unary)
