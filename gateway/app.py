@@ -97,6 +97,8 @@ class Gateway:
             routing_decisions=lambda: self.router.decisions,
             batched_models=self.batching.batched_models,
             drift_monitors=lambda: self.drift.monitors,
+            shadow_copies=self.traffic.shadow_copies,
+            service_times=self.router.service_times,
         )
 
     def methods(self) -> list:

@@ -156,6 +156,9 @@ def test_slow_gpu_pool_spills_to_cpu_keeps_the_slo_and_traffic_returns(pools):
         assert sample(metrics, DECISIONS, pool="cpu", reason="spill") >= 300
         assert sample(metrics, DECISIONS, pool="gpu", reason="probe") >= 3
         assert sample(metrics, DECISIONS, pool="gpu", reason="preferred") >= 400
+        service = sample(metrics, "tensorgate_placement_service_time_seconds", model=MODEL, version="1", pool="gpu",
+                         backend=gpu.grpc_address)
+        assert service is not None and 0 < service < SLO_MS / 1e3 * 0.5  # fast again: below the return line
         # While closed, live requests stayed off the slow pool (only the probes' copies went there).
         assert gpu_live_while_closed <= CLIENTS * 3, gpu_live_while_closed
         assert not gateway.loop_errors

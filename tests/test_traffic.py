@@ -21,6 +21,7 @@ import tritonclient.grpc as triton_grpc
 from gateway.routing.config import ShadowConfig
 from gateway.testing import GatewayThread
 from tests.conftest import gateway_on
+from tests.servers import sample, scrape
 
 MODEL = "versioned_scale"
 STICKY = "tensorgate-sticky-key"
@@ -68,7 +69,8 @@ def _wait(predicate, what: str, timeout: float = 30.0) -> None:
 def test_split_shares_within_binomial_bounds_and_a_failing_shadow_never_reaches_clients(tritons):
     requests, threads, canary = 1600, 8, 0.2
     route = {"split": {"1": 80, "2": 20}, "shadow": {"version": "3", "max_in_flight": 2}}
-    with GatewayThread(_config(tritons, **route)) as gateway:
+    config = {**_config(tritons, **route), "telemetry": {"prometheus_port": 0, "prometheus_host": "127.0.0.1"}}
+    with GatewayThread(config) as gateway:
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             batches = list(pool.map(lambda _: _send(gateway.address, requests // threads), range(threads)))
         versions = [_version_of(result) for batch in batches for result in batch]  # every request answered
@@ -107,6 +109,11 @@ def test_split_shares_within_binomial_bounds_and_a_failing_shadow_never_reaches_
         routing = snapshot["routing"]
         assert 0 < routing["a/preferred"] <= requests - on_canary and 0 < routing["a/canary"] <= on_canary, routing
         assert routing["a/shadow"] == shadow["sent"], routing
+
+        # The shadow's copies reach the metrics by outcome.
+        metrics = scrape(gateway.gateway.telemetry.prometheus_port)
+        for outcome in ("sent", "dropped", "failed", "unplaced"):
+            assert sample(metrics, "tensorgate_shadow_copies_total", model=MODEL, outcome=outcome) == shadow[outcome]
         assert not gateway.loop_errors
 
 

@@ -275,6 +275,11 @@ class Router:
         estimate.observe(elapsed_s, ahead, now, self._config.ewma_tau_s)
         estimate.update_gate(now)
 
+    def service_times(self) -> dict[tuple[str, str, str, str], float]:
+        """{(model, version, pool, backend address): EWMA service time in seconds} of observed backends."""
+        return {(model, version, backend.pool, backend.address): estimate.service_s
+                for (model, version, backend), estimate in list(self._estimates.items()) if estimate.samples}
+
     def placement(self) -> dict:
         """Live placement state for the snapshot: per model version and pool, the gate and each
         backend's service time, outstanding requests and predicted latency (ms)."""

@@ -171,6 +171,16 @@ class TrafficStage:
         if self._warming is not None and not self._warming.done():
             await asyncio.gather(self._warming, return_exceptions=True)
 
+    def shadow_copies(self) -> dict[tuple[str, str], int]:
+        """{(model, outcome): copies} for the metrics (outcome: sent, dropped, failed, unplaced)."""
+        counts = {}
+        for model, target in list(self.shadows.items()):
+            mirror = target.mirror
+            for outcome, count in (("sent", mirror.sent), ("dropped", mirror.dropped), ("failed", mirror.failed),
+                                   ("unplaced", target.unplaced)):
+                counts[(model, outcome)] = count
+        return counts
+
     def snapshot(self) -> dict:
         models = sorted({*self.splits, *self.shadows, *(name for name, _ in self.counters)})
         result = {}
