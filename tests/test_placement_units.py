@@ -197,6 +197,17 @@ def test_router_spills_when_the_preferred_pool_has_no_healthy_backend():
         router.choose("m", "1")
 
 
+def test_estimates_of_backends_that_left_the_fleet_are_forgotten():
+    clock = Clock()
+    fleet, router = slo_router(clock, gpu=2)
+    leaving = fleet.pools["gpu"][1]
+    router.observe("m", "1", leaving, 0.01, 0)
+    assert any(address == leaving.address for _, _, _, address in router.service_times())
+    fleet.pools["gpu"].remove(leaving)
+    fleet.changed()
+    assert not any(address == leaving.address for _, _, _, address in router.service_times())
+
+
 def test_cheapest_pool_first_ties_keep_the_route_order():
     clock = Clock()
     fleet, router = slo_router(clock, costs={"gpu": 3.0, "cpu": 1.0})

@@ -111,6 +111,10 @@ class Router:
     def _fleet_changed(self) -> None:
         self._tables.clear()
         self._healthy_counts.clear()
+        # Backends found by DNS come and go: forget what was learned of those that left.
+        present = {id(b) for pool in self._fleet.pools.values() for b in pool}
+        for key in [key for key in self._estimates if id(key[2]) not in present]:
+            del self._estimates[key]
 
     def _slo_s(self, model: str) -> float | None:
         route = self._routes.get(model) if self._routes is not None else None
