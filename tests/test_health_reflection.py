@@ -103,8 +103,10 @@ def test_admin_snapshot_reports_the_live_state(gateway, tritons):
     before = gateway.admin_snapshot()
     client.infer("simple_scale", [tensor])
     after = gateway.admin_snapshot()
-    assert set(after) == {"backends", "discovery", "routing", "placement", "probes", "traffic", "sequences", "batching", "drift"}
+    assert set(after) == {"backends", "discovery", "routing", "placement", "probes", "traffic", "sequences", "batching",
+                          "drift", "tenants"}
     assert after["discovery"] == {}  # no pool of the shared gateway is found by DNS
+    assert after["tenants"] == {}  # no auth configured
     # The model's placement table: its pools, each backend's learned service time.
     placement = next(table for key, table in after["placement"].items() if key.startswith("simple_scale"))
     assert {address for pool in placement["pools"].values() for address in pool["backends"]} == {
