@@ -27,6 +27,7 @@ from gateway.drift.stage import DriftStage
 from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE
 from gateway.routing.dispatcher import DirectDispatcher
+from gateway.routing.mirror import Mirror
 from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
 from gateway.security.guard import Guard
@@ -38,6 +39,7 @@ from gateway.server.health import HealthService
 from gateway.server.inference import InferenceService
 from gateway.server.reflection import ReflectionService
 from gateway.telemetry.stage import GatewayView, TelemetryStage
+from gateway.traffic.stage import TrafficStage
 from gateway.upstream.catalog import ModelCatalog
 from gateway.upstream.fleet import Fleet
 from gateway.workers.link import WorkerLink
@@ -66,11 +68,20 @@ class Gateway:
         self.link = WorkerLink(worker) if worker is not None else None
         self.fleet = Fleet(config.pools, config.upstream, config.health)
         self.catalog = ModelCatalog(self.fleet)
-        self.router = Router(self.fleet, config.models)
+        self.router = Router(
+            self.fleet, config.models, config=config.routing,
+            pool_costs={name: pool.cost for name, pool in config.pools.items()},
+        )
         self.sequences = SequenceTable()
-        self.direct = DirectDispatcher(self.router, self.sequences, config.routing.retry_unavailable)
+        self.direct = DirectDispatcher(
+            self.router, self.sequences, config.routing.retry_unavailable,
+            probes=Mirror(config.routing.probe_max_in_flight),
+        )
         self.batching = BatchingDispatcher(self.direct, config.batching, self.router)
         self.pipeline = Pipeline(self.catalog, self.router.routes, self.batching)
+        self.traffic = TrafficStage(self.router, config.models)
+        self.pipeline.version_pickers = self.traffic.pickers  # the same dict: a new split applies at once
+        self.pipeline.attach(observer=self.traffic.observer)
         self.fleet.on_change(self.pipeline.forget_unversioned)
         self.drift = DriftStage(config.drift, forward=self.link.forward_drift if self.link is not None else None)
         if self.drift.monitors:
@@ -105,6 +116,8 @@ class Gateway:
             routing_decisions=lambda: self.router.decisions,
             batched_models=self.batching.batched_models,
             drift_monitors=lambda: self.drift.monitors,
+            shadow_copies=self.traffic.shadow_copies,
+            service_times=self.router.service_times,
         )
 
     def methods(self) -> list:
@@ -118,7 +131,7 @@ class Gateway:
         methods = [
             *self.inference.methods(),
             *drift,
-            *GatewayService(snapshot).methods(),
+            *GatewayService(snapshot, self.traffic).methods(),
             *self.health.methods(),
             *ReflectionService(services).methods(),
         ]
@@ -133,6 +146,7 @@ class Gateway:
         """Warm the drift kernels, start telemetry, check every backend once, sweep idle sequences."""
         if self.drift.monitors:
             await self.drift.start()
+        await self.traffic.start()
         if self.telemetry is not None:
             self.telemetry.start()
         await self.fleet.start()
@@ -145,6 +159,8 @@ class Gateway:
             self._sweeper.cancel()
             self._sweeper = None
         await self.batching.close()
+        await self.traffic.close()
+        await self.direct.probes.close()
         await self.drift.close()
         if self.link is not None:
             await self.link.close()  # the last report: this worker's final counts
@@ -183,7 +199,9 @@ class Gateway:
 
     def snapshot(self) -> dict:
         """Live state for people and tests: backends (health: healthy, unhealthy, unknown, or
-        draining after leaving DNS), DNS discovery per pool, routing decisions, batching per model."""
+        draining after leaving DNS), DNS discovery per pool, routing decisions, placement (per model
+        version and pool: gate, service time, predicted latency), traffic (splits, per-version
+        counters, shadows), batching per model."""
         return {
             "backends": {
                 b.address: {"pool": b.pool, "health": b.health.value, "detail": b.health_detail,
@@ -195,6 +213,9 @@ class Gateway:
                 for pool, d in self.fleet.discovery.items()
             },
             "routing": {f"{pool}/{reason}": count for (pool, reason), count in sorted(self.router.decisions.items())},
+            "placement": self.router.placement(),
+            "probes": self.direct.probes.statistics(),
+            "traffic": self.traffic.snapshot(),
             "sequences": len(self.sequences),
             "batching": self.batching.snapshot(),
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},
