@@ -22,7 +22,13 @@ $(DESCRIPTORS): $(STAMP) $(wildcard protos/*.proto)
 	$(PY) setup.py --name >/dev/null
 	touch $(DESCRIPTORS)
 
-install: $(STAMP) $(DESCRIPTORS)
+# The Cython kernels, rebuilt in place whenever a .pyx or .pxd changes (a fresh .venv builds them).
+KERNELS := .venv/.kernels
+$(KERNELS): $(STAMP) $(wildcard ext/*.pyx ext/*.pxd)
+	$(PY) setup.py build_ext --inplace --quiet
+	touch $(KERNELS)
+
+install: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 
 # Regenerate the protocol descriptor set from protos/ unconditionally.
 protos: $(STAMP)
@@ -33,10 +39,10 @@ protos: $(STAMP)
 compile: $(STAMP)
 	$(PY) setup.py build_ext --inplace --quiet
 
-demo: $(STAMP) $(DESCRIPTORS)
+demo: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 	$(VENV)/bin/tensorgate demo
 
-test: $(STAMP) $(DESCRIPTORS) test-tools
+test: $(STAMP) $(DESCRIPTORS) $(KERNELS) test-tools
 	$(PY) -m pytest -q
 
 # What the tests need beside .venv: a real Prometheus server (tests/test_telemetry.py runs
@@ -60,7 +66,7 @@ test-tools:
 
 # benchmarks/record.py runs the kernel suites (kernels, validation, drift) under pytest-benchmark and a
 # `tensorgate bench` sweep, and appends a dated section (machine, tables, plots) to benchmarks/RESULTS.md.
-bench: $(STAMP) $(DESCRIPTORS)
+bench: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 	$(PY) benchmarks/record.py
 	$(PY) benchmarks/bench_telemetry.py
 	$(PY) benchmarks/bench_drift_observe.py

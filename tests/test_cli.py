@@ -165,35 +165,3 @@ def test_local_triton_serves_the_example_models_until_terminated(tmp_path):
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "Triton still listens after local-triton exited"
     assert (tmp_path / "readme.log").stat().st_size > 0
-
-
-@pytest.mark.parametrize("reuse_port", [True, False])
-def test_gateway_processes_share_a_port_only_with_reuse_port(tmp_path, tritons, reuse_port):
-    """server.reuse_port (grpcio engine): several `tensorgate serve` processes on one port, as
-    benchmarks/gpu/run.sh runs them; without it a second gateway on a taken port fails to start."""
-    port = find_free_port()
-    path = tmp_path / "gateway.yaml"
-    path.write_text(f"listen: 127.0.0.1:{port}\nserver: {{engine: grpcio, reuse_port: {str(reuse_port).lower()}}}\n"
-                    f"pools:\n  cpu: {{backends: ['{tritons[0].grpc_address}']}}\n")
-    first = subprocess.Popen([*TENSORGATE, "serve", "--config", str(path)], stdout=subprocess.PIPE, text=True)
-    second = None
-    try:
-        assert "serving on" in first.stdout.readline()
-        second = subprocess.Popen([*TENSORGATE, "serve", "--config", str(path)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        if reuse_port:
-            assert "serving on" in second.stdout.readline()
-            first.terminate()
-            assert first.wait(timeout=30) == 0
-            client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")  # the second one answers alone
-            tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
-            tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
-            assert client.infer("simple_scale", [tensor]).as_numpy("OUTPUT0")[0, 0] == 2.0
-        else:
-            assert second.wait(timeout=60) != 0
-            assert f"127.0.0.1:{port}" in second.stderr.read()
-    finally:
-        for process in (first, second):
-            if process is not None and process.poll() is None:
-                process.terminate()
-                process.wait(timeout=30)

@@ -8,14 +8,14 @@
      gpu-plain    on the GPU, no dynamic batcher
      cpu          on the CPU, dynamic batcher on
    With --cpu every one runs on the CPU (and with --short, a small MLP in NumPy).
-2. The gateway (`tensorgate serve`, grpcio engine, `--gateway-workers` processes on one port) with
+2. The gateway (`tensorgate serve`, grpcio engine, `server.workers: --gateway-workers`) with
    pools `gpu` (gpu-plain: the gateway batches) and `cpu`, model `mlp` on [gpu].
 3. `tensorgate bench gpu-batched --compare gpu-plain --compare gateway --concurrency 1,32,256`:
    rows/s and latency percentiles, ratios to Triton with its own batcher.
-4. Spill: a second gateway with `models.mlp.latency_slo_ms` and pools' `cost_per_hour` (SLO-aware
-   placement, built by the `placement` work): open-loop load at 1.5x what the GPU pool served at
-   concurrency 256; the CPU pool should take the excess and the SLO hold. Where the gateway does
-   not know those keys yet (it refuses the config), the step says so and is skipped.
+4. Spill: a second gateway with `models.mlp.latency_slo_ms` and the pools' `cost` (SLO-aware
+   placement): open-loop load at 1.5x what the gateway served at the top concurrency; the CPU pool
+   should take the excess and the SLO hold. Where the gateway does not know those keys (it refuses
+   the config), the step says so and is skipped.
 
 Writes DIR/compare.{json,csv,png}, DIR/spill.json and DIR/summary.md (printed at the end).
 """
@@ -83,9 +83,9 @@ def statistics(target: str) -> int:
     return sum(stats.inference_stats.success.count for stats in reply.model_stats)
 
 
-def yaml_config(listen: str, pools: dict[str, list[str]], extra: str = "") -> str:
-    # grpcio: the GPU image has no pyvoy; reuse_port: several gateway processes share the port.
-    lines = [f"listen: {listen}", "server: {engine: grpcio, reuse_port: true}", "pools:"]
+def yaml_config(listen: str, pools: dict[str, list[str]], workers: int, extra: str = "") -> str:
+    # grpcio: the GPU image has no pyvoy; workers: gateway processes sharing the port.
+    lines = [f"listen: {listen}", f"server: {{engine: grpcio, workers: {workers}}}", "pools:"]
     for name, backends in pools.items():
         lines.append(f"  {name}: {{backends: {json.dumps(backends)}}}")
     lines.append("health: {interval_s: 1.0, timeout_s: 2.0}")
@@ -94,16 +94,14 @@ def yaml_config(listen: str, pools: dict[str, list[str]], extra: str = "") -> st
 
 
 class Gateway:
-    """`workers` `tensorgate serve` processes sharing one port (gRPC's SO_REUSEPORT)."""
+    """`tensorgate serve` with the config's `server.workers` processes on one port (gateway/workers/)."""
 
-    def __init__(self, config_path: Path, port: int, workers: int, log_dir: Path) -> None:
+    def __init__(self, config_path: Path, port: int, log_dir: Path) -> None:
         self.address = f"127.0.0.1:{port}"
-        self.processes = []
-        for index in range(workers):
-            log = open(log_dir / f"{config_path.stem}-{index}.log", "w")
-            self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
+        log = open(log_dir / f"{config_path.stem}.log", "w")
+        self.processes = [subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)]
 
     def wait_ready(self, timeout: float = 120.0) -> str | None:
         """None once it serves `mlp`, else why not (a process exited: its code and log tail)."""
@@ -212,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         port = find_free_port()
         config.write_text(yaml_config(f"127.0.0.1:{port}", {"gpu": [tritons["gpu-plain"].grpc_address],
                                                              "cpu": [tritons["cpu"].grpc_address]},
-                                      "models:\n  mlp: {pools: [gpu]}\n"))
-        gateway = Gateway(config, port, gateway_workers, logs)
+                                      gateway_workers, "models:\n  mlp: {pools: [gpu]}\n"))
+        gateway = Gateway(config, port, logs)
         gateways.append(gateway)
         problem = gateway.wait_ready()
         if problem:
@@ -268,20 +266,21 @@ def spill(args, tritons, compare, gateway_address, out, logs, gateway_workers, b
     port = find_free_port()
     config.write_text(yaml_config(
         f"127.0.0.1:{port}",
-        {"gpu": [tritons["gpu-plain"].grpc_address], "cpu": [tritons["cpu"].grpc_address]},
-        # The SLO-aware placement's keys (the `placement` work): the GPU pool first while it meets
-        # the model's SLO, the cheaper-per-request pool takes what would break it.
+        {"gpu": [tritons["gpu-plain"].grpc_address], "cpu": [tritons["cpu"].grpc_address]}, gateway_workers,
+        # SLO-aware placement (README, "Placement"): each request goes to the cheapest pool predicted
+        # to meet the model's objective. Per request the GPU pool is the cheaper one; the CPU pool
+        # takes what the GPU pool cannot serve within the objective.
         f"models:\n  mlp: {{pools: [gpu, cpu], latency_slo_ms: {slo_ms:.1f}}}\n"
-    ).replace("  gpu: {backends:", "  gpu: {cost_per_hour: 4.0, backends:")
-     .replace("  cpu: {backends:", "  cpu: {cost_per_hour: 0.5, backends:"))
-    gateway = Gateway(config, port, gateway_workers, logs)
+    ).replace("  gpu: {backends:", "  gpu: {cost: 1, backends:")
+     .replace("  cpu: {backends:", "  cpu: {cost: 4, backends:"))
+    gateway = Gateway(config, port, logs)
     gateways.append(gateway)
     problem = gateway.wait_ready(timeout=60)
     if problem:
-        log = (logs / f"{config.stem}-0.log").read_text()[-600:]
+        log = (logs / f"{config.stem}.log").read_text()[-600:]
         lines += [f"Skipped: the gateway refused {config.name} ({problem}). The spill scenario needs the SLO-aware "
-                  f"placement (`models.NAME.latency_slo_ms`, `pools.NAME.cost_per_hour`), built by the `placement` "
-                  f"work; the config is in {config}.", "", "```", log.strip(), "```"]
+                  f"placement (`models.NAME.latency_slo_ms`, `pools.NAME.cost`); the config is in {config}.", "",
+                  "```", log.strip(), "```"]
         json.dump({"skipped": problem, "config": config.read_text()}, open(out / "spill.json", "w"), indent=1)
         return lines
     before = {name: statistics(t.grpc_address) for name, t in tritons.items()}

@@ -73,7 +73,8 @@ class GrpcioEngine:
     credentials          grpc.ssl_server_credentials for TLS (mutual TLS when they require client
                          certificates); None: plaintext
     max_concurrent_streams  HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection; None: grpc's default
-    reuse_port           bind with SO_REUSEPORT, so several gateway processes share the port
+    reuse_port           SO_REUSEPORT, so several processes (gateway/workers/) serve one port; off, a
+                         second server on a port in use fails to start instead of sharing it unnoticed
     """
 
     def __init__(self, listen: str, methods: list[Method], max_receive_bytes: int, max_send_bytes: int,
