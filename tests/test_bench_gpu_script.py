@@ -25,10 +25,11 @@ def test_the_gpu_script_runs_in_cpu_mode(tmp_path):
     assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
     summary = (out / "summary.md").read_text()
     assert "| gateway (batching) -> GPU Triton, no batcher | 8 |" in summary
-    # The spill step runs where the gateway knows the SLO-aware placement keys, and says why not otherwise.
+    # The spill step runs through SLO-aware placement and reports what each pool served and whether
+    # the SLO held. Whether the CPU pool takes the excess is the GPU machine's measurement: here both
+    # "pools" share the same 2 cores, so spilling adds no capacity and is not asserted.
     spill = json.loads((out / "spill.json").read_text())
-    if "skipped" in spill:
-        assert "latency_slo_ms" in summary and "placement" in summary
-    else:
-        assert spill["served"]["gpu"] > 0 and spill["served"]["cpu"] > 0, spill
-        assert spill["slo_held"], spill
+    assert "skipped" not in spill, spill
+    assert spill["step"]["requests"] > 0 and not spill["step"]["errors"], spill
+    assert spill["served"]["gpu"] + spill["served"]["cpu"] >= spill["step"]["requests"], spill
+    assert isinstance(spill["slo_held"], bool) and "## Spill" in summary

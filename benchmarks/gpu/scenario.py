@@ -72,14 +72,17 @@ def write_repository(folder: Path, *, kind: str, dynamic_batching: bool, sizes, 
     return folder
 
 
-def statistics(target: str) -> int:
-    """Requests Triton answered successfully for `mlp` (its ModelStatistics)."""
+def statistics(target: str, rows: bool = False) -> int:
+    """Requests Triton answered successfully for `mlp` (its ModelStatistics); with `rows`, the rows
+    it inferred (`inference_count`: a batch the gateway formed is one request of many rows)."""
     from gateway.protocol import pb
 
     with grpc.insecure_channel(target) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelStatistics")
         reply = pb.ModelStatisticsResponse.FromString(call(pb.ModelStatisticsRequest(name="mlp").SerializeToString(),
                                                            timeout=10))
+    if rows:
+        return sum(stats.inference_count for stats in reply.model_stats)
     return sum(stats.inference_stats.success.count for stats in reply.model_stats)
 
 
@@ -283,10 +286,10 @@ def spill(args, tritons, compare, gateway_address, out, logs, gateway_workers, b
                   "```", log.strip(), "```"]
         json.dump({"skipped": problem, "config": config.read_text()}, open(out / "spill.json", "w"), indent=1)
         return lines
-    before = {name: statistics(t.grpc_address) for name, t in tritons.items()}
+    before = {name: statistics(t.grpc_address, rows=True) for name, t in tritons.items()}
     bench([gateway.address, "--model", "mlp", "--rate", f"{rate:.0f}", "--workers", str(bench_workers), *window,
            "--json", str(out / "spill-bench.json"), "--quiet"], timeout=200)
-    after = {name: statistics(t.grpc_address) for name, t in tritons.items()}
+    after = {name: statistics(t.grpc_address, rows=True) for name, t in tritons.items()}
     step = json.loads((out / "spill-bench.json").read_text())["steps"][0]
     served = {"gpu": after["gpu-plain"] - before["gpu-plain"], "cpu": after["cpu"] - before["cpu"]}
     held = step["p99_ms"] <= slo_ms
@@ -294,7 +297,7 @@ def spill(args, tritons, compare, gateway_address, out, logs, gateway_workers, b
               f"{top['level']:g}), SLO {slo_ms:.1f} ms (4x the p99 at concurrency {low['level']:g}):", "",
               f"- answered {step['throughput']:,.0f} req/s, p50 {step['p50_ms']:.2f} ms, p99 {step['p99_ms']:.2f} ms "
               f"(SLO {'held' if held else 'MISSED'}), errors {step['errors'] or 0}",
-              f"- served by the GPU pool {served['gpu']:,}, by the CPU pool {served['cpu']:,} requests "
+              f"- rows inferred by the GPU pool {served['gpu']:,}, by the CPU pool {served['cpu']:,} "
               f"({served['cpu'] / max(1, served['gpu'] + served['cpu']):.0%} spilled)"]
     json.dump({"rate": rate, "slo_ms": slo_ms, "served": served, "step": step, "slo_held": held},
               open(out / "spill.json", "w"), indent=1)
