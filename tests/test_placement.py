@@ -3,7 +3,8 @@
 Two Tritons from the wheel are the pools: `gpu` (cheap per request) and `cpu` (four times the
 cost). The `slow_on_demand` model sleeps, per execute call, what a file names; only the `gpu`
 server's model reads a file, so the test makes that pool slow and fast again while clients send a
-steady closed-loop load. The objective is 250 ms; the slow pool takes 400 ms a call.
+steady closed-loop load. The objective is 1 s (generous: the machine running the tests may be
+loaded, and the fast pool must stay clearly inside it); the slow pool takes 2 s a call.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from gateway.testing import GatewayThread
 from tests.servers import sample, scrape
 
 MODEL = "slow_on_demand"
-SLO_MS = 250.0
-SLOW_MS = 400.0
+SLO_MS = 1000.0
+SLOW_MS = 2000.0
 CLIENTS = 4
 DECISIONS = "tensorgate_routing_decisions_total"
 
@@ -139,9 +140,10 @@ def test_slow_gpu_pool_spills_to_cpu_keeps_the_slo_and_traffic_returns(pools):
         # Recovered: probes see it; traffic returns to the gpu pool, and the gate did not flap.
         delay_file.write_text("0")
         _wait(lambda: _gate(gateway, "gpu") == "open", "the gpu pool's gate to open again", 30)
-        reopened = decisions()
-        # The estimate decays towards the fast answers within a few tau; then the gpu pool has it all again.
-        _wait(lambda: decisions()["gpu/preferred"] >= reopened["gpu/preferred"] + 200, "200 more requests on the gpu pool", 60)
+        # The estimate decays towards the fast answers within a few tau (routing.ewma_tau_s, 0.5 s by
+        # default); meanwhile requests whose predicted queue still misses spill one by one.
+        reopened = time.monotonic()
+        _wait(lambda: time.monotonic() > reopened + 3.0, "3 s (6 tau) after the gate opened", 10)
         returned = decisions()
         _wait(lambda: decisions()["gpu/preferred"] >= returned["gpu/preferred"] + 300, "300 more requests on the gpu pool", 60)
         after = decisions()
@@ -155,6 +157,9 @@ def test_slow_gpu_pool_spills_to_cpu_keeps_the_slo_and_traffic_returns(pools):
         assert sample(metrics, DECISIONS, pool="cpu", reason="spill") >= 300
         assert sample(metrics, DECISIONS, pool="gpu", reason="probe") >= 3
         assert sample(metrics, DECISIONS, pool="gpu", reason="preferred") >= 400
+        service = sample(metrics, "tensorgate_placement_service_time_seconds", model=MODEL, version="1", pool="gpu",
+                         backend=gpu.grpc_address)
+        assert service is not None and 0 < service < SLO_MS / 1e3 * 0.5  # fast again: below the return line
         # While closed, live requests stayed off the slow pool (only the probes' copies went there).
         assert gpu_live_while_closed <= CLIENTS * 3, gpu_live_while_closed
         assert not gateway.loop_errors

@@ -9,6 +9,7 @@ import asyncio
 import math
 import random
 
+import numpy as np
 import pytest
 
 from gateway.errors import ConfigError, Unavailable
@@ -19,6 +20,7 @@ from gateway.routing.mirror import Mirror
 from gateway.routing.placement import LatencyEstimate, PoolGate, load_score
 from gateway.routing.router import CANARY, PREFERRED, PROBE, SHADOW, SPILL, Router
 from gateway.traffic.split import VersionSplit, key_fraction
+from gateway.traffic.stats import OutputComparison
 from tests.test_routing_units import StandInBackend, StandInFleet
 
 
@@ -57,8 +59,17 @@ def test_load_score_prefers_short_queues_then_fast_backends():
     fast, slow, unknown = LatencyEstimate(), LatencyEstimate(), LatencyEstimate()
     fast.observe(0.001, 0, 1.0, 1.0)
     slow.observe(0.010, 0, 1.0, 1.0)
-    assert load_score(fast, 3) < load_score(slow, 0)  # 4 ms vs 10 ms
-    assert load_score(unknown, 0) < load_score(unknown, 1)  # nothing known: outstanding decides
+    assert load_score(fast, 3, 1.0, 1.0) < load_score(slow, 0, 1.0, 1.0)  # 4 ms vs 10 ms
+    assert load_score(unknown, 0, 1.0, 1.0) < load_score(unknown, 1, 1.0, 1.0)  # nothing known: outstanding decides
+
+
+def test_load_score_of_an_unobserved_backend_decays_so_it_is_tried_again():
+    stale, busy = LatencyEstimate(), LatencyEstimate()
+    stale.observe(2.0, 0, now=0.0, tau_s=0.5)  # a cold start's 2 s answer, then no traffic
+    busy.observe(0.002, 0, now=10.0, tau_s=0.5)
+    assert load_score(stale, 0, 0.5, 0.5) > load_score(busy, 8, 0.5, 0.5)  # fresh: avoided
+    assert load_score(stale, 0, 10.0, 0.5) < load_score(busy, 8, 10.0, 0.5)  # 10 s later: tried again
+    assert load_score(stale, 0, 10.0, 0.5) < load_score(stale, 3, 10.0, 0.5)  # … and its queue counts
 
 
 # ---- the gate -------------------------------------------------------------------------------------
@@ -162,6 +173,17 @@ def test_router_takes_the_fastest_predicted_when_no_pool_meets_the_objective():
     assert router.choose("m", "1")[0] is gpu
 
 
+def test_no_probe_copy_when_the_live_request_goes_to_the_closed_pool_itself():
+    clock = Clock()
+    fleet, router = slo_router(clock, cpu=0)  # one pool: nowhere to spill
+    gpu = fleet.pools["gpu"][0]
+    router.choose("m", "1")
+    router.observe("m", "1", gpu, 0.400, 0)
+    clock.now += 5
+    assert router.choose("m", "1") == (gpu, PREFERRED)  # the fastest predicted, closed or not
+    assert router.probe is None and ("gpu", PROBE) not in router.decisions
+
+
 def test_router_spills_when_the_preferred_pool_has_no_healthy_backend():
     clock = Clock()
     fleet, router = slo_router(clock)
@@ -173,6 +195,17 @@ def test_router_spills_when_the_preferred_pool_has_no_healthy_backend():
     fleet.changed()
     with pytest.raises(Unavailable):
         router.choose("m", "1")
+
+
+def test_estimates_of_backends_that_left_the_fleet_are_forgotten():
+    clock = Clock()
+    fleet, router = slo_router(clock, gpu=2)
+    leaving = fleet.pools["gpu"][1]
+    router.observe("m", "1", leaving, 0.01, 0)
+    assert any(address == leaving.address for _, _, _, address in router.service_times())
+    fleet.pools["gpu"].remove(leaving)
+    fleet.changed()
+    assert not any(address == leaving.address for _, _, _, address in router.service_times())
 
 
 def test_cheapest_pool_first_ties_keep_the_route_order():
@@ -313,3 +346,31 @@ def test_mirror_is_bounded_counts_drops_and_keeps_errors_to_itself():
         await mirror.close()
 
     asyncio.run(scenario())
+
+
+# ---- the output comparison ------------------------------------------------------------------------
+
+
+def response_of(values: np.ndarray, name: str = "OUTPUT0") -> object:
+    response = pb.ModelInferResponse(model_name="m")
+    tensor = response.outputs.add(name=name, datatype="FP32", shape=list(values.shape))
+    response.raw_output_contents.append(values.astype(np.float32).tobytes())
+    assert tensor.name == name
+    return response
+
+
+def test_output_comparison_learns_edges_from_the_reference_and_compares_each_side():
+    rng = np.random.default_rng(0)
+    comparison = OutputComparison("", bins=10, learn_values=500, reference="1")
+    comparison.add("2", response_of(rng.normal(3.0, 1.0, 100)))  # before the edges: waits, then counted
+    assert comparison.summary()["learning"]
+    for _ in range(10):
+        comparison.add("1", response_of(rng.normal(0.0, 1.0, 100)))
+        comparison.add("same", response_of(rng.normal(0.0, 1.0, 100)))
+    summary = comparison.summary()
+    assert not summary["learning"] and summary["reference"] == "1"
+    assert sum(summary["counts"]["1"]) == 1000 and sum(summary["counts"]["2"]) == 100
+    assert summary["compared"]["2"]["ks"] > 0.8
+    assert summary["compared"]["same"]["ks"] < 0.1
+    comparison.add("1", pb.ModelInferResponse(model_name="m"))  # no such output: counted apart
+    assert comparison.summary()["unreadable"] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from gateway.errors import FailedPrecondition
 from gateway.protocol import message_class
 from gateway.rollout.controller import RolloutController
 from gateway.server.rpc import Call, Method, methods_of, parse_request
@@ -17,12 +18,22 @@ def messages() -> dict[str, type]:
 
 
 class DeployService:
-    def __init__(self, rollouts: RolloutController) -> None:
-        self.rollouts = rollouts
+    """The rollout controller over gRPC. Without one (a gateway of several worker processes, where
+    each would run a rollout of its own) every call is FAILED_PRECONDITION, saying why."""
+
+    def __init__(self, rollouts: RolloutController | None) -> None:
+        self._rollouts = rollouts
         self.m = messages()
 
+    @property
+    def rollouts(self) -> RolloutController:
+        if self._rollouts is None:
+            raise FailedPrecondition("rollouts run in a gateway of one process (server.workers: 1); this one has "
+                                     "several workers, each of which would run its own")
+        return self._rollouts
+
     def __repr__(self) -> str:
-        return f"<DeployService {self.rollouts!r}>"
+        return f"<DeployService {self._rollouts!r}>"
 
     def methods(self) -> list[Method]:
         return methods_of(SERVICE, {

@@ -86,6 +86,9 @@ class ModelRoute:
     split stays. Without it each request is drawn at random by the weights."""
     shadow: ShadowConfig | None = None
     """A shadow target (another version and/or pool) that gets a copy of live traffic."""
+    compare_output: str = ""
+    """With a split: the output tensor whose values are histogrammed per version and compared with
+    the stable version's (PSI, KS; admin snapshot `traffic.MODEL.outputs`); empty: the first output."""
 
     def validate(self, path: str) -> None:
         if not self.pools:

@@ -43,6 +43,14 @@ class Mirror:
     def statistics(self) -> dict:
         return {"in_flight": len(self._pending), "sent": self.sent, "dropped": self.dropped, "failed": self.failed}
 
+    def has_room(self) -> bool:
+        """Whether a copy may go out now; when not, the copy counts as dropped (ask just before
+        placing it, so a copy that will be dropped costs no placement)."""
+        if len(self._pending) < self.max_in_flight:
+            return True
+        self.dropped += 1
+        return False
+
     def send(self, backend: Backend, request, timeout_s: float, on_done: OnDone, version: str | None = None) -> bool:
         """Send a copy of `request` (with `version` as its model version when given) to `backend`;
         False when it was dropped. Never raises."""

@@ -28,12 +28,14 @@ import math
 class LatencyEstimate:
     """EWMA service time (seconds per request in line) of one model on one backend."""
 
-    __slots__ = ("service_s", "updated", "samples")
+    __slots__ = ("service_s", "updated", "samples", "gate", "peers")
 
     def __init__(self) -> None:
         self.service_s = 0.0  # 0 until the first observation: an unknown backend is predicted fast
         self.updated = 0.0
         self.samples = 0
+        self.gate: PoolGate | None = None  # the gate of its pool for this model version (an objective is set)
+        self.peers: list[LatencyEstimate] = []  # the estimates of its pool's backends, itself included
 
     def __repr__(self) -> str:
         return f"<LatencyEstimate service={self.service_s * 1e3:.2f}ms samples={self.samples}>"
@@ -48,15 +50,36 @@ class LatencyEstimate:
         self.updated = now
         self.samples += 1
 
+    def update_gate(self, now: float) -> None:
+        """After an observation: close or open the pool's gate. The pool's best service time is
+        only computed when this backend alone cannot decide (it is over the spill line while the
+        gate is open): O(1) on the common path."""
+        gate = self.gate
+        if gate is None:
+            return
+        if gate.open:
+            if self.service_s > gate.spill_s:
+                gate.update(min(e.service_s for e in self.peers if e.samples), now)
+        elif self.service_s < gate.return_s:
+            gate.update(self.service_s, now)
+
     def predict(self, outstanding: int) -> float:
         """Seconds the next request would take with `outstanding` requests ahead of it."""
         return self.service_s * (outstanding + 1)
 
 
-def load_score(estimate: LatencyEstimate, outstanding: int) -> float:
-    """Power of two choices compares this: the predicted latency, or the queue while nothing is
-    known (a backend never observed scores by its outstanding requests alone, in tiny units)."""
-    return (outstanding + 1) * (estimate.service_s or 1e-9)
+def load_score(estimate: LatencyEstimate, outstanding: int, now: float, tau_s: float) -> float:
+    """Power of two choices compares this: the predicted latency, with the service time decaying
+    towards zero while the backend goes unobserved (as linkerd's peak-EWMA does), so a backend whose
+    last answers were slow — a cold start, a past hiccup — is tried again before long instead of
+    starving for want of new samples; the outstanding requests it then gets raise its score again,
+    so the retrial is a trickle, not a flood. A backend never observed scores by its outstanding
+    requests alone, in tiny units."""
+    if not estimate.samples:
+        return (outstanding + 1) * 1e-9
+    age = now - estimate.updated
+    decay = math.exp(-age / tau_s) if age > tau_s else 1.0
+    return (outstanding + 1) * max(estimate.service_s * decay, 1e-9)
 
 
 class PoolGate:

@@ -21,6 +21,7 @@ import time
 from gateway.errors import NotFound, Unavailable
 from gateway.routing.config import ModelRoute, RoutingConfig
 from gateway.routing.placement import LatencyEstimate, PoolGate, load_score
+from gateway.routing.rendezvous import Rendezvous, sequence_key
 from gateway.upstream.backend import Backend
 from gateway.upstream.fleet import Fleet
 
@@ -65,7 +66,6 @@ class Router:
         self._default_pools = self._by_cost(tuple(fleet.pools))
         self._random = (rng or random.Random()).random
         self._tables: dict[tuple[str, str], list[PoolRow]] = {}
-        self._rows: dict[tuple[str, str, str], PoolRow] = {}  # (model, version, pool) -> its row in a table
         self._healthy_counts: dict[tuple[str, str], int] = {}
         self._estimates: dict[tuple[str, str, Backend], LatencyEstimate] = {}  # kept across table rebuilds
         self._gates: dict[tuple[str, str, str], PoolGate] = {}  # (model, version, pool): kept too
@@ -75,6 +75,7 @@ class Router:
         request it is placing there (and clears it) before the next await."""
         fleet.on_change(self._fleet_changed)
         self.decisions: dict[tuple[str, str], int] = {}  # (pool, reason) -> backends picked
+        self._rendezvous = Rendezvous()
 
     def __repr__(self) -> str:
         return f"<Router routes={'all' if self._routes is None else sorted(self._routes)} decisions={self.decisions}>"
@@ -88,6 +89,9 @@ class Router:
             return self._default_pools
         route = self._routes.get(model)
         return self._by_cost(route.pools) if route is not None else None
+
+    def pool_names(self) -> tuple[str, ...]:
+        return tuple(self._fleet.pools)
 
     def routes(self, model: str) -> bool:
         return (self._routes is None) or (model in self._routes)
@@ -108,8 +112,11 @@ class Router:
 
     def _fleet_changed(self) -> None:
         self._tables.clear()
-        self._rows.clear()
         self._healthy_counts.clear()
+        # Backends found by DNS come and go: forget what was learned of those that left.
+        present = {id(b) for pool in self._fleet.pools.values() for b in pool}
+        for key in [key for key in self._estimates if id(key[2]) not in present]:
+            del self._estimates[key]
 
     def _slo_s(self, model: str) -> float | None:
         route = self._routes.get(model) if self._routes is not None else None
@@ -126,6 +133,8 @@ class Router:
                 gate = self._gates[(model, version, pool)] = PoolGate(
                     pool, slo_s, config.slo_spill_ratio, config.slo_return_ratio, config.probe_interval_s
                 )
+        for estimate in estimates:
+            estimate.gate, estimate.peers = gate, estimates
         return PoolRow(pool, backends, estimates, gate)
 
     def _estimate(self, model: str, version: str, backend: Backend) -> LatencyEstimate:
@@ -141,8 +150,6 @@ class Router:
         if table is None:
             slo_s = self._slo_s(model)
             table = [self._row(model, version, pool, slo_s) for pool in self.pools_of(model) or ()]
-            for row in table:
-                self._rows[(model, version, row.pool)] = row
             self._tables[key] = table
         return table
 
@@ -175,8 +182,10 @@ class Router:
         second = int(self._random() * (count - 1))
         if second >= first:
             second += 1
+        now, tau = self._clock(), self._config.ewma_tau_s
         a, b = backends[first], backends[second]
-        return first if load_score(estimates[first], a.outstanding) <= load_score(estimates[second], b.outstanding) else second
+        a_score = load_score(estimates[first], a.outstanding, now, tau)
+        return first if a_score <= load_score(estimates[second], b.outstanding, now, tau) else second
 
     def choose(self, model: str, version: str, exclude: Backend | None = None) -> tuple[Backend, str]:
         """A backend for the model from the cheapest pool that has a healthy one (predicted to meet
@@ -190,6 +199,7 @@ class Router:
     def _place(self, model: str, version: str, exclude: Backend | None, live: bool) -> tuple[Backend, str]:
         table = self._table(model, version)
         fallback: tuple[float, Backend, int] | None = None  # fastest predicted, when no pool meets the objective
+        probe: Backend | None = None  # a backend of a closed pool due a measurement
         now = 0.0
         for rank, row in enumerate(table):
             backends, estimates = row.backends, row.estimates
@@ -205,17 +215,38 @@ class Router:
                 predicted = estimates[index].predict(chosen.outstanding)
                 if not gate.open:
                     now = now or self._clock()
-                    if live and exclude is None and self.probe is None and gate.probe_due(now):
-                        self.probe = chosen
-                        self._count(row.pool, PROBE)
+                    if live and exclude is None and probe is None and self.probe is None and gate.probe_due(now):
+                        probe = chosen
                 if not gate.open or predicted > gate.spill_s:
                     if fallback is None or predicted < fallback[0]:
                         fallback = (predicted, chosen, rank)
                     continue
+            if probe is not None:
+                self._send_probe(probe, chosen)
             return chosen, self._decided(model, version, row.pool, rank, exclude, live)
         if fallback is not None:
             _, chosen, rank = fallback
+            if probe is not None:
+                self._send_probe(probe, chosen)
             return chosen, self._decided(model, version, chosen.pool, rank, exclude, live)
+        self._refuse(model, version, exclude)
+
+    def choose_for_sequence(self, model: str, version: str, sequence_id: object,
+                            exclude: Backend | None = None) -> tuple[Backend, str]:
+        """The backend a sequence starts on: in the first pool with a healthy backend, the one
+        rendezvous hashing ranks first for (model, sequence id). Every process that sees the same
+        healthy backends picks the same one (gateway/routing/rendezvous.py), so a sequence continued
+        through another worker or replica finds its state. (No latency placement: a sequence's
+        backend is fixed by its id, not by load.)"""
+        sequence_hash = sequence_key(model, sequence_id)
+        for rank, row in enumerate(self._table(model, version)):
+            candidates = [b for b in row.backends if b is not exclude] if exclude is not None else row.backends
+            if candidates:
+                chosen = self._rendezvous.pick(sequence_hash, candidates)
+                return chosen, self._decided(model, version, row.pool, rank, exclude, True)
+        self._refuse(model, version, exclude)
+
+    def _refuse(self, model: str, version: str, exclude: Backend | None) -> None:
         if self.pools_of(model) is None:
             raise NotFound(f"model '{model}' is not routed by this gateway")
         pools = ", ".join(self.pools_of(model) or ())
@@ -223,6 +254,13 @@ class Router:
             f"model '{model}'{f' version {version}' if version else ''}: no healthy backend in pools [{pools}]"
             + (" other than the one that just failed" if exclude is not None else "")
         )
+
+    def _send_probe(self, probe: Backend, chosen: Backend) -> None:
+        """Ask the dispatcher for a probe copy, unless the live request itself goes to that pool
+        (no pool met the objective and the closed one is the fastest): it measures the pool then."""
+        if probe.pool != chosen.pool:
+            self.probe = probe
+            self._count(probe.pool, PROBE)
 
     def _decided(self, model: str, version: str, pool: str, rank: int, exclude: Backend | None, live: bool) -> str:
         if not live:
@@ -259,10 +297,12 @@ class Router:
         estimate = self._estimates.get((model, version, backend)) or self._estimate(model, version, backend)
         now = self._clock()
         estimate.observe(elapsed_s, ahead, now, self._config.ewma_tau_s)
-        row = self._rows.get((model, version, backend.pool))
-        if row is not None and row.gate is not None:
-            best = min((e.service_s for e in row.estimates if e.samples), default=estimate.service_s)
-            row.gate.update(best, now)
+        estimate.update_gate(now)
+
+    def service_times(self) -> dict[tuple[str, str, str, str], float]:
+        """{(model, version, pool, backend address): EWMA service time in seconds} of observed backends."""
+        return {(model, version, backend.pool, backend.address): estimate.service_s
+                for (model, version, backend), estimate in list(self._estimates.items()) if estimate.samples}
 
     def placement(self) -> dict:
         """Live placement state for the snapshot: per model version and pool, the gate and each

@@ -46,6 +46,8 @@ class ShadowTarget:
         if entry.signature.decoupled or "sequence_id" in request.parameters:
             self.skipped += 1
             return
+        if not self.mirror.has_room():
+            return  # the shadow is behind: this copy is dropped (counted), the live path moves on
         version = config.version or entry.version
         try:
             backend = self._router.choose_shadow(self.model, version, config.pool)

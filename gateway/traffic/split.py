@@ -25,13 +25,14 @@ def key_fraction(key: str | bytes) -> float:
 class VersionSplit:
     """{version: weight} of one model; `pick(request, metadata)` sets the request's version."""
 
-    __slots__ = ("model", "weights", "sticky_key", "stable", "canaries", "_versions", "_bounds", "_random", "picked")
+    __slots__ = ("model", "weights", "sticky_key", "_header", "stable", "canaries", "_versions", "_bounds", "_random", "picked")
 
     def __init__(self, model: str, weights: dict[str, float], sticky_key: str, rng: random.Random | None = None) -> None:
         validate_split(weights, f"models.{model}.split")
         self.model = model
         self.weights = dict(weights)
         self.sticky_key = sticky_key
+        self._header = sticky_key.lower()  # gRPC metadata keys arrive lower-cased
         total = sum(weights.values())
         # Largest weight is the stable version (ties: the older one); every other version with a
         # positive weight gets canary traffic.
@@ -67,7 +68,7 @@ class VersionSplit:
                 return found
         if metadata:
             for name, value in metadata:
-                if name == key:
+                if name == self._header:
                     return value if isinstance(value, str) else value.decode("utf-8", "replace")
         return None
 

@@ -7,6 +7,7 @@ The programmatic API a rollout drives (each takes effect on the next request):
     set_shadow(model, ShadowConfig)       copy live traffic to a version and/or pool
     clear_shadow(model)
     version_counters(model)               {version: TrafficCounters} of live traffic
+    outputs[model]                        a split's OutputComparison: each version's outputs vs the stable one's
     shadow_of(model)                      the ShadowTarget (its counters, drops, output comparison)
     snapshot()                            all of it as JSON-able dicts (admin GetSnapshot `traffic`)
 
@@ -20,13 +21,16 @@ import asyncio
 import logging
 import random
 
-from gateway.errors import GatewayError
+from gateway.errors import ConfigError, GatewayError
 from gateway.pipeline.exchange import Exchange
 from gateway.routing.config import STICKY_KEY, ModelRoute, ShadowConfig
 from gateway.routing.router import Router
 from gateway.traffic.shadow import ShadowTarget
 from gateway.traffic.split import VersionSplit
-from gateway.traffic.stats import WARM, TrafficCounters, warm_up
+from gateway.traffic.stats import WARM, OutputComparison, TrafficCounters, warm_up
+
+#: Bins and learned values of the per-version output comparison of a split (as a shadow's defaults).
+SPLIT_BINS, SPLIT_LEARN_VALUES = ShadowConfig.bins, ShadowConfig.learn_values
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,8 @@ class TrafficStage:
         self.splits: dict[str, VersionSplit] = {}
         self.shadows: dict[str, ShadowTarget] = {}
         self.counters: dict[tuple[str, str], TrafficCounters] = {}
+        self.outputs: dict[str, OutputComparison] = {}
+        """model with a split -> its versions' outputs, compared with the stable version's."""
         self._warming: asyncio.Future | None = None
         for model, route in (routes or {}).items():
             if route.split is not None:
@@ -59,7 +65,23 @@ class TrafficStage:
         """Whether a split may read the sticky key from a call's metadata."""
         return bool(self.splits)
 
+    def routes(self, model: str) -> bool:
+        return self._router.routes(model)
+
     # ---- the rollout API ----------------------------------------------------------------------
+
+    def check_split(self, model: str, weights: dict[str, float]) -> None:
+        """Raise ConfigError when `weights` is not a valid split (changes nothing)."""
+        VersionSplit(model, {str(v): float(w) for v, w in weights.items()}, self._sticky_key(model))
+
+    def check_shadow(self, model: str, config: ShadowConfig) -> None:
+        """Raise ConfigError when `config` is not a valid shadow of the model (changes nothing)."""
+        config.validate(f"models.{model}.shadow")
+        if config.pool and config.pool not in self._router.pool_names():
+            raise ConfigError(
+                f"models.{model}.shadow.pool",
+                f"unknown pool {config.pool!r}; expected one of: {', '.join(self._router.pool_names())}",
+            )
 
     def set_split(self, model: str, weights: dict[str, float]) -> VersionSplit:
         """Split the model's requests that name no version between versions by weight. Raises
@@ -70,6 +92,12 @@ class TrafficStage:
                 if version in split.picked:
                     split.picked[version] += count
         self.splits[model] = split
+        comparison = self.outputs.get(model)
+        if comparison is None or comparison.reference != split.stable:  # compared with the stable version
+            route = self._router.route_of(model)
+            output = route.compare_output if route is not None else ""
+            self.outputs[model] = OutputComparison(output, SPLIT_BINS, SPLIT_LEARN_VALUES, reference=split.stable)
+            self._warm()
         self.pickers[model] = split.pick
         self._router.set_canaries(model, split.canaries)
         log.info("traffic split of %s: %s (stable %s)", model, split.weights, split.stable)
@@ -78,11 +106,12 @@ class TrafficStage:
     def clear_split(self, model: str) -> None:
         self.splits.pop(model, None)
         self.pickers.pop(model, None)
+        self.outputs.pop(model, None)
         self._router.set_canaries(model, set())
 
     def set_shadow(self, model: str, config: ShadowConfig) -> ShadowTarget:
         """Copy the model's live traffic to `config`'s version and/or pool (replacing any shadow)."""
-        config.validate(f"models.{model}.shadow")
+        self.check_shadow(model, config)
         previous = self.shadows.get(model)
         target = self.shadows[model] = ShadowTarget(model, config, self._router, self._rng)
         if previous is not None:
@@ -111,11 +140,15 @@ class TrafficStage:
         shadow = self.shadows.get(model)
         if shadow is None and model not in self.splits:
             return
-        key = (model, exchange.entry.version)
+        version = exchange.entry.version
+        key = (model, version)
         counters = self.counters.get(key)
         if counters is None:
             counters = self.counters[key] = TrafficCounters()
         counters.record(exchange.elapsed_ns / 1e9, error)
+        comparison = self.outputs.get(model)
+        if comparison is not None and response is not None:
+            comparison.add(version, response)
         if shadow is not None:
             shadow.observe(exchange, response, error)
 
@@ -138,6 +171,16 @@ class TrafficStage:
         if self._warming is not None and not self._warming.done():
             await asyncio.gather(self._warming, return_exceptions=True)
 
+    def shadow_copies(self) -> dict[tuple[str, str], int]:
+        """{(model, outcome): copies} for the metrics (outcome: sent, dropped, failed, unplaced)."""
+        counts = {}
+        for model, target in list(self.shadows.items()):
+            mirror = target.mirror
+            for outcome, count in (("sent", mirror.sent), ("dropped", mirror.dropped), ("failed", mirror.failed),
+                                   ("unplaced", target.unplaced)):
+                counts[(model, outcome)] = count
+        return counts
+
     def snapshot(self) -> dict:
         models = sorted({*self.splits, *self.shadows, *(name for name, _ in self.counters)})
         result = {}
@@ -150,6 +193,7 @@ class TrafficStage:
                     "sticky_key": split.sticky_key, "picked": dict(split.picked),
                 },
                 "versions": {version: c.summary() for version, c in sorted(self.version_counters(model).items())},
+                "outputs": None if model not in self.outputs else self.outputs[model].summary(),
                 "shadow": None if shadow is None else shadow.summary(),
             }
         return result

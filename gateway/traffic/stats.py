@@ -109,18 +109,29 @@ def output_values(response, output: str) -> np.ndarray | None:
 
 
 class OutputComparison:
-    """Histograms of the live version's and the shadow's values of one output, on shared edges."""
+    """Histograms of one output's values on shared edges, one per side: the `reference` side (the
+    live version, or a split's stable version) and the others (a shadow, a split's canaries), each
+    compared with the reference by PSI and KS. The edges are quantiles of the reference's first
+    `learn_values` values; other sides' values seen meanwhile wait (bounded) and are counted then."""
 
-    def __init__(self, output: str, bins: int, learn_values: int) -> None:
+    def __init__(self, output: str, bins: int, learn_values: int, reference: str = "live") -> None:
         self.output = output
         self.bins = bins
         self.learn_values = learn_values
+        self.reference = reference
         self.edges: np.ndarray | None = None
-        self.live: np.ndarray | None = None
-        self.shadow: np.ndarray | None = None
-        self._waiting: dict[str, list[np.ndarray]] = {"live": [], "shadow": []}
-        self._waiting_values = {"live": 0, "shadow": 0}
+        self.counts: dict[str, np.ndarray] = {}
+        self._waiting: dict[str, list[np.ndarray]] = {}
+        self._waiting_values: dict[str, int] = {}
         self.unreadable = 0  # responses without the output (or not numeric)
+
+    @property
+    def live(self) -> np.ndarray | None:
+        return self.counts.get(self.reference)
+
+    @property
+    def shadow(self) -> np.ndarray | None:
+        return self.counts.get("shadow")
 
     def add(self, side: str, response) -> None:
         values = output_values(response, self.output)
@@ -128,44 +139,49 @@ class OutputComparison:
             self.unreadable += 1
             return
         if self.edges is None:
-            if self._waiting_values[side] < self.learn_values * 4:  # bounded while edges are learned
-                self._waiting[side].append(values)
-                self._waiting_values[side] += len(values)
-            if side == "live" and self._waiting_values["live"] >= self.learn_values:
+            seen = self._waiting_values.get(side, 0)
+            if seen < self.learn_values * 4:  # bounded while the edges are learned
+                self._waiting.setdefault(side, []).append(values)
+                self._waiting_values[side] = seen + len(values)
+            if side == self.reference and self._waiting_values[side] >= self.learn_values:
                 self._learn()
             return
         self._count(side, values)
 
     def _learn(self) -> None:
-        reference = np.concatenate(self._waiting["live"])
-        self.edges = kernels.quantile_edges(reference, self.bins)
-        self.live = kernels.new_histogram(self.edges)
-        self.shadow = kernels.new_histogram(self.edges)
-        waiting, self._waiting = self._waiting, {"live": [], "shadow": []}
+        self.edges = kernels.quantile_edges(np.concatenate(self._waiting[self.reference]), self.bins)
+        waiting, self._waiting = self._waiting, {}
         for side, blocks in waiting.items():
             for block in blocks:
                 self._count(side, block)
 
     def _count(self, side: str, values: np.ndarray) -> None:
-        counts = self.live if side == "live" else self.shadow
+        counts = self.counts.get(side)
+        if counts is None:
+            counts = self.counts[side] = kernels.new_histogram(self.edges)
         update = kernels.update_histogram if kernels.USING_EXTENSIONS and WARM[0] else histogram_kernels.update_histogram_numpy
         update(counts, self.edges, np.ascontiguousarray(values))
 
     def summary(self) -> dict:
+        """{output, learning, edges, reference, counts per side, psi and ks per side vs the reference}."""
         if self.edges is None:
-            return {"output": self.output or "(first)", "learning": True, "values_seen": dict(self._waiting_values)}
-        live_total, shadow_total = int(self.live.sum()), int(self.shadow.sum())
-        both = live_total > 0 and shadow_total > 0
+            return {"output": self.output or "(first)", "learning": True, "reference": self.reference,
+                    "values_seen": dict(self._waiting_values)}
         psi, ks = ((kernels.population_stability_index, kernels.ks_statistic) if WARM[0] or not kernels.USING_EXTENSIONS
                    else (kernels.psi.psi_numpy, kernels.ks.ks_numpy))
+        reference = self.counts.get(self.reference)
+        compared = {}
+        for side, counts in sorted(self.counts.items()):
+            if side == self.reference or reference is None or not counts.sum() or not reference.sum():
+                continue
+            compared[side] = {"psi": float(psi(reference, counts)[0]), "ks": float(ks(reference, counts)[0])}
         return {
             "output": self.output or "(first)",
             "learning": False,
+            "reference": self.reference,
             "edges": [round(float(e), 6) for e in self.edges[0]],
-            "live": self.live[0].tolist(),
-            "shadow": self.shadow[0].tolist(),
-            "psi": float(psi(self.live, self.shadow)[0]) if both else None,
-            "ks": float(ks(self.live, self.shadow)[0]) if both else None,
+            "counts": {side: counts[0].tolist() for side, counts in sorted(self.counts.items())},
+            "compared": compared,
             "unreadable": self.unreadable,
         }
 
