@@ -79,13 +79,13 @@ def judge(config: RolloutConfig, slo_ms: float | None, live: VersionEvidence, ca
     judged = answered >= config.min_latency_evidence + config.warmup_answers and p99 is not None and latency_limit is not None
     checks.append({"check": "latency_p99_ms", "ok": (p99 <= latency_limit) if judged else None,
                    "value": p99, "limit": latency_limit, "slo_ms": slo_ms, "live_p99_ms": live_p99})
-    summary = outputs.summary()
-    psi = summary.get("psi")
+    compared = outputs.summary().get("compared", {}).get("shadow", {})  # the candidate's side against live
+    psi = compared.get("psi")
     seen = (int(outputs.live.sum()) if outputs.live is not None else 0,
             int(outputs.shadow.sum()) if outputs.shadow is not None else 0)
     judged = psi is not None and min(seen) >= config.min_output_values and not math.isnan(psi)
     checks.append({"check": "output_psi", "ok": (psi <= config.max_output_psi) if judged else None,
-                   "value": psi, "limit": config.max_output_psi, "ks": summary.get("ks"),
+                   "value": psi, "limit": config.max_output_psi, "ks": compared.get("ks"),
                    "values": {"live": seen[0], "candidate": seen[1]}})
     return checks
 
