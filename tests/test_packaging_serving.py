@@ -113,6 +113,16 @@ def packaged(tmp_path_factory):
     finally:
         sys.path.remove(str(work))
 
+    import lightgbm
+    import xgboost
+
+    for name, booster in (("iris_xgb", xgboost.XGBClassifier(n_estimators=10, max_depth=3)),
+                          ("iris_lgbm", lightgbm.LGBMClassifier(n_estimators=10, verbose=-1))):
+        booster.fit(IRIS_X, IRIS_Y)
+        joblib.dump(booster, work / f"{name}.joblib")
+        package(PackageRequest(source=str(work / f"{name}.joblib"), name=name, repository=repo, max_batch_size=256))
+        expected[name] = {"model": booster}
+
     if torch is not None:
         scripted = torch.jit.script(_TinyNet().eval())
         scripted.save(str(work / "tiny.pt"))
@@ -165,7 +175,7 @@ def _addresses(serving) -> list[str]:
     return [serving["gateway"], *serving["tritons"]]
 
 
-@pytest.mark.parametrize("name", ["iris_lr", "iris_rf"])
+@pytest.mark.parametrize("name", ["iris_lr", "iris_rf", "iris_xgb", "iris_lgbm"])
 def test_iris_classifiers_match_scikit_learn(serving, name):
     model = serving["expected"][name]["model"]
     for address in _addresses(serving):
