@@ -323,3 +323,57 @@ def test_the_build_context_holds_pinned_non_root_probed_explicit_images(tmp_path
     assert 'backend: "onnxruntime"' in config and 'backend: "tensorgate_onnx"' in cpu_config
     for text in (config, cpu_config):
         assert result.digest in text and "specific" in text and "versions: 1" in text
+
+
+# ------------------------------------------------------------------------------ the README's commands
+
+
+def test_readme_packaging_commands_run_as_written(tmp_path):
+    """The README's packaging block, command by command (the console script, a fresh folder), and its
+    last line, `local-triton` on the packaged repository, answering for the packaged model."""
+    import re
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    import tritonclient.grpc as triton_grpc
+
+    from gateway.local.triton import find_free_port
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme[readme.index("## Packaging a model"):]
+    block = block[block.index("```sh\n") + 6:block.index("```\n", block.index("```sh\n") + 6)]
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands[-1].startswith(".venv/bin/tensorgate local-triton")
+    bindir = Path(sys.executable).parent
+
+    def argv(command: str) -> list[str]:
+        words = shlex.split(command)
+        words[0] = str(bindir / Path(words[0]).name)
+        return [str(root / w) if w.startswith("examples/") else w for w in words]
+
+    for command in commands[:-1]:
+        result = subprocess.run(argv(command), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    assert (tmp_path / "build" / "iris-1.context.tar").is_file()
+    port = find_free_port()
+    words = argv(re.sub(r"--grpc-port \d+", f"--grpc-port {port}", commands[-1])) + ["--log-dir", str(tmp_path)]
+    process = subprocess.Popen(words, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"on 127.0.0.1:{port} (gRPC)" in line, line
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+        tensor = triton_grpc.InferInput("input", [50, 4], "FP32")  # at most max_batch_size (64) rows
+        tensor.set_data_from_numpy(X[::3].astype(np.float32))
+        model = joblib.load(tmp_path / "build" / "iris" / "model.joblib")
+        result = client.infer("iris", [tensor])
+        np.testing.assert_allclose(result.as_numpy("probabilities"), model.predict_proba(X[::3]), atol=1e-5, rtol=0)
+        client.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
