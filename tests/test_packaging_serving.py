@@ -44,7 +44,7 @@ CALLABLE_SOURCE = '''
 import numpy as np
 
 def score(features, weights):
-    scaled = features * weights
+    scaled = (features - 1.0) * weights
     return {"scaled": scaled, "total": scaled.sum(axis=1, keepdims=True).astype(np.float64)}
 '''
 
