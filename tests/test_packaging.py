@@ -201,6 +201,30 @@ def test_gradient_boosting_models_convert_through_onnxmltools(tmp_path, library)
     assert (again.version, again.created) == (1, False)
 
 
+@pytest.mark.parametrize("library", ["xgboost", "lightgbm"])
+def test_native_gradient_boosting_files_need_kind_and_convert(tmp_path, library, capsys):
+    """XGBoost .json and LightGBM .txt model files, in the library's own format, with --kind."""
+    import onnxruntime
+
+    if library == "xgboost":
+        xgboost = pytest.importorskip("xgboost")
+        model = xgboost.XGBClassifier(n_estimators=6, max_depth=3).fit(X, Y)
+        path = tmp_path / "model.json"
+        model.save_model(path)
+    else:
+        lightgbm = pytest.importorskip("lightgbm")
+        model = lightgbm.LGBMClassifier(n_estimators=6, verbose=-1).fit(X, Y)
+        path = tmp_path / "model.txt"
+        model.booster_.save_model(str(path))
+    repo = tmp_path / "repo"
+    assert cli_main(["package", str(path), "--name", library, "--repo", str(repo)]) == 2
+    assert "--kind" in capsys.readouterr().err
+    assert cli_main(["package", str(path), "--name", library, "--repo", str(repo), "--kind", library]) == 0
+    session = onnxruntime.InferenceSession(str(repo / library / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (probabilities,) = session.run(["probabilities"], {"input": X.astype(np.float32)})
+    np.testing.assert_allclose(probabilities, model.predict_proba(X), atol=1e-5)
+
+
 @pytest.mark.skipif(torch is None, reason=TORCH_MISSING if torch is None else "")
 def test_torchscript_without_signature_names_what_to_supply(tmp_path, capsys):
     module = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval())
