@@ -253,6 +253,14 @@ def test_a_callable_without_signature_names_what_to_supply(tmp_path, monkeypatch
     assert sorted(result.packaged.manifest["files"]) == ["callable.json", "model.py", "src/tg_doubler.py"]
 
 
+def test_installed_modules_and_bad_versions_are_refused(tmp_path, lr_file, capsys):
+    assert cli_main(["package", "json:dumps", "--name", "j", "--repo", str(tmp_path / "repo"),
+                     "--input", "obj:FP32:-1", "--output", "s:BYTES:-1"]) == 2
+    assert "is installed" in capsys.readouterr().err
+    assert cli_main(["package", str(lr_file), "--name", "iris", "--repo", str(tmp_path / "repo"), "--version", "0"]) == 2
+    assert "numbered from 1" in capsys.readouterr().err
+
+
 def parse(text):
     from gateway.packaging import parse_tensor_option
 
