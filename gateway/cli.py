@@ -50,12 +50,16 @@ async def _serve(config, mapping) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.config import config_from_mapping, read_config_mapping
+    from gateway.security.guard import Guard
 
     try:
         mapping = read_config_mapping(args.config)
         config = config_from_mapping(mapping)
         if args.listen:
             config = config.with_listen(args.listen)
+        # Credentials are read here once too, so a missing one is exit 2 naming it (on the envoy
+        # engine the gateway itself reads them inside Envoy, where it could only fail the start).
+        Guard.from_config(config.auth, config.limits)
     except ConfigError as error:
         print(f"tensorgate: invalid config {args.config}: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -70,7 +74,7 @@ def cmd_local_triton(args: argparse.Namespace) -> int:
     repository = args.model_repository or default_model_repository()
     try:
         triton = LocalTriton(repository, name=args.name, grpc_port=args.grpc_port, http_port=args.http_port,
-                             log_dir=args.log_dir).start()
+                             metrics_port=args.metrics_port, host=args.host, log_dir=args.log_dir).start()
     except TritonLaunchError as error:
         print(f"tensorgate: {error}", file=sys.stderr)
         return 1
@@ -172,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--http-port", type=int, default=0,
                        help="HTTP port (default: the gRPC port - 1, as in Triton's 8000/8001, which the gateway's "
                             "HTTP upstream derives; with neither port given, a free pair)")
+    local.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (default: a free one)")
+    local.add_argument("--host", default="127.0.0.1",
+                       help="address every endpoint binds (default 127.0.0.1; 0.0.0.0 in a container)")
     local.add_argument("--name", default="triton")
     local.add_argument("--log-dir")
     local.set_defaults(run=cmd_local_triton)

@@ -4,6 +4,7 @@
     pools:
       gpu: {backends: ["10.0.0.5:8001"]}
       cpu: {backends: ["127.0.0.1:9001", "127.0.0.1:9002"]}
+      pods: {dns: "triton.models.svc.cluster.local:8001"}   # every address of a headless Service
     models:            # optional; without it every model the backends report is routed
       resnet: {pools: [gpu, cpu]}   # preference order
 
@@ -11,7 +12,9 @@ Optional sections: `server` (limits), `upstream` (transport to the backends: `gr
 streams and connections per backend), `health` (check interval),
 `routing` (retry policy), `batching` (gateway-side dynamic batching, per model), `drift` (drift
 monitoring of model inputs and outputs, alerts and retraining captures), `telemetry` (OpenTelemetry
-metrics: a Prometheus scrape endpoint and/or OTLP export). Each stage owns its dataclass; this module composes them.
+metrics: a Prometheus scrape endpoint and/or OTLP export), `auth` (tenants: bearer tokens or API keys,
+model allow-lists, rates) and `limits` (what one request may hold). Each stage owns its dataclass;
+this module composes them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from gateway.configfile import load_dataclass
 from gateway.drift.config import DriftConfig
 from gateway.errors import ConfigError
 from gateway.routing.config import ModelRoute, RoutingConfig
+from gateway.security.config import AuthConfig, LimitsConfig
 from gateway.server.config import ServerConfig
 from gateway.telemetry.config import TelemetryConfig
 from gateway.upstream.config import HealthConfig, PoolConfig, UpstreamConfig, parse_address
@@ -49,6 +53,10 @@ class GatewayConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    auth: AuthConfig | None = None
+    """Tenants, their credentials, model allow-lists and rates; None (the default): no authentication."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """What one inference request may hold (tensors, BYTES element size, per-model message size)."""
 
     def validate(self, path: str) -> None:
         host, port = self.listen.rpartition(":")[::2]
