@@ -289,6 +289,7 @@ class LocalTriton:
         log_verbose: int = 0,
         model_control: str = "none",
         load_models: Sequence[str] = (),
+        env: dict[str, str] | None = None,
         host: str = _LOOPBACK,
     ) -> None:
         """`host`: the loopback address every endpoint binds (127.0.0.1; another 127.x address lets
@@ -312,6 +313,7 @@ class LocalTriton:
         self.load_models = tuple(load_models)
         self.extra_args = tuple(extra_args)
         self.log_verbose = log_verbose
+        self.env = dict(env or {})  # added to the server's environment (models read it, e.g. slow_on_demand)
         self._log_dir = (
             Path(log_dir)
             if log_dir is not None
@@ -498,6 +500,7 @@ class LocalTriton:
             env["PYTHONPATH"] = os.pathsep.join(extra)
         # Models' print() output reaches the log as it happens.
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env)
         return env
 
     def _prepare_backend_dir(self) -> Path:
