@@ -1,4 +1,4 @@
-"""`tensorgate` command line: serve, local-triton, drift report, demo, package, package-verify, audit.
+"""`tensorgate` command line: serve, local-triton, drift report, demo, bench, package, package-verify, audit.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid configuration (the error names the
 key path).
@@ -146,6 +146,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gateway.bench.command import run
+
+    return run(args)
+
+
 def cmd_package(args: argparse.Namespace) -> int:
     from gateway.packaging.cli import cmd_package as run
 
@@ -255,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     audit_show = audit_commands.add_parser("show", help="print the records")
     audit_cli.add_show_arguments(audit_show)
     audit_show.set_defaults(run=audit_cli.cmd_show)
+
+    from gateway.bench.command import add_arguments as bench_arguments
+
+    bench = commands.add_parser("bench", help="load sweeps against a KServe v2 gRPC endpoint (the gateway or Triton): "
+                                              "throughput, latency percentiles, CSV/JSON/plots")
+    bench_arguments(bench)
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 
