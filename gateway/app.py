@@ -19,9 +19,11 @@ from gateway.admin.gateway_service import GatewayService
 from gateway.batching.dispatcher import BatchingDispatcher
 from gateway.config import GatewayConfig, config_from_mapping
 from gateway.drift.stage import DriftStage
+from gateway.pipeline.admission import Admission
 from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE
 from gateway.routing.dispatcher import DirectDispatcher
+from gateway.routing.retry_budget import RetryBudget
 from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
 from gateway.server.engines.grpcio import GrpcioEngine
@@ -48,13 +50,16 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.fleet = Fleet(config.pools, config.upstream, config.health)
+        self.fleet = Fleet(config.pools, config.upstream, config.health, config.outlier)
         self.catalog = ModelCatalog(self.fleet)
         self.router = Router(self.fleet, config.models)
         self.sequences = SequenceTable()
-        self.direct = DirectDispatcher(self.router, self.sequences, config.routing.retry_unavailable)
+        routing = config.routing
+        self.direct = DirectDispatcher(
+            self.router, self.sequences, routing.retry_unavailable, max_attempts=routing.max_attempts,
+            budget=RetryBudget(routing.retry_budget_ratio, routing.retry_budget_min_per_s))
         self.batching = BatchingDispatcher(self.direct, config.batching, self.router)
-        self.pipeline = Pipeline(self.catalog, self.router.routes, self.batching)
+        self.pipeline = Pipeline(self.catalog, self.router.routes, self.batching, Admission(config.admission))
         self.fleet.on_change(self.pipeline.forget_unversioned)
         self.drift = DriftStage(config.drift)
         if self.drift.monitors:
@@ -153,11 +158,18 @@ class Gateway:
         return {
             "backends": {
                 b.address: {"pool": b.pool, "health": b.health.value, "detail": b.health_detail,
-                            "outstanding": b.outstanding, "served": b.served, "failed": b.failed}
+                            "outstanding": b.outstanding, "served": b.served, "failed": b.failed,
+                            "ejected": b.ejected}
                 for b in self.fleet.backends()
             },
             "routing": {f"{pool}/{reason}": count for (pool, reason), count in sorted(self.router.decisions.items())},
             "sequences": len(self.sequences),
+            "resilience": {
+                "outliers": self.fleet.outliers.snapshot(),
+                "retries": self.direct.retries, "failovers": self.direct.failovers,
+                "retries_refused": self.direct.retries_refused,
+                "admission": self.pipeline.admission.snapshot(),
+            },
             "batching": self.batching.snapshot(),
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},
         }

@@ -4,7 +4,9 @@
     ├── InvalidArgument               bad tensor, shape, datatype, byte size, parameters
     ├── NotFound                      unknown model or version
     ├── Unavailable                   no healthy backend for the model, backend connection lost
-    ├── ResourceExhausted             queue full, message over the size limit
+    │   └── Abandoned                 the backend was ejected while the request was pending on it
+    ├── ResourceExhausted             shed (limits on requests and bytes held), queue full, message
+    │                                 over the size limit; may carry `grpc-retry-pushback-ms`
     ├── DeadlineExceeded              the client's deadline ran out at the gateway
     ├── Unimplemented                 an API that cannot cross the gateway (shared memory)
     ├── PermissionDenied              an API the gateway refuses on purpose (repository control)
@@ -26,6 +28,8 @@ class GatewayError(Exception):
     """An error that ends one request with a gRPC status."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    trailers: tuple[tuple[str, str], ...] = ()
+    """Trailing metadata the call ends with (e.g. `grpc-retry-pushback-ms`); the engines send it."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -47,8 +51,19 @@ class Unavailable(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Abandoned(Unavailable):
+    """A request pending on a backend that was ejected (hung or failing): it is failed over to
+    another backend while its deadline leaves room, outside the retry budget (see routing)."""
+
+
 class ResourceExhausted(GatewayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, pushback_ms: int | None = None) -> None:
+        super().__init__(message)
+        if pushback_ms is not None:
+            # gRPC's retry pushback (A6): a client's retry policy waits this long before trying again.
+            self.trailers = (("grpc-retry-pushback-ms", str(int(pushback_ms))),)
 
 
 class DeadlineExceeded(GatewayError):

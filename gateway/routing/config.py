@@ -29,4 +29,20 @@ class RoutingConfig:
     """Routing behaviour common to all models."""
 
     retry_unavailable: bool = True
-    """Retry once on another backend when a backend is unreachable, while the deadline allows."""
+    """Resend a request to another backend when its backend could not answer it (UNAVAILABLE),
+    while the client's deadline leaves room; see gateway/routing/dispatcher.py for the rule."""
+    max_attempts: int = 3
+    """Attempts of one request at most, the first included."""
+    retry_budget_ratio: float = 0.2
+    """Retries may add at most this share of the requests sent (plus `retry_budget_min_per_s`);
+    requests failed over from an ejected backend are not charged."""
+    retry_budget_min_per_s: float = 10.0
+    """Retries per second allowed whatever the traffic (a quiet gateway may still retry)."""
+
+    def validate(self, path: str) -> None:
+        if not 1 <= self.max_attempts <= 10:
+            raise ConfigError(f"{path}.max_attempts", "expected 1 to 10 attempts")
+        if not 0 <= self.retry_budget_ratio <= 1:
+            raise ConfigError(f"{path}.retry_budget_ratio", "expected a share from 0 to 1")
+        if self.retry_budget_min_per_s < 0:
+            raise ConfigError(f"{path}.retry_budget_min_per_s", "expected zero or more retries per second")

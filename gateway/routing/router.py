@@ -58,7 +58,7 @@ class Router:
         if table is None:
             pools = self.pools_of(model) or ()
             table = [
-                [b for b in self._fleet.pools[pool] if b.healthy and b.serves(model, version)] for pool in pools
+                [b for b in self._fleet.pools[pool] if b.routable and b.serves(model, version)] for pool in pools
             ]
             self._tables[key] = table
         return table
@@ -79,14 +79,16 @@ class Router:
             totals[reason] = totals.get(reason, 0) + count
         return totals
 
-    def choose(self, model: str, version: str, exclude: Backend | None = None) -> tuple[Backend, str]:
+    def choose(self, model: str, version: str, exclude: Backend | tuple | None = None) -> tuple[Backend, str]:
         """A healthy backend for the model from its most preferred pool that has one, and why.
 
-        `exclude` is the backend that just failed the request: picking another is a failover.
+        `exclude` is the backend that just failed the request (or a tuple of those that did):
+        picking another is a failover.
         """
         for rank, candidates in enumerate(self._table(model, version)):
             if exclude is not None:
-                candidates = [b for b in candidates if b is not exclude]
+                excluded = exclude if isinstance(exclude, tuple) else (exclude,)
+                candidates = [b for b in candidates if b not in excluded]
             if not candidates:
                 continue
             if len(candidates) == 1:

@@ -153,10 +153,26 @@ class InferenceService:
             self.pipeline.refused("", "", error, started)  # counted, under an unknown model
             raise
 
+    def _enter_gateway(self, size: int):
+        """Admit one inference message under the gateway's limits (admission.max_inflight,
+        max_request_bytes) before it is parsed; the caller releases it. A refusal is observed."""
+        gate = self.pipeline.admission.total
+        try:
+            gate.admit(size)
+        except GatewayError as error:
+            self.pipeline.refused("", "", error, time.perf_counter_ns())
+            raise
+        return gate
+
     async def model_infer(self, raw: bytes, call: Call) -> bytes:
-        request = self._parse_infer(raw)
-        response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call))
-        return response.SerializeToString()
+        size = len(raw)
+        gate = self._enter_gateway(size)
+        try:
+            request = self._parse_infer(raw)
+            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call), size)
+            return response.SerializeToString()
+        finally:
+            gate.release(size)
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:
         """Bidirectional stream: requests are served concurrently; each response (or error) is sent
@@ -171,15 +187,19 @@ class InferenceService:
         metadata = self._trace_metadata(call)  # a stream's trace context applies to each of its requests
         done_reading = object()
 
-        async def serve_one(request, error, after: asyncio.Task | None) -> None:
+        async def serve_one(request, error, after: asyncio.Task | None, size: int) -> None:
             request_id = request.id if request is not None else ""
             try:
                 if error is not None:
                     raise error
                 if after is not None:
                     await asyncio.wait((after,))  # its outcome is its own; only the order matters here
-                async for response in self.pipeline.infer_stream(request, deadline, metadata):
-                    outbox.put_nowait(pb.ModelStreamInferResponse(infer_response=response).SerializeToString())
+                gate = self._enter_gateway(size)
+                try:
+                    async for response in self.pipeline.infer_stream(request, deadline, metadata, size):
+                        outbox.put_nowait(pb.ModelStreamInferResponse(infer_response=response).SerializeToString())
+                finally:
+                    gate.release(size)
             except Exception as failure:  # one request's error never ends the stream, nor the gateway
                 _, message = status_of(failure, "ModelStreamInfer")
                 answer = pb.ModelStreamInferResponse(error_message=message)
@@ -200,7 +220,7 @@ class InferenceService:
                         error = refused
                     sequence = sequence_of(request) if request is not None else None
                     after = last_step.get(sequence[0]) if sequence is not None else None
-                    task = asyncio.ensure_future(serve_one(request, error, after))
+                    task = asyncio.ensure_future(serve_one(request, error, after, len(raw)))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     if sequence is not None:

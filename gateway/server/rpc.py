@@ -81,6 +81,11 @@ def parse_request(message_type: type, raw: bytes):
         raise InvalidArgument(f"request is not a valid {message_type.DESCRIPTOR.name}: {error}") from None
 
 
+def trailers_of(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata a call ends with when its handler raised `error` (empty for most)."""
+    return getattr(error, "trailers", ())
+
+
 def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
     """The status a call ends with when its handler raised `error`.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 from typing import Callable
 
@@ -11,7 +12,8 @@ import grpc
 from gateway.errors import GatewayError
 from gateway.protocol import pb
 from gateway.upstream.backend import Backend, Health
-from gateway.upstream.config import HealthConfig, PoolConfig, UpstreamConfig
+from gateway.upstream.config import HealthConfig, OutlierConfig, PoolConfig, UpstreamConfig
+from gateway.upstream.outlier import OutlierDetector
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,8 @@ class Fleet:
     """The pools of backends. `generation` changes whenever any backend's health or models change,
     so routing tables derived from the fleet know when to rebuild."""
 
-    def __init__(self, pools: dict[str, PoolConfig], upstream: UpstreamConfig, health: HealthConfig) -> None:
+    def __init__(self, pools: dict[str, PoolConfig], upstream: UpstreamConfig, health: HealthConfig,
+                 outlier: OutlierConfig | None = None) -> None:
         http = upstream.transport == "http"
         self.pools: dict[str, list[Backend]] = {
             name: [
@@ -36,6 +39,7 @@ class Fleet:
         self._tasks: list[asyncio.Task] = []
         for backend in self.backends():
             backend.on_change = self._changed
+        self.outliers = OutlierDetector(outlier or OutlierConfig(), self.pools, self._changed)
 
     def __repr__(self) -> str:
         healthy = sum(b.healthy for b in self.backends())
@@ -61,6 +65,7 @@ class Fleet:
     async def start(self, wait_s: float = 10.0) -> None:
         """Start health checking; wait (up to wait_s) until every backend has been checked once."""
         self._tasks = [asyncio.ensure_future(self._check_loop(b)) for b in self.backends()]
+        self._tasks.append(asyncio.ensure_future(self.outliers.run()))
         deadline = asyncio.get_running_loop().time() + wait_s
         while any(b.health is Health.UNKNOWN for b in self.backends()):
             if asyncio.get_running_loop().time() > deadline:
@@ -84,6 +89,7 @@ class Fleet:
             self._failed(backend, f"health check failed: {getattr(error, 'message', error)!r}")
             return
         backend.failed_checks = 0
+        backend.checked_ok_at = time.monotonic()
         models = set()
         for model in index.models:
             if model.state and model.state != "READY":

@@ -34,7 +34,7 @@ from typing import Callable
 
 import httptools
 
-__all__ = ["ConnectionFailed", "HttpAnswer", "HttpPool"]
+__all__ = ["ConnectionAbandoned", "ConnectionFailed", "HttpAnswer", "HttpPool"]
 
 
 class ConnectionFailed(Exception):
@@ -45,6 +45,10 @@ class ConnectionFailed(Exception):
         self.message = message
         self.answered = answered
         """False when not a byte of the answer arrived (the request may be sent again elsewhere)."""
+
+
+class ConnectionAbandoned(ConnectionFailed):
+    """The pool's owner gave up on the backend (`HttpPool.abandon`): the request is not resent here."""
 
 
 class AnswerTooLarge(ConnectionFailed):
@@ -239,7 +243,7 @@ class HttpPool:
         waiter = connection.send(parts)
         try:
             return await waiter
-        except AnswerTooLarge:
+        except (AnswerTooLarge, ConnectionAbandoned):
             raise
         except ConnectionFailed as failure:
             if failure.answered or not connection.reused:
@@ -335,6 +339,23 @@ class HttpPool:
                 self._idle.remove(connection)
             if not self._closed:
                 self._wake_one(None)  # a slot is free: the oldest waiter may open a connection
+
+    def abandon(self, reason: str) -> int:
+        """Fail every request on a connection or waiting for one with ConnectionAbandoned (their
+        connections are closed: what they would still read must not reach a later request); idle
+        connections stay, and new requests are taken as before. Returns the requests failed."""
+        failed = 0
+        idle = set(self._idle)
+        for connection in list(self._open):
+            if connection not in idle and connection._waiter is not None:
+                connection._fail(ConnectionAbandoned(reason))
+                failed += 1
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionAbandoned(reason, answered=False))
+                failed += 1
+        return failed
 
     def close(self) -> None:
         """Close every connection; requests on them fail with ConnectionFailed, new ones are refused."""

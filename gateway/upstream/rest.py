@@ -28,10 +28,10 @@ from typing import Mapping
 
 import grpc
 
-from gateway.errors import BackendError, GatewayError, InvalidArgument, Unavailable
+from gateway.errors import Abandoned, BackendError, GatewayError, InvalidArgument, Unavailable
 from gateway.protocol import pb
 from gateway.protocol.tensors import raw_of_typed
-from gateway.upstream.http import AnswerTooLarge, ConnectionFailed, HttpPool
+from gateway.upstream.http import AnswerTooLarge, ConnectionAbandoned, ConnectionFailed, HttpPool
 
 __all__ = ["RestInference", "STATUS_OF_HTTP", "decode_response", "encode_request", "error_of", "infer_target"]
 
@@ -214,6 +214,8 @@ class RestInference:
             answer = await self.pool.request([head, *blobs] if blobs else [head])
         except AnswerTooLarge as failure:
             raise BackendError(grpc.StatusCode.RESOURCE_EXHAUSTED, failure.message, self.backend) from None
+        except ConnectionAbandoned as failure:
+            raise Abandoned(failure.message) from None
         except ConnectionFailed as failure:
             raise Unavailable(failure.message) from None
         if answer.status != 200:

@@ -46,7 +46,7 @@ import grpc
 from gateway.server.engines import grpc_wire
 from gateway.server.engines.grpc_wire import WireError, frame, percent_encode, status_bytes
 from gateway.server.engines.watch import DEADLINE, CallWatch
-from gateway.server.rpc import Call, Method, status_of
+from gateway.server.rpc import Call, Method, status_of, trailers_of
 
 __all__ = ["ENV_ARGUMENT", "ENV_OPTIONS", "ENV_SERVICES", "GrpcAsgiApp"]  # and `app`, built on first access
 
@@ -104,11 +104,13 @@ def peer_of(scope: dict) -> str:
     return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
-def _trailers_only(code: grpc.StatusCode, message: str) -> dict:
+def _trailers_only(code: grpc.StatusCode, message: str, metadata: tuple = ()) -> dict:
     headers = [(b"content-type", _GRPC), (b"grpc-accept-encoding", grpc_wire.ACCEPT_ENCODING),
                (b"grpc-status", status_bytes(code))]
     if message:
         headers.append((b"grpc-message", percent_encode(message)))
+    for key, value in metadata:  # e.g. grpc-retry-pushback-ms (ASCII keys and values)
+        headers.append((key.encode("ascii"), value.encode("ascii")))
     return {"type": "http.response.start", "status": 200, "headers": headers, "trailers": False}
 
 
@@ -228,6 +230,7 @@ class GrpcAsgiApp:
 
     async def _unary(self, method: Method, call: Call, inflate, receive: Callable, send: Callable) -> None:
         watch = watched = None
+        metadata = ()
         try:
             request = await self._read_one(receive, inflate)
             if request is None:
@@ -249,6 +252,7 @@ class GrpcAsgiApp:
             code, message = error.code, error.message
         except Exception as error:
             code, message = status_of(error, method.path)
+            metadata = trailers_of(error)
         else:
             if watched is not None:
                 watch.discard(watched)
@@ -263,7 +267,7 @@ class GrpcAsgiApp:
         finally:
             if watched is not None:
                 watch.discard(watched)
-        await self._end_early(send, code, message)
+        await self._end_early(send, code, message, metadata)
 
     async def _read_one(self, receive: Callable, inflate) -> bytes | None:
         """The one request message of a unary call (None: the client disconnected)."""
@@ -369,10 +373,10 @@ class GrpcAsgiApp:
 
     # ------------------------------------------------------------------------------- endings
 
-    async def _end_early(self, send: Callable, code: grpc.StatusCode, message: str) -> None:
+    async def _end_early(self, send: Callable, code: grpc.StatusCode, message: str, metadata: tuple = ()) -> None:
         """A trailers-only response: the status in the only HEADERS frame, which ends the stream."""
         try:
-            await send(_trailers_only(code, message))
+            await send(_trailers_only(code, message, metadata))
             await send(_END_BODY)
         except OSError:
             pass

@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from gateway.server.rpc import Call, Method, status_of
+from gateway.server.rpc import Call, Method, status_of, trailers_of
 
 
 def _call(context) -> Call:
@@ -35,6 +35,9 @@ def _unary(method: Method) -> Callable:
         except asyncio.CancelledError:
             raise
         except Exception as error:
+            trailers = trailers_of(error)
+            if trailers:
+                context.set_trailing_metadata(trailers)
             await context.abort(*status_of(error, method.path))
 
     return serve
