@@ -101,7 +101,11 @@ class Fleet:
     def _failed(self, backend: Backend, reason: str) -> None:
         backend.failed_checks += 1
         if backend.health is not Health.HEALTHY or backend.failed_checks >= self.health_config.unhealthy_after:
+            was_healthy = backend.healthy
             backend.mark(Health.UNHEALTHY, reason)
+            if was_healthy:  # out of rotation: what waits on it (a hung backend) is failed over
+                self.outliers.requests_failed_over += backend.abandon_pending(
+                    f"backend {backend.address} failed its health checks while the request waited on it")
 
     async def _check_loop(self, backend: Backend) -> None:
         while True:
