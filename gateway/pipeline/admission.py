@@ -26,7 +26,7 @@ _UNLIMITED = sys.maxsize
 class Gate:
     """Requests and bytes held under one set of limits (the whole gateway, or one model)."""
 
-    __slots__ = ("name", "max_inflight", "max_bytes", "inflight", "held_bytes", "shed", "pushback_ms")
+    __slots__ = ("name", "max_inflight", "max_bytes", "inflight", "held_bytes", "shed", "pushback_ms", "on_refused")
 
     def __init__(self, name: str, max_inflight: int | None, max_bytes: int | None, pushback_ms: int) -> None:
         self.name = name
@@ -36,6 +36,7 @@ class Gate:
         self.held_bytes = 0
         self.shed = 0  # requests refused by this gate
         self.pushback_ms = pushback_ms
+        self.on_refused = None  # called with each refusal (the gateway's gate: the refusal observers)
 
     def __repr__(self) -> str:
         return (f"<Gate {self.name} inflight={self.inflight}/{self.max_inflight} "
@@ -57,6 +58,12 @@ class Gate:
         self.held_bytes -= size
 
     def _refusal(self, size: int) -> ResourceExhausted:
+        error = self._refusal_error(size)
+        if self.on_refused is not None:
+            self.on_refused(error)
+        return error
+
+    def _refusal_error(self, size: int) -> ResourceExhausted:
         self.shed += 1
         if self.inflight >= self.max_inflight:
             what = f"{self.inflight} requests in flight, the limit is {self.max_inflight}"

@@ -35,6 +35,9 @@ class Pipeline:
         """`routes(model)` says whether this gateway routes the model at all (the router's answer);
         `admission`: the limits on requests and bytes held (the defaults when not given)."""
         self.admission = admission or Admission()
+        # Refusals by the gateway's gate (at the front door, before a request is parsed) are counted
+        # like any request refused before admission, under an unknown model.
+        self.admission.total.on_refused = lambda error: self.refused("", "", error, time.perf_counter_ns())
         self.catalog = catalog
         self.routes = routes
         self.dispatcher = dispatcher

@@ -73,7 +73,10 @@ class InferenceService:
             "TraceSetting": self._refuse(PermissionDenied(SETTINGS_REASON)),
             "LogSettings": self._refuse(PermissionDenied(SETTINGS_REASON)),
         }
-        return methods_of(INFERENCE_SERVICE, unary, {"ModelStreamInfer": self.model_stream_infer})
+        # ModelInfer's messages are admitted by the engine (before they are read in full where it
+        # can); ModelStreamInfer's, one by one in model_stream_infer.
+        gates = {"ModelInfer": self.pipeline.admission.total}
+        return methods_of(INFERENCE_SERVICE, unary, {"ModelStreamInfer": self.model_stream_infer}, gates)
 
     @staticmethod
     def _refuse(error: GatewayError) -> Callable:
@@ -154,25 +157,17 @@ class InferenceService:
             raise
 
     def _enter_gateway(self, size: int):
-        """Admit one inference message under the gateway's limits (admission.max_inflight,
-        max_request_bytes) before it is parsed; the caller releases it. A refusal is observed."""
+        """Admit one stream message under the gateway's limits (admission.max_inflight,
+        max_request_bytes); the caller releases it."""
         gate = self.pipeline.admission.total
-        try:
-            gate.admit(size)
-        except GatewayError as error:
-            self.pipeline.refused("", "", error, time.perf_counter_ns())
-            raise
+        gate.admit(size)
         return gate
 
     async def model_infer(self, raw: bytes, call: Call) -> bytes:
-        size = len(raw)
-        gate = self._enter_gateway(size)
-        try:
-            request = self._parse_infer(raw)
-            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call), size)
-            return response.SerializeToString()
-        finally:
-            gate.release(size)
+        # Admitted under the gateway's limits by the engine (Method.gate); the model's, here.
+        request = self._parse_infer(raw)
+        response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call), len(raw))
+        return response.SerializeToString()
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:
         """Bidirectional stream: requests are served concurrently; each response (or error) is sent

@@ -231,8 +231,10 @@ class GrpcAsgiApp:
     async def _unary(self, method: Method, call: Call, inflate, receive: Callable, send: Callable) -> None:
         watch = watched = None
         metadata = ()
+        gate = method.gate
+        held = [0]  # bytes admitted by the method's gate, released however the call ends
         try:
-            request = await self._read_one(receive, inflate)
+            request = await self._read_one(receive, inflate, gate, held)
             if request is None:
                 return  # the client left before its request was complete
             if call.deadline is not None or self._poll_s is not None:
@@ -267,15 +269,24 @@ class GrpcAsgiApp:
         finally:
             if watched is not None:
                 watch.discard(watched)
+            if held[0]:
+                gate.release(held[0])
         await self._end_early(send, code, message, metadata)
 
-    async def _read_one(self, receive: Callable, inflate) -> bytes | None:
-        """The one request message of a unary call (None: the client disconnected)."""
+    async def _read_one(self, receive: Callable, inflate, gate=None, held: list | None = None) -> bytes | None:
+        """The one request message of a unary call (None: the client disconnected).
+
+        With a `gate`, the message is admitted by the size its length prefix announces, before
+        the rest of it is read (a refusal raises at once); `held[0]` is then the size admitted."""
         message = await receive()
         if message["type"] != "http.request":
             return None
         body = message.get("body", b"")
         more = message.get("more_body", False)
+        if gate is not None:
+            announced = int.from_bytes(body[1:5], "big") if len(body) >= 5 else len(body)
+            gate.admit(announced)
+            held[0] = announced
         if not more and inflate is None and len(body) >= 5 and body[0] == 0:  # the usual: all of it, uncompressed
             length = int.from_bytes(body[1:5], "big")
             if length == len(body) - 5 and length <= self.max_message_bytes:
