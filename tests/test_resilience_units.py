@@ -78,6 +78,7 @@ class EjectableStandIn(StandInBackend):
         self.failure_limit = 0
         self.on_outlier = None
         self.checked_ok_at = 0.0
+        self.failed_checks = 0
         self.served = self.failed = 0
         self.abandoned = 0
 
@@ -107,6 +108,9 @@ def test_a_stalled_backend_is_ejected_its_pending_requests_failed_over_and_readm
     assert not hung.ejected  # not yet stalled long enough
     fine.outstanding, fine.served = 5, 10  # busy but answering: never a stall
     now[0] = 0.6
+    detector.sweep()
+    assert not hung.ejected  # no answer, but it answers its health checks: a long request
+    hung.failed_checks = 1
     detector.sweep()
     assert hung.ejected and not fine.ejected and hung.abandoned == 3 and changes
     assert detector.ejections_by_reason[STALL] == 1 and detector.requests_failed_over == 3

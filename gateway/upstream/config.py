@@ -133,8 +133,9 @@ class OutlierConfig:
     A failure here is one that says the backend could not answer: UNAVAILABLE (refused or broken
     connection, Triton's full queue) or DEADLINE_EXCEEDED at the backend. A model's own refusal
     (INVALID_ARGUMENT, a model's INTERNAL error) is an answer, not a failure of the backend. A
-    stall is requests outstanding on a backend with none answered for `stall_after_s`: a hung
-    (SIGSTOPped, wedged) backend, which never answers, so never fails either.
+    stall is requests outstanding on a backend with none answered for `stall_after_s` while an
+    active health check failed: a hung (SIGSTOPped, wedged) backend, which never answers, so never
+    fails either. (A backend busy with a long request answers its health checks: not a stall.)
 
     When a backend is ejected, the requests pending on it are failed over: they end with a
     retryable UNAVAILABLE, which the dispatcher resends to another backend while their deadline
@@ -147,9 +148,10 @@ class OutlierConfig:
     enabled: bool = True
     consecutive_failures: int = 5
     """Failures in a row (no success between) that eject a backend."""
-    stall_after_s: float = 1.0
-    """A backend with requests outstanding and no answer for this long is ejected. Raise it above
-    the longest time one request of your slowest model takes."""
+    stall_after_s: float = 0.5
+    """A backend with requests outstanding, no answer for this long and a failed health check
+    meanwhile is ejected (so with the default health checks a hung backend leaves rotation
+    within interval_s + timeout_s: 2 s)."""
     base_ejection_s: float = 1.0
     """The first ejection's length; each further one in a row doubles it."""
     max_ejection_s: float = 30.0

@@ -4,10 +4,12 @@ The policy (cf. Envoy's outlier detection, `outlier_detection_impl.h`):
 
     failures   `consecutive_failures` outright failures in a row (the backend counts them on its
                own path: Backend._failed_to_answer) → the backend reports itself (`on_outlier`)
-    stall      requests outstanding and no answer for `stall_after_s` (a hung backend never fails,
-               so it must be seen by what does not happen): found by a sweep every `interval_s`
-               that compares each backend's answer count with the last sweep's; nothing is
-               timed per request
+    stall      requests outstanding and no answer for `stall_after_s`, and an active health check
+               failed (timed out) meanwhile: a hung backend never fails, so it must be seen by what
+               does not happen. A backend busy with one long request still answers its health
+               checks (Triton's frontend threads are not its model instances), so it is not
+               ejected. Found by a sweep every `interval_s` that compares each backend's answer
+               count with the last sweep's; nothing is timed per request
     eject      unless `max_ejected_percent` of its pool (at least one backend) are ejected already;
                the router stops choosing it at once (the fleet's change listeners), then what is
                pending on it is failed over (Backend.abandon_pending: retryable Abandoned)
@@ -122,7 +124,8 @@ class OutlierDetector:
             if answers != watch.answers or not backend.outstanding:
                 watch.answers = answers
                 watch.since = now
-            elif now - watch.since >= stall_after and self.config.enabled and backend.healthy:
+            elif (now - watch.since >= stall_after and backend.failed_checks and backend.healthy
+                  and self.config.enabled):
                 self.eject(backend, STALL, f"{backend.outstanding} requests outstanding and no answer for "
                                            f"{now - watch.since:.2f} s")
                 watch.answers = -1

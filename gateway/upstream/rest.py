@@ -144,7 +144,8 @@ def decode_response(body: bytes, header_length: int, backend: str):
                     _set_parameter(tensor.parameters[key], value)
             if offset + size > len(body):
                 raise ValueError(f"output '{output['name']}' ends past the answer's {len(body)} bytes")
-            raw.append(body[offset:offset + size])
+            # A large answer's body is a bytearray (http.py): its slice must be bytes for upb.
+            raw.append(body[offset:offset + size] if type(body) is bytes else bytes(memoryview(body)[offset:offset + size]))
             offset += size
         for key, value in (header.get("parameters") or {}).items():
             _set_parameter(response.parameters[key], value)
