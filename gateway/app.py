@@ -23,6 +23,7 @@ from gateway.pipeline.admission import Admission
 from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE
 from gateway.routing.dispatcher import DirectDispatcher
+from gateway.routing.hedging import Hedging
 from gateway.routing.retry_budget import RetryBudget
 from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
@@ -57,7 +58,8 @@ class Gateway:
         routing = config.routing
         self.direct = DirectDispatcher(
             self.router, self.sequences, routing.retry_unavailable, max_attempts=routing.max_attempts,
-            budget=RetryBudget(routing.retry_budget_ratio, routing.retry_budget_min_per_s))
+            budget=RetryBudget(routing.retry_budget_ratio, routing.retry_budget_min_per_s),
+            hedging=Hedging(routing.hedge_min_delay_ms / 1e3) if routing.hedge_after_p95 else None)
         self.batching = BatchingDispatcher(self.direct, config.batching, self.router)
         self.pipeline = Pipeline(self.catalog, self.router.routes, self.batching, Admission(config.admission))
         self.fleet.on_change(self.pipeline.forget_unversioned)
@@ -91,7 +93,18 @@ class Gateway:
             routing_decisions=lambda: self.router.decisions,
             batched_models=self.batching.batched_models,
             drift_monitors=lambda: self.drift.monitors,
+            resilience=self._resilience_counts,
         )
+
+    def _resilience_counts(self) -> dict:
+        direct, outliers = self.direct, self.fleet.outliers
+        return {
+            "retries": {"retry": direct.retries, "failover": direct.failovers, "refused": direct.retries_refused,
+                        "hedge": direct.hedges},
+            "ejections": {**outliers.ejections_by_reason, "refused_by_cap": outliers.ejections_refused,
+                          "readmission": outliers.readmissions},
+            "shed": self.pipeline.admission.shed(),
+        }
 
     def methods(self) -> list:
         """Every gRPC method the gateway serves, on whichever engine."""
@@ -166,7 +179,7 @@ class Gateway:
             "sequences": len(self.sequences),
             "resilience": {
                 "outliers": self.fleet.outliers.snapshot(),
-                "retries": self.direct.retries, "failovers": self.direct.failovers,
+                "retries": self.direct.retries, "failovers": self.direct.failovers, "hedges": self.direct.hedges,
                 "retries_refused": self.direct.retries_refused,
                 "admission": self.pipeline.admission.snapshot(),
             },

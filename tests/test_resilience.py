@@ -253,3 +253,37 @@ def test_batching_queue_limit_refuses_under_overload(tritons):
     (counters,) = [c for name, c in batching.items() if name.startswith("fixed_cost:")]
     assert counters["rejected_queue_full"] == len(full) and counters["held_saturated"] > 0, counters
     assert held == [0], held
+
+
+def test_hedged_requests_answer_around_a_hung_backend_still_in_rotation(pair):
+    """Hedging alone (outlier ejection off, health checks too slow to notice): a request whose
+    backend hangs gets its answer from the other backend soon after the model's p95."""
+    hung, _ = pair
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"cpu": {"backends": [t.grpc_address for t in pair]}},
+        "health": {"interval_s": 30, "timeout_s": 5},
+        "outlier": {"enabled": False},
+        "routing": {"hedge_after_p95": True},
+    }
+    with GatewayThread(config) as gateway:
+        client = triton_grpc.InferenceServerClient(gateway.address)
+        tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+        for _ in range(100):  # the model's p95 is learnt
+            client.infer("simple_scale", [tensor], client_timeout=10)
+        os.kill(hung.pid, signal.SIGSTOP)
+        try:
+            took = []
+            for _ in range(40):
+                began = time.monotonic()
+                result = client.infer("simple_scale", [tensor], client_timeout=10)
+                took.append(time.monotonic() - began)
+                assert result.as_numpy("OUTPUT0")[0, 0] == 2.0
+        finally:
+            os.kill(hung.pid, signal.SIGCONT)
+            client.close()
+        snapshot = gateway.snapshot()
+    assert snapshot["backends"][hung.grpc_address]["health"] == "healthy"  # still in rotation throughout
+    assert snapshot["resilience"]["hedges"] >= 5, snapshot["resilience"]
+    assert max(took) < 2.0, f"a request waited {max(took):.2f} s on the hung backend"

@@ -39,7 +39,16 @@ class RoutingConfig:
     retry_budget_min_per_s: float = 10.0
     """Retries per second allowed whatever the traffic (a quiet gateway may still retry)."""
 
+    hedge_after_p95: bool = False
+    """Hedged requests (gateway/routing/hedging.py): a request its backend has not answered within
+    the model's observed 95th-percentile backend latency is sent to a second backend too, and the
+    first answer wins. Charged to the retry budget. Off by default: it costs a task per request."""
+    hedge_min_delay_ms: float = 1.0
+    """The least wait before a hedge, whatever the p95."""
+
     def validate(self, path: str) -> None:
+        if self.hedge_min_delay_ms < 0:
+            raise ConfigError(f"{path}.hedge_min_delay_ms", "expected zero or more milliseconds")
         if not 1 <= self.max_attempts <= 10:
             raise ConfigError(f"{path}.max_attempts", "expected 1 to 10 attempts")
         if not 0 <= self.retry_budget_ratio <= 1:

@@ -20,12 +20,14 @@ Triton read it may run twice, and its one answer reaches the client.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncIterator, Awaitable
 
 from gateway.errors import Abandoned, Unavailable
 from gateway.pipeline.contracts import TracedSend
 from gateway.pipeline.exchange import Exchange, ModelEntry
+from gateway.routing.hedging import Hedging
 from gateway.routing.retry_budget import RetryBudget
 from gateway.routing.router import STICKY, Router
 from gateway.routing.sequences import SequenceTable
@@ -65,7 +67,7 @@ class DirectDispatcher:
     """
 
     def __init__(self, router: Router, sequences: SequenceTable, retry_unavailable: bool = True, clock=time.monotonic,
-                 max_attempts: int = 3, budget: RetryBudget | None = None):
+                 max_attempts: int = 3, budget: RetryBudget | None = None, hedging: Hedging | None = None):
         self.router = router
         self.sequences = sequences
         self.retry_unavailable = retry_unavailable
@@ -73,9 +75,11 @@ class DirectDispatcher:
         self.budget = budget or RetryBudget(clock=clock)
         self._clock = clock
         self.traced_send: TracedSend | None = None
+        self.hedging = hedging  # None: no hedged requests (the default)
         self.retries = 0
         self.failovers = 0
         self.retries_refused = 0
+        self.hedges = 0
 
     def __repr__(self) -> str:
         return (f"<DirectDispatcher {self.sequences!r} retry_unavailable={self.retry_unavailable} "
@@ -147,6 +151,8 @@ class DirectDispatcher:
         exchange.upstream_started_ns = time.perf_counter_ns()
         try:
             try:
+                if self.hedging is not None and sequence is None:
+                    return await self._hedged(backend, exchange, deadline)
                 return await self._send(backend, exchange, deadline)
             except Unavailable as error:
                 failure = error
@@ -165,6 +171,50 @@ class DirectDispatcher:
             exchange.upstream_ns = time.perf_counter_ns() - exchange.upstream_started_ns
             if sequence is not None and sequence[2]:
                 self.sequences.end(entry.name, sequence[0])
+
+    async def _hedged(self, backend: Backend, exchange: Exchange, deadline: float | None):
+        """Send to `backend`; if it has not answered within the model's p95 (routing/hedging.py),
+        send to a second backend too (charged to the retry budget); the first answer wins and the
+        other call is cancelled. An error from one waits for the other."""
+        hedging, entry = self.hedging, exchange.entry
+        started = time.perf_counter()
+        first = asyncio.ensure_future(self._send(backend, exchange, deadline))
+        delay = hedging.delay_of(entry)
+        if delay is not None:
+            try:
+                await asyncio.wait((first,), timeout=delay)
+            except BaseException:  # the caller was cancelled: so is its call
+                first.cancel()
+                raise
+        if first.done() or delay is None or (deadline is not None and deadline - self._clock() < MIN_RETRY_ROOM_S):
+            response = await first
+            hedging.window(entry).add(time.perf_counter() - started)
+            return response
+        try:
+            second_backend, _ = self.router.choose(entry.name, entry.version, exclude=backend)
+        except Unavailable:
+            second_backend = None
+        if second_backend is None or not self.budget.withdraw():
+            if second_backend is not None:
+                self.retries_refused += 1
+            try:
+                return await first
+            finally:
+                first.cancel()  # a no-op once it is done; the caller's cancellation reaches it
+        self.hedges += 1
+        second = asyncio.ensure_future(self._send(second_backend, exchange, deadline))
+        owners = {first: backend, second: second_backend}
+        pending = set(owners)
+        try:
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for call in done:
+                    if call.exception() is None or not pending:
+                        exchange.backend = owners[call]
+                        return call.result()
+        finally:
+            for call in pending:
+                call.cancel()
 
     async def infer_decoupled(self, exchange: Exchange, deadline: float | None) -> AsyncIterator:
         entry, request = exchange.entry, exchange.request

@@ -11,8 +11,16 @@ local counters (gateway/telemetry/aggregates.py); `drift_hook` counts drift aler
     tensorgate.batch.size               histogram  {row}      model, version (rows per batch sent upstream)
     tensorgate.batching.queue.depth     gauge      {request}  model, version (waiting now)
     tensorgate.backend.inflight         gauge      {request}  backend, pool
-    tensorgate.backend.healthy          gauge      1          backend, pool (1 in rotation, 0 out)
+    tensorgate.backend.healthy          gauge      1          backend, pool (1 in rotation, 0 out:
+                                                              unhealthy or ejected)
     tensorgate.routing.decisions        counter    {decision} pool, reason (preferred, spill, failover)
+    tensorgate.retries                  counter    {attempt}  kind: retry (charged to the retry budget),
+                                                              failover (moved off an ejected backend),
+                                                              refused (by the budget), hedge
+    tensorgate.backend.ejections        counter    {ejection} reason: consecutive_failures, stall,
+                                                              refused_by_cap; readmission
+    tensorgate.shed                     counter    {request}  model (`_gateway`: the gateway's own limits):
+                                                              refused by admission (RESOURCE_EXHAUSTED)
     tensorgate.drift.statistic          gauge      1          model, tensor, feature, statistic (last window;
                                                               also effect_size: the mean shift in reference
                                                               SDs, and p_<test>: the calibrated tests' p-values)
@@ -155,6 +163,9 @@ class GatewayView:
     """BatchedModel rows (model, version, counters, waiting): BatchingDispatcher.batched_models."""
     drift_monitors: Callable[[], dict] = dict
     """{model: ModelMonitor}: DriftStage.monitors."""
+    resilience: Callable[[], dict] = dict
+    """{"retries": {kind: n}, "ejections": {reason: n}, "shed": {model: n}} (model '' = the gateway's
+    own limits): the dispatcher's, outlier detector's and admission's counters."""
 
 
 #: Batch size bounds, rows: 1, 2, 4, ... 32768 (Triton's max_batch_size rarely exceeds a few thousand).
@@ -231,7 +242,7 @@ class TelemetryStage:
         return _retrying(self.view.backends)
 
     def _backend_healthy(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(1 if b.healthy else 0, {"backend": b.address, "pool": b.pool}) for b in self._backends()]
+        return [Observation(1 if b.routable else 0, {"backend": b.address, "pool": b.pool}) for b in self._backends()]
 
     def _backend_inflight(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(b.outstanding, {"backend": b.address, "pool": b.pool}) for b in self._backends()]
@@ -239,6 +250,19 @@ class TelemetryStage:
     def _routing_decisions(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(count, {"pool": pool, "reason": reason})
                 for (pool, reason), count in _retrying(lambda: self.view.routing_decisions().items())]
+
+    def _resilience(self, key: str, attribute: str) -> list[Observation]:
+        counts = _retrying(lambda: dict(self.view.resilience().get(key) or {}))
+        return [Observation(count, {attribute: name or "_gateway"}) for name, count in counts.items()]
+
+    def _retries(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._resilience("retries", "kind")
+
+    def _ejections(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._resilience("ejections", "reason")
+
+    def _shed(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._resilience("shed", "model")
 
     def _batching(self) -> list[tuple[dict, object, int]]:
         """(attributes, BatchCounters, requests waiting) of every batched model version."""
@@ -378,6 +402,12 @@ class TelemetryStage:
                                       unit="{request}", description="Requests sent to the backend, not yet answered.")
         meter.create_observable_counter("tensorgate.routing.decisions", [self._routing_decisions], unit="{decision}",
                                         description="Backends picked, by pool and why (preferred, spill, failover).")
+        meter.create_observable_counter("tensorgate.retries", [self._retries], unit="{attempt}",
+                                        description="Requests sent again to another backend, by kind")
+        meter.create_observable_counter("tensorgate.backend.ejections", [self._ejections], unit="{ejection}",
+                                        description="Backends taken out of rotation by outlier detection, by reason")
+        meter.create_observable_counter("tensorgate.shed", [self._shed], unit="{request}",
+                                        description="Requests refused by admission limits (RESOURCE_EXHAUSTED)")
         meter.create_observable_gauge("tensorgate.batching.queue.depth", [self._queue_depth], unit="{request}",
                                       description="Requests waiting in the gateway's batch queues.")
         meter.create_observable_gauge("tensorgate.drift.statistic", [self._drift_statistics], unit="1",
