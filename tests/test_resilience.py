@@ -17,7 +17,9 @@ import tritonclient.grpc as triton_grpc
 
 from gateway.protocol import pb
 from gateway.testing import GatewayThread
+from gateway.local.triton import find_free_port
 from tests.conftest import gateway_on, start_tritons
+from tests.servers import sample, scrape
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -207,15 +209,18 @@ def test_ten_times_overload_is_shed_with_pushback_and_admitted_requests_served(t
     import asyncio
 
     limit = 8
+    metrics_port = find_free_port()
     config = {
         "listen": "127.0.0.1:0",
         "pools": {"cpu": {"backends": [tritons[0].grpc_address]}},
         "batching": {"models": {"fixed_cost": {"enabled": False}}},  # one 2 ms execution per request
         "admission": {"model_default": {"max_inflight": limit}, "retry_pushback_ms": 100},
+        "telemetry": {"prometheus_port": metrics_port, "prometheus_host": "127.0.0.1"},
     }
     with gateway_on(engine, config) as gateway:
         outcomes = _load_from_another_process(gateway.address, ONE_ROW_BYTES, 10 * limit, 3.0, honour_pushback=True)
         snapshot = gateway.snapshot()
+        metrics = scrape(metrics_port)
     codes = {code for code, _, _ in outcomes}
     assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     shed = [(seconds, trailers) for code, seconds, trailers in outcomes if code is grpc.StatusCode.RESOURCE_EXHAUSTED]
@@ -230,6 +235,7 @@ def test_ten_times_overload_is_shed_with_pushback_and_admitted_requests_served(t
           f"p99 {_quantile([s for s, _ in shed], 0.99) * 1e3:.2f} ms)")
     models = snapshot["resilience"]["admission"]["models"]
     assert models["fixed_cost"]["shed"] == len(shed) and models["fixed_cost"]["inflight"] == 0, models
+    assert sample(metrics, "tensorgate_shed_total", model="fixed_cost") == len(shed)
 
 
 def test_batching_queue_limit_refuses_under_overload(tritons):

@@ -252,8 +252,8 @@ class TelemetryStage:
                 for (pool, reason), count in _retrying(lambda: self.view.routing_decisions().items())]
 
     def _resilience(self, key: str, attribute: str) -> list[Observation]:
-        counts = _retrying(lambda: dict(self.view.resilience().get(key) or {}))
-        return [Observation(count, {attribute: name or "_gateway"}) for name, count in counts.items()]
+        counts = _retrying(lambda: (self.view.resilience().get(key) or {}).items())
+        return [Observation(count, {attribute: name or "_gateway"}) for name, count in counts]
 
     def _retries(self, options: CallbackOptions) -> Iterable[Observation]:
         return self._resilience("retries", "kind")
