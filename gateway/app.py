@@ -228,7 +228,9 @@ class EnvoyGateway:
         self.engine = EnvoyEngine(
             config.listen, "gateway.app:envoy_services", argument=json.dumps(mapping),
             max_receive_bytes=server.max_message_bytes,
-            options=EnvoyOptions(envoy_threads=server.envoy_threads, drain_s=max(1.0, server.grace_s)),
+            options=EnvoyOptions(envoy_threads=server.envoy_threads, drain_s=max(1.0, server.grace_s),
+                                 initial_stream_window_bytes=server.http2_stream_window_bytes,
+                                 initial_connection_window_bytes=server.http2_connection_window_bytes),
             stderr=stderr,
         )
         self.port: int | None = None

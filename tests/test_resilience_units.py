@@ -183,3 +183,15 @@ def test_admission_config_per_model_limits_and_validation():
     with pytest.raises(ConfigError, match=r"outlier.max_ejected_percent"):
         config_from_mapping({"listen": "127.0.0.1:0", "pools": {"p": {"backends": ["127.0.0.1:1"]}},
                              "outlier": {"max_ejected_percent": 101}})
+
+
+def test_a_stalled_backend_with_nowhere_to_move_its_requests_is_left_in_place():
+    now = [0.0]
+    lone, down = EjectableStandIn("a:1"), EjectableStandIn("b:1")
+    down.healthy = False  # the other backend is out of rotation
+    detector, _ = detector_over(lone, down, now=now, stall_after_s=0.5)
+    lone.outstanding, lone.failed_checks = 4, 1
+    detector.sweep()
+    now[0] = 1.0
+    detector.sweep()
+    assert not lone.ejected and lone.abandoned == 0

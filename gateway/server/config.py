@@ -32,6 +32,14 @@ class ServerConfig:
     envoy_threads: int | None = None
     """envoy engine: Envoy's worker threads (its C++ side); None: one per core."""
 
+    http2_stream_window_bytes: int = 1024 * 1024
+    """envoy engine: the HTTP/2 flow-control window of a call (Envoy's default, 256 MiB, lets a
+    client push a whole large request into Envoy's memory before the gateway admits or refuses
+    it). What Envoy holds of requests not yet read is bounded by this per call and by
+    `http2_connection_window_bytes` per connection."""
+    http2_connection_window_bytes: int = 2 * 1024 * 1024
+    """envoy engine: the HTTP/2 flow-control window of a connection (Envoy's default: 256 MiB)."""
+
     def resolved_engine(self) -> str:
         if self.engine != "auto":
             return self.engine
@@ -49,5 +57,8 @@ class ServerConfig:
             raise ConfigError(f"{path}.name", "expected a non-empty server name")
         if self.max_message_bytes < 1024:
             raise ConfigError(f"{path}.max_message_bytes", "expected at least 1024 bytes")
+        for name in ("http2_stream_window_bytes", "http2_connection_window_bytes"):
+            if not 65535 <= getattr(self, name) <= 2**31 - 1:
+                raise ConfigError(f"{path}.{name}", "expected 65535 to 2147483647 bytes (HTTP/2's range)")
         if self.grace_s < 0:
             raise ConfigError(f"{path}.grace_s", "expected zero or more seconds")

@@ -103,7 +103,9 @@ class Fleet:
         if backend.health is not Health.HEALTHY or backend.failed_checks >= self.health_config.unhealthy_after:
             was_healthy = backend.healthy
             backend.mark(Health.UNHEALTHY, reason)
-            if was_healthy:  # out of rotation: what waits on it (a hung backend) is failed over
+            if was_healthy and self.outliers.has_alternative(backend):
+                # Out of rotation: what waits on it (a hung backend) is failed over, if there is
+                # anywhere to go (else a slow backend's late answers are still worth waiting for).
                 self.outliers.requests_failed_over += backend.abandon_pending(
                     f"backend {backend.address} failed its health checks while the request waited on it")
 

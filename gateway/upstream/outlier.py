@@ -8,8 +8,9 @@ The policy (cf. Envoy's outlier detection, `outlier_detection_impl.h`):
                failed (timed out) meanwhile: a hung backend never fails, so it must be seen by what
                does not happen. A backend busy with one long request still answers its health
                checks (Triton's frontend threads are not its model instances), so it is not
-               ejected. Found by a sweep every `interval_s` that compares each backend's answer
-               count with the last sweep's; nothing is timed per request
+               ejected; nor is one with no other backend in rotation (there is nowhere to move
+               its requests). Found by a sweep every `interval_s` that compares each backend's
+               answer count with the last sweep's; nothing is timed per request
     eject      unless `max_ejected_percent` of its pool (at least one backend) are ejected already;
                the router stops choosing it at once (the fleet's change listeners), then what is
                pending on it is failed over (Backend.abandon_pending: retryable Abandoned)
@@ -79,6 +80,12 @@ class OutlierDetector:
     def _on_failures(self, backend: Backend, reason: str) -> None:
         self.eject(backend, FAILURES, reason)
 
+    def has_alternative(self, backend: Backend) -> bool:
+        """Whether another backend is in rotation: failing over to nowhere turns a slow answer into
+        an error, so a stalled backend with no alternative is left in place (a hung one fails its
+        health checks and leaves rotation by them)."""
+        return any(other.routable for other in self._watches if other is not backend)
+
     def eject(self, backend: Backend, kind: str, reason: str) -> bool:
         """Take `backend` out of rotation and fail over what is pending on it; False if it already
         is out, or its pool's cap on ejected backends is reached."""
@@ -125,7 +132,7 @@ class OutlierDetector:
                 watch.answers = answers
                 watch.since = now
             elif (now - watch.since >= stall_after and backend.failed_checks and backend.healthy
-                  and self.config.enabled):
+                  and self.config.enabled and self.has_alternative(backend)):
                 self.eject(backend, STALL, f"{backend.outstanding} requests outstanding and no answer for "
                                            f"{now - watch.since:.2f} s")
                 watch.answers = -1
