@@ -107,6 +107,7 @@ class BatchQueue:
         self._timer_at = 0.0  # when the armed timer fires (monotonic)
         self._with_deadline = 0  # waiting requests that carry a deadline
         self._end_of_turn_pending = False
+        self._saturated = False  # a due batch is held until one comes back (no scheduling meanwhile)
         self._idle_wake = 0.0  # set by _due when nothing is due: when something will be
         self._tasks: set[asyncio.Task] = set()
 
@@ -151,7 +152,8 @@ class BatchQueue:
             while by_own and by_own[-1].own_send_by >= own_send_by:
                 by_own.pop()
             by_own.append(pending)
-        self._schedule(now)
+        if not self._saturated:  # saturated: the next batch to come back schedules
+            self._schedule(now)
         return future
 
     def _level(self, priority: int) -> int:
@@ -183,6 +185,7 @@ class BatchQueue:
                 # Saturated: the next batch to come back reschedules (_run); no timer, which
                 # would only find the same batches due and nowhere to send them.
                 self.counters.held_saturated += 1
+                self._saturated = True
                 return
             self._dispatch(reason, now)
         self._arm_timer(now, wake)
@@ -342,6 +345,7 @@ class BatchQueue:
             elapsed = self._clock() - started
             self.backend_latency_s += LATENCY_EWMA_ALPHA * (elapsed - self.backend_latency_s)
             self.inflight -= 1
+            self._saturated = False
             if self.size:
                 self._schedule(self._clock(), end_of_turn=True)
 

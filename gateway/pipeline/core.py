@@ -156,13 +156,18 @@ class Pipeline:
             observe(exchange, response, error)
 
     def _enter_gate(self, entry: ModelEntry, request, size: int, started_ns: int):
-        """Admit the request under its model's limits (the caller releases it); a refusal is observed."""
+        """Admit the request under its model's limits (the caller releases it: `inflight` and
+        `held_bytes` back down); a refusal is observed. Gate.admit, inlined: it runs per request."""
         gate = entry.gate
-        try:
-            gate.admit(size)
-        except GatewayError as error:
-            self.refused(request.model_name, request.model_version, error, started_ns)
-            raise
+        held = gate.held_bytes
+        if gate.inflight >= gate.max_inflight or (held + size > gate.max_bytes and held):
+            try:
+                gate.admit(size)  # raises, counted, with the refusal's words
+            except GatewayError as error:
+                self.refused(request.model_name, request.model_version, error, started_ns)
+                raise
+        gate.inflight += 1
+        gate.held_bytes = held + size
         return gate
 
     async def infer(self, request, deadline: float | None, metadata=None, size: int = 0):
@@ -176,7 +181,8 @@ class Pipeline:
         try:
             response = await self._infer_one(self._exchange(entry, request, metadata, started, layout), deadline)
         finally:
-            gate.release(size)
+            gate.inflight -= 1
+            gate.held_bytes -= size
         # The backend call rode a stream; Triton puts `triton_final_response` on stream responses only.
         if FINAL_FLAG_RESPONSE in response.parameters:
             del response.parameters[FINAL_FLAG_RESPONSE]
