@@ -41,9 +41,12 @@ test: $(STAMP) $(DESCRIPTORS) test-tools
 
 # What the tests need beside .venv: a real Prometheus server (tests/test_telemetry.py runs
 # $(PROMETHEUS)), from the Debian package `prometheus`, installed when it is missing: as root
-# directly, else through sudo; without either, stop and say what to install.
+# directly, else through sudo; without either, stop and say what to install. And kubectl, whose
+# built-in kustomize (v5) renders deploy/k8s (tests/test_deploy_k8s.py): on the project's machines
+# already; Debian's own kubectl (1.20) embeds a kustomize too old for the overlays.
 PROMETHEUS := /usr/bin/prometheus
 test-tools:
+	@command -v kubectl >/dev/null || { echo "make test: kubectl is missing; tests/test_deploy_k8s.py renders deploy/k8s with its built-in kustomize: install kubectl 1.27 or newer (https://kubernetes.io/docs/tasks/tools/), then re-run make test" >&2; exit 1; }
 	@if [ -x $(PROMETHEUS) ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null; then \
 		echo "make test: $(PROMETHEUS) is missing and there is no apt-get here; install Prometheus so that $(PROMETHEUS) runs it, then re-run make test" >&2; exit 1; \

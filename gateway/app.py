@@ -167,13 +167,18 @@ class Gateway:
         await self.stop_stages()
 
     def snapshot(self) -> dict:
-        """Live state for people and tests: backends, routing decisions, batching per model."""
+        """Live state for people and tests: backends (health: healthy, unhealthy, unknown, or
+        draining after leaving DNS), DNS discovery per pool, routing decisions, batching per model."""
         return {
             "backends": {
                 b.address: {"pool": b.pool, "health": b.health.value, "detail": b.health_detail,
                             "outstanding": b.outstanding, "served": b.served, "failed": b.failed,
                             "ejected": b.ejected}
                 for b in self.fleet.backends()
+            },
+            "discovery": {
+                pool: {"dns": d.target, "resolutions": d.resolutions, "failures": d.failures, "last_error": d.last_error}
+                for pool, d in self.fleet.discovery.items()
             },
             "routing": {f"{pool}/{reason}": count for (pool, reason), count in sorted(self.router.decisions.items())},
             "sequences": len(self.sequences),

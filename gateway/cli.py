@@ -70,7 +70,7 @@ def cmd_local_triton(args: argparse.Namespace) -> int:
     repository = args.model_repository or default_model_repository()
     try:
         triton = LocalTriton(repository, name=args.name, grpc_port=args.grpc_port, http_port=args.http_port,
-                             log_dir=args.log_dir).start()
+                             metrics_port=args.metrics_port, host=args.host, log_dir=args.log_dir).start()
     except TritonLaunchError as error:
         print(f"tensorgate: {error}", file=sys.stderr)
         return 1
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--http-port", type=int, default=0,
                        help="HTTP port (default: the gRPC port - 1, as in Triton's 8000/8001, which the gateway's "
                             "HTTP upstream derives; with neither port given, a free pair)")
+    local.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (default: a free one)")
+    local.add_argument("--host", default="127.0.0.1",
+                       help="address every endpoint binds (default 127.0.0.1; 0.0.0.0 in a container)")
     local.add_argument("--name", default="triton")
     local.add_argument("--log-dir")
     local.set_defaults(run=cmd_local_triton)

@@ -4,6 +4,7 @@
     pools:
       gpu: {backends: ["10.0.0.5:8001"]}
       cpu: {backends: ["127.0.0.1:9001", "127.0.0.1:9002"]}
+      pods: {dns: "triton.models.svc.cluster.local:8001"}   # every address of a headless Service
     models:            # optional; without it every model the backends report is routed
       resnet: {pools: [gpu, cpu]}   # preference order
 

@@ -22,6 +22,7 @@ class Health(enum.Enum):
     UNKNOWN = "unknown"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
+    DRAINING = "draining"  # left DNS discovery: no new requests, those in flight finish
 
 
 class Backend:

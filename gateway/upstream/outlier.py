@@ -65,15 +65,24 @@ class OutlierDetector:
         self.ejections_refused = 0  # wanted, but the pool's cap was reached
         self.readmissions = 0
         self.requests_failed_over = 0  # pending requests failed over from ejected backends
-        for pool in pools.values():
-            for backend in pool:
-                self._watches[backend] = _Watch()
-                if config.enabled:
-                    backend.failure_limit = config.consecutive_failures
-                    backend.on_outlier = self._on_failures
+        for backend in self._backends():
+            self._watch(backend)
+
+    def _backends(self) -> list[Backend]:
+        """The pools' backends now (the fleet adds and removes discovered ones)."""
+        return [backend for pool in self._pools.values() for backend in pool]
+
+    def _watch(self, backend: Backend) -> _Watch:
+        watch = self._watches.get(backend)
+        if watch is None:  # first seen: it reports its failures in a row to this detector
+            watch = self._watches[backend] = _Watch()
+            if self.config.enabled:
+                backend.failure_limit = self.config.consecutive_failures
+                backend.on_outlier = self._on_failures
+        return watch
 
     def __repr__(self) -> str:
-        ejected = [b.address for b in self._watches if b.ejected]
+        ejected = [b.address for b in self._backends() if b.ejected]
         return (f"<OutlierDetector ejected={ejected} ejections={self.ejections} refused={self.ejections_refused} "
                 f"readmissions={self.readmissions} failed_over={self.requests_failed_over}>")
 
@@ -84,7 +93,7 @@ class OutlierDetector:
         """Whether another backend is in rotation: failing over to nowhere turns a slow answer into
         an error, so a stalled backend with no alternative is left in place (a hung one fails its
         health checks and leaves rotation by them)."""
-        return any(other.routable for other in self._watches if other is not backend)
+        return any(other.routable for other in self._backends() if other is not backend)
 
     def eject(self, backend: Backend, kind: str, reason: str) -> bool:
         """Take `backend` out of rotation and fail over what is pending on it; False if it already
@@ -97,7 +106,7 @@ class OutlierDetector:
             self.ejections_refused += 1
             return False
         now = self._clock()
-        watch = self._watches[backend]
+        watch = self._watch(backend)
         if watch.in_a_row and now - watch.readmitted_at >= self.config.max_ejection_s:
             watch.in_a_row = 0  # it stayed in rotation long enough: start again from the base
         length = min(self.config.base_ejection_s * 2 ** watch.in_a_row, self.config.max_ejection_s)
@@ -117,7 +126,12 @@ class OutlierDetector:
         """Eject stalled backends; readmit those whose ejection ended and that passed a health check since."""
         now = self._clock()
         stall_after = self.config.stall_after_s
-        for backend, watch in self._watches.items():
+        backends = self._backends()
+        if len(self._watches) > len(backends):  # some left their pool (drained): forget them
+            present = set(backends)
+            self._watches = {b: w for b, w in self._watches.items() if b in present}
+        for backend in backends:
+            watch = self._watch(backend)
             if backend.ejected:
                 if now >= watch.until and backend.checked_ok_at >= watch.until and backend.healthy:
                     backend.ejected = False
@@ -146,6 +160,6 @@ class OutlierDetector:
                 log.exception("outlier sweep failed unexpectedly")
 
     def snapshot(self) -> dict:
-        return {"ejected": sorted(b.address for b in self._watches if b.ejected), "ejections": self.ejections,
+        return {"ejected": sorted(b.address for b in self._backends() if b.ejected), "ejections": self.ejections,
                 "by_reason": dict(self.ejections_by_reason), "refused": self.ejections_refused,
                 "readmissions": self.readmissions, "requests_failed_over": self.requests_failed_over}
