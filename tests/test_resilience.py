@@ -293,3 +293,33 @@ def test_hedged_requests_answer_around_a_hung_backend_still_in_rotation(pair):
     assert snapshot["backends"][hung.grpc_address]["health"] == "healthy"  # still in rotation throughout
     assert snapshot["resilience"]["hedges"] >= 5, snapshot["resilience"]
     assert max(took) < 2.0, f"a request waited {max(took):.2f} s on the hung backend"
+
+
+def _bytes_request(size: int) -> bytes:
+    request = pb.ModelInferRequest(model_name="bytes_reverse")
+    request.inputs.add(name="TEXT", datatype="BYTES", shape=[1, 1])
+    request.raw_input_contents.append(size.to_bytes(4, "little") + b"x" * size)
+    return request.SerializeToString()
+
+
+def test_request_bytes_held_are_bounded_and_released_on_every_path(tritons, engine):
+    """Defect 3: beyond admission.max_request_bytes a request is refused at once (RESOURCE_EXHAUSTED,
+    with pushback), the rest are served, and every byte admitted is released afterwards."""
+    config = {
+        "listen": "127.0.0.1:0",
+        "pools": {"cpu": {"backends": [tritons[0].grpc_address]}},
+        "server": {"max_message_bytes": 8 << 20},
+        "admission": {"max_request_bytes": 4 << 20, "retry_pushback_ms": 10},
+    }
+    body = _bytes_request(1 << 20)
+    with gateway_on(engine, config) as gateway:
+        outcomes = _load_from_another_process(gateway.address, body, 24, 3.0, honour_pushback=True)
+        time.sleep(0.5)  # the last answers leave the gateway
+        admission = gateway.snapshot()["resilience"]["admission"]["gateway"]
+    codes = [code for code, _, _ in outcomes]
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
+    shed = [trailers for code, _, trailers in outcomes if code is grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert shed and grpc.StatusCode.OK in codes, (len(shed), len(codes))
+    assert all(dict(trailers).get("grpc-retry-pushback-ms") == "10" for trailers in shed)
+    assert admission["shed"] == len(shed), admission
+    assert admission["held_bytes"] == 0 and admission["inflight"] == 0, admission
