@@ -22,7 +22,13 @@ $(DESCRIPTORS): $(STAMP) $(wildcard protos/*.proto)
 	$(PY) setup.py --name >/dev/null
 	touch $(DESCRIPTORS)
 
-install: $(STAMP) $(DESCRIPTORS)
+# The Cython kernels, rebuilt in place whenever a .pyx or .pxd changes (a fresh .venv builds them).
+KERNELS := .venv/.kernels
+$(KERNELS): $(STAMP) $(wildcard ext/*.pyx ext/*.pxd)
+	$(PY) setup.py build_ext --inplace --quiet
+	touch $(KERNELS)
+
+install: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 
 # Regenerate the protocol descriptor set from protos/ unconditionally.
 protos: $(STAMP)
@@ -33,10 +39,10 @@ protos: $(STAMP)
 compile: $(STAMP)
 	$(PY) setup.py build_ext --inplace --quiet
 
-demo: $(STAMP) $(DESCRIPTORS)
+demo: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 	$(VENV)/bin/tensorgate demo
 
-test: $(STAMP) $(DESCRIPTORS) test-tools
+test: $(STAMP) $(DESCRIPTORS) $(KERNELS) test-tools
 	$(PY) -m pytest -q
 
 # What the tests need beside .venv: a real Prometheus server (tests/test_telemetry.py runs
@@ -58,7 +64,7 @@ test-tools:
 	echo "make test: installing the Debian package prometheus (the telemetry tests run a real Prometheus server)"; \
 	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
 
-bench: $(STAMP) $(DESCRIPTORS)
+bench: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_drift.py
 	$(PY) benchmarks/bench_telemetry.py

@@ -11,6 +11,9 @@ import contextlib
 import json
 import logging
 import os
+from pathlib import Path
+
+import grpc
 
 from gateway.admin.drift_service import SERVICE as DRIFT_SERVICE
 from gateway.admin.drift_service import DriftService
@@ -27,6 +30,9 @@ from gateway.routing.hedging import Hedging
 from gateway.routing.retry_budget import RetryBudget
 from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
+from gateway.security.guard import Guard
+from gateway.server.access import guarded
+from gateway.server.config import ServerTls
 from gateway.server.engines.grpcio import GrpcioEngine
 from gateway.server.health import SERVICE as HEALTH_SERVICE
 from gateway.server.health import HealthService
@@ -74,7 +80,8 @@ class Gateway:
             if tracing is not None:
                 self.pipeline.attach(observer=tracing.observer, trace_starter=tracing.start)
                 self.direct.traced_send = tracing.send
-        self.inference = InferenceService(self.pipeline, self.fleet, server_name=config.server.name)
+        self.guard = Guard.from_config(config.auth, config.limits)  # None: nothing to check, no call pays
+        self.inference = InferenceService(self.pipeline, self.fleet, server_name=config.server.name, guard=self.guard)
         self.health = HealthService(self.fleet)
         self._engine: GrpcioEngine | None = None
         self._sweeper: asyncio.Task | None = None
@@ -109,13 +116,14 @@ class Gateway:
     def methods(self) -> list:
         """Every gRPC method the gateway serves, on whichever engine."""
         services = [INFERENCE_SERVICE, DRIFT_SERVICE, GATEWAY_SERVICE, HEALTH_SERVICE]
-        return [
+        methods = [
             *self.inference.methods(),
             *DriftService(self.drift).methods(),
             *GatewayService(self.snapshot).methods(),
             *self.health.methods(),
             *ReflectionService(services).methods(),
         ]
+        return guarded(methods, self.guard, admin_services=(DRIFT_SERVICE, GATEWAY_SERVICE))
 
     @property
     def address(self) -> str:
@@ -143,10 +151,15 @@ class Gateway:
 
     async def start(self) -> "Gateway":
         """Start the stages and serve them with the grpc.aio engine on config.listen (port 0 picks one)."""
+        server = self.config.server
         engine = GrpcioEngine(
             self.config.listen, self.methods(),
-            max_receive_bytes=self.config.server.max_message_bytes,
+            max_receive_bytes=server.max_message_bytes,
             max_send_bytes=self.config.upstream.max_message_bytes,
+            credentials=None if server.tls is None else server_credentials(server.tls),
+            max_concurrent_streams=server.max_concurrent_streams,
+            initial_stream_window_bytes=server.http2_stream_window_bytes,
+            initial_connection_window_bytes=server.http2_connection_window_bytes,
         )
         await self.start_stages()
         self.port = await engine.start()
@@ -190,6 +203,7 @@ class Gateway:
             },
             "batching": self.batching.snapshot(),
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},
+            "tenants": {} if self.guard is None else self.guard.snapshot(),
         }
 
     async def wait(self) -> None:
@@ -201,6 +215,21 @@ class Gateway:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop(grace=0)
+
+
+def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    """The grpc.aio engine's TLS: the gateway's certificate, and client certificates verified
+    against client_ca_file when it is given (mutual TLS)."""
+
+    def contents(path: str) -> bytes:
+        with open(path, "rb") as stream:
+            return stream.read()
+
+    return grpc.ssl_server_credentials(
+        [(contents(tls.key_file), contents(tls.cert_file))],
+        root_certificates=None if tls.client_ca_file is None else contents(tls.client_ca_file),
+        require_client_auth=tls.mutual and tls.require_client_certificate,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -230,13 +259,19 @@ class EnvoyGateway:
         self.config = config
         mapping = {**mapping, "listen": config.listen}
         server = config.server
+        tls = server.tls
+        options = EnvoyOptions(
+            envoy_threads=server.envoy_threads, drain_s=max(1.0, server.grace_s),
+            max_concurrent_streams=server.max_concurrent_streams,
+            # Paths, not contents: Envoy reads the files itself and the key never enters its config.
+            tls_cert=None if tls is None else Path(tls.cert_file),
+            tls_key=None if tls is None else Path(tls.key_file),
+            tls_client_ca=None if tls is None or tls.client_ca_file is None else Path(tls.client_ca_file),
+            require_client_certificate=True if tls is None else tls.require_client_certificate,
+        )
         self.engine = EnvoyEngine(
             config.listen, "gateway.app:envoy_services", argument=json.dumps(mapping),
-            max_receive_bytes=server.max_message_bytes,
-            options=EnvoyOptions(envoy_threads=server.envoy_threads, drain_s=max(1.0, server.grace_s),
-                                 initial_stream_window_bytes=server.http2_stream_window_bytes,
-                                 initial_connection_window_bytes=server.http2_connection_window_bytes),
-            stderr=stderr,
+            max_receive_bytes=server.max_message_bytes, options=options, stderr=stderr,
         )
         self.port: int | None = None
 

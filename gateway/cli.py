@@ -50,12 +50,16 @@ async def _serve(config, mapping) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.config import config_from_mapping, read_config_mapping
+    from gateway.security.guard import Guard
 
     try:
         mapping = read_config_mapping(args.config)
         config = config_from_mapping(mapping)
         if args.listen:
             config = config.with_listen(args.listen)
+        # Credentials are read here once too, so a missing one is exit 2 naming it (on the envoy
+        # engine the gateway itself reads them inside Envoy, where it could only fail the start).
+        Guard.from_config(config.auth, config.limits)
     except ConfigError as error:
         print(f"tensorgate: invalid config {args.config}: {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -13,7 +13,9 @@ streams and connections per backend), `health` (check interval), `outlier` (pass
 backends that fail or stall), `admission` (load shedding: limits on requests and bytes held),
 `routing` (retries, retry budget), `batching` (gateway-side dynamic batching, per model), `drift` (drift
 monitoring of model inputs and outputs, alerts and retraining captures), `telemetry` (OpenTelemetry
-metrics: a Prometheus scrape endpoint and/or OTLP export). Each stage owns its dataclass; this module composes them.
+metrics: a Prometheus scrape endpoint and/or OTLP export), `auth` (tenants: bearer tokens or API keys,
+model allow-lists, rates) and `limits` (what one request may hold). Each stage owns its dataclass;
+this module composes them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gateway.drift.config import DriftConfig
 from gateway.errors import ConfigError
 from gateway.pipeline.config import AdmissionConfig
 from gateway.routing.config import ModelRoute, RoutingConfig
+from gateway.security.config import AuthConfig, LimitsConfig
 from gateway.server.config import ServerConfig
 from gateway.telemetry.config import TelemetryConfig
 from gateway.upstream.config import HealthConfig, OutlierConfig, PoolConfig, UpstreamConfig, parse_address
@@ -54,6 +57,10 @@ class GatewayConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    auth: AuthConfig | None = None
+    """Tenants, their credentials, model allow-lists and rates; None (the default): no authentication."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """What one inference request may hold (tensors, BYTES element size, per-model message size)."""
 
     def validate(self, path: str) -> None:
         host, port = self.listen.rpartition(":")[::2]

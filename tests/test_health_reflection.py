@@ -103,8 +103,10 @@ def test_admin_snapshot_reports_the_live_state(gateway, tritons):
     before = gateway.admin_snapshot()
     client.infer("simple_scale", [tensor])
     after = gateway.admin_snapshot()
-    assert set(after) == {"backends", "discovery", "routing", "sequences", "batching", "drift", "resilience"}
+    assert set(after) == {"backends", "discovery", "routing", "sequences", "batching", "drift", "tenants",
+                          "resilience"}
     assert after["discovery"] == {}  # no pool of the shared gateway is found by DNS
+    assert after["tenants"] == {}  # no auth configured
     assert {address: b["pool"] for address, b in after["backends"].items()} == {
         tritons[0].grpc_address: "primary", tritons[1].grpc_address: "secondary"}
     assert all(b["health"] == "healthy" for b in after["backends"].values())

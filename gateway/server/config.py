@@ -3,12 +3,66 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import ssl
 import sys
 from dataclasses import dataclass
 
 ENGINES = ("auto", "envoy", "grpcio")
 
 from gateway.errors import ConfigError
+
+
+def check_readable(path: str, key: str) -> None:
+    """ConfigError naming `key` unless `path` is a file this process can read."""
+    if not os.path.isfile(path):
+        raise ConfigError(key, f"no such file: {path!r}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(key, f"cannot read {path!r} (permissions)")
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS on the front door: the gateway's certificate, and optionally mutual TLS.
+
+        server:
+          tls:
+            cert_file: /etc/tensorgate/tls.crt        # PEM, the chain: leaf first
+            key_file: /etc/tensorgate/tls.key         # PEM private key
+            client_ca_file: /etc/tensorgate/ca.crt    # optional: mutual TLS
+    """
+
+    cert_file: str
+    """PEM certificate chain the gateway presents."""
+    key_file: str
+    """PEM private key of that certificate (read by the engine; never logged)."""
+    client_ca_file: str | None = None
+    """PEM CA bundle: with it, clients must present a certificate issued by one of these CAs
+    (mutual TLS); a client without one, or with one from another CA, fails the handshake."""
+    require_client_certificate: bool = True
+    """With client_ca_file: false lets clients without a certificate in (those that present one
+    must still present a valid one)."""
+
+    def validate(self, path: str) -> None:
+        check_readable(self.cert_file, f"{path}.cert_file")
+        check_readable(self.key_file, f"{path}.key_file")
+        # Loaded once here so that a bad PEM or a key of another certificate is a config error
+        # naming the key, not an engine that fails to start (ssl's messages never show key material).
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, ValueError) as error:
+            raise ConfigError(f"{path}.key_file", f"not a PEM certificate chain and its private key: {error}") from None
+        if self.client_ca_file is not None:
+            check_readable(self.client_ca_file, f"{path}.client_ca_file")
+            try:
+                context.load_verify_locations(self.client_ca_file)
+            except ssl.SSLError as error:
+                raise ConfigError(f"{path}.client_ca_file", f"not a PEM CA bundle: {error}") from None
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca_file is not None
 
 
 @dataclass(frozen=True)
@@ -31,6 +85,14 @@ class ServerConfig:
     3.11+), grpcio otherwise."""
     envoy_threads: int | None = None
     """envoy engine: Envoy's worker threads (its C++ side); None: one per core."""
+    tls: ServerTls | None = None
+    """TLS (and mutual TLS) on the front door; None: plaintext (loopback or behind a TLS proxy)."""
+    max_concurrent_streams: int = 1024
+    """HTTP/2 streams one client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS,
+    both engines): bounds what one connection can make the gateway hold, against stream floods and
+    rapid reset. Clients queue calls beyond it (gRPC clients wait for a free stream; nothing fails).
+    Envoy also closes a connection whose streams are mostly reset before they are answered (its
+    premature-reset protection, on by default); grpc.aio has its own."""
 
     http2_stream_window_bytes: int = 1024 * 1024
     """envoy engine: the HTTP/2 flow-control window of a call (Envoy's default, 256 MiB, lets a
@@ -60,5 +122,7 @@ class ServerConfig:
         for name in ("http2_stream_window_bytes", "http2_connection_window_bytes"):
             if not 65535 <= getattr(self, name) <= 2**31 - 1:
                 raise ConfigError(f"{path}.{name}", "expected 65535 to 2147483647 bytes (HTTP/2's range)")
+        if not 1 <= self.max_concurrent_streams <= 2**31 - 1:
+            raise ConfigError(f"{path}.max_concurrent_streams", "expected an integer from 1 to 2147483647")
         if self.grace_s < 0:
             raise ConfigError(f"{path}.grace_s", "expected zero or more seconds")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import ssl
 from dataclasses import dataclass, field
 
 from gateway.errors import ConfigError
@@ -103,6 +105,60 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamTls:
+    """TLS toward every backend: gRPC (inference streams, health checks, metadata) and HTTP.
+
+        upstream:
+          tls:
+            ca_file: /etc/tensorgate/backend-ca.crt   # verify backends against this CA
+            cert_file: /etc/tensorgate/client.crt     # optional: the gateway's client certificate
+            key_file: /etc/tensorgate/client.key      #   (backends that require mutual TLS)
+            server_name: triton.internal              # optional: the name backend certificates carry
+    """
+
+    ca_file: str | None = None
+    """PEM CA bundle the backends' certificates are verified against; None: the system's CAs."""
+    cert_file: str | None = None
+    """PEM client certificate chain the gateway presents to backends (mutual TLS)."""
+    key_file: str | None = None
+    """PEM private key of cert_file."""
+    server_name: str | None = None
+    """The name backend certificates are verified against (and sent as SNI); None: each backend's
+    host as written in `backends`."""
+
+    def validate(self, path: str) -> None:
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, key)
+            if value is not None and not os.access(value, os.R_OK):
+                raise ConfigError(f"{path}.{key}", f"cannot read file {value!r}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError(f"{path}.cert_file", "expected cert_file and key_file together (or neither)")
+        try:
+            self.ssl_context()  # a bad PEM or a key of another certificate: a config error, at load
+        except (ssl.SSLError, ValueError) as error:
+            raise ConfigError(path, f"cannot load the TLS files: {error}") from None
+
+    def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(CA, key, certificate chain) as PEM bytes, as grpc.ssl_channel_credentials takes them."""
+
+        def contents(name: str | None) -> bytes | None:
+            if name is None:
+                return None
+            with open(name, "rb") as stream:
+                return stream.read()
+
+        return contents(self.ca_file), contents(self.key_file), contents(self.cert_file)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client SSL context of the HTTP upstream: verifies the backend, may present ours."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+
+@dataclass(frozen=True)
 class DiscoveryConfig:
     """How pools with `dns:` are resolved (gateway/upstream/discovery.py)."""
 
@@ -173,6 +229,8 @@ class UpstreamConfig:
     `http_backends`."""
     http_connect_timeout_s: float = 2.0
     """`http`: a connection not established in this time fails the request with UNAVAILABLE."""
+    tls: UpstreamTls | None = None
+    """TLS toward the backends (both transports, health checks and metadata too); None: plaintext."""
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     """How pools with `dns:` find their backends (interval, nameservers, drain time)."""
 

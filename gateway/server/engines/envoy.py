@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import importlib
 import inspect
 import json
@@ -90,7 +91,10 @@ def metadata_of(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | by
         if name.endswith("-bin"):
             for part in value.split(b","):
                 part = part.strip()
-                metadata.append((name, base64.b64decode(part + b"=" * (-len(part) % 4))))
+                try:
+                    metadata.append((name, base64.b64decode(part + b"=" * (-len(part) % 4))))
+                except binascii.Error:  # not base64: the client's own garbage, passed on as sent
+                    metadata.append((name, part))
         else:
             metadata.append((name, value.decode("latin-1")))
     return tuple(metadata)
@@ -105,22 +109,28 @@ def peer_of(scope: dict) -> str:
     return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
-def _trailers_only(code: grpc.StatusCode, message: str, metadata: tuple = ()) -> dict:
+def _metadata_headers(trailers) -> list[tuple[bytes, bytes]]:
+    return [(key.encode("latin-1"), value.encode("latin-1")) for key, value in trailers]
+
+
+def _trailers_only(code: grpc.StatusCode, message: str, trailers=()) -> dict:
     headers = [(b"content-type", _GRPC), (b"grpc-accept-encoding", grpc_wire.ACCEPT_ENCODING),
                (b"grpc-status", status_bytes(code))]
     if message:
         headers.append((b"grpc-message", percent_encode(message)))
-    for key, value in metadata:  # e.g. grpc-retry-pushback-ms (ASCII keys and values)
-        headers.append((key.encode("ascii"), value.encode("ascii")))
+    if trailers:
+        headers += _metadata_headers(trailers)
     return {"type": "http.response.start", "status": 200, "headers": headers, "trailers": False}
 
 
-def _trailers(code: grpc.StatusCode, message: str) -> dict:
+def _trailers(code: grpc.StatusCode, message: str, trailers=()) -> dict:
     if code is grpc.StatusCode.OK:
         return _OK_TRAILERS
     headers = [(b"grpc-status", status_bytes(code))]
     if message:
         headers.append((b"grpc-message", percent_encode(message)))
+    if trailers:
+        headers += _metadata_headers(trailers)
     return {"type": "http.response.trailers", "headers": headers, "more_trailers": False}
 
 
@@ -221,7 +231,7 @@ class GrpcAsgiApp:
         except WireError as error:
             await self._end_early(send, error.code, error.message)
             return
-        call = Call(deadline, partial(metadata_of, scope["headers"]), partial(peer_of, scope))
+        call = Call(deadline, partial(metadata_of, scope["headers"]), partial(peer_of, scope), headers)
         if method.streaming:
             await self._stream(method, call, inflate, receive, send)
         else:
@@ -231,7 +241,7 @@ class GrpcAsgiApp:
 
     async def _unary(self, method: Method, call: Call, inflate, receive: Callable, send: Callable) -> None:
         watch = watched = None
-        metadata = ()
+        trailers = ()
         gate = method.gate
         held = [0]  # bytes admitted by the method's gate, released however the call ends
         try:
@@ -256,7 +266,7 @@ class GrpcAsgiApp:
             code, message = error.code, error.message
         except Exception as error:
             code, message = status_of(error, method.path)
-            metadata = trailers_of(error)
+            trailers = trailers_of(error)
         else:
             if watched is not None:
                 watch.discard(watched)
@@ -279,7 +289,7 @@ class GrpcAsgiApp:
                 watch.discard(watched)
             if held[0]:
                 gate.release(held[0])
-        await self._end_early(send, code, message, metadata)
+        await self._end_early(send, code, message, trailers)
 
     async def _read_one(self, receive: Callable, inflate, gate=None, held: list | None = None) -> bytes | None:
         """The one request message of a unary call (None: the client disconnected).
@@ -332,6 +342,7 @@ class GrpcAsgiApp:
         watched = None
         started = False
         responses = watch = None
+        trailers = ()
         try:
             if call.deadline is not None:
                 if call.deadline <= time.monotonic():
@@ -361,6 +372,7 @@ class GrpcAsgiApp:
             code, message = error.code, error.message
         except Exception as error:
             code, message = status_of(error, method.path)
+            trailers = trailers_of(error)
         else:
             code, message = grpc.StatusCode.OK, ""
         finally:
@@ -370,11 +382,11 @@ class GrpcAsgiApp:
                 await _quietly(responses.aclose())
             await _quietly(requests.aclose())
         if not started:
-            await self._end_early(send, code, message)
+            await self._end_early(send, code, message, trailers)
             return
         try:
             await send(_END_BODY)
-            await send(_trailers(code, message))
+            await send(_trailers(code, message, trailers))
         except OSError:
             pass
 
@@ -393,10 +405,10 @@ class GrpcAsgiApp:
 
     # ------------------------------------------------------------------------------- endings
 
-    async def _end_early(self, send: Callable, code: grpc.StatusCode, message: str, metadata: tuple = ()) -> None:
+    async def _end_early(self, send: Callable, code: grpc.StatusCode, message: str, trailers=()) -> None:
         """A trailers-only response: the status in the only HEADERS frame, which ends the stream."""
         try:
-            await send(_trailers_only(code, message, metadata))
+            await send(_trailers_only(code, message, trailers))
             await send(_END_BODY)
         except OSError:
             pass

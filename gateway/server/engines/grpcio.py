@@ -37,10 +37,7 @@ def _unary(method: Method) -> Callable:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            trailers = trailers_of(error)
-            if trailers:
-                context.set_trailing_metadata(trailers)
-            await context.abort(*status_of(error, method.path))
+            await context.abort(*status_of(error, method.path), trailers_of(error))
 
     return serve
 
@@ -55,17 +52,13 @@ def _gated_unary(method: Method) -> Callable:
         try:
             gate.admit(size)
         except Exception as error:
-            context.set_trailing_metadata(trailers_of(error))
-            await context.abort(*status_of(error, method.path))
+            await context.abort(*status_of(error, method.path), trailers_of(error))
         try:
             return await handler(raw, _call(context))
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            trailers = trailers_of(error)
-            if trailers:
-                context.set_trailing_metadata(trailers)
-            await context.abort(*status_of(error, method.path))
+            await context.abort(*status_of(error, method.path), trailers_of(error))
         finally:
             gate.release(size)
 
@@ -82,7 +75,7 @@ def _streaming(method: Method) -> Callable:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            await context.abort(*status_of(error, method.path))
+            await context.abort(*status_of(error, method.path), trailers_of(error))
 
     return serve
 
@@ -100,17 +93,26 @@ def generic_handlers(methods: list[Method]) -> list[grpc.GenericRpcHandler]:
 
 
 class GrpcioEngine:
-    """A grpc.aio server on `listen` ("host:port"; port 0 picks one) serving `methods`."""
+    """A grpc.aio server on `listen` ("host:port"; port 0 picks one) serving `methods`.
 
-    def __init__(self, listen: str, methods: list[Method], max_receive_bytes: int, max_send_bytes: int) -> None:
+    credentials          grpc.ssl_server_credentials for TLS (mutual TLS when they require client
+                         certificates); None: plaintext
+    max_concurrent_streams  HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection; None: grpc's default
+    """
+
+    def __init__(self, listen: str, methods: list[Method], max_receive_bytes: int, max_send_bytes: int,
+                 *, credentials: grpc.ServerCredentials | None = None,
+                 max_concurrent_streams: int | None = None) -> None:
         self.listen = listen
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", max_receive_bytes),
-                ("grpc.max_send_message_length", max_send_bytes),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        self._credentials = credentials
+        options = [
+            ("grpc.max_receive_message_length", max_receive_bytes),
+            ("grpc.max_send_message_length", max_send_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        if max_concurrent_streams is not None:
+            options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
+        self._server = grpc.aio.server(options=options)
         self._server.add_generic_rpc_handlers(generic_handlers(methods))
         self.port: int | None = None
 
@@ -119,7 +121,10 @@ class GrpcioEngine:
 
     async def start(self) -> int:
         """Bind and serve; returns the port."""
-        port = self._server.add_insecure_port(self.listen)
+        if self._credentials is None:
+            port = self._server.add_insecure_port(self.listen)
+        else:
+            port = self._server.add_secure_port(self.listen, self._credentials)
         if not port:
             raise OSError(f"cannot listen on {self.listen}")
         await self._server.start()
