@@ -158,8 +158,6 @@ class Gateway:
             max_send_bytes=self.config.upstream.max_message_bytes,
             credentials=None if server.tls is None else server_credentials(server.tls),
             max_concurrent_streams=server.max_concurrent_streams,
-            initial_stream_window_bytes=server.http2_stream_window_bytes,
-            initial_connection_window_bytes=server.http2_connection_window_bytes,
         )
         await self.start_stages()
         self.port = await engine.start()
@@ -263,6 +261,8 @@ class EnvoyGateway:
         options = EnvoyOptions(
             envoy_threads=server.envoy_threads, drain_s=max(1.0, server.grace_s),
             max_concurrent_streams=server.max_concurrent_streams,
+            initial_stream_window_bytes=server.http2_stream_window_bytes,
+            initial_connection_window_bytes=server.http2_connection_window_bytes,
             # Paths, not contents: Envoy reads the files itself and the key never enters its config.
             tls_cert=None if tls is None else Path(tls.cert_file),
             tls_key=None if tls is None else Path(tls.key_file),
