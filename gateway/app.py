@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 
+from gateway.server.model_statistics import GatewayCounts
+
 from gateway.admin.drift_service import SERVICE as DRIFT_SERVICE
 from gateway.admin.drift_service import DriftService
 from gateway.admin.gateway_service import SERVICE as GATEWAY_SERVICE
@@ -28,6 +30,7 @@ from gateway.protocol import INFERENCE_SERVICE
 from gateway.routing.dispatcher import DirectDispatcher
 from gateway.routing.hedging import Hedging
 from gateway.routing.retry_budget import RetryBudget
+from gateway.routing.mirror import Mirror
 from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
 from gateway.security.guard import Guard
@@ -39,8 +42,12 @@ from gateway.server.health import HealthService
 from gateway.server.inference import InferenceService
 from gateway.server.reflection import ReflectionService
 from gateway.telemetry.stage import GatewayView, TelemetryStage
+from gateway.traffic.stage import TrafficStage
 from gateway.upstream.catalog import ModelCatalog
 from gateway.upstream.fleet import Fleet
+from gateway.workers.link import WorkerLink
+from gateway.workers.report import BackendGauge, BatchedGauge, WorkerReport
+from gateway.workers.role import WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +62,38 @@ class Gateway:
     grpc.aio channels bind to that loop.
     """
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, worker: WorkerRole | None = None) -> None:
+        """`worker`: this gateway is one worker of several (gateway/workers/): it serves with
+        SO_REUSEPORT, ships its counters and drift rows to its parent's hub, and answers
+        ModelStatistics, the admin snapshot and drift calls with the merged view."""
         self.config = config
+        self.worker = worker
+        self.link = WorkerLink(worker) if worker is not None else None
         self.fleet = Fleet(config.pools, config.upstream, config.health, config.outlier)
         self.catalog = ModelCatalog(self.fleet)
-        self.router = Router(self.fleet, config.models)
+        self.router = Router(
+            self.fleet, config.models, config=config.routing,
+            pool_costs={name: pool.cost for name, pool in config.pools.items()},
+        )
         self.sequences = SequenceTable()
         routing = config.routing
         self.direct = DirectDispatcher(
-            self.router, self.sequences, routing.retry_unavailable, max_attempts=routing.max_attempts,
+            self.router, self.sequences, routing.retry_unavailable,
+            probes=Mirror(routing.probe_max_in_flight), max_attempts=routing.max_attempts,
             budget=RetryBudget(routing.retry_budget_ratio, routing.retry_budget_min_per_s),
-            hedging=Hedging(routing.hedge_min_delay_ms / 1e3) if routing.hedge_after_p95 else None)
+            hedging=Hedging(routing.hedge_min_delay_ms / 1e3) if routing.hedge_after_p95 else None,
+        )
         self.batching = BatchingDispatcher(self.direct, config.batching, self.router)
         self.pipeline = Pipeline(self.catalog, self.router.routes, self.batching, Admission(config.admission))
+        self.traffic = TrafficStage(self.router, config.models)
+        self.pipeline.version_pickers = self.traffic.pickers  # the same dict: a new split applies at once
+        self.pipeline.attach(observer=self.traffic.observer)
         self.fleet.on_change(self.pipeline.forget_unversioned)
-        self.drift = DriftStage(config.drift)
+        self.drift = DriftStage(config.drift, forward=self.link.forward_drift if self.link is not None else None)
         if self.drift.monitors:
             self.pipeline.attach(observer=self.drift.observer)
-        self.telemetry = TelemetryStage(config.telemetry, self._view()) if config.telemetry.enabled else None
+        self.telemetry = (TelemetryStage(config.telemetry, self._view(), export_metrics=self.link is None)
+                          if config.telemetry.enabled else None)
         if self.telemetry is not None:
             self.pipeline.attach(observer=self.telemetry.observer, refusal_observer=self.telemetry.refusal_observer)
             self.drift.hooks.append(self.telemetry.drift_hook)
@@ -81,7 +102,8 @@ class Gateway:
                 self.pipeline.attach(observer=tracing.observer, trace_starter=tracing.start)
                 self.direct.traced_send = tracing.send
         self.guard = Guard.from_config(config.auth, config.limits)  # None: nothing to check, no call pays
-        self.inference = InferenceService(self.pipeline, self.fleet, server_name=config.server.name, guard=self.guard)
+        self.inference = InferenceService(self.pipeline, self.fleet, server_name=config.server.name, guard=self.guard,
+                                          peer_counts=self.link.peer_counts if self.link is not None else None)
         self.health = HealthService(self.fleet)
         self._engine: GrpcioEngine | None = None
         self._sweeper: asyncio.Task | None = None
@@ -101,6 +123,8 @@ class Gateway:
             batched_models=self.batching.batched_models,
             drift_monitors=lambda: self.drift.monitors,
             resilience=self._resilience_counts,
+            shadow_copies=self.traffic.shadow_copies,
+            service_times=self.router.service_times,
         )
 
     def _resilience_counts(self) -> dict:
@@ -116,10 +140,15 @@ class Gateway:
     def methods(self) -> list:
         """Every gRPC method the gateway serves, on whichever engine."""
         services = [INFERENCE_SERVICE, DRIFT_SERVICE, GATEWAY_SERVICE, HEALTH_SERVICE]
+        drift = DriftService(self.drift).methods()
+        snapshot = self.snapshot
+        if self.link is not None:  # the drift windows and the merged state live in the parent's hub
+            drift = self.link.proxy(drift)
+            snapshot = self._merged_snapshot
         methods = [
             *self.inference.methods(),
-            *DriftService(self.drift).methods(),
-            *GatewayService(self.snapshot).methods(),
+            *drift,
+            *GatewayService(snapshot, self.traffic).methods(),
             *self.health.methods(),
             *ReflectionService(services).methods(),
         ]
@@ -134,17 +163,24 @@ class Gateway:
         """Warm the drift kernels, start telemetry, check every backend once, sweep idle sequences."""
         if self.drift.monitors:
             await self.drift.start()
+        await self.traffic.start()
         if self.telemetry is not None:
             self.telemetry.start()
         await self.fleet.start()
         self._sweeper = asyncio.ensure_future(self._sweep_sequences())
+        if self.link is not None:
+            await self.link.start(self._report)
 
     async def stop_stages(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
         await self.batching.close()
+        await self.traffic.close()
+        await self.direct.probes.close()
         await self.drift.close()
+        if self.link is not None:
+            await self.link.close()  # the last report: this worker's final counts
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.close)  # a final OTLP export may wait on the network
         await self.fleet.close()
@@ -156,6 +192,7 @@ class Gateway:
             self.config.listen, self.methods(),
             max_receive_bytes=server.max_message_bytes,
             max_send_bytes=self.config.upstream.max_message_bytes,
+            reuse_port=self.worker is not None,
             credentials=None if server.tls is None else server_credentials(server.tls),
             max_concurrent_streams=server.max_concurrent_streams,
         )
@@ -179,7 +216,9 @@ class Gateway:
 
     def snapshot(self) -> dict:
         """Live state for people and tests: backends (health: healthy, unhealthy, unknown, or
-        draining after leaving DNS), DNS discovery per pool, routing decisions, batching per model."""
+        draining after leaving DNS), DNS discovery per pool, routing decisions, placement (per model
+        version and pool: gate, service time, predicted latency), traffic (splits, per-version
+        counters, shadows), batching per model."""
         return {
             "backends": {
                 b.address: {"pool": b.pool, "health": b.health.value, "detail": b.health_detail,
@@ -192,6 +231,9 @@ class Gateway:
                 for pool, d in self.fleet.discovery.items()
             },
             "routing": {f"{pool}/{reason}": count for (pool, reason), count in sorted(self.router.decisions.items())},
+            "placement": self.router.placement(),
+            "probes": self.direct.probes.statistics(),
+            "traffic": self.traffic.snapshot(),
             "sequences": len(self.sequences),
             "resilience": {
                 "outliers": self.fleet.outliers.snapshot(),
@@ -203,6 +245,31 @@ class Gateway:
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},
             "tenants": {} if self.guard is None else self.guard.snapshot(),
         }
+
+    async def _merged_snapshot(self) -> dict:
+        return await self.link.merged_snapshot(self.snapshot())
+
+    def _report(self) -> WorkerReport:
+        """What this worker ships to its parent's hub (gateway/workers/report.py)."""
+        report = WorkerReport(self.worker.worker_id, os.getpid(), sequences=len(self.sequences))
+        report.routing = dict(self.router.decisions)
+        report.backends = [BackendGauge(b.address, b.pool, b.healthy, b.outstanding, b.health.value,
+                                        b.health_detail, b.served, b.failed) for b in self.fleet.backends()]
+        report.batching = [BatchedGauge(name, version, dict(counters.batch_sizes), waiting)
+                           for name, version, counters, waiting in self.batching.batched_models()]
+        for entry in self.pipeline.entries():
+            own, batched = entry.counters, self.batching.batch_counters(entry.name, entry.version)
+            report.counts[(entry.name, entry.version)] = GatewayCounts(
+                own.success_count, own.success_ns, own.fail_count, own.fail_ns, own.last_inference_ms,
+                batched.requests if batched is not None else 0,
+                int(batched.queue_delay_s_total * 1e9) if batched is not None else 0)
+        report.snapshot = {"batching": self.batching.snapshot()}
+        if self.telemetry is not None:
+            aggregates = self.telemetry.aggregates
+            report.requests = aggregates.snapshot()
+            report.backend_time = aggregates.backend_time.snapshot()
+            report.queue_time = aggregates.queue_time.snapshot()
+        return report
 
     async def wait(self) -> None:
         if self._engine is not None:
@@ -235,7 +302,7 @@ async def envoy_services(config_json: str):
     """The envoy engine's services factory (gateway/server/engines/envoy.py): inside Envoy's process,
     on its event loop, build the Gateway from its config (the JSON of the config mapping), start its
     stages, serve its Methods, and stop the stages when Envoy shuts down."""
-    gateway = Gateway(config_from_mapping(json.loads(config_json)))
+    gateway = Gateway(config_from_mapping(json.loads(config_json)), worker=WorkerRole.from_environment())
     await gateway.start_stages()
     log.info("tensorgate stages ready in Envoy (pid %d); %r", os.getpid(), gateway.fleet)
     try:
@@ -249,9 +316,10 @@ class EnvoyGateway:
     running inside the Envoy process (`envoy_services`). Same shape as Gateway's serving half:
     `start()`, `address`, `stop(grace)`, `wait()`; its live state is the admin GetSnapshot."""
 
-    def __init__(self, config: GatewayConfig, mapping: dict, stderr=None) -> None:
+    def __init__(self, config: GatewayConfig, mapping: dict, stderr=None, worker: WorkerRole | None = None) -> None:
         """`mapping` is the config as read (YAML or a dict), which the Envoy process loads again;
-        `stderr`: where the Envoy process's standard error goes (a file; None: this process's)."""
+        `stderr`: where the Envoy process's standard error goes (a file; None: this process's);
+        `worker`: one worker of several (Envoy listens with reuse_port; its gateway reports to the hub)."""
         from gateway.server.engines.envoy_server import EnvoyEngine, EnvoyOptions
 
         self.config = config
@@ -268,10 +336,12 @@ class EnvoyGateway:
             tls_key=None if tls is None else Path(tls.key_file),
             tls_client_ca=None if tls is None or tls.client_ca_file is None else Path(tls.client_ca_file),
             require_client_certificate=True if tls is None else tls.require_client_certificate,
+            reuse_port=worker is not None,
         )
         self.engine = EnvoyEngine(
             config.listen, "gateway.app:envoy_services", argument=json.dumps(mapping),
             max_receive_bytes=server.max_message_bytes, options=options, stderr=stderr,
+            env=worker.environment() if worker is not None else None,
         )
         self.port: int | None = None
 
@@ -295,9 +365,11 @@ class EnvoyGateway:
         await self.engine.wait()
 
 
-def serving_gateway(config: GatewayConfig, mapping: dict, envoy_stderr=None) -> "Gateway | EnvoyGateway":
+def serving_gateway(config: GatewayConfig, mapping: dict, envoy_stderr=None,
+                    worker: WorkerRole | None = None) -> "Gateway | EnvoyGateway":
     """The gateway on the engine its config names (`server.engine`); `envoy_stderr`: where the
-    Envoy process's standard error goes on the envoy engine (a file; None: this process's)."""
+    Envoy process's standard error goes on the envoy engine (a file; None: this process's);
+    `worker`: this process is one worker of several (gateway/workers/)."""
     if config.server.resolved_engine() == "envoy":
-        return EnvoyGateway(config, mapping, stderr=envoy_stderr)
-    return Gateway(config)
+        return EnvoyGateway(config, mapping, stderr=envoy_stderr, worker=worker)
+    return Gateway(config, worker=worker)

@@ -34,24 +34,54 @@ def _install_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config, mapping) -> None:
+async def _serve(config, mapping, worker=None) -> None:
     from gateway.app import serving_gateway
 
-    gateway = serving_gateway(config, mapping)
+    gateway = serving_gateway(config, mapping, worker=worker)
     await gateway.start()
     print(f"tensorgate serving on {gateway.address} ({config.server.resolved_engine()} engine)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if worker is not None:
+        # The parent forwards SIGHUP to every worker; SIGHUP's default action would end them all at
+        # once. Until the gateway reloads its config on SIGHUP, a worker says so and keeps serving.
+        loop.add_signal_handler(signal.SIGHUP, lambda: logging.getLogger("gateway.cli").warning(
+            "worker %d: SIGHUP received; config reload is not supported here, still serving", worker.worker_id))
     await stop.wait()
     await gateway.stop()
 
 
+def _worker_count(args: argparse.Namespace, config) -> int:
+    """--workers, else server.workers; `auto`: the cores this process may run on."""
+    if args.workers is None:
+        return config.server.resolved_workers()
+    if args.workers == "auto":
+        return len(os.sched_getaffinity(0))
+    if not args.workers.isdigit() or int(args.workers) < 1:
+        raise ConfigError("--workers", f"expected a number of processes (1 or more) or auto, got {args.workers!r}")
+    return int(args.workers)
+
+
+async def _supervise(config, config_path: str, count: int, listen: str | None, verbose: bool) -> int:
+    from gateway.workers.supervisor import Supervisor
+
+    def ready(supervisor) -> None:
+        port = supervisor.hub.prometheus_port
+        metrics = "" if port is None else f"; metrics on http://{config.telemetry.prometheus_host}:{port}/metrics"
+        print(f"tensorgate serving on {supervisor.address} ({config.server.resolved_engine()} engine, "
+              f"{count} workers, parent pid {os.getpid()}{metrics})", flush=True)
+
+    return await Supervisor(config, config_path, count, listen=listen, verbose=verbose).run(on_ready=ready)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.config import config_from_mapping, read_config_mapping
+    from gateway.workers.role import WorkerRole
     from gateway.security.guard import Guard
 
+    worker = WorkerRole.from_environment()  # set by the parent of several workers
     try:
         mapping = read_config_mapping(args.config)
         config = config_from_mapping(mapping)
@@ -60,11 +90,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Credentials are read here once too, so a missing one is exit 2 naming it (on the envoy
         # engine the gateway itself reads them inside Envoy, where it could only fail the start).
         Guard.from_config(config.auth, config.limits)
+        count = 1 if worker is not None else _worker_count(args, config)
     except ConfigError as error:
         print(f"tensorgate: invalid config {args.config}: {error}", file=sys.stderr)
         return EXIT_CONFIG
     _install_loop()
-    asyncio.run(_serve(config, mapping))
+    if count > 1:
+        return asyncio.run(_supervise(config, args.config, count, args.listen, args.verbose))
+    asyncio.run(_serve(config, mapping, worker))
     return 0
 
 
@@ -121,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True, help="YAML config file")
     serve.add_argument("--listen", help="override the config's listen address (host:port)")
+    serve.add_argument("--workers", help="worker processes on the one port (server.workers): a number, or auto "
+                                         "for one per available core; 1 (default) serves in this process")
     serve.set_defaults(run=cmd_serve)
 
     local = commands.add_parser("local-triton", help="run one local Triton server from the nvidia-pytriton wheel")

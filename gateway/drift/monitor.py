@@ -555,6 +555,14 @@ class ModelMonitor:
         gateway's per-request cost is a few list appends (DriftStage calls this once per event-loop
         turn with that turn's requests). A sub-window that fills is evaluated after the whole call.
         """
+        groups = self.sample(pairs)
+        if groups:
+            self.count(groups)
+
+    def sample(self, pairs) -> dict[tuple, list]:
+        """The sampled requests' watched tensors, joined: {(kind, name, datatype, trailing shape):
+        [rows, [raw parts]]} (empty when none was sampled). What `count` takes, here or in the
+        process that merges several workers' windows (gateway/workers/)."""
         step, period = self._sample_step, self._sample_period
         credit = self._sample_credit
         sampled = []
@@ -564,10 +572,10 @@ class ModelMonitor:
                 credit -= period
                 sampled.append(pair)
         self._sample_credit = credit
-        if not sampled:
-            return
-        self.sampled += len(sampled)
         groups: dict[tuple, list] = {}  # (kind, name, datatype, trailing shape) -> [rows, raw parts]
+        if not sampled:
+            return groups
+        self.sampled += len(sampled)
         watch_inputs, watch_outputs = self._watch_inputs, self._watch_outputs
         for request, response in sampled:
             raw_inputs = request.raw_input_contents
@@ -580,6 +588,10 @@ class ModelMonitor:
                 for index, tensor in enumerate(response.outputs):
                     if tensor.name in watch_outputs and index < len(raw_outputs):
                         _add(groups, "output", tensor, raw_outputs[index])
+        return groups
+
+    def count(self, groups: dict[tuple, list]) -> None:
+        """Count sampled tensors (`sample`'s groups) into the windows; evaluate a window that filled."""
         closed = False
         sample: dict[str, np.ndarray] = {}
         for (kind, name, datatype, trailing), (rows, parts) in groups.items():

@@ -44,6 +44,9 @@ class Pipeline:
         self.observers: list[Observer] = [self._count]
         self.refusal_observers: list[RefusalObserver] = []
         self.trace_starter: TraceStarter | None = None
+        self.version_pickers: dict[str, Callable] = {}
+        """model -> pick(request, metadata): sets the version of a request that names none (a traffic
+        split; gateway/traffic/). Runs before the model is resolved; empty: nothing to pick."""
         self._entries: dict[tuple[str, str], ModelEntry] = {}
 
     def attach(
@@ -67,6 +70,16 @@ class Pipeline:
     def traced(self) -> bool:
         """Whether requests may be traced (the front door then reads each call's metadata)."""
         return self.trace_starter is not None
+
+    @property
+    def reads_metadata(self) -> bool:
+        """Whether the front door should hand each call's metadata over (tracing, or a traffic split's sticky key)."""
+        return self.trace_starter is not None or bool(self.version_pickers)
+
+    def _pick_version(self, request, metadata) -> None:
+        picker = self.version_pickers.get(request.model_name)
+        if picker is not None:
+            picker(request, metadata)
 
     def __repr__(self) -> str:
         return f"<Pipeline models={len(self._entries)} observers={len(self.observers)}>"
@@ -174,6 +187,8 @@ class Pipeline:
         """One response for one request (ModelInfer). `metadata`: the call's gRPC metadata (trace
         context); `size`: the request's serialized bytes (what the model's gate counts)."""
         started = time.perf_counter_ns()
+        if self.version_pickers:
+            self._pick_version(request, metadata)
         # No coroutine layer for a model already resolved: resolving awaits only the first time.
         entry = self._known_entry(request) or await self._resolve_admitting(request, started)
         layout = self._admit(entry, request, started, unary=True)
@@ -204,6 +219,8 @@ class Pipeline:
     async def infer_stream(self, request, deadline: float | None, metadata=None, size: int = 0):
         """Yield every response of one request (one for ordinary models, any number if decoupled)."""
         started = time.perf_counter_ns()
+        if self.version_pickers:
+            self._pick_version(request, metadata)
         entry = self._known_entry(request) or await self._resolve_admitting(request, started)
         exchange = self._exchange(entry, request, metadata, started, self._admit(entry, request, started))
         gate = self._enter_gate(entry, request, size, started)

@@ -24,10 +24,11 @@ import asyncio
 import time
 from typing import AsyncIterator, Awaitable
 
-from gateway.errors import Abandoned, Unavailable
+from gateway.errors import Abandoned, DeadlineExceeded, Unavailable
 from gateway.pipeline.contracts import TracedSend
 from gateway.pipeline.exchange import Exchange, ModelEntry
 from gateway.routing.hedging import Hedging
+from gateway.routing.mirror import Mirror
 from gateway.routing.retry_budget import RetryBudget
 from gateway.routing.router import STICKY, Router
 from gateway.routing.sequences import SequenceTable
@@ -35,6 +36,8 @@ from gateway.upstream.backend import Backend
 
 #: How long an idle sequence stays bound when neither the config nor the model says.
 DEFAULT_SEQUENCE_IDLE_S = 60.0
+#: A probe copy's own deadline: a pool out for missing its objective may be very slow.
+PROBE_TIMEOUT_S = 30.0
 
 #: Least time the client's deadline must leave for a retry to be sent.
 MIN_RETRY_ROOM_S = 0.002
@@ -66,9 +69,13 @@ class DirectDispatcher:
     requests abandoned by an ejected backend, `retries_refused` those the budget refused.
     """
 
-    def __init__(self, router: Router, sequences: SequenceTable, retry_unavailable: bool = True, clock=time.monotonic,
-                 max_attempts: int = 3, budget: RetryBudget | None = None, hedging: Hedging | None = None):
+    def __init__(
+        self, router: Router, sequences: SequenceTable, retry_unavailable: bool = True, clock=time.monotonic,
+        probes: Mirror | None = None, max_attempts: int = 3, budget: RetryBudget | None = None,
+        hedging: Hedging | None = None,
+    ):
         self.router = router
+        self.probes = probes or Mirror(4)  # copies measuring pools out for missing their objective
         self.sequences = sequences
         self.retry_unavailable = retry_unavailable
         self.max_attempts = max_attempts
@@ -125,7 +132,9 @@ class DirectDispatcher:
             )
         if backend is not None:
             return backend, STICKY, sequence
-        backend, reason = self.router.choose(entry.name, entry.version)
+        # Not bound here (a start, or a sequence begun through another worker): rendezvous hashing
+        # picks the backend every worker picks for it.
+        backend, reason = self.router.choose_for_sequence(entry.name, entry.version, sequence_id)
         self.sequences.bind(entry.name, sequence_id, backend, self.sequence_idle_s(entry))
         return backend, reason, sequence
 
@@ -143,23 +152,49 @@ class DirectDispatcher:
             return self.traced_send(backend, exchange, deadline)
         return backend.infer(exchange.request)
 
+    def _probe(self, entry: ModelEntry, request, sequence) -> None:
+        """Send the copy the router asked for (a pool out for missing the objective, measured again)."""
+        backend, self.router.probe = self.router.probe, None
+        if sequence is not None:
+            return  # a sequence's state lives on its backend: never copied
+        model, version, observe = entry.name, entry.version, self.router.observe
+
+        def measured(backend, ahead, elapsed_s, response, error) -> None:
+            if error is None or isinstance(error, DeadlineExceeded):
+                observe(model, version, backend, elapsed_s, ahead)
+
+        self.probes.send(backend, request, PROBE_TIMEOUT_S, measured)
+
     async def infer(self, exchange: Exchange, deadline: float | None):
         entry, request = exchange.entry, exchange.request
         backend, exchange.route, sequence = self._pick(entry, request)
+        if self.router.probe is not None:
+            self._probe(entry, request, sequence)
         self._set_timeout(request, deadline)
         self.budget.requests += 1
-        exchange.upstream_started_ns = time.perf_counter_ns()
+        ahead = backend.outstanding
+        exchange.upstream_started_ns = started = time.perf_counter_ns()
         try:
             try:
                 if self.hedging is not None and sequence is None:
-                    return await self._hedged(backend, exchange, deadline)
-                return await self._send(backend, exchange, deadline)
+                    response = await self._hedged(backend, exchange, deadline)
+                else:
+                    response = await self._send(backend, exchange, deadline)
+                self.router.observe(entry.name, entry.version, exchange.backend,
+                                    (time.perf_counter_ns() - started) / 1e9, ahead)
+                return response
+            except DeadlineExceeded:  # slow is what a deadline measures: the router learns it too
+                self.router.observe(entry.name, entry.version, backend, (time.perf_counter_ns() - started) / 1e9, ahead)
+                raise
             except Unavailable as error:
                 failure = error
             tried = (backend,)
             while self._may_resend(failure, sequence, deadline, len(tried)):
-                backend, exchange.route = self.router.choose(entry.name, entry.version, exclude=tried)
-                if sequence is not None:
+                if sequence is None:
+                    backend, exchange.route = self.router.choose(entry.name, entry.version, exclude=tried)
+                else:  # a start that failed: the runner-up, as rendezvous ranks them
+                    backend, exchange.route = self.router.choose_for_sequence(
+                        entry.name, entry.version, sequence[0], exclude=tried)
                     self.sequences.bind(entry.name, sequence[0], backend, self.sequence_idle_s(entry))
                 try:
                     return await self._send(backend, exchange, deadline)
@@ -219,6 +254,7 @@ class DirectDispatcher:
     async def infer_decoupled(self, exchange: Exchange, deadline: float | None) -> AsyncIterator:
         entry, request = exchange.entry, exchange.request
         backend, exchange.route, sequence = self._pick(entry, request)
+        self.router.probe = None  # a decoupled model's answers are a stream: not probed by copies
         exchange.backend = backend
         self._set_timeout(request, deadline)
         exchange.upstream_started_ns = time.perf_counter_ns()

@@ -7,6 +7,7 @@ import os
 import ssl
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 ENGINES = ("auto", "envoy", "grpcio")
 
@@ -101,6 +102,22 @@ class ServerConfig:
     `http2_connection_window_bytes` per connection."""
     http2_connection_window_bytes: int = 2 * 1024 * 1024
     """envoy engine: the HTTP/2 flow-control window of a connection (Envoy's default: 256 MiB)."""
+    workers: Any = 1
+    """Worker processes serving the one listen port (SO_REUSEPORT; Envoy's reuse_port), supervised
+    by a parent that restarts a dead one, drains them all on SIGTERM, and merges their metrics,
+    drift windows, statistics and admin answers (gateway/workers/): an integer, or `auto` for one
+    per core this process may run on. 1: the single process of old, with no parent. Clients spread
+    over workers by connection (the kernel picks a worker per TCP connection): see README."""
+    workers_report_s: float = 0.25
+    """With several workers: how often each ships its counters and drift rows to the parent, so
+    how stale the merged metrics, ModelStatistics and admin answers may be (the worker that answers
+    adds its own live counters)."""
+
+    def resolved_workers(self) -> int:
+        """The number of worker processes: `workers`, or the cores available to this process."""
+        if self.workers == "auto":
+            return len(os.sched_getaffinity(0))
+        return int(self.workers)
 
     def resolved_engine(self) -> str:
         if self.engine != "auto":
@@ -115,6 +132,11 @@ class ServerConfig:
             raise ConfigError(f"{path}.engine", "envoy needs the pyvoy package (Python 3.11+); use grpcio")
         if self.envoy_threads is not None and self.envoy_threads < 1:
             raise ConfigError(f"{path}.envoy_threads", "expected at least 1 thread")
+        auto = self.workers == "auto"
+        if not auto and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1):
+            raise ConfigError(f"{path}.workers", f"expected a number of processes (1 or more) or auto, got {self.workers!r}")
+        if not self.workers_report_s > 0:
+            raise ConfigError(f"{path}.workers_report_s", "expected a positive number of seconds")
         if not self.name.strip():
             raise ConfigError(f"{path}.name", "expected a non-empty server name")
         if self.max_message_bytes < 1024:

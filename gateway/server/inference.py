@@ -18,7 +18,7 @@ from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE, pb
 from gateway.routing.dispatcher import sequence_of
 from gateway.security.guard import Guard
-from gateway.server.model_statistics import model_statistics
+from gateway.server.model_statistics import PeerCounts, model_statistics
 from gateway.server.rpc import Call, Method, methods_of, parse_request, status_of
 from gateway.upstream.fleet import Fleet
 
@@ -42,13 +42,16 @@ SETTINGS_REASON = (
 class InferenceService:
     """Serves the KServe v2 / Triton inference protocol on top of the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, fleet: Fleet, server_name: str = "triton", guard: Guard | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, fleet: Fleet, server_name: str = "triton", guard: Guard | None = None,
+                 peer_counts: PeerCounts | None = None) -> None:
         self.pipeline = pipeline
         self.fleet = fleet
         self.server_name = server_name
         self.guard = guard
         """Tenants' model allow-lists and request limits (gateway/security/guard.py), or None: then
         no call does any of this work. Who is calling (call.tenant) is set by server/access.py."""
+        self.peer_counts = peer_counts
+        """The other workers' counts, which ModelStatistics adds (gateway/workers/); None: one process."""
 
     def __repr__(self) -> str:
         return f"<InferenceService {self.pipeline!r}>"
@@ -152,7 +155,7 @@ class InferenceService:
         guard = self.guard
         if guard is not None and request.name:
             guard.check_model(call, request.name)
-        response = await model_statistics(self.pipeline, self.fleet, request, call.deadline)
+        response = await model_statistics(self.pipeline, self.fleet, request, call.deadline, self.peer_counts)
         if guard is not None and not request.name:  # every model: only those the tenant may use
             allowed = [stats for stats in response.model_stats if guard.may_use(call, stats.name)]
             del response.model_stats[:]
@@ -162,8 +165,8 @@ class InferenceService:
     # ---- inference -----------------------------------------------------------------------------
 
     def _trace_metadata(self, call: Call):
-        """The call's metadata, read only when tracing is on (reading it costs on every request)."""
-        return call.metadata if self.pipeline.traced else None
+        """The call's metadata, read only when tracing or a traffic split needs it (reading it costs on every request)."""
+        return call.metadata if self.pipeline.reads_metadata else None
 
     def _parse_infer(self, raw: bytes):
         started = time.perf_counter_ns()

@@ -13,7 +13,10 @@ local counters (gateway/telemetry/aggregates.py); `drift_hook` counts drift aler
     tensorgate.backend.inflight         gauge      {request}  backend, pool
     tensorgate.backend.healthy          gauge      1          backend, pool (1 in rotation, 0 out:
                                                               unhealthy or ejected)
-    tensorgate.routing.decisions        counter    {decision} pool, reason (preferred, spill, failover)
+    tensorgate.routing.decisions        counter    {decision} pool, reason (preferred, spill, failover, canary,
+                                                              shadow, probe)
+    tensorgate.shadow.copies            counter    {copy}     model, outcome (sent, dropped, failed, unplaced)
+    tensorgate.placement.service_time   gauge      s          model, version, pool, backend (the router's EWMA)
     tensorgate.retries                  counter    {attempt}  kind: retry (charged to the retry budget),
                                                               failover (moved off an ejected backend),
                                                               refused (by the budget), hedge
@@ -166,6 +169,10 @@ class GatewayView:
     resilience: Callable[[], dict] = dict
     """{"retries": {kind: n}, "ejections": {reason: n}, "shed": {model: n}} (model '' = the gateway's
     own limits): the dispatcher's, outlier detector's and admission's counters."""
+    shadow_copies: Callable[[], dict] = dict
+    """{(model, outcome): copies} of the shadows (outcome: sent, dropped, failed, unplaced): TrafficStage.shadow_copies."""
+    service_times: Callable[[], dict] = dict
+    """{(model, version, pool, backend): seconds}: the router's EWMA service time per request in line."""
 
 
 #: Batch size bounds, rows: 1, 2, 4, ... 32768 (Triton's max_batch_size rarely exceeds a few thousand).
@@ -176,10 +183,16 @@ class TelemetryStage:
     """Metrics of one gateway. `observer` goes in Pipeline.observers, `refusal_observer` in
     Pipeline.refusal_observers, `drift_hook` in DriftStage.hooks."""
 
-    def __init__(self, config: TelemetryConfig, view: GatewayView | None = None) -> None:
+    def __init__(self, config: TelemetryConfig, view: GatewayView | None = None, *, aggregates=None,
+                 export_metrics: bool = True) -> None:
+        """`aggregates`: what the request histograms are read from (RequestAggregates by default;
+        the merged workers' in the parent of several, gateway/workers/). `export_metrics` False: keep
+        the aggregates for another process to export (a worker of several); no endpoint, no OTLP
+        metrics (traces still go to OTLP)."""
         self.config = config
         self.view = view or GatewayView()
-        self.aggregates = RequestAggregates()
+        self.aggregates = RequestAggregates() if aggregates is None else aggregates
+        self.export_metrics = export_metrics
         self.drift_alerts: dict[tuple[str, str, str, str], int] = {}
         self.observe_errors = 0
         self.prometheus_port: int | None = None
@@ -263,6 +276,14 @@ class TelemetryStage:
 
     def _shed(self, options: CallbackOptions) -> Iterable[Observation]:
         return self._resilience("shed", "model")
+
+    def _shadow_copies(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, {"model": model, "outcome": outcome})
+                for (model, outcome), count in _retrying(lambda: self.view.shadow_copies().items())]
+
+    def _service_times(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(seconds, {"model": model, "version": version, "pool": pool, "backend": backend})
+                for (model, version, pool, backend), seconds in _retrying(lambda: self.view.service_times().items())]
 
     def _batching(self) -> list[tuple[dict, object, int]]:
         """(attributes, BatchCounters, requests waiting) of every batched model version."""
@@ -370,6 +391,8 @@ class TelemetryStage:
 
     def start(self) -> None:
         """Build the readers and the meter provider; serve the Prometheus endpoint (non-blocking)."""
+        if not self.export_metrics:
+            return
         config = self.config
         if config.prometheus_port is not None:
             from prometheus_client import CollectorRegistry, start_http_server
@@ -401,7 +424,11 @@ class TelemetryStage:
         meter.create_observable_gauge("tensorgate.backend.inflight", [self._backend_inflight],
                                       unit="{request}", description="Requests sent to the backend, not yet answered.")
         meter.create_observable_counter("tensorgate.routing.decisions", [self._routing_decisions], unit="{decision}",
-                                        description="Backends picked, by pool and why (preferred, spill, failover).")
+                                        description="Backends picked, by pool and why (preferred, spill, failover, canary, shadow, probe).")
+        meter.create_observable_counter("tensorgate.shadow.copies", [self._shadow_copies], unit="{copy}",
+                                        description="Copies of live requests for shadow targets, by outcome (sent, dropped, failed, unplaced).")
+        meter.create_observable_gauge("tensorgate.placement.service_time", [self._service_times], unit="s",
+                                      description="EWMA service time per request in line, per model version and backend (the router's predictor).")
         meter.create_observable_counter("tensorgate.retries", [self._retries], unit="{attempt}",
                                         description="Requests sent again to another backend, by kind")
         meter.create_observable_counter("tensorgate.backend.ejections", [self._ejections], unit="{ejection}",

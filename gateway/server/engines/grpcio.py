@@ -98,17 +98,19 @@ class GrpcioEngine:
     credentials          grpc.ssl_server_credentials for TLS (mutual TLS when they require client
                          certificates); None: plaintext
     max_concurrent_streams  HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection; None: grpc's default
+    reuse_port           SO_REUSEPORT, so several processes (gateway/workers/) serve one port; off, a
+                         second server on a port in use fails to start instead of sharing it unnoticed
     """
 
     def __init__(self, listen: str, methods: list[Method], max_receive_bytes: int, max_send_bytes: int,
                  *, credentials: grpc.ServerCredentials | None = None,
-                 max_concurrent_streams: int | None = None) -> None:
+                 max_concurrent_streams: int | None = None, reuse_port: bool = False) -> None:
         self.listen = listen
         self._credentials = credentials
         options = [
             ("grpc.max_receive_message_length", max_receive_bytes),
             ("grpc.max_send_message_length", max_send_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
         if max_concurrent_streams is not None:
             options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
