@@ -26,9 +26,12 @@ from gateway.admin.gateway_service import GatewayService
 from gateway.batching.dispatcher import BatchingDispatcher
 from gateway.config import GatewayConfig, config_from_mapping
 from gateway.drift.stage import DriftStage
+from gateway.pipeline.admission import Admission
 from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE
 from gateway.routing.dispatcher import DirectDispatcher
+from gateway.routing.hedging import Hedging
+from gateway.routing.retry_budget import RetryBudget
 from gateway.routing.mirror import Mirror
 from gateway.rollout.controller import RolloutController
 from gateway.routing.router import Router
@@ -69,19 +72,22 @@ class Gateway:
         self.config = config
         self.worker = worker
         self.link = WorkerLink(worker) if worker is not None else None
-        self.fleet = Fleet(config.pools, config.upstream, config.health)
+        self.fleet = Fleet(config.pools, config.upstream, config.health, config.outlier)
         self.catalog = ModelCatalog(self.fleet)
         self.router = Router(
             self.fleet, config.models, config=config.routing,
             pool_costs={name: pool.cost for name, pool in config.pools.items()},
         )
         self.sequences = SequenceTable()
+        routing = config.routing
         self.direct = DirectDispatcher(
-            self.router, self.sequences, config.routing.retry_unavailable,
-            probes=Mirror(config.routing.probe_max_in_flight),
+            self.router, self.sequences, routing.retry_unavailable,
+            probes=Mirror(routing.probe_max_in_flight), max_attempts=routing.max_attempts,
+            budget=RetryBudget(routing.retry_budget_ratio, routing.retry_budget_min_per_s),
+            hedging=Hedging(routing.hedge_min_delay_ms / 1e3) if routing.hedge_after_p95 else None,
         )
         self.batching = BatchingDispatcher(self.direct, config.batching, self.router)
-        self.pipeline = Pipeline(self.catalog, self.router.routes, self.batching)
+        self.pipeline = Pipeline(self.catalog, self.router.routes, self.batching, Admission(config.admission))
         self.traffic = TrafficStage(self.router, config.models)
         self.pipeline.version_pickers = self.traffic.pickers  # the same dict: a new split applies at once
         self.pipeline.attach(observer=self.traffic.observer)
@@ -121,9 +127,20 @@ class Gateway:
             routing_decisions=lambda: self.router.decisions,
             batched_models=self.batching.batched_models,
             drift_monitors=lambda: self.drift.monitors,
+            resilience=self._resilience_counts,
             shadow_copies=self.traffic.shadow_copies,
             service_times=self.router.service_times,
         )
+
+    def _resilience_counts(self) -> dict:
+        direct, outliers = self.direct, self.fleet.outliers
+        return {
+            "retries": {"retry": direct.retries, "failover": direct.failovers, "refused": direct.retries_refused,
+                        "hedge": direct.hedges},
+            "ejections": {**outliers.ejections_by_reason, "refused_by_cap": outliers.ejections_refused,
+                          "readmission": outliers.readmissions},
+            "shed": self.pipeline.admission.shed(),
+        }
 
     def methods(self) -> list:
         """Every gRPC method the gateway serves, on whichever engine."""
@@ -214,7 +231,8 @@ class Gateway:
         return {
             "backends": {
                 b.address: {"pool": b.pool, "health": b.health.value, "detail": b.health_detail,
-                            "outstanding": b.outstanding, "served": b.served, "failed": b.failed}
+                            "outstanding": b.outstanding, "served": b.served, "failed": b.failed,
+                            "ejected": b.ejected}
                 for b in self.fleet.backends()
             },
             "discovery": {
@@ -226,6 +244,12 @@ class Gateway:
             "probes": self.direct.probes.statistics(),
             "traffic": self.traffic.snapshot(),
             "sequences": len(self.sequences),
+            "resilience": {
+                "outliers": self.fleet.outliers.snapshot(),
+                "retries": self.direct.retries, "failovers": self.direct.failovers, "hedges": self.direct.hedges,
+                "retries_refused": self.direct.retries_refused,
+                "admission": self.pipeline.admission.snapshot(),
+            },
             "batching": self.batching.snapshot(),
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},
             "tenants": {} if self.guard is None else self.guard.snapshot(),
@@ -314,6 +338,8 @@ class EnvoyGateway:
         options = EnvoyOptions(
             envoy_threads=server.envoy_threads, drain_s=max(1.0, server.grace_s),
             max_concurrent_streams=server.max_concurrent_streams,
+            initial_stream_window_bytes=server.http2_stream_window_bytes,
+            initial_connection_window_bytes=server.http2_connection_window_bytes,
             # Paths, not contents: Envoy reads the files itself and the key never enters its config.
             tls_cert=None if tls is None else Path(tls.cert_file),
             tls_key=None if tls is None else Path(tls.key_file),

@@ -147,6 +147,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gateway.bench.command import run
+
+    return run(args)
+
+
 def cmd_package(args: argparse.Namespace) -> int:
     from gateway.packaging.cli import cmd_package as run
 
@@ -156,10 +162,42 @@ def cmd_package(args: argparse.Namespace) -> int:
 def cmd_package_verify(args: argparse.Namespace) -> int:
     from gateway.packaging.cli import cmd_package_verify as run
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from gateway.bench.command import run
-
     return run(args)
+
+
+def _package_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="a model file (.onnx, TorchScript .pt, scikit-learn/XGBoost/LightGBM .joblib or "
+                                       ".pkl, XGBoost .json/.ubj, LightGBM .txt) or module:function (NumPy in and out)")
+    parser.add_argument("--name", required=True, help="the model's name (its folder in the repository)")
+    parser.add_argument("--repo", required=True, help="the Triton model repository to write into")
+    parser.add_argument("--kind", default="auto", help="what the source is: onnx, torchscript, sklearn, xgboost, lightgbm or python (default: auto, from its name and content)")
+    parser.add_argument("--backend", default="auto",
+                        help="auto, onnxruntime, pytorch or python. onnxruntime / pytorch: Triton's framework backend (production images); python: "
+                             "tensorgate's Python-based backend running the same file (the wheel's Triton); auto: "
+                             "python where the local Triton lacks the framework backend (default)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="Triton's max_batch_size (default: 64 when the model's first dimension is free, else 0)")
+    parser.add_argument("--dynamic-batching", action="store_true", help="let Triton batch requests (dynamic_batching)")
+    parser.add_argument("--max-queue-delay-us", type=int, default=0, help="dynamic batching's max queue delay (µs)")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME:DTYPE:DIMS",
+                        help="declare an input (TorchScript and callables), e.g. x:FP32:-1,4 (-1 = any size); repeat per input")
+    parser.add_argument("--output", action="append", default=[], metavar="NAME:DTYPE:DIMS", help="declare an output")
+    parser.add_argument("--example", help="an example input (.npy, or .npz keyed by input name) to probe the signature")
+    parser.add_argument("--reference", help="drift reference rows (.npy for one input, .npz keyed by input name), "
+                                            "stored with the package for a rollout to install")
+    parser.add_argument("--version", type=int, help="the version number (default: the next one)")
+    parser.add_argument("--audit-log", help="the audit log (default: $TENSORGATE_AUDIT_LOG, else REPO/tensorgate-audit.jsonl)")
+    parser.add_argument("--actor", help="who packages (default: $TENSORGATE_ACTOR, else user@host)")
+    parser.add_argument("--reason", default="", help="why, for the audit log")
+    parser.add_argument("--dockerfile", action="store_true",
+                        help="also write a reproducible Docker build context (a tar) for this version")
+    parser.add_argument("--context", help="where --dockerfile writes the context (default: NAME-VERSION.context.tar here)")
+
+
+def _package_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", required=True, help="the model repository")
+    parser.add_argument("--name", required=True, help="the model")
+    parser.add_argument("--version", type=int, help="one version (default: every version)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,13 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     from gateway.audit import cli as audit_cli
-    from gateway.packaging import cli as package_cli
 
     package = commands.add_parser("package", help="a trained model -> an immutable, versioned Triton model folder")
-    package_cli.add_arguments(package)
+    _package_arguments(package)
     package.set_defaults(run=cmd_package)
     verify = commands.add_parser("package-verify", help="check packaged versions against their manifests (refuses tampered ones)")
-    package_cli.add_verify_arguments(verify)
+    _package_verify_arguments(verify)
     verify.set_defaults(run=cmd_package_verify)
 
     audit = commands.add_parser("audit", help="the hash-chained audit log of packages and rollouts")

@@ -44,7 +44,7 @@ CALLABLE_SOURCE = '''
 import numpy as np
 
 def score(features, weights):
-    scaled = features * weights
+    scaled = (features - 1.0) * weights
     return {"scaled": scaled, "total": scaled.sum(axis=1, keepdims=True).astype(np.float64)}
 '''
 
@@ -113,6 +113,16 @@ def packaged(tmp_path_factory):
     finally:
         sys.path.remove(str(work))
 
+    import lightgbm
+    import xgboost
+
+    for name, booster in (("iris_xgb", xgboost.XGBClassifier(n_estimators=10, max_depth=3)),
+                          ("iris_lgbm", lightgbm.LGBMClassifier(n_estimators=10, verbose=-1))):
+        booster.fit(IRIS_X, IRIS_Y)
+        joblib.dump(booster, work / f"{name}.joblib")
+        package(PackageRequest(source=str(work / f"{name}.joblib"), name=name, repository=repo, max_batch_size=256))
+        expected[name] = {"model": booster}
+
     if torch is not None:
         scripted = torch.jit.script(_TinyNet().eval())
         scripted.save(str(work / "tiny.pt"))
@@ -165,7 +175,7 @@ def _addresses(serving) -> list[str]:
     return [serving["gateway"], *serving["tritons"]]
 
 
-@pytest.mark.parametrize("name", ["iris_lr", "iris_rf"])
+@pytest.mark.parametrize("name", ["iris_lr", "iris_rf", "iris_xgb", "iris_lgbm"])
 def test_iris_classifiers_match_scikit_learn(serving, name):
     model = serving["expected"][name]["model"]
     for address in _addresses(serving):
@@ -278,3 +288,34 @@ def test_build_context_entrypoint_serves_the_package(packaged, tmp_path):
         os.killpg(server.pid, 15)
         server.wait(30)
         log.close()
+
+
+def test_two_versions_side_by_side_and_back_through_the_load_api(tmp_path):
+    """Explicit model control, as a rollout drives it: the live version and a candidate loaded side by
+    side with `load_config_json` (both listed in RepositoryIndex, each answering as its own model),
+    then back to the live version alone."""
+    from gateway.packaging import load_config_json
+
+    live = LogisticRegression(max_iter=1000).fit(IRIS_X, IRIS_Y)
+    candidate = LogisticRegression(max_iter=1000, C=0.05).fit(IRIS_X, IRIS_Y)
+    repo = tmp_path / "repository"
+    for number, model in ((1, live), (2, candidate)):
+        joblib.dump(model, tmp_path / f"v{number}.joblib")
+        assert package(PackageRequest(source=str(tmp_path / f"v{number}.joblib"), name="iris",
+                                      repository=repo, max_batch_size=256)).version == number
+    with LocalTriton(repo, name="pkg-versions", log_dir=tmp_path, model_control="explicit") as triton:
+        client = grpcclient.InferenceServerClient(triton.grpc_address)
+        client.load_model("iris", config=load_config_json(repo / "iris", [1, 2]))
+        index = {(m.name, m.version): m.state for m in client.get_model_repository_index().models}
+        assert index == {("iris", "1"): "READY", ("iris", "2"): "READY"}
+        tensor = grpcclient.InferInput("input", [150, 4], "FP32")
+        tensor.set_data_from_numpy(IRIS_X32)
+        for version, model in (("1", live), ("2", candidate)):
+            probabilities = client.infer("iris", [tensor], model_version=version).as_numpy("probabilities")
+            np.testing.assert_allclose(probabilities, model.predict_proba(IRIS_X), atol=1e-5, rtol=0)
+        assert not np.allclose(live.predict_proba(IRIS_X), candidate.predict_proba(IRIS_X), atol=1e-3)
+        client.load_model("iris", config=load_config_json(repo / "iris", [1]))  # the rollback
+        with pytest.raises(InferenceServerException):
+            client.infer("iris", [tensor], model_version="2")
+        np.testing.assert_allclose(client.infer("iris", [tensor], model_version="1").as_numpy("probabilities"),
+                                   live.predict_proba(IRIS_X), atol=1e-5, rtol=0)

@@ -287,9 +287,9 @@ class LocalTriton:
         metrics_port: int = 0,
         extra_args: Sequence[str] = (),
         log_verbose: int = 0,
-        env: dict[str, str] | None = None,
         model_control: str = "none",
         load_models: Sequence[str] = (),
+        env: dict[str, str] | None = None,
         host: str = _LOOPBACK,
     ) -> None:
         """`host`: the loopback address every endpoint binds (127.0.0.1; another 127.x address lets

@@ -16,6 +16,7 @@ from gateway.packaging.package import PackageRequest, PackageResult, package, re
 from gateway.packaging.repository import (
     PackagedVersion,
     content_digest,
+    load_config_json,
     read_manifest,
     verify_model,
     verify_version,
@@ -35,6 +36,7 @@ __all__ = [
     "TamperedPackage",
     "Tensor",
     "content_digest",
+    "load_config_json",
     "package",
     "parse_tensor_option",
     "read_manifest",

@@ -10,6 +10,7 @@ import inspect
 import json
 import re
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +37,10 @@ def _module_files(module_name: str) -> dict[str, bytes]:
     if spec is None or spec.origin in (None, "built-in", "frozen"):
         raise SourceError(f"module {top!r} has no source file to package")
     origin = Path(spec.origin)
+    installed = {Path(sysconfig.get_path(key)).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    if any(folder in origin.resolve().parents for folder in installed):
+        raise SourceError(f"module {top!r} is installed ({origin}), not your code: package a module of your own "
+                          "that calls it (the libraries it needs belong in the serving image)")
     if spec.submodule_search_locations:  # a package: every .py file under it
         root = Path(next(iter(spec.submodule_search_locations)))
         files = sorted(p for p in root.rglob("*.py") if not any(part in _SKIPPED for part in p.parts))

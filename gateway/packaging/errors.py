@@ -20,7 +20,13 @@ from gateway.errors import GatewayError
 
 
 class PackageError(GatewayError):
+    """`path` is the file or folder concerned, when there is one."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class SourceError(PackageError):
@@ -39,7 +45,3 @@ class TamperedPackage(PackageError):
     """`path` is the file (or folder) that does not match."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
-
-    def __init__(self, message: str, path: str = "") -> None:
-        super().__init__(message)
-        self.path = path

@@ -13,6 +13,8 @@ from gateway.packaging.signature import Signature, Tensor
 # Opsets every converted model is written at: within what the pinned production Triton's ONNX
 # Runtime (24.10: ORT 1.19) runs, so a package converted here loads there too.
 TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
+# onnxmltools 1.16 converts XGBoost and LightGBM models at opset 15 at most.
+ONNXMLTOOLS_OPSET = 15
 # The graph name is the only part of a converted model that changes from one conversion to the
 # next (skl2onnx names it by a fresh uuid): fixed, so the same model always gives the same bytes.
 GRAPH_NAME = "tensorgate"
@@ -123,7 +125,7 @@ def from_xgboost(model, source: dict) -> Artifact:
     features = _features(model, source["path"]) if not _is_booster(model) else int(model.num_features())
     try:
         onnx_model = onnxmltools.convert_xgboost(model, initial_types=[("input", FloatTensorType([None, features]))],
-                                                 target_opset=TARGET_OPSET[""])
+                                                 target_opset=ONNXMLTOOLS_OPSET)
     except Exception as error:
         raise SourceError(f"onnxmltools could not convert the XGBoost model {source['path']}: {error}") from None
     return _finish(onnx_model, {**source, "converter": f"onnxmltools {_version('onnxmltools')}",
@@ -137,7 +139,7 @@ def from_lightgbm(model, source: dict) -> Artifact:
     features = int(model.num_feature()) if _is_booster(model) else _features(model, source["path"])
     try:
         onnx_model = onnxmltools.convert_lightgbm(model, initial_types=[("input", FloatTensorType([None, features]))],
-                                                  target_opset=TARGET_OPSET[""], zipmap=False)
+                                                  target_opset=ONNXMLTOOLS_OPSET, zipmap=False)
     except Exception as error:
         raise SourceError(f"onnxmltools could not convert the LightGBM model {source['path']}: {error}") from None
     return _finish(onnx_model, {**source, "converter": f"onnxmltools {_version('onnxmltools')}",

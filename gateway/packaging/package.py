@@ -202,6 +202,8 @@ def package(request: PackageRequest) -> PackageResult:
     and record it in the audit log. Raises a PackageError subclass on bad input or a conflict."""
     if not request.name or "/" in request.name or request.name.startswith("."):
         raise PackageError(f"--name {request.name!r}: expected a model name (no '/', not starting with '.')")
+    if request.version is not None and request.version < 1:
+        raise PackageError(f"--version {request.version}: Triton's versions are numbered from 1")
     artifact = load_artifact(request)
     backend = resolve_backend(request.backend, artifact.format)
     batching = batching_options(request, artifact.signature)

@@ -258,6 +258,20 @@ def verify_version(model_dir: Path, version: int) -> dict:
     return manifest
 
 
+def load_config_json(model_dir: Path, serve_versions: list[int]) -> str:
+    """The model's config as the JSON Triton's load API takes (`load_model(name, config=…)`), serving
+    exactly `serve_versions` side by side (version_policy specific): how a rollout loads a candidate
+    beside the live version, and rolls back by loading the old list. Each version is verified first."""
+    from google.protobuf import json_format
+
+    model_dir = Path(model_dir)
+    for version in serve_versions:
+        verify_version(model_dir, version)
+    config = model_config.parse((model_dir / CONFIG).read_text(), str(model_dir / CONFIG))
+    config.version_policy.specific.versions[:] = sorted(serve_versions)
+    return json_format.MessageToJson(config, preserving_proto_field_name=True, indent=None)
+
+
 def verify_model(model_dir: Path) -> dict[int, dict]:
     """Every version of a model folder verified; {version: manifest}."""
     found = versions(Path(model_dir))

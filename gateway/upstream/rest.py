@@ -28,10 +28,10 @@ from typing import Mapping
 
 import grpc
 
-from gateway.errors import BackendError, GatewayError, InvalidArgument, Unavailable
+from gateway.errors import Abandoned, BackendError, GatewayError, InvalidArgument, Unavailable
 from gateway.protocol import pb
 from gateway.protocol.tensors import raw_of_typed
-from gateway.upstream.http import AnswerTooLarge, ConnectionFailed, HttpPool
+from gateway.upstream.http import AnswerTooLarge, ConnectionAbandoned, ConnectionFailed, HttpPool
 
 __all__ = ["RestInference", "STATUS_OF_HTTP", "decode_response", "encode_request", "error_of", "infer_target"]
 
@@ -144,7 +144,8 @@ def decode_response(body: bytes, header_length: int, backend: str):
                     _set_parameter(tensor.parameters[key], value)
             if offset + size > len(body):
                 raise ValueError(f"output '{output['name']}' ends past the answer's {len(body)} bytes")
-            raw.append(body[offset:offset + size])
+            # A large answer's body is a bytearray (http.py): its slice must be bytes for upb.
+            raw.append(body[offset:offset + size] if type(body) is bytes else bytes(memoryview(body)[offset:offset + size]))
             offset += size
         for key, value in (header.get("parameters") or {}).items():
             _set_parameter(response.parameters[key], value)
@@ -214,6 +215,8 @@ class RestInference:
             answer = await self.pool.request([head, *blobs] if blobs else [head])
         except AnswerTooLarge as failure:
             raise BackendError(grpc.StatusCode.RESOURCE_EXHAUSTED, failure.message, self.backend) from None
+        except ConnectionAbandoned as failure:
+            raise Abandoned(failure.message) from None
         except ConnectionFailed as failure:
             raise Unavailable(failure.message) from None
         if answer.status != 200:
