@@ -91,10 +91,11 @@ class Gateway:
         self.traffic = TrafficStage(self.router, config.models)
         self.pipeline.version_pickers = self.traffic.pickers  # the same dict: a new split applies at once
         self.pipeline.attach(observer=self.traffic.observer)
-        self.rollouts = RolloutController(config.rollout, self.traffic, self.router, self.fleet)
-        self.pipeline.attach(observer=self.rollouts.observer)
         self.fleet.on_change(self.pipeline.forget_unversioned)
         self.drift = DriftStage(config.drift, forward=self.link.forward_drift if self.link is not None else None)
+        self.rollouts = RolloutController(config.rollout, self.traffic, self.router, self.fleet,
+                                          on_live=self.drift.serving_version)
+        self.pipeline.attach(observer=self.rollouts.observer)
         if self.drift.monitors:
             self.pipeline.attach(observer=self.drift.observer)
         self.telemetry = (TelemetryStage(config.telemetry, self._view(), export_metrics=self.link is None)

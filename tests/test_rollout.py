@@ -297,16 +297,21 @@ def _dense_onnx(bias: float) -> bytes:
 
 
 def test_packaged_versions_roll_out_with_their_digests_and_a_tampered_one_is_refused(tmp_path):
-    """`tensorgate package` writes versions 1, 2 and 3 of an ONNX model; the rollout of 2 records its
-    digest in the state and the audit log; version 3, changed on disk after packaging, is refused
-    before anything is loaded."""
-    from gateway.packaging import PackageRequest, package
+    """`tensorgate package` writes versions 1, 2 and 3 of an ONNX model, 2 with its training rows as
+    drift reference; the rollout of 2 records its digest in the state and the audit log, and on
+    promotion the drift stage takes the packaged reference and notes the digest serving (what a
+    retraining capture records); version 3, changed on disk after packaging, is refused before
+    anything is loaded."""
+    from gateway.packaging import PackageRequest, package, read_manifest
 
     repository = tmp_path / "repository"
+    training = np.random.default_rng(7).normal(5.0, 2.0, (3000, 3)).astype(np.float32)
+    np.save(tmp_path / "train.npy", training)
     for version, bias in ((1, 0.0), (2, 0.001), (3, 0.002)):
         (tmp_path / f"dense{version}.onnx").write_bytes(_dense_onnx(bias))
-        package(PackageRequest(source=str(tmp_path / f"dense{version}.onnx"), name="dense", repository=repository))
-    manifest = json.loads((repository / "dense" / "2" / "tensorgate-manifest.json").read_text())
+        package(PackageRequest(source=str(tmp_path / f"dense{version}.onnx"), name="dense", repository=repository,
+                               reference=tmp_path / "train.npy" if version == 2 else None))
+    manifest = read_manifest(repository / "dense", 2)
     onnx_file = next((repository / "dense" / "3").rglob("*.onnx"))
     onnx_file.write_bytes(onnx_file.read_bytes()[:-1] + b"\x00")  # one byte changed after packaging
     (repository / "dense" / "config.pbtxt").write_text(
@@ -320,6 +325,7 @@ def test_packaged_versions_roll_out_with_their_digests_and_a_tampered_one_is_ref
         config = {
             "listen": "127.0.0.1:0", "pools": {"cpu": {"backends": [s.grpc_address for s in servers]}},
             "models": {"dense": {"pools": ["cpu"]}}, "health": {"interval_s": 0.5},
+            "drift": {"models": {"dense": {"inputs": ["x"], "reference": {"learn_rows": 100000}}}},
             "rollout": {"repository": str(repository), "audit_log": str(tmp_path / "audit.jsonl"),
                         "steps": [50], "step_seconds": 0.5, "min_requests": 10, "check_interval_s": 0.2,
                         "min_evidence": 5, "min_output_values": 20},
@@ -342,12 +348,17 @@ def test_packaged_versions_roll_out_with_their_digests_and_a_tampered_one_is_ref
             promoted = _wait_for(gateway, "dense", {"failed", "rolled-back", "promoted"})
             stop.set()
             thread.join(timeout=30)
+            serving = gateway.call(lambda: dict(gateway.gateway.drift.serving))
+            reference = gateway.call(lambda: gateway.gateway.drift.monitors["dense"].tensors[("input", "x")].reference)
     finally:
         for server in servers:
             server.stop()
     assert refused["status"] == "failed" and "refused" in refused["reason"] and "model.onnx" in refused["reason"], refused
     assert promoted["status"] == "promoted", promoted["reason"]
     assert promoted["digests"] == {"2": manifest["digest"]}
+    assert serving == {"dense": {"version": "2", "digest": manifest["digest"]}}
+    # The packaged 3,000 training rows became the reference (learning it from traffic would take 100,000).
+    assert reference is not None and reference.sum(axis=1).tolist() == [3000] * 3
     records = list(AuditLog(tmp_path / "audit.jsonl").records())
     assert records[0]["action"] == "deploy" and records[0]["version"] == 3 and records[0]["evidence"] == {"failed": True}
     assert {r["digest"] for r in records[1:]} == {manifest["digest"]}

@@ -31,6 +31,7 @@ class DriftStage:
         self.forward = forward
         self.alerts: list[dict] = []
         self.observe_errors = 0
+        self.serving: dict[str, dict] = {}  # model -> {"version", "digest"}: what a capture says was serving
         self._pending: dict = {}  # ModelMonitor -> [(request, response)] of this event-loop turn
         self.hooks: list = [self.alerts.append, LogSink()]
         self.webhook = WebhookSink(config.webhook) if config.webhook else None
@@ -60,6 +61,7 @@ class DriftStage:
         monitor = self.monitors[model]
         report = dict(monitor.last_report or {})
         report["histograms"] = monitor.histograms()
+        report["serving"] = self.serving.get(model)  # the version and package digest the rows were answered by
         return report, monitor.reservoir.arrays()
 
     def _load_reference(self, model: str, config: ModelDriftConfig) -> None:
@@ -69,6 +71,14 @@ class DriftStage:
             monitor.load_profile(json.loads(Path(reference.profile).read_text()))
         elif reference.file:
             self.load_reference_file(model, reference.file)
+
+    def serving_version(self, model: str, version: str, digest: str | None, reference: Path | None) -> None:
+        """The rollout's word on which version serves `model` (and its package digest); with the drift
+        reference packaged with it, that becomes the model's reference (when the model is watched)."""
+        self.serving[model] = {"version": version, "digest": digest}
+        if reference is not None and model in self.monitors:
+            self.load_reference_file(model, reference)
+            log.info("drift reference of %s: the one packaged with version %s", model, version)
 
     def load_reference_file(self, model: str, path: str | Path) -> int:
         """Set input references from training rows: an .npz with one array per input name (what

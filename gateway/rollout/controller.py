@@ -28,6 +28,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 from gateway.errors import FailedPrecondition, GatewayError, InvalidArgument, NotFound
 from gateway.pipeline.exchange import Exchange
@@ -57,8 +58,13 @@ class _Watch:
 
 
 class RolloutController:
-    def __init__(self, config: RolloutConfig, traffic: TrafficStage, router: Router, fleet: Fleet) -> None:
+    def __init__(self, config: RolloutConfig, traffic: TrafficStage, router: Router, fleet: Fleet,
+                 on_live: Callable[[str, str, str | None, Path | None], None] | None = None) -> None:
+        """`on_live(model, version, digest, reference)` is told which version serves a model (at start
+        for the stored ones, then at each promotion and rollback): the drift stage records its digest
+        in retraining captures and installs the drift reference packaged with it (or None)."""
         self.config = config
+        self.on_live = on_live
         self.traffic = traffic
         self.router = router
         self.fleet = fleet
@@ -97,6 +103,8 @@ class RolloutController:
         for model, state in self.store.models.items():
             if state.weights:
                 self.traffic.set_split(model, state.weights)
+            if state.live is not None:
+                self._tell_live(state, install_reference=False)  # the drift stage loaded its own at start
             if state.running:
                 log.info("resuming the rollout of %s version %s at step %d", model, state.candidate, state.step)
                 self._launch(state, resume=True)
@@ -154,6 +162,7 @@ class RolloutController:
         state.live, state.previous = back_to, leaving
         self._set_status(state, "rolled-back", reason or f"back to version {back_to}")
         self._audit("rollback", state, back_to, actor, state.reason, {"from": leaving})
+        self._tell_live(state)
         return state
 
     def states(self, model: str = "") -> dict:
@@ -331,6 +340,7 @@ class RolloutController:
         state.previous, state.live, state.candidate, state.step = previous, candidate, None, len(state.steps)
         self._set_status(state, "promoted", f"version {candidate} serves all traffic")
         self._audit("promote", state, candidate, SYSTEM_ACTOR, "every check held at every step", state.evidence)
+        self._tell_live(state)
         self._watches.pop(model, None)
         if self.config.unload_previous:
             await self._set_versions(model, [candidate])
@@ -383,6 +393,20 @@ class RolloutController:
                     raise FailedPrecondition(f"version {version} of '{model}' did not become ready on {backend.address}")
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def _tell_live(self, state: ModelRollout, install_reference: bool = True) -> None:
+        if self.on_live is None:
+            return
+        reference = None
+        if install_reference and self.config.repository:
+            from gateway.packaging.repository import REFERENCE_FILE
+
+            packaged = Path(self.config.repository) / state.model / state.live / REFERENCE_FILE
+            reference = packaged if packaged.is_file() else None
+        try:
+            self.on_live(state.model, state.live, state.digests.get(state.live), reference)
+        except Exception:  # noqa: BLE001 — a reference that does not load never undoes a promotion
+            log.exception("the drift stage could not take version %s of %s", state.live, state.model)
 
     def _backends(self, model: str) -> list[Backend]:
         """Every healthy backend of the model's pools (every pool when the model has no route)."""
