@@ -129,6 +129,7 @@ class Gateway:
             self.config.listen, self.methods(),
             max_receive_bytes=self.config.server.max_message_bytes,
             max_send_bytes=self.config.upstream.max_message_bytes,
+            max_pending_calls=self.config.server.max_pending_calls,
         )
         await self.start_stages()
         self.port = await engine.start()
