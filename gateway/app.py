@@ -91,13 +91,15 @@ class Gateway:
     def methods(self) -> list:
         """Every gRPC method the gateway serves, on whichever engine."""
         services = [INFERENCE_SERVICE, DRIFT_SERVICE, GATEWAY_SERVICE, HEALTH_SERVICE]
-        return [
+        methods = [
             *self.inference.methods(),
             *DriftService(self.drift).methods(),
             *GatewayService(self.snapshot).methods(),
             *self.health.methods(),
-            *ReflectionService(services).methods(),
         ]
+        if self.config.server.reflection:  # off by default: it maps the admin API for anyone (ServerConfig)
+            methods += ReflectionService(services).methods()
+        return methods
 
     @property
     def address(self) -> str:

@@ -31,6 +31,12 @@ class ServerConfig:
     3.11+), grpcio otherwise."""
     envoy_threads: int | None = None
     """envoy engine: Envoy's worker threads (its C++ side); None: one per core."""
+    reflection: bool = False
+    """Serve gRPC server reflection (`grpc.reflection.v1alpha.ServerReflection`), which lists and
+    describes every service, the admin API included, to anyone who can connect. Off by default:
+    clients of the inference protocol ship its protos (tritonclient does), and a gateway facing
+    untrusted networks should not hand out a map of its admin API. Turn it on for grpcurl, Postman
+    or grpc_cli without proto files."""
     max_pending_calls: int = 65536
     """grpcio engine: calls grpc core has received but not yet handed to the gateway's Python (a
     burst on one busy connection). grpc's own default drops them at random from 1,000 pending
