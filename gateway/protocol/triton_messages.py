@@ -22,6 +22,8 @@ import string
 
 import grpc
 
+from gateway.errors import shown
+
 _REQUEST_ID = re.compile(r"\[request id: [^\]]*\] ")
 
 
@@ -52,8 +54,10 @@ class TritonMessage:
         return f"<TritonMessage {self.name} {self.code.name}>"
 
     def format(self, request_id: str = "", **fields) -> str:
-        text = self.template.format(**fields)
-        return request_prefix(request_id) + text if self.prefixed else text
+        # Names and ids come from the client: quoted whole up to a bound, never a megabyte back.
+        text = self.template.format(**{key: shown(value) if isinstance(value, str) else value
+                                       for key, value in fields.items()})
+        return request_prefix(shown(request_id)) + text if self.prefixed else text
 
     def matches(self, text: str) -> bool:
         if self.prefixed:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator, Awaitable
 
-from gateway.errors import Unavailable
+from gateway.errors import Unavailable, shown
 from gateway.pipeline.contracts import TracedSend
 from gateway.pipeline.exchange import Exchange, ModelEntry
 from gateway.routing.router import STICKY, Router
@@ -73,9 +73,8 @@ class DirectDispatcher:
         if backend is not None and not backend.healthy:
             self.sequences.end(entry.name, sequence_id)
             raise Unavailable(
-                f"sequence {sequence_id!r} of model '{entry.name}' lived on backend {backend.address}, which is "
-                "no longer healthy; its state is lost: start the sequence again"
-            )
+                f"sequence {shown(repr(sequence_id))} of model '{entry.name}' lived on a backend that is no longer "
+                "healthy; its state is lost: start the sequence again", detail=f"backend {backend.address}")
         if backend is not None:
             return backend, STICKY, sequence
         backend, reason = self.router.choose(entry.name, entry.version)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from gateway.errors import NotFound, Unavailable
+from gateway.errors import NotFound, Unavailable, shown
 from gateway.routing.config import ModelRoute
 from gateway.upstream.backend import Backend
 from gateway.upstream.fleet import Fleet
@@ -99,9 +99,9 @@ class Router:
             self.decisions[key] = self.decisions.get(key, 0) + 1
             return chosen, reason
         if self.pools_of(model) is None:
-            raise NotFound(f"model '{model}' is not routed by this gateway")
+            raise NotFound(f"model '{shown(model)}' is not routed by this gateway")
         pools = ", ".join(self.pools_of(model) or ())
         raise Unavailable(
-            f"model '{model}'{f' version {version}' if version else ''}: no healthy backend in pools [{pools}]"
-            + (" other than the one that just failed" if exclude is not None else "")
-        )
+            f"model '{shown(model)}'{f' version {shown(version)}' if version else ''}: no healthy backend can serve "
+            "it now" + (" other than the one that just failed" if exclude is not None else "") + "; retry later",
+            detail=f"pools [{pools}]")

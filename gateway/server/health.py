@@ -11,7 +11,7 @@ from typing import AsyncIterator
 
 from grpc_health.v1 import health_pb2
 
-from gateway.errors import NotFound
+from gateway.errors import NotFound, shown
 from gateway.protocol import INFERENCE_SERVICE
 from gateway.server.rpc import Call, Method, methods_of
 from gateway.upstream.fleet import Fleet
@@ -46,7 +46,7 @@ class HealthService:
     async def check(self, raw: bytes, call: Call) -> bytes:
         request = health_pb2.HealthCheckRequest.FromString(raw)
         if request.service not in KNOWN_SERVICES:
-            raise NotFound(f"unknown service {request.service!r}; expected '' or '{INFERENCE_SERVICE}'")
+            raise NotFound(f"unknown service {shown(request.service)!r}; expected '' or '{INFERENCE_SERVICE}'")
         return health_pb2.HealthCheckResponse(status=self.status()).SerializeToString()
 
     async def watch(self, requests: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:

@@ -37,14 +37,19 @@ import httptools
 __all__ = ["ConnectionFailed", "HttpAnswer", "HttpPool"]
 
 
+SHUTTING_DOWN = "the gateway is shutting down; retry the request"
+
+
 class ConnectionFailed(Exception):
     """The backend could not be reached, or a connection broke before the whole answer came."""
 
-    def __init__(self, message: str, *, answered: bool = True) -> None:
+    def __init__(self, message: str, *, answered: bool = True, public: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.answered = answered
         """False when not a byte of the answer arrived (the request may be sent again elsewhere)."""
+        self.public = public
+        """What the client may be told, without the backend's address ("": the generic text)."""
 
 
 class AnswerTooLarge(ConnectionFailed):
@@ -127,9 +132,9 @@ class _Connection(asyncio.Protocol):
         if len(name) == 31 and name.lower() == _HEADER_LENGTH:
             self._header_length = int(value)
         elif len(name) == 14 and name.lower() == _CONTENT_LENGTH and int(value) > self._pool.max_body_bytes:
-            raise AnswerTooLarge(
-                f"backend {self._pool.address}: answer of {int(value)} bytes is larger than the limit, "
-                f"upstream.max_message_bytes = {self._pool.max_body_bytes}")
+            public = (f"the answer of {int(value)} bytes is larger than the limit, "
+                      f"upstream.max_message_bytes = {self._pool.max_body_bytes}")
+            raise AnswerTooLarge(f"backend {self._pool.address}: {public}", public=public)
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -256,7 +261,8 @@ class HttpPool:
 
     async def _acquire(self, fresh: bool = False) -> _Connection:
         if self._closed:
-            raise ConnectionFailed(f"backend {self.address}: the gateway is shutting down", answered=False)
+            raise ConnectionFailed(f"backend {self.address}: the gateway is shutting down", answered=False,
+                                   public=SHUTTING_DOWN)
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         idle = self._idle
@@ -344,4 +350,5 @@ class HttpPool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(ConnectionFailed(f"backend {self.address}: the gateway is shutting down"))
+                waiter.set_exception(ConnectionFailed(f"backend {self.address}: the gateway is shutting down",
+                                                      public=SHUTTING_DOWN))

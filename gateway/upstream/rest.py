@@ -28,7 +28,7 @@ from typing import Mapping
 
 import grpc
 
-from gateway.errors import BackendError, GatewayError, InvalidArgument, Unavailable
+from gateway.errors import BACKEND_UNAVAILABLE, BackendError, GatewayError, InvalidArgument, Unavailable
 from gateway.protocol import pb
 from gateway.protocol.tensors import raw_of_typed
 from gateway.upstream.http import AnswerTooLarge, ConnectionFailed, HttpPool
@@ -149,8 +149,7 @@ def decode_response(body: bytes, header_length: int, backend: str):
         for key, value in (header.get("parameters") or {}).items():
             _set_parameter(response.parameters[key], value)
     except (ValueError, KeyError, TypeError) as error:
-        raise BackendError(grpc.StatusCode.INTERNAL, f"backend {backend} sent an unreadable answer: {error}",
-                           backend) from None
+        raise BackendError(grpc.StatusCode.INTERNAL, f"the backend sent an unreadable answer: {error}", backend) from None
     return response
 
 
@@ -162,7 +161,7 @@ def error_of(status: int, body: bytes, backend: str) -> GatewayError:
         message = body.decode("utf-8", "replace") or f"HTTP status {status}"
     code = STATUS_OF_HTTP.get(status, grpc.StatusCode.UNKNOWN)
     if code is grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"backend {backend} is unavailable: {message}")
+        return Unavailable(f"the backend is unavailable: {message}", detail=f"backend {backend}")
     return BackendError(code, message, backend)
 
 
@@ -213,9 +212,10 @@ class RestInference:
         try:
             answer = await self.pool.request([head, *blobs] if blobs else [head])
         except AnswerTooLarge as failure:
-            raise BackendError(grpc.StatusCode.RESOURCE_EXHAUSTED, failure.message, self.backend) from None
+            raise BackendError(grpc.StatusCode.RESOURCE_EXHAUSTED, failure.public, self.backend,
+                               detail=failure.message) from None
         except ConnectionFailed as failure:
-            raise Unavailable(failure.message) from None
+            raise Unavailable(failure.public or BACKEND_UNAVAILABLE, detail=failure.message) from None
         if answer.status != 200:
             raise error_of(answer.status, answer.body, self.backend)
         return decode_response(answer.body, answer.header_length, self.backend)
@@ -231,5 +231,6 @@ class RestInference:
         except ConnectionFailed as failure:
             raise Unavailable(f"HTTP endpoint: {failure.message}") from None
         if answer.status != 200:
+            # Health checks: these messages are the fleet's health detail (GetSnapshot), not a client's.
             raise Unavailable(f"backend {self.backend}: HTTP endpoint {self.pool.address} is not ready "
                               f"(HTTP {answer.status})")
