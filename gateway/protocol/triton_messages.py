@@ -199,6 +199,7 @@ RESERVED_PARAMETER = _M(
 PARAMETER_TYPE = _M(
     "parameter type", _INVALID, "invalid value type for '{name}' parameter, expected {expected}"
 )
+NEGATIVE_PRIORITY = _M("negative priority", _INVALID, "invalid value for 'priority', expected value >= 0.")
 NO_CORRELATION_ID = _M(
     "sequence without an id", _INVALID,
     "inference request to model '{model}' must specify a non-zero or non-empty correlation ID",

@@ -90,6 +90,10 @@ MAX_MESSAGE_CHARS = 1024
 #: fails every request; the log says so, and how many more there were, without a line each).
 _DETAIL_LOG_INTERVAL_S = 1.0
 _detail_logged: dict[grpc.StatusCode, list] = {}
+#: The statuses whose detail is an operator's business (a backend down or failing); a backend's
+#: refusal of a client's request is the client's, and not logged.
+_LOGGED_CODES = frozenset((grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                           grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS))
 
 
 def _log_detail(error: GatewayError, method: str) -> None:
@@ -121,6 +125,6 @@ def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, 
         log.error("%s failed unexpectedly", method or "a call", exc_info=error)
         # The exception's text may hold anything (addresses, a client's bytes): the log has it.
         return grpc.StatusCode.INTERNAL, f"internal gateway error ({type(error).__name__}); the gateway's log has the details"
-    if error.detail:
+    if error.detail and error.code in _LOGGED_CODES:
         _log_detail(error, method)
     return error.code, bounded(error.message)

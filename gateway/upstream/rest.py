@@ -70,6 +70,11 @@ def _parameters(parameters) -> dict:
     return {key: _parameter(value) for key, value in parameters.items()}
 
 
+#: Request parameters only Triton's HTTP endpoint reads (binary_data_output), or that it refuses
+#: (any `triton_` key; the empty final response is a stream's, and HTTP carries no stream).
+HTTP_ONLY_PARAMETERS = ("binary_data_output", "triton_enable_empty_final_response")
+
+
 def encode_request(request) -> tuple[bytes, list[bytes]]:
     """(JSON header, tensor bytes in input order) of a ModelInferRequest.
 
@@ -95,6 +100,10 @@ def encode_request(request) -> tuple[bytes, list[bytes]]:
     if request.id:
         header["id"] = request.id
     parameters = _parameters(request.parameters) if request.parameters else {}
+    # Keys that steer Triton's HTTP endpoint and mean nothing over gRPC: the gateway sets what it
+    # needs (binary outputs); a client's own would change the answer's form or be refused.
+    for key in HTTP_ONLY_PARAMETERS:
+        parameters.pop(key, None)
     if request.outputs:
         outputs = []
         for output in request.outputs:
