@@ -25,6 +25,8 @@ from gateway.server.config import ENGINES
 
 EXIT_CONFIG = 2
 
+log = logging.getLogger("gateway.cli")
+
 
 def _install_loop() -> None:
     try:
@@ -34,18 +36,32 @@ def _install_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config, mapping) -> None:
+async def _serve(config, mapping, config_path: str) -> None:
     from gateway.app import serving_gateway
 
-    gateway = serving_gateway(config, mapping)
+    gateway = serving_gateway(config, mapping, config_path=config_path)
     await gateway.start()
     print(f"tensorgate serving on {gateway.address} ({config.server.resolved_engine()} engine)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    async def reload() -> None:
+        try:
+            await gateway.reload_file()
+        except Exception as error:  # refused (logged by the gateway) or unreachable: keep serving
+            log.error("SIGHUP: config reload from %s refused, the running config keeps serving: %s", config_path, error)
+
+    def on_hangup() -> None:
+        task = asyncio.ensure_future(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)  # reload the config file; SIGHUP no longer ends the process
     await stop.wait()
-    await gateway.stop()
+    await gateway.stop()  # drains: NOT_SERVING first, work in flight gets server.grace_s
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -60,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"tensorgate: invalid config {args.config}: {error}", file=sys.stderr)
         return EXIT_CONFIG
     _install_loop()
-    asyncio.run(_serve(config, mapping))
+    asyncio.run(_serve(config, mapping, args.config))
     return 0
 
 

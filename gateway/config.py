@@ -17,6 +17,7 @@ metrics: a Prometheus scrape endpoint and/or OTLP export). Each stage owns its d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,72 @@ class GatewayConfig:
         return dataclasses.replace(self, listen=listen)
 
 
+#: What a reload applies live: these sections rebuild the backends and the stages that hold them
+#: (new requests go to the new ones, requests in flight finish on the old ones)…
+CORE_SECTIONS = ("pools", "models", "upstream", "health", "routing", "batching", "drift")
+#: …these server keys take effect at once…
+LIVE_SERVER_KEYS = ("grace_s", "name", "config_poll_s")
+#: …and these wait for a restart (a bound socket, the engine, what the engine was built with, the
+#: exporters): a reload keeps their running value and logs that they changed.
+RESTART_KEYS = ("listen", "server.engine", "server.envoy_threads", "server.max_message_bytes",
+                "server.max_pending_calls", "server.reflection", "telemetry")
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """How a reload from `old` to `new` goes: the config to run (`new` with the restart-only keys
+    kept at their running values), the sections applied live, the restart-only keys that changed."""
+
+    config: GatewayConfig
+    live: tuple[str, ...]
+    restart: tuple[str, ...]
+
+    @property
+    def core(self) -> bool:
+        """Whether the backends and the stages that hold them are rebuilt."""
+        return any(section in CORE_SECTIONS for section in self.live)
+
+    def summary(self) -> str:
+        text = f"applied: {', '.join(self.live)}" if self.live else "no change to apply"
+        if self.restart:
+            text += f"; changed but kept until a restart: {', '.join(self.restart)}"
+        return text
+
+
+def _get(config: GatewayConfig, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def plan_reload(old: GatewayConfig, new: GatewayConfig) -> ReloadPlan:
+    restart = tuple(key for key in RESTART_KEYS if _get(old, key) != _get(new, key))
+    server = dataclasses.replace(new.server, **{key.split(".")[1]: _get(old, key)
+                                                for key in RESTART_KEYS if key.startswith("server.")})
+    config = dataclasses.replace(new, listen=old.listen, server=server, telemetry=old.telemetry)
+    live = tuple(section for section in CORE_SECTIONS if getattr(old, section) != getattr(config, section))
+    live += tuple(f"server.{key}" for key in LIVE_SERVER_KEYS if getattr(old.server, key) != getattr(server, key))
+    return ReloadPlan(config, live, restart)
+
+
+def parse_config_text(text: str) -> Any:
+    """A config sent as text (YAML, of which JSON is a part), before validation."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError("", f"the config is not valid YAML: {error}") from error
+
+
+def file_digest(path: str | os.PathLike) -> bytes | None:
+    """The SHA-256 of a file's content (None: unreadable now, e.g. while an editor replaces it)."""
+    try:
+        with open(path, "rb") as stream:
+            return hashlib.sha256(stream.read()).digest()
+    except OSError:
+        return None
+
+
 def config_from_mapping(data: Any) -> GatewayConfig:
     return load_dataclass(GatewayConfig, data)
 
@@ -88,4 +155,5 @@ def load_config(path: str | os.PathLike) -> GatewayConfig:
     return config_from_mapping(read_config_mapping(path))
 
 
-__all__ = ["GatewayConfig", "PoolConfig", "ModelRoute", "load_config", "read_config_mapping", "config_from_mapping", "parse_address"]
+__all__ = ["GatewayConfig", "PoolConfig", "ModelRoute", "ReloadPlan", "config_from_mapping", "file_digest", "load_config",
+           "parse_address", "parse_config_text", "plan_reload", "read_config_mapping"]

@@ -35,6 +35,8 @@ class Pipeline:
         self.observers: list[Observer] = [self._count]
         self.refusal_observers: list[RefusalObserver] = []
         self.trace_starter: TraceStarter | None = None
+        self.in_flight = 0
+        """Requests inside infer/infer_stream now: a config reload retires this pipeline at 0."""
         self._entries: dict[tuple[str, str], ModelEntry] = {}
 
     def attach(
@@ -148,10 +150,14 @@ class Pipeline:
     async def infer(self, request, deadline: float | None, metadata=None):
         """One response for one request (ModelInfer). `metadata`: the call's gRPC metadata (trace context)."""
         started = time.perf_counter_ns()
-        # No coroutine layer for a model already resolved: resolving awaits only the first time.
-        entry = self._known_entry(request) or await self._resolve_admitting(request, started)
-        layout = self._admit(entry, request, started, unary=True)
-        response = await self._infer_one(self._exchange(entry, request, metadata, started, layout), deadline)
+        self.in_flight += 1
+        try:
+            # No coroutine layer for a model already resolved: resolving awaits only the first time.
+            entry = self._known_entry(request) or await self._resolve_admitting(request, started)
+            layout = self._admit(entry, request, started, unary=True)
+            response = await self._infer_one(self._exchange(entry, request, metadata, started, layout), deadline)
+        finally:
+            self.in_flight -= 1
         # The backend call rode a stream; Triton puts `triton_final_response` on stream responses only.
         if FINAL_FLAG_RESPONSE in response.parameters:
             del response.parameters[FINAL_FLAG_RESPONSE]
@@ -172,6 +178,14 @@ class Pipeline:
 
     async def infer_stream(self, request, deadline: float | None, metadata=None):
         """Yield every response of one request (one for ordinary models, any number if decoupled)."""
+        self.in_flight += 1
+        try:
+            async for response in self._infer_stream(request, deadline, metadata):
+                yield response
+        finally:
+            self.in_flight -= 1
+
+    async def _infer_stream(self, request, deadline: float | None, metadata=None):
         started = time.perf_counter_ns()
         entry = self._known_entry(request) or await self._resolve_admitting(request, started)
         exchange = self._exchange(entry, request, metadata, started, self._admit(entry, request, started))

@@ -37,6 +37,9 @@ class ServerConfig:
     clients of the inference protocol ship its protos (tritonclient does), and a gateway facing
     untrusted networks should not hand out a map of its admin API. Turn it on for grpcurl, Postman
     or grpc_cli without proto files."""
+    config_poll_s: float = 2.0
+    """How often `tensorgate serve` checks its config file for a change of content, and reloads it
+    (0: only on SIGHUP and the admin ReloadConfig)."""
     max_pending_calls: int = 65536
     """grpcio engine: calls grpc core has received but not yet handed to the gateway's Python (a
     burst on one busy connection). grpc's own default drops them at random from 1,000 pending
@@ -63,5 +66,7 @@ class ServerConfig:
             raise ConfigError(f"{path}.max_message_bytes", "expected at least 1024 bytes")
         if self.max_pending_calls < 1:
             raise ConfigError(f"{path}.max_pending_calls", "expected at least 1 call")
+        if self.config_poll_s < 0:
+            raise ConfigError(f"{path}.config_poll_s", "expected zero (no watching) or more seconds")
         if self.grace_s < 0:
             raise ConfigError(f"{path}.grace_s", "expected zero or more seconds")

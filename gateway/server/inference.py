@@ -18,6 +18,7 @@ from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE, pb
 from gateway.routing.dispatcher import sequence_of
 from gateway.server.model_statistics import model_statistics
+from gateway.server.readiness import Readiness
 from gateway.server.rpc import Call, Method, methods_of, parse_request, status_of
 from gateway.upstream.fleet import Fleet
 
@@ -41,10 +42,12 @@ SETTINGS_REASON = (
 class InferenceService:
     """Serves the KServe v2 / Triton inference protocol on top of the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, fleet: Fleet, server_name: str = "triton") -> None:
+    def __init__(self, pipeline: Pipeline, fleet: Fleet, server_name: str = "triton",
+                 readiness: Readiness | None = None) -> None:
         self.pipeline = pipeline
         self.fleet = fleet
         self.server_name = server_name
+        self.readiness = readiness if readiness is not None else Readiness()
 
     def __repr__(self) -> str:
         return f"<InferenceService {self.pipeline!r}>"
@@ -88,7 +91,7 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True).SerializeToString()
 
     async def server_ready(self, raw: bytes, call: Call) -> bytes:
-        ready = any(b.healthy for b in self.fleet.backends())
+        ready = not self.readiness.draining and any(b.healthy for b in self.fleet.backends())
         return pb.ServerReadyResponse(ready=ready).SerializeToString()
 
     async def server_metadata(self, raw: bytes, call: Call) -> bytes:
@@ -101,7 +104,7 @@ class InferenceService:
 
     async def model_ready(self, raw: bytes, call: Call) -> bytes:
         request = parse_request(pb.ModelReadyRequest, raw)
-        ready = self.pipeline.routes(request.name) and any(
+        ready = not self.readiness.draining and self.pipeline.routes(request.name) and any(
             b.healthy and b.serves(request.name, request.version) for b in self.fleet.backends()
         )
         return pb.ModelReadyResponse(ready=bool(ready)).SerializeToString()
@@ -154,8 +157,13 @@ class InferenceService:
             raise
 
     async def model_infer(self, raw: bytes, call: Call) -> bytes:
-        request = self._parse_infer(raw)
-        response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call))
+        readiness = self.readiness
+        readiness.admitted()
+        try:
+            request = self._parse_infer(raw)
+            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call))
+        finally:
+            readiness.finished()
         return response.SerializeToString()
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:
@@ -171,11 +179,16 @@ class InferenceService:
         metadata = self._trace_metadata(call)  # a stream's trace context applies to each of its requests
         done_reading = object()
 
+        readiness = self.readiness
+
         async def serve_one(request, error, after: asyncio.Task | None) -> None:
             request_id = request.id if request is not None else ""
+            counted = False
             try:
                 if error is not None:
                     raise error
+                readiness.admitted()
+                counted = True
                 if after is not None:
                     await asyncio.wait((after,))  # its outcome is its own; only the order matters here
                 async for response in self.pipeline.infer_stream(request, deadline, metadata):
@@ -185,6 +198,9 @@ class InferenceService:
                 answer = pb.ModelStreamInferResponse(error_message=message)
                 answer.infer_response.id = request_id
                 outbox.put_nowait(answer.SerializeToString())
+            finally:
+                if counted:
+                    readiness.finished()
 
         def forget_step(sequence_id, task: asyncio.Task) -> None:
             if last_step.get(sequence_id) is task:
