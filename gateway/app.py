@@ -161,7 +161,7 @@ class Gateway:
             self.telemetry.start()
         await self.fleet.start()
         self._sweeper = asyncio.ensure_future(self._sweep_sequences())
-        if self.config_path is not None and self.config.server.config_poll_s > 0:
+        if self.config_path is not None:
             self._watcher = asyncio.ensure_future(self._watch_config_file())
 
     async def stop_stages(self) -> None:
@@ -312,14 +312,18 @@ class Gateway:
             await drift.close()
 
     async def _watch_config_file(self) -> None:
-        """Reload when the config file's content changes (checked every server.config_poll_s)."""
+        """Reload when the config file's content changes (checked every server.config_poll_s; 0:
+        not watched, until a reload sets it)."""
         seen = file_digest(self.config_path)
         while True:
-            await asyncio.sleep(self.config.server.config_poll_s)
+            interval = self.config.server.config_poll_s
+            await asyncio.sleep(interval if interval > 0 else 1.0)
             digest = file_digest(self.config_path)
             if digest is None or digest == seen:
                 continue
             seen = digest
+            if self.config.server.config_poll_s <= 0:  # read again: a reload during the sleep may have set it
+                continue  # not watched: SIGHUP or the admin API reloads it
             try:
                 await self.reload_file()
             except ConfigError:
