@@ -7,12 +7,10 @@ otherwise — and the running config keeps serving. Keys that need a restart kee
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
@@ -21,55 +19,11 @@ import yaml
 
 from gateway.admin.gateway_service import SERVICE as GATEWAY_SERVICE
 from gateway.admin.gateway_service import ReloadConfigRequest, ReloadConfigResponse, Snapshot, SnapshotRequest
-from gateway.bench.loadgen import MODEL_INFER_METHOD, build_infer_request
 from gateway.local.triton import find_free_port
 from tests.conftest import gateway_on
+from tests.servers import SteadyLoad
 
 TENSORGATE = [sys.executable, "-m", "gateway"]
-
-
-class SteadyLoad:
-    """`workers` clients sending simple_scale one request after another, in a thread, until stopped;
-    `outcome` counts the answers by status."""
-
-    def __init__(self, address: str, workers: int = 8) -> None:
-        self.address = address
-        self.workers = workers
-        self.outcome: collections.Counter = collections.Counter()
-        self.samples: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self) -> None:
-        payload = build_infer_request("simple_scale")
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            call = channel.unary_unary(MODEL_INFER_METHOD)
-
-            async def worker() -> None:
-                while not self._stop.is_set():
-                    try:
-                        await call(payload, timeout=30)
-                        self.outcome["OK"] += 1
-                    except grpc.aio.AioRpcError as error:
-                        self.outcome[error.code().name] += 1
-                        if len(self.samples) < 5:
-                            self.samples.append(f"{error.code().name}: {error.details()}")
-
-            await asyncio.gather(*(worker() for _ in range(self.workers)))
-
-    def __enter__(self) -> "SteadyLoad":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(60)
-
-    def served_more_than(self, count: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.outcome["OK"] <= count:
-            assert time.monotonic() < deadline, f"load stalled: {self.outcome} {self.samples}"
-            time.sleep(0.05)
 
 
 def admin(address: str):

@@ -104,6 +104,11 @@ def encode_request(request) -> tuple[bytes, list[bytes]]:
     # needs (binary outputs); a client's own would change the answer's form or be refused.
     for key in HTTP_ONLY_PARAMETERS:
         parameters.pop(key, None)
+    timeout = parameters.get("timeout")
+    if type(timeout) is int and timeout < 0:
+        # Triton's gRPC endpoint reads a negative timeout as unsigned (no timeout to speak of); its
+        # HTTP endpoint refuses it as INTERNAL. Sent as gRPC would mean it: no timeout.
+        del parameters["timeout"]
     if request.outputs:
         outputs = []
         for output in request.outputs:
