@@ -22,7 +22,13 @@ $(DESCRIPTORS): $(STAMP) $(wildcard protos/*.proto)
 	$(PY) setup.py --name >/dev/null
 	touch $(DESCRIPTORS)
 
-install: $(STAMP) $(DESCRIPTORS)
+# The Cython kernels, rebuilt in place whenever a .pyx or .pxd changes (a fresh .venv builds them).
+KERNELS := .venv/.kernels
+$(KERNELS): $(STAMP) $(wildcard ext/*.pyx ext/*.pxd)
+	$(PY) setup.py build_ext --inplace --quiet
+	touch $(KERNELS)
+
+install: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 
 # Regenerate the protocol descriptor set from protos/ unconditionally.
 protos: $(STAMP)
@@ -33,17 +39,20 @@ protos: $(STAMP)
 compile: $(STAMP)
 	$(PY) setup.py build_ext --inplace --quiet
 
-demo: $(STAMP) $(DESCRIPTORS)
+demo: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 	$(VENV)/bin/tensorgate demo
 
-test: $(STAMP) $(DESCRIPTORS) test-tools
+test: $(STAMP) $(DESCRIPTORS) $(KERNELS) test-tools
 	$(PY) -m pytest -q
 
 # What the tests need beside .venv: a real Prometheus server (tests/test_telemetry.py runs
 # $(PROMETHEUS)), from the Debian package `prometheus`, installed when it is missing: as root
-# directly, else through sudo; without either, stop and say what to install.
+# directly, else through sudo; without either, stop and say what to install. And kubectl, whose
+# built-in kustomize (v5) renders deploy/k8s (tests/test_deploy_k8s.py): on the project's machines
+# already; Debian's own kubectl (1.20) embeds a kustomize too old for the overlays.
 PROMETHEUS := /usr/bin/prometheus
 test-tools:
+	@command -v kubectl >/dev/null || { echo "make test: kubectl is missing; tests/test_deploy_k8s.py renders deploy/k8s with its built-in kustomize: install kubectl 1.27 or newer (https://kubernetes.io/docs/tasks/tools/), then re-run make test" >&2; exit 1; }
 	@if [ -x $(PROMETHEUS) ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null; then \
 		echo "make test: $(PROMETHEUS) is missing and there is no apt-get here; install Prometheus so that $(PROMETHEUS) runs it, then re-run make test" >&2; exit 1; \
@@ -55,7 +64,7 @@ test-tools:
 	echo "make test: installing the Debian package prometheus (the telemetry tests run a real Prometheus server)"; \
 	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
 
-bench: $(STAMP) $(DESCRIPTORS)
+bench: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_drift.py
 	$(PY) benchmarks/bench_telemetry.py

@@ -12,7 +12,7 @@ USING_EXTENSIONS = not os.environ.get("TENSORGATE_NO_EXTENSIONS")
 
 if USING_EXTENSIONS:
     from gateway.ext.batching import bytes_typed_to_raw, gather, gather_into, scatter, scatter_bytes, typed_to_raw
-    from gateway.ext.tensorcheck import bytes_element_count
+    from gateway.ext.tensorcheck import bytes_element_count, bytes_longest_element
 else:
     from gateway.ext.batching_py import (
         bytes_typed_to_raw,
@@ -22,11 +22,12 @@ else:
         scatter_bytes,
         typed_to_raw,
     )
-    from gateway.ext.tensorcheck_py import bytes_element_count
+    from gateway.ext.tensorcheck_py import bytes_element_count, bytes_longest_element
 
 __all__ = [
     "USING_EXTENSIONS",
     "bytes_element_count",
+    "bytes_longest_element",
     "bytes_typed_to_raw",
     "gather",
     "gather_into",

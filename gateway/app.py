@@ -13,6 +13,11 @@ import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
+
+import grpc
+
+from gateway.server.model_statistics import GatewayCounts
 
 from gateway.admin.control import ControlError, send_control, serve_control
 from gateway.admin.drift_service import SERVICE as DRIFT_SERVICE
@@ -28,6 +33,9 @@ from gateway.protocol import INFERENCE_SERVICE
 from gateway.routing.dispatcher import DirectDispatcher
 from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
+from gateway.security.guard import Guard
+from gateway.server.access import guarded
+from gateway.server.config import ServerTls
 from gateway.server.engines.grpcio import GrpcioEngine
 from gateway.server.health import SERVICE as HEALTH_SERVICE
 from gateway.server.health import HealthService
@@ -37,6 +45,9 @@ from gateway.server.reflection import ReflectionService
 from gateway.telemetry.stage import GatewayView, TelemetryStage
 from gateway.upstream.catalog import ModelCatalog
 from gateway.upstream.fleet import Fleet
+from gateway.workers.link import WorkerLink
+from gateway.workers.report import BackendGauge, BatchedGauge, WorkerReport
+from gateway.workers.role import WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +83,26 @@ class Gateway:
     that will serve it: grpc.aio channels bind to that loop.
     """
 
-    def __init__(self, config: GatewayConfig, config_path: str | None = None) -> None:
+    def __init__(self, config: GatewayConfig, worker: WorkerRole | None = None, config_path: str | None = None) -> None:
+        """`worker`: this gateway is one worker of several (gateway/workers/): it serves with
+        SO_REUSEPORT, ships its counters and drift rows to its parent's hub, and answers
+        ModelStatistics, the admin snapshot and drift calls with the merged view. `config_path`: the
+        YAML file the config came from: reloads read it again, and it is watched for changes."""
         self.config = config
         self.config_path = config_path
-        """The YAML file the config came from: reloads read it again, and it is watched for changes."""
+        self.worker = worker
+        self.link = WorkerLink(worker) if worker is not None else None
         self.readiness = Readiness()
         self.sequences = SequenceTable()
-        self.drift = DriftStage(config.drift)
-        self.telemetry = TelemetryStage(config.telemetry, self._view()) if config.telemetry.enabled else None
+        self.drift = self._drift_stage(config)
+        self.telemetry = (TelemetryStage(config.telemetry, self._view(), export_metrics=self.link is None)
+                          if config.telemetry.enabled else None)
         if self.telemetry is not None:
             self.drift.hooks.append(self.telemetry.drift_hook)
         self._install(self._build_core(config))
-        self.inference = InferenceService(self.pipeline, self.fleet, server_name=config.server.name,
+        self.guard = Guard.from_config(config.auth, config.limits)  # None: nothing to check, no call pays
+        self.inference = InferenceService(self.pipeline, self.fleet, server_name=config.server.name, guard=self.guard,
+                                          peer_counts=self.link.peer_counts if self.link is not None else None,
                                           readiness=self.readiness)
         self.health = HealthService(self.fleet, self.readiness)
         self.drift_service = DriftService(self.drift)
@@ -98,6 +117,9 @@ class Gateway:
     def __repr__(self) -> str:
         state = f"serving on {self.address}" if self._engine else "stopped"
         return f"<Gateway {state} {self.readiness!r} {self.fleet!r} {self.sequences!r}>"
+
+    def _drift_stage(self, config: GatewayConfig) -> DriftStage:
+        return DriftStage(config.drift, forward=self.link.forward_drift if self.link is not None else None)
 
     def _build_core(self, config: GatewayConfig) -> _Core:
         """The backends and the stages that hold them, wired to the drift and telemetry stages."""
@@ -137,15 +159,20 @@ class Gateway:
     def methods(self) -> list:
         """Every gRPC method the gateway serves, on whichever engine."""
         services = [INFERENCE_SERVICE, DRIFT_SERVICE, GATEWAY_SERVICE, HEALTH_SERVICE]
+        drift = self.drift_service.methods()
+        snapshot = self.snapshot
+        if self.link is not None:  # the drift windows and the merged state live in the parent's hub
+            drift = self.link.proxy(drift)
+            snapshot = self._merged_snapshot
         methods = [
             *self.inference.methods(),
-            *self.drift_service.methods(),
-            *GatewayService(self.snapshot, self.reload_text).methods(),
+            *drift,
+            *GatewayService(snapshot, self.reload_text).methods(),
             *self.health.methods(),
         ]
         if self.config.server.reflection:  # off by default: it maps the admin API for anyone (ServerConfig)
             methods += ReflectionService(services).methods()
-        return methods
+        return guarded(methods, self.guard, admin_services=(DRIFT_SERVICE, GATEWAY_SERVICE))
 
     @property
     def address(self) -> str:
@@ -163,6 +190,8 @@ class Gateway:
         self._sweeper = asyncio.ensure_future(self._sweep_sequences())
         if self.config_path is not None:
             self._watcher = asyncio.ensure_future(self._watch_config_file())
+        if self.link is not None:
+            await self.link.start(self._report)
 
     async def stop_stages(self) -> None:
         for task in (self._sweeper, self._watcher, *self._retiring):
@@ -171,17 +200,23 @@ class Gateway:
         self._sweeper = self._watcher = None
         await self.batching.close()
         await self.drift.close()
+        if self.link is not None:
+            await self.link.close()  # the last report: this worker's final counts
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.close)  # a final OTLP export may wait on the network
         await self.fleet.close()
 
     async def start(self) -> "Gateway":
         """Start the stages and serve them with the grpc.aio engine on config.listen (port 0 picks one)."""
+        server = self.config.server
         engine = GrpcioEngine(
             self.config.listen, self.methods(),
-            max_receive_bytes=self.config.server.max_message_bytes,
+            max_receive_bytes=server.max_message_bytes,
             max_send_bytes=self.config.upstream.max_message_bytes,
             max_pending_calls=self.config.server.max_pending_calls,
+            reuse_port=self.worker is not None,
+            credentials=None if server.tls is None else server_credentials(server.tls),
+            max_concurrent_streams=server.max_concurrent_streams,
         )
         await self.start_stages()
         self.port = await engine.start()
@@ -273,7 +308,7 @@ class Gateway:
                 return plan.summary()
             old_core, old_drift = self._core, self.drift
             if "drift" in plan.live:
-                drift = DriftStage(config.drift)
+                drift = self._drift_stage(config)
                 if self.telemetry is not None:
                     drift.hooks.append(self.telemetry.drift_hook)
                 if drift.monitors:
@@ -332,12 +367,17 @@ class Gateway:
                 log.exception("config reload from %s failed", self.config_path)
 
     def snapshot(self) -> dict:
-        """Live state for people and tests: backends, routing decisions, batching per model."""
+        """Live state for people and tests: backends (health: healthy, unhealthy, unknown, or
+        draining after leaving DNS), DNS discovery per pool, routing decisions, batching per model."""
         return {
             "backends": {
                 b.address: {"pool": b.pool, "health": b.health.value, "detail": b.health_detail,
                             "outstanding": b.outstanding, "served": b.served, "failed": b.failed}
                 for b in self.fleet.backends()
+            },
+            "discovery": {
+                pool: {"dns": d.target, "resolutions": d.resolutions, "failures": d.failures, "last_error": d.last_error}
+                for pool, d in self.fleet.discovery.items()
             },
             "routing": {f"{pool}/{reason}": count for (pool, reason), count in sorted(self.router.decisions.items())},
             "sequences": len(self.sequences),
@@ -345,7 +385,33 @@ class Gateway:
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},
             "serving": {"draining": self.readiness.draining, "in_flight": self.readiness.in_flight,
                         "reloads": self.reloads},
+            "tenants": {} if self.guard is None else self.guard.snapshot(),
         }
+
+    async def _merged_snapshot(self) -> dict:
+        return await self.link.merged_snapshot(self.snapshot())
+
+    def _report(self) -> WorkerReport:
+        """What this worker ships to its parent's hub (gateway/workers/report.py)."""
+        report = WorkerReport(self.worker.worker_id, os.getpid(), sequences=len(self.sequences))
+        report.routing = dict(self.router.decisions)
+        report.backends = [BackendGauge(b.address, b.pool, b.healthy, b.outstanding, b.health.value,
+                                        b.health_detail, b.served, b.failed) for b in self.fleet.backends()]
+        report.batching = [BatchedGauge(name, version, dict(counters.batch_sizes), waiting)
+                           for name, version, counters, waiting in self.batching.batched_models()]
+        for entry in self.pipeline.entries():
+            own, batched = entry.counters, self.batching.batch_counters(entry.name, entry.version)
+            report.counts[(entry.name, entry.version)] = GatewayCounts(
+                own.success_count, own.success_ns, own.fail_count, own.fail_ns, own.last_inference_ms,
+                batched.requests if batched is not None else 0,
+                int(batched.queue_delay_s_total * 1e9) if batched is not None else 0)
+        report.snapshot = {"batching": self.batching.snapshot()}
+        if self.telemetry is not None:
+            aggregates = self.telemetry.aggregates
+            report.requests = aggregates.snapshot()
+            report.backend_time = aggregates.backend_time.snapshot()
+            report.queue_time = aggregates.queue_time.snapshot()
+        return report
 
     async def wait(self) -> None:
         if self._engine is not None:
@@ -358,12 +424,28 @@ class Gateway:
         await self.stop(grace=0)
 
 
+def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
+    """The grpc.aio engine's TLS: the gateway's certificate, and client certificates verified
+    against client_ca_file when it is given (mutual TLS)."""
+
+    def contents(path: str) -> bytes:
+        with open(path, "rb") as stream:
+            return stream.read()
+
+    return grpc.ssl_server_credentials(
+        [(contents(tls.key_file), contents(tls.cert_file))],
+        root_certificates=None if tls.client_ca_file is None else contents(tls.client_ca_file),
+        require_client_auth=tls.mutual and tls.require_client_certificate,
+    )
+
+
 @contextlib.asynccontextmanager
 async def envoy_services(config_json: str):
     """The envoy engine's services factory (gateway/server/engines/envoy.py): inside Envoy's process,
     on its event loop, build the Gateway from its config (the JSON of the config mapping), start its
     stages, serve its Methods, and stop the stages when Envoy shuts down."""
-    gateway = Gateway(config_from_mapping(json.loads(config_json)), config_path=os.environ.get(ENV_CONFIG_PATH))
+    gateway = Gateway(config_from_mapping(json.loads(config_json)), worker=WorkerRole.from_environment(),
+                      config_path=os.environ.get(ENV_CONFIG_PATH))
     await gateway.start_stages()
     control = None
     control_path = os.environ.get(ENV_CONTROL_SOCKET)
@@ -396,9 +478,11 @@ class EnvoyGateway:
     running inside the Envoy process (`envoy_services`). Same shape as Gateway's serving half:
     `start()`, `address`, `stop(grace)`, `wait()`; its live state is the admin GetSnapshot."""
 
-    def __init__(self, config: GatewayConfig, mapping: dict, stderr=None, config_path: str | None = None) -> None:
+    def __init__(self, config: GatewayConfig, mapping: dict, stderr=None, worker: WorkerRole | None = None,
+                 config_path: str | None = None) -> None:
         """`mapping` is the config as read (YAML or a dict), which the Envoy process loads again;
         `stderr`: where the Envoy process's standard error goes (a file; None: this process's);
+        `worker`: one worker of several (Envoy listens with reuse_port; its gateway reports to the hub);
         `config_path`: the file it came from, which the gateway in Envoy reloads and watches."""
         from gateway.server.engines.envoy_server import EnvoyEngine, EnvoyOptions
 
@@ -410,12 +494,23 @@ class EnvoyGateway:
         env = {ENV_CONTROL_SOCKET: self.control_path}
         if config_path is not None:
             env[ENV_CONFIG_PATH] = os.path.abspath(config_path)
+        if worker is not None:
+            env.update(worker.environment())
+        tls = server.tls
+        options = EnvoyOptions(
+            envoy_threads=server.envoy_threads, drain_s=max(1.0, server.grace_s),
+            max_concurrent_streams=server.max_concurrent_streams,
+            # Paths, not contents: Envoy reads the files itself and the key never enters its config.
+            tls_cert=None if tls is None else Path(tls.cert_file),
+            tls_key=None if tls is None else Path(tls.key_file),
+            tls_client_ca=None if tls is None or tls.client_ca_file is None else Path(tls.client_ca_file),
+            require_client_certificate=True if tls is None else tls.require_client_certificate,
+            reuse_port=worker is not None,
+        )
         self.engine = EnvoyEngine(
             config.listen, "gateway.app:envoy_services", argument=json.dumps(mapping),
-            max_receive_bytes=server.max_message_bytes,
-            options=EnvoyOptions(envoy_threads=server.envoy_threads, drain_s=max(1.0, server.grace_s)),
+            max_receive_bytes=server.max_message_bytes, options=options, stderr=stderr,
             env=env,
-            stderr=stderr,
         )
         self.port: int | None = None
 
@@ -459,10 +554,11 @@ class EnvoyGateway:
 
 
 def serving_gateway(config: GatewayConfig, mapping: dict, envoy_stderr=None,
-                    config_path: str | None = None) -> "Gateway | EnvoyGateway":
+                    worker: WorkerRole | None = None, config_path: str | None = None) -> "Gateway | EnvoyGateway":
     """The gateway on the engine its config names (`server.engine`); `envoy_stderr`: where the
     Envoy process's standard error goes on the envoy engine (a file; None: this process's);
-    `config_path`: the file the config came from (reloads read it again, and it is watched)."""
+    `worker`: this process is one worker of several (gateway/workers/); `config_path`: the file the
+    config came from (reloads read it again, and it is watched)."""
     if config.server.resolved_engine() == "envoy":
-        return EnvoyGateway(config, mapping, stderr=envoy_stderr, config_path=config_path)
-    return Gateway(config, config_path=config_path)
+        return EnvoyGateway(config, mapping, stderr=envoy_stderr, worker=worker, config_path=config_path)
+    return Gateway(config, worker=worker, config_path=config_path)

@@ -36,10 +36,10 @@ def _install_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config, mapping, config_path: str) -> None:
+async def _serve(config, mapping, config_path: str, worker=None) -> None:
     from gateway.app import serving_gateway
 
-    gateway = serving_gateway(config, mapping, config_path=config_path)
+    gateway = serving_gateway(config, mapping, worker=worker, config_path=config_path)
     await gateway.start()
     print(f"tensorgate serving on {gateway.address} ({config.server.resolved_engine()} engine)", flush=True)
     stop = asyncio.Event()
@@ -59,24 +59,58 @@ async def _serve(config, mapping, config_path: str) -> None:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)  # reload the config file; SIGHUP no longer ends the process
+    # Reload the config file; SIGHUP no longer ends the process. With several workers the parent
+    # forwards SIGHUP to each, and each reloads its own gateway.
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
     await gateway.stop()  # drains: NOT_SERVING first, work in flight gets server.grace_s
 
 
+def _worker_count(args: argparse.Namespace, config) -> int:
+    """--workers, else server.workers; `auto`: the cores this process may run on."""
+    if args.workers is None:
+        return config.server.resolved_workers()
+    if args.workers == "auto":
+        return len(os.sched_getaffinity(0))
+    if not args.workers.isdigit() or int(args.workers) < 1:
+        raise ConfigError("--workers", f"expected a number of processes (1 or more) or auto, got {args.workers!r}")
+    return int(args.workers)
+
+
+async def _supervise(config, config_path: str, count: int, listen: str | None, verbose: bool) -> int:
+    from gateway.workers.supervisor import Supervisor
+
+    def ready(supervisor) -> None:
+        port = supervisor.hub.prometheus_port
+        metrics = "" if port is None else f"; metrics on http://{config.telemetry.prometheus_host}:{port}/metrics"
+        print(f"tensorgate serving on {supervisor.address} ({config.server.resolved_engine()} engine, "
+              f"{count} workers, parent pid {os.getpid()}{metrics})", flush=True)
+
+    return await Supervisor(config, config_path, count, listen=listen, verbose=verbose).run(on_ready=ready)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.config import config_from_mapping, read_config_mapping
+    from gateway.workers.role import WorkerRole
+    from gateway.security.guard import Guard
 
+    worker = WorkerRole.from_environment()  # set by the parent of several workers
     try:
         mapping = read_config_mapping(args.config)
         config = config_from_mapping(mapping)
         if args.listen:
             config = config.with_listen(args.listen)
+        # Credentials are read here once too, so a missing one is exit 2 naming it (on the envoy
+        # engine the gateway itself reads them inside Envoy, where it could only fail the start).
+        Guard.from_config(config.auth, config.limits)
+        count = 1 if worker is not None else _worker_count(args, config)
     except ConfigError as error:
         print(f"tensorgate: invalid config {args.config}: {error}", file=sys.stderr)
         return EXIT_CONFIG
     _install_loop()
-    asyncio.run(_serve(config, mapping, args.config))
+    if count > 1:
+        return asyncio.run(_supervise(config, args.config, count, args.listen, args.verbose))
+    asyncio.run(_serve(config, mapping, args.config, worker))
     return 0
 
 
@@ -86,7 +120,7 @@ def cmd_local_triton(args: argparse.Namespace) -> int:
     repository = args.model_repository or default_model_repository()
     try:
         triton = LocalTriton(repository, name=args.name, grpc_port=args.grpc_port, http_port=args.http_port,
-                             log_dir=args.log_dir).start()
+                             metrics_port=args.metrics_port, host=args.host, log_dir=args.log_dir).start()
     except TritonLaunchError as error:
         print(f"tensorgate: {error}", file=sys.stderr)
         return 1
@@ -133,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True, help="YAML config file")
     serve.add_argument("--listen", help="override the config's listen address (host:port)")
+    serve.add_argument("--workers", help="worker processes on the one port (server.workers): a number, or auto "
+                                         "for one per available core; 1 (default) serves in this process")
     serve.set_defaults(run=cmd_serve)
 
     local = commands.add_parser("local-triton", help="run one local Triton server from the nvidia-pytriton wheel")
@@ -141,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--http-port", type=int, default=0,
                        help="HTTP port (default: the gRPC port - 1, as in Triton's 8000/8001, which the gateway's "
                             "HTTP upstream derives; with neither port given, a free pair)")
+    local.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (default: a free one)")
+    local.add_argument("--host", default="127.0.0.1",
+                       help="address every endpoint binds (default 127.0.0.1; 0.0.0.0 in a container)")
     local.add_argument("--name", default="triton")
     local.add_argument("--log-dir")
     local.set_defaults(run=cmd_local_triton)

@@ -4,6 +4,7 @@
     pools:
       gpu: {backends: ["10.0.0.5:8001"]}
       cpu: {backends: ["127.0.0.1:9001", "127.0.0.1:9002"]}
+      pods: {dns: "triton.models.svc.cluster.local:8001"}   # every address of a headless Service
     models:            # optional; without it every model the backends report is routed
       resnet: {pools: [gpu, cpu]}   # preference order
 
@@ -11,7 +12,9 @@ Optional sections: `server` (limits), `upstream` (transport to the backends: `gr
 streams and connections per backend), `health` (check interval),
 `routing` (retry policy), `batching` (gateway-side dynamic batching, per model), `drift` (drift
 monitoring of model inputs and outputs, alerts and retraining captures), `telemetry` (OpenTelemetry
-metrics: a Prometheus scrape endpoint and/or OTLP export). Each stage owns its dataclass; this module composes them.
+metrics: a Prometheus scrape endpoint and/or OTLP export), `auth` (tenants: bearer tokens or API keys,
+model allow-lists, rates) and `limits` (what one request may hold). Each stage owns its dataclass;
+this module composes them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from gateway.configfile import load_dataclass
 from gateway.drift.config import DriftConfig
 from gateway.errors import ConfigError
 from gateway.routing.config import ModelRoute, RoutingConfig
+from gateway.security.config import AuthConfig, LimitsConfig
 from gateway.server.config import ServerConfig
 from gateway.telemetry.config import TelemetryConfig
 from gateway.upstream.config import HealthConfig, PoolConfig, UpstreamConfig, parse_address
@@ -50,6 +54,10 @@ class GatewayConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    auth: AuthConfig | None = None
+    """Tenants, their credentials, model allow-lists and rates; None (the default): no authentication."""
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """What one inference request may hold (tensors, BYTES element size, per-model message size)."""
 
     def validate(self, path: str) -> None:
         host, port = self.listen.rpartition(":")[::2]
@@ -74,10 +82,9 @@ class GatewayConfig:
 CORE_SECTIONS = ("pools", "models", "upstream", "health", "routing", "batching", "drift")
 #: …these server keys take effect at once…
 LIVE_SERVER_KEYS = ("grace_s", "name", "config_poll_s")
-#: …and these wait for a restart (a bound socket, the engine, what the engine was built with, the
-#: exporters): a reload keeps their running value and logs that they changed.
-RESTART_KEYS = ("listen", "server.engine", "server.envoy_threads", "server.max_message_bytes",
-                "server.max_pending_calls", "server.reflection", "telemetry")
+#: …and everything else waits for a restart (a bound socket, the engine and what it was built with,
+#: the exporters, credentials and tenants, workers): a reload keeps its running value and logs that
+#: it changed. A section added later is restart-only until it is listed above.
 
 
 @dataclass(frozen=True)
@@ -109,10 +116,12 @@ def _get(config: GatewayConfig, key: str) -> Any:
 
 
 def plan_reload(old: GatewayConfig, new: GatewayConfig) -> ReloadPlan:
-    restart = tuple(key for key in RESTART_KEYS if _get(old, key) != _get(new, key))
-    server = dataclasses.replace(new.server, **{key.split(".")[1]: _get(old, key)
-                                                for key in RESTART_KEYS if key.startswith("server.")})
-    config = dataclasses.replace(new, listen=old.listen, server=server, telemetry=old.telemetry)
+    restart_sections = [f.name for f in dataclasses.fields(GatewayConfig) if f.name not in (*CORE_SECTIONS, "server")]
+    restart_server = [f.name for f in dataclasses.fields(type(old.server)) if f.name not in LIVE_SERVER_KEYS]
+    restart = tuple(name for name in restart_sections if getattr(old, name) != getattr(new, name))
+    restart += tuple(f"server.{name}" for name in restart_server if getattr(old.server, name) != getattr(new.server, name))
+    server = dataclasses.replace(new.server, **{name: getattr(old.server, name) for name in restart_server})
+    config = dataclasses.replace(new, server=server, **{name: getattr(old, name) for name in restart_sections})
     live = tuple(section for section in CORE_SECTIONS if getattr(old, section) != getattr(config, section))
     live += tuple(f"server.{key}" for key in LIVE_SERVER_KEYS if getattr(old.server, key) != getattr(server, key))
     return ReloadPlan(config, live, restart)

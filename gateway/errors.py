@@ -1,13 +1,16 @@
 """The gateway's error tree; every class maps to the gRPC status a client can act on.
 
-    GatewayError                      base; carries `code` (grpc.StatusCode) and a message
+    GatewayError                      base; carries `code` (grpc.StatusCode), a message and `trailers`
     ├── InvalidArgument               bad tensor, shape, datatype, byte size, parameters
     ├── NotFound                      unknown model or version
     ├── Unavailable                   no healthy backend for the model, backend connection lost
     ├── ResourceExhausted             queue full, message over the size limit
+    │   └── RateLimited               a tenant over its rate; trailers say when to retry
     ├── DeadlineExceeded              the client's deadline ran out at the gateway
     ├── Unimplemented                 an API that cannot cross the gateway (shared memory)
-    ├── PermissionDenied              an API the gateway refuses on purpose (repository control)
+    ├── PermissionDenied              an API the gateway refuses on purpose (repository control), or
+    │                                 a model the caller's tenant may not use
+    ├── Unauthenticated               no credential, or one the gateway does not know
     ├── BackendError                  a status reported by a Triton backend, passed through
     └── InternalError                 a gateway bug: INTERNAL, never a backend's fault
 
@@ -52,6 +55,8 @@ class GatewayError(Exception):
     """
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    trailers: tuple[tuple[str, str], ...] = ()
+    """Trailing metadata the call ends with besides its status (e.g. grpc-retry-pushback-ms)."""
 
     def __init__(self, message: str, *, detail: str = "") -> None:
         super().__init__(message)
@@ -82,6 +87,16 @@ class ResourceExhausted(GatewayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class RateLimited(ResourceExhausted):
+    """Over a rate limit: the trailer `grpc-retry-pushback-ms` says when a retry may succeed
+    (gRPC's retry policy honours it; other clients can read it)."""
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+        self.trailers = (("grpc-retry-pushback-ms", str(retry_after_ms)),)
+
+
 class DeadlineExceeded(GatewayError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -92,6 +107,10 @@ class Unimplemented(GatewayError):
 
 class PermissionDenied(GatewayError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(GatewayError):
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class BackendError(GatewayError):

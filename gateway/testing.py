@@ -174,3 +174,94 @@ class EnvoyGatewayThread(GatewayThread):
                  for match in _UNHANDLED.finditer(text)]
         new, self._errors_seen = found[self._errors_seen:], len(found)
         return new
+
+
+class WorkersProcess:
+    """`tensorgate serve --workers N` as a real process tree: the parent (supervisor and hub) and its
+    workers, started through the CLI from a config mapping written to a file.
+
+    `address` is the one listen port; `prometheus_port` the parent's merged endpoint (when the
+    config has `telemetry.prometheus_port`); `admin_snapshot()` asks whichever worker a new
+    connection reaches; `stop()` sends SIGTERM to the parent and returns its exit status. The
+    parent's and the workers' output is kept in `output_path`.
+    """
+
+    def __init__(self, config: dict, workers: int | str = 2, *, engine: str = "grpcio", verbose: bool = True) -> None:
+        import yaml
+
+        mapping = _with_test_transport(config)
+        mapping = {**mapping, "server": {**(mapping.get("server") or {}), "engine": engine}}
+        directory = tempfile.mkdtemp(prefix="tensorgate-workers-test-")
+        self.config_path = os.path.join(directory, "gateway.yaml")
+        with open(self.config_path, "w", encoding="utf-8") as stream:
+            yaml.safe_dump(mapping, stream)
+        self.output_path = os.path.join(directory, "output.log")
+        self.workers = workers
+        self.verbose = verbose
+        self.process = None
+        self.address: str | None = None
+        self.prometheus_port: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<WorkersProcess {self.address} pid={None if self.process is None else self.process.pid}>"
+
+    def start(self, timeout: float = 120.0) -> "WorkersProcess":
+        import subprocess
+        import sys
+        import time
+
+        command = [sys.executable, "-m", "gateway", *(["-v"] if self.verbose else []), "serve",
+                   "--config", self.config_path, "--workers", str(self.workers)]
+        self._output = open(self.output_path, "ab")
+        self.process = subprocess.Popen(command, stdout=self._output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        pattern = re.compile(r"^tensorgate serving on (\S+) .*?(?:metrics on http://[^:]+:(\d+)/metrics)?\)$", re.M)
+        while time.monotonic() < deadline:
+            match = pattern.search(self.output())
+            if match:
+                self.address = match.group(1)
+                self.prometheus_port = int(match.group(2)) if match.group(2) else None
+                return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop(kill=True)
+        raise RuntimeError(f"the workers did not start; output:\n{self.output()[-5000:]}")
+
+    def output(self) -> str:
+        with open(self.output_path, encoding="utf-8", errors="replace") as log:
+            return log.read()
+
+    def admin_snapshot(self) -> dict:
+        """GetSnapshot over a new channel (so a new connection: any worker may answer)."""
+        with grpc.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            call = channel.unary_unary(f"/{GATEWAY_SERVICE}/GetSnapshot",
+                                       request_serializer=SnapshotRequest.SerializeToString,
+                                       response_deserializer=Snapshot.FromString)
+            return json.loads(call(SnapshotRequest(), timeout=10).json)
+
+    def worker_pids(self) -> dict[int, int | None]:
+        """{worker id: pid of its process now}, from the merged snapshot."""
+        return {int(k): v["pid"] for k, v in self.admin_snapshot()["workers"].items()}
+
+    def stop(self, kill: bool = False, timeout: float = 60.0) -> int | None:
+        import signal
+        import subprocess
+
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._output.close()
+        return self.process.returncode
+
+    def __enter__(self) -> "WorkersProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

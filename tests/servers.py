@@ -310,3 +310,69 @@ class SteadyLoad:
         while self.outcome["OK"] <= count:
             assert time.monotonic() < deadline, f"load stalled: {self.outcome} {self.samples}"
             time.sleep(0.05)
+class TlsRelay:
+    """A TLS server on 127.0.0.1 (a free port) that relays each connection's bytes to a plaintext
+    `target` ("host:port") and back: TLS termination in front of an endpoint that cannot serve TLS
+    itself (Triton's HTTP endpoint has no TLS). Python's ssl on an asyncio loop in a thread; counts
+    the TLS connections it accepted (`connections`) and the handshakes that failed (`refused`)."""
+
+    def __init__(self, target: str, cert_file, key_file, client_ca_file=None) -> None:
+        import asyncio
+        import ssl
+
+        self.target_host, _, port = target.rpartition(":")
+        self.target_port = int(port)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert_file), str(key_file))
+        if client_ca_file is not None:
+            context.load_verify_locations(str(client_ca_file))
+            context.verify_mode = ssl.CERT_REQUIRED
+        self.connections = 0
+        self.refused = 0
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(self._on_error)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tls-relay", daemon=True)
+        self._thread.start()
+        started = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=context), self._loop)
+        self._server = started.result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _on_error(self, loop, context) -> None:
+        self.refused += 1  # a failed handshake lands here; nothing else in the relay can fail unhandled
+
+    async def _relay(self, reader, writer) -> None:
+        import asyncio
+
+        self.connections += 1
+        try:
+            target_reader, target_writer = await asyncio.open_connection(self.target_host, self.target_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(source, sink) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (OSError, ConnectionError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, target_writer), pipe(target_reader, writer))
+
+    def close(self) -> None:
+        import asyncio
+
+        async def shut() -> None:
+            self._server.close()
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

@@ -30,6 +30,11 @@ TENSORGATE_SCRIPT = Path(sys.executable).with_name("tensorgate")
         ("listen: 127.0.0.1:8101\npools: {cpu: {backends: ['h:1']}}\nhealth: {interval_s: -1}\n",
          "health.interval_s: expected a positive number"),
         ("listen: [unclosed\n", "not valid YAML"),
+        ("listen: 127.0.0.1:8101\npools: {cpu: {backends: ['h:1']}}\n"
+         "auth: {tenants: {a: {tokens: [{env: TENSORGATE_TEST_UNSET_TOKEN}], models: ['*']}}}\n",
+         "auth.tenants.a.tokens[0]: environment variable TENSORGATE_TEST_UNSET_TOKEN is not set or empty"),
+        ("listen: 127.0.0.1:8101\npools: {cpu: {backends: ['h:1']}}\nserver: {tls: {cert_file: /nonexistent.crt, key_file: k}}\n",
+         "server.tls.cert_file: no such file"),
     ],
 )
 def test_malformed_config_exits_2_naming_the_key(tmp_path, text, fragment):

@@ -131,7 +131,10 @@ def test_prometheus_config_structure():
     assert len(jobs) == len(config["scrape_configs"]), "duplicate job names"
 
     def targets(job: str) -> list[str]:
-        return [t for sc in jobs[job]["static_configs"] for t in sc["targets"]]
+        """host:port of the job's static targets, and name:port of its DNS-discovered ones."""
+        static = [t for sc in jobs[job].get("static_configs", []) for t in sc["targets"]]
+        by_dns = [f"{name}:{sd['port']}" for sd in jobs[job].get("dns_sd_configs", []) for name in sd["names"]]
+        return static + by_dns
 
     assert "tensorgate:9464" in targets("tensorgate")
     assert any(t.endswith(":8002") for t in targets("triton"))

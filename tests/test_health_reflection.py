@@ -96,14 +96,16 @@ def test_reflection_describes_the_services_and_drives_a_call(gateway):
 
 def test_admin_snapshot_reports_the_live_state(gateway, tritons):
     """tensorgate.admin.v1.GatewayService/GetSnapshot, on every front door: the backends with their
-    pools and health, what they served, routing decisions, sequences and batching."""
+    pools and health, what they served, DNS discovery, routing decisions, sequences and batching."""
     client = triton_grpc.InferenceServerClient(gateway.address)
     tensor = triton_grpc.InferInput("INPUT0", [1, 16], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
     before = gateway.admin_snapshot()
     client.infer("simple_scale", [tensor])
     after = gateway.admin_snapshot()
-    assert set(after) == {"backends", "routing", "sequences", "batching", "drift"}
+    assert set(after) == {"backends", "discovery", "routing", "sequences", "batching", "drift", "tenants"}
+    assert after["discovery"] == {}  # no pool of the shared gateway is found by DNS
+    assert after["tenants"] == {}  # no auth configured
     assert {address: b["pool"] for address, b in after["backends"].items()} == {
         tritons[0].grpc_address: "primary", tritons[1].grpc_address: "secondary"}
     assert all(b["health"] == "healthy" for b in after["backends"].values())

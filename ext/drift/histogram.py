@@ -84,47 +84,68 @@ def _cell_table(edges, cells):
     return origin, scale, bounds, start, steps
 
 
+# Rows counted per tile. The loops run feature by feature inside a tile: one feature's edges, cell
+# table, bounds and counts stay in registers and L1 for the whole tile (row-major, with the feature
+# inner, every value reloaded them and paid Numba's negative-index checks: 5.3 ns/value against 2.2-2.6
+# here), and 256 rows x 16 features x 8 bytes = 32 KiB of block stays in L1/L2 while each of its
+# columns is read (one pass per feature over a whole large block was memory-bound: 4.3 ns/value in f64).
+TILE_ROWS = 256
+
+
 @numba.njit(nogil=True, cache=True)
 def _count_block(counts, edges, block, origin, scale, bounds, start, steps, tails, outer, track_tails):
-    """The shared loop of `update_histogram` and `update_cdf` (see their docstrings)."""
+    """The shared loop of `update_histogram` and `update_cdf` (see their docstrings).
+
+    Within a feature, values are met in row order (tile after tile), so the outer values of `update_cdf`
+    keep their arrival order and the tail sums add in the same order as a row-by-row loop.
+    """
     features = edges.shape[0]
     bins = edges.shape[1] - 1
     cells = start.shape[1] - 1
     one = np.uint64(1)
     last_cell = np.float64(cells)
-    for row in range(block.shape[0]):
+    total_rows = block.shape[0]
+    for first_row in range(0, total_rows, TILE_ROWS):
+        rows = min(TILE_ROWS, total_rows - first_row)
         for feature in range(features):
-            value = np.float64(block[row, feature])
-            if bounds[feature, 0] <= value <= bounds[feature, 1]:  # False for NaN and ±inf
-                # A NaN edge fails the comparisons (or gives scale 0 and cell 0): wrong bin, valid index.
-                position = min(max((value - origin[feature]) * scale[feature], 0.0), last_cell)  # maxsd, minsd
-                cell = np.uint64(np.int64(position))  # signed cvttsd2si: fptoui is several instructions
-                bin_index = np.uint64(start[feature, cell])
-                if steps == 1:  # the common case, without the loop's bookkeeping
-                    bin_index += np.uint64(edges[feature, bin_index + one] <= value)
-                else:
-                    for _ in range(steps):
-                        bin_index += np.uint64(edges[feature, bin_index + one] <= value)
-                counts[feature, bin_index] += 1
-            elif np.isnan(value):
-                counts[feature, bins + 2] += 1
-            elif np.isinf(value):
-                counts[feature, bins + 3] += 1
-            else:  # finite, outside the fast range: out of range, or (update_cdf) in an outer bin
-                if value < edges[feature, 0]:
-                    counts[feature, bins] += 1
-                elif value > edges[feature, bins]:
-                    counts[feature, bins + 1] += 1
-                elif value < edges[feature, 1]:
-                    counts[feature, 0] += 1
-                else:
-                    counts[feature, bins - 1] += 1
-                if track_tails:
-                    tails[feature, 0 if value < edges[feature, 1] else 1] += value
-                    stored = (counts[feature, 0] + counts[feature, bins - 1] + counts[feature, bins]
-                              + counts[feature, bins + 1] - 1)  # outer values before this one
-                    if stored < outer.shape[1]:
-                        outer[feature, stored] = value
+            feature_edges = edges[feature]
+            feature_counts = counts[feature]
+            feature_start = start[feature]
+            low, high = bounds[feature, 0], bounds[feature, 1]
+            feature_origin, feature_scale = origin[feature], scale[feature]
+            column = block[first_row:first_row + rows, feature]
+            for row in range(rows):
+                value = np.float64(column[row])
+                if low <= value <= high:  # False for NaN and ±inf
+                    # A NaN edge fails the comparisons (or gives scale 0 and cell 0): wrong bin, valid index.
+                    position = min(max((value - feature_origin) * feature_scale, 0.0), last_cell)  # maxsd, minsd
+                    cell = np.uint64(np.int64(position))  # signed cvttsd2si: fptoui is several instructions
+                    bin_index = np.uint64(feature_start[cell])
+                    if steps == 1:  # the common case, without the loop's bookkeeping
+                        bin_index += np.uint64(feature_edges[bin_index + one] <= value)
+                    else:
+                        for _ in range(steps):
+                            bin_index += np.uint64(feature_edges[bin_index + one] <= value)
+                    feature_counts[bin_index] += 1
+                elif np.isnan(value):
+                    feature_counts[bins + 2] += 1
+                elif np.isinf(value):
+                    feature_counts[bins + 3] += 1
+                else:  # finite, outside the fast range: out of range, or (update_cdf) in an outer bin
+                    if value < feature_edges[0]:
+                        feature_counts[bins] += 1
+                    elif value > feature_edges[bins]:
+                        feature_counts[bins + 1] += 1
+                    elif value < feature_edges[1]:
+                        feature_counts[0] += 1
+                    else:
+                        feature_counts[bins - 1] += 1
+                    if track_tails:
+                        tails[feature, 0 if value < feature_edges[1] else 1] += value
+                        stored = (feature_counts[0] + feature_counts[bins - 1] + feature_counts[bins]
+                                  + feature_counts[bins + 1] - 1)  # outer values before this one
+                        if stored < outer.shape[1]:
+                            outer[feature, stored] = value
     return counts
 
 
@@ -132,8 +153,7 @@ def _count_block(counts, edges, block, origin, scale, bounds, start, steps, tail
 def update_histogram(counts, edges, block):
     """Add the values of `block[R, F]` to `counts[F, B+4]` against `edges[F, B+1]`; returns `counts`.
 
-    Updated in place. Rows are read in memory order, so a C-contiguous block is read once, front to
-    back. Per in-range value: one multiply to find its cell, one table load and `steps` branch-free
+    Updated in place, a tile of rows at a time, feature by feature within it. Per in-range value: one multiply to find its cell, one table load and `steps` branch-free
     comparisons (unsigned indices, so no negative-index wrap-around code either). The cell table is
     built on every call; `update_cdf` takes one built once (`cell_index`).
     """

@@ -26,10 +26,12 @@ def fetch_report(address: str, model: str, timeout: float = 10.0):
 
 def format_report(report) -> str:
     statistics = ["psi", "js", "ks", "wasserstein", "chi_square"]
+    if report.mode == "sequential":
+        statistics.append("cusum")
     lines = [
         f"drift report of model '{report.model}': {report.windows_evaluated} windows evaluated, "
         f"{report.window_rows} rows per window, {report.mode or 'threshold'} mode"
-        + (f" (level {report.alpha:.3g} an evaluation)" if report.mode == "calibrated" else ""),
+        + (f" (level {report.alpha:.3g} an evaluation)" if report.mode in ("calibrated", "sequential") else ""),
         "",
         f"  {'tensor':<20}{'feature':>8}  " + "".join(f"{name:>12}" for name in statistics)
         + f"{'p (ks)':>12}{'shift (σ)':>11}  level",
@@ -45,15 +47,16 @@ def format_report(report) -> str:
         lines.append("")
         lines.append("alerts:")
         for alert in report.alerts:
-            why = f", p = {alert.p_value:.3g}" if alert.mode == "calibrated" else ""
+            why = f", p = {alert.p_value:.3g}" if alert.p_value == alert.p_value else ""
             since = time.strftime("%H:%M:%S", time.localtime(alert.since)) if alert.since == alert.since else "?"
             lines.append(f"  {alert.level:<8} {alert.tensor} feature {alert.feature}: {alert.statistic} = {alert.value:.4f}"
                          f"{why} ({alert.mode or 'threshold'} mode), shift {alert.effect_size:+.3f} σ, since {since}")
     return "\n".join(lines)
 
 
-def plot_report(report, path: str, most: int = 4) -> None:
-    """Reference vs current histograms of the most drifted features (by PSI), one panel each."""
+def plot_report(report, path: str, most: int = 4):
+    """Reference vs current histograms of the most drifted features (by PSI), one panel each, with
+    each feature's mean shift in reference SDs; written to `path`, and the figure returned."""
     try:
         import matplotlib
 
@@ -78,7 +81,12 @@ def plot_report(report, path: str, most: int = 4) -> None:
         centers = np.arange(bins)
         axis.bar(centers - 0.2, reference / max(reference.sum(), 1), width=0.4, label="reference")
         axis.bar(centers + 0.2, current / max(current.sum(), 1), width=0.4, label="current window")
-        axis.set_title(f"{feature.tensor}[{feature.feature}]  PSI {feature.statistics.get('psi', 0):.3f} ({feature.level})")
+        axis.set_title(f"{feature.tensor}[{feature.feature}]  PSI {feature.statistics.get('psi', 0):.3f} ({feature.level})",
+                       fontsize=9)
+        if feature.effect_size == feature.effect_size:  # NaN for categories: they have no mean
+            # How far, in the feature's own units: the mean shift in reference standard deviations.
+            axis.text(0.02, 0.96, f"mean shift {feature.effect_size:+.2f} σ", transform=axis.transAxes,
+                      va="top", fontsize=9, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
         axis.set_xticks(centers[:: max(1, bins // 6)])
         axis.set_xticklabels([f"{edges[i]:.2g}" for i in range(0, bins, max(1, bins // 6))])
         axis.set_xlabel("bin (lower edge)")
@@ -87,6 +95,7 @@ def plot_report(report, path: str, most: int = 4) -> None:
     figure.suptitle(f"drift of model '{report.model}': reference vs current window")
     figure.tight_layout()
     figure.savefig(path, dpi=90)
+    return figure
 
 
 def cmd_drift_report(args) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Awaitable, Callable
 
@@ -17,11 +18,11 @@ ReloadConfigResponse = message_class("tensorgate.admin.v1.ReloadConfigResponse")
 
 
 class GatewayService:
-    """Answers GetSnapshot with `snapshot()` (Gateway.snapshot) as JSON, and ReloadConfig with
-    `reload(config_text)` (Gateway.reload_text: "" re-reads the config file; raises ConfigError for
-    a config the loader refuses, which is the client's INVALID_ARGUMENT)."""
+    """Answers GetSnapshot with `snapshot()` (Gateway.snapshot, or an awaitable of it) as JSON, and
+    ReloadConfig with `reload(config_text)` (Gateway.reload_text: "" re-reads the config file;
+    raises ConfigError for a config the loader refuses, which is the client's INVALID_ARGUMENT)."""
 
-    def __init__(self, snapshot: Callable[[], dict], reload: Callable[[str], Awaitable[str]] | None = None) -> None:
+    def __init__(self, snapshot: Callable[[], object], reload: Callable[[str], Awaitable[str]] | None = None) -> None:
         self._snapshot = snapshot
         self._reload = reload
 
@@ -30,7 +31,10 @@ class GatewayService:
 
     async def get_snapshot(self, raw: bytes, call: Call) -> bytes:
         parse_request(SnapshotRequest, raw)
-        return Snapshot(json=json.dumps(self._snapshot(), default=str)).SerializeToString()
+        snapshot = self._snapshot()
+        if inspect.isawaitable(snapshot):  # a worker of several asks its parent for the merged view
+            snapshot = await snapshot
+        return Snapshot(json=json.dumps(snapshot, default=str)).SerializeToString()
 
     async def reload_config(self, raw: bytes, call: Call) -> bytes:
         request = parse_request(ReloadConfigRequest, raw)

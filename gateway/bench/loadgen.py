@@ -190,7 +190,8 @@ class _Window:
 
 
 async def _worker(call, payload: bytes, window: _Window, timeout: float, interval_ns: int = 0, offset_ns: int = 0,
-                  check: Callable[[bytes], str | None] | None = None, check_every: int = CHECK_EVERY) -> None:
+                  check: Callable[[bytes], str | None] | None = None, check_every: int = CHECK_EVERY,
+                  metadata: tuple | None = None) -> None:
     """Send, await, repeat; with `interval_ns`, at most one request per interval (paced: the
     offered load stays the same however fast the target answers, as long as it keeps up). The
     first reply and every `check_every`-th after it go through `check`."""
@@ -206,7 +207,7 @@ async def _worker(call, payload: bytes, window: _Window, timeout: float, interva
             next_ns += interval_ns
         sent = clock()
         try:
-            reply = await call(payload, timeout=timeout)
+            reply = await call(payload, timeout=timeout, metadata=metadata)
         except grpc.RpcError as error:
             answered = clock()
             if window.start_ns <= answered <= window.end_ns:
@@ -242,10 +243,12 @@ async def run_load(
     timeout: float = 30.0,
     rate: float | None = None,
     check_every: int = CHECK_EVERY,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> LoadResult:
     """Closed-loop load on `target` for `seconds` (or until `requests` complete) after a warm-up;
     with `rate`, paced at that many requests/s in total over the `concurrency` workers. Each
-    worker checks its first reply and every `check_every`-th after it (0: none)."""
+    worker checks its first reply and every `check_every`-th after it (0: none). `metadata` goes
+    with every request (e.g. an authorization header)."""
     if (seconds is None) == (requests is None):
         raise ValueError("give exactly one of seconds or requests")
     options = [
@@ -260,7 +263,7 @@ async def run_load(
         check = reply_checker(payload) if check_every > 0 else None
         workers = [
             asyncio.ensure_future(_worker(call, payload, window, timeout, interval_ns, interval_ns * i // concurrency,
-                                          check, max(check_every, 1)))
+                                          check, max(check_every, 1), tuple(metadata) or None))
             for i in range(concurrency)
         ]
         try:
@@ -343,6 +346,7 @@ def run_load_in_subprocess(
     timeout: float | None = None,
     rate: float | None = None,
     check_every: int = CHECK_EVERY,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> LoadResult:
     """Run the load in a process of its own (`python -m gateway.bench.loadgen ... --json`)."""
     args = [
@@ -360,6 +364,8 @@ def run_load_in_subprocess(
         args += ["--cpu-pid", str(pid)]
     if rate:
         args += ["--rate", str(rate)]
+    for key, value in headers:
+        args += ["--header", f"{key}={value}"]
     if timeout is None:
         timeout = 120.0 + warmup_seconds + (seconds or 0.0)
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
@@ -387,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-pid", type=int, action="append", default=[], help="pid whose CPU time to measure")
     parser.add_argument("--check-every", type=int, default=CHECK_EVERY,
                         help="each worker checks the outputs of its first reply and every N-th after it (0: none)")
+    parser.add_argument("--header", metavar="KEY=VALUE", action="append", default=[],
+                        help="metadata sent with every request (repeatable), e.g. authorization='Bearer …'")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
     if args.seconds is None and args.requests is None:
@@ -398,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_load_sync(
         args.target, payload, concurrency=args.concurrency, seconds=args.seconds, requests=args.requests,
         warmup_seconds=args.warmup, cpu_pids=args.cpu_pid, timeout=args.timeout, rate=args.rate,
-        check_every=args.check_every,
+        check_every=args.check_every, metadata=[tuple(item.split("=", 1)) for item in args.header],
     )  # fmt: skip
     print(result.to_json() if args.json else result.summary(), flush=True)
     return 0

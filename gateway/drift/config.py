@@ -8,7 +8,7 @@ from gateway.errors import ConfigError
 
 STATISTICS = ("psi", "js", "ks", "wasserstein", "chi_square")
 REDUCTIONS = ("none", "mean", "l2")
-MODES = ("threshold", "calibrated")
+MODES = ("threshold", "calibrated", "sequential")
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,12 @@ class ModelDriftConfig:
     """threshold: alert on `thresholds` after `consecutive` windows. calibrated: a test per feature
     (KS on the fine bins against this reference, allowing for the reference's own sampling error;
     chi² of homogeneity for BYTES buckets) at a level set by `false_alarms_per_windows`, with Holm's
-    correction across every test of the model: an alert fires on the first window that rejects."""
+    correction across every test of the model: an alert fires on the first window that rejects.
+    sequential: the calibrated tests with half of the budget, and with the other half a CUSUM per
+    numeric feature that adds up evidence of a shift sub-window after sub-window (sequential.py), so
+    a shift too small for any one window is caught after a few."""
     false_alarms_per_windows: float = 1000.0
-    """calibrated: at most one false alert per this many windows of window_rows rows, per model (the
+    """calibrated and sequential: at most one false alert per this many windows of window_rows rows, per model (the
     level of each evaluation is 1 / (this × sub_windows): a window is evaluated sub_windows times)."""
     consecutive: int = 2
     """Windows in a row above a threshold before the alert fires (threshold mode)."""

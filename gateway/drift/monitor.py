@@ -20,6 +20,7 @@ import numpy as np
 from gateway.drift.alerts import OK, AlertState
 from gateway.drift.config import ModelDriftConfig
 from gateway.drift.reservoir import Reservoir
+from gateway.drift.sequential import Cusum, threshold_for
 from gateway.ext import drift as kernels
 from gateway.protocol.tensors import NUMPY_DTYPES
 
@@ -132,6 +133,9 @@ class TensorMonitor:
         self.observed: np.ndarray | None = None
         self.observed_since_ns = 0
         self.window_started: float | None = None  # wall time the oldest sub-window of the window began
+        # sequential mode: closed sub-windows not yet added to the CUSUM, and the CUSUM itself
+        self._unscored: list[np.ndarray] = []
+        self.cusum: Cusum | None = None
 
     def __repr__(self) -> str:
         state = "learning" if self.reference is None else f"{len(self._ring)} sub-windows"
@@ -159,6 +163,8 @@ class TensorMonitor:
         self._ring_tails.clear()
         self._ring_outer.clear()
         self._ring_started.clear()
+        self._unscored.clear()
+        self.cusum = None
         self._current = self._fresh()
         self._current_tails = self._fresh_tails()
         self._current_outer = self._fresh_outer()
@@ -213,6 +219,8 @@ class TensorMonitor:
         self._ring_tails.clear()
         self._ring_outer.clear()
         self._ring_started.clear()
+        self._unscored.clear()
+        self.cusum = None
         self._learning.clear()
         self._learned_rows = 0
         self._current_rows = 0
@@ -270,6 +278,8 @@ class TensorMonitor:
         if self._current_rows < self.sub_window_rows and not (timed_out and self._current_rows):
             return False
         self._ring.append(self._current)
+        if self.config.mode == "sequential":
+            self._unscored.append(self._current)
         self._ring_tails.append(self._current_tails)
         self._ring_outer.append(self._outer_parts(self._current, self._current_outer))
         self._ring_started.append(self._current_wall)
@@ -342,6 +352,16 @@ class TensorMonitor:
         current_rows = cdf_current[:, :-2].sum(axis=1)
         return {"ks": np.array([kernels.ks_pvalue_given_reference(float(d), float(n), float(m), REFERENCE_BAND)
                                 for d, n, m in zip(ks, reference_rows, current_rows)])}
+
+    def sequential_evidence(self, threshold: float) -> np.ndarray | None:
+        """sequential mode: add the sub-windows closed since the last call to the CUSUM (sequential.py);
+        per feature, its statistic max(S⁺, S⁻), compared with `threshold` by the model."""
+        if self.cusum is None:
+            self.cusum = Cusum(self.cdf_reference, REFERENCE_BAND)
+        for counts in self._unscored:
+            self.cusum.add(counts, threshold)
+        self._unscored.clear()
+        return self.cusum.statistic()
 
     def effect_sizes(self) -> np.ndarray:
         """Per feature, the window's mean minus the reference's, in reference standard deviations,
@@ -458,6 +478,9 @@ class CategoricalMonitor(TensorMonitor):
     def effect_sizes(self) -> np.ndarray:
         return np.full(self.reference.shape[0], np.nan)  # categories have no mean
 
+    def sequential_evidence(self, threshold: float) -> None:
+        return None  # categories have no order to rank: their chi² window test watches them
+
     def observed_buckets(self) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
         """Per feature, the hashed category buckets as histogram buckets: bucket k below bound k."""
         observed = self.observed
@@ -505,6 +528,7 @@ class ModelMonitor:
         self.sampled = 0  # requests counted
         self._watch_inputs = set(config.inputs) if (config.inputs or config.outputs) else None
         self._watch_outputs = set(config.outputs)
+        self._cusum_threshold: tuple[float, float] | None = None  # (run length, h) of cusum_threshold
 
     def __repr__(self) -> str:
         return (f"<ModelMonitor {self.model} tensors={len(self.tensors)} sampled={self.sampled} "
@@ -531,6 +555,14 @@ class ModelMonitor:
         gateway's per-request cost is a few list appends (DriftStage calls this once per event-loop
         turn with that turn's requests). A sub-window that fills is evaluated after the whole call.
         """
+        groups = self.sample(pairs)
+        if groups:
+            self.count(groups)
+
+    def sample(self, pairs) -> dict[tuple, list]:
+        """The sampled requests' watched tensors, joined: {(kind, name, datatype, trailing shape):
+        [rows, [raw parts]]} (empty when none was sampled). What `count` takes, here or in the
+        process that merges several workers' windows (gateway/workers/)."""
         step, period = self._sample_step, self._sample_period
         credit = self._sample_credit
         sampled = []
@@ -540,10 +572,10 @@ class ModelMonitor:
                 credit -= period
                 sampled.append(pair)
         self._sample_credit = credit
-        if not sampled:
-            return
-        self.sampled += len(sampled)
         groups: dict[tuple, list] = {}  # (kind, name, datatype, trailing shape) -> [rows, raw parts]
+        if not sampled:
+            return groups
+        self.sampled += len(sampled)
         watch_inputs, watch_outputs = self._watch_inputs, self._watch_outputs
         for request, response in sampled:
             raw_inputs = request.raw_input_contents
@@ -556,6 +588,10 @@ class ModelMonitor:
                 for index, tensor in enumerate(response.outputs):
                     if tensor.name in watch_outputs and index < len(raw_outputs):
                         _add(groups, "output", tensor, raw_outputs[index])
+        return groups
+
+    def count(self, groups: dict[tuple, list]) -> None:
+        """Count sampled tensors (`sample`'s groups) into the windows; evaluate a window that filled."""
         closed = False
         sample: dict[str, np.ndarray] = {}
         for (kind, name, datatype, trailing), (rows, parts) in groups.items():
@@ -578,29 +614,49 @@ class ModelMonitor:
 
     @property
     def alpha(self) -> float:
-        """The calibrated mode's level per evaluation: a window is evaluated sub_windows times."""
-        return 1.0 / (self.config.false_alarms_per_windows * self.config.sub_windows)
+        """The window tests' level per evaluation: a window is evaluated sub_windows times. The
+        sequential mode gives half of the false-alarm budget to them and half to the CUSUM."""
+        share = 0.5 if self.config.mode == "sequential" else 1.0
+        return share / (self.config.false_alarms_per_windows * self.config.sub_windows)
+
+    def cusum_threshold(self, features: int) -> float:
+        """sequential mode: h for the CUSUM's half of the budget over `features` numeric features
+        (each with two sides, each sub-window a step): the average run length to a false alarm of one
+        side is 2 × 2 × features × sub_windows × false_alarms_per_windows sub-windows."""
+        run_length = 4.0 * max(features, 1) * self.config.sub_windows * self.config.false_alarms_per_windows
+        if self._cusum_threshold is None or self._cusum_threshold[0] != run_length:
+            self._cusum_threshold = (run_length, threshold_for(run_length))
+        return self._cusum_threshold[1]
 
     def evaluate(self) -> dict:
         """Compare every full window with its reference, update alert states, and report."""
         features: list[dict] = []
         now = time.time()
-        calibrated = self.config.mode == "calibrated"
+        calibrated = self.config.mode in ("calibrated", "sequential")
+        threshold = None
+        if self.config.mode == "sequential":
+            threshold = self.cusum_threshold(sum(monitor.reference.shape[0] for monitor in self.tensors.values()
+                                                 if monitor.reference is not None
+                                                 and not isinstance(monitor, CategoricalMonitor)))
         for (kind, name), monitor in self.tensors.items():
             if monitor.reference is None or not monitor.has_full_window:
                 continue
             stats = monitor.statistics()
             tests = monitor.tests() if calibrated else {}
             effects = monitor.effect_sizes()
+            evidence = monitor.sequential_evidence(threshold) if threshold is not None else None
             for feature in range(monitor.reference.shape[0]):
-                features.append({
+                item = {
                     "tensor": f"{kind}/{name}", "feature": self.feature_label(monitor, feature), "index": feature,
                     "monitor": monitor, "statistics": {stat: float(array[feature]) for stat, array in stats.items()},
                     "p_values": {test: float(array[feature]) for test, array in tests.items()},
                     "effect_size": float(effects[feature]), "since": monitor.window_started, "level": OK,
-                })
+                }
+                if evidence is not None:
+                    item["statistics"]["cusum"] = float(evidence[feature])
+                features.append(item)
         if calibrated:
-            self._judge_calibrated(features, now)
+            self._judge_calibrated(features, now, threshold)
         else:
             self._judge_thresholds(features, now)
         for feature in features:
@@ -609,7 +665,7 @@ class ModelMonitor:
         self.last_report = {
             "model": self.model, "time": now, "window_rows": self.config.window_rows,
             "windows_evaluated": self.windows_evaluated, "mode": self.config.mode,
-            "alpha": self.alpha if calibrated else None, "features": features,
+            "alpha": self.alpha if calibrated else None, "cusum_threshold": threshold, "features": features,
         }
         return self.last_report
 
@@ -626,9 +682,10 @@ class ModelMonitor:
                 level = max(level, state.level, key=_LEVELS.index)
             item["level"] = level
 
-    def _judge_calibrated(self, features: list[dict], now: float) -> None:
+    def _judge_calibrated(self, features: list[dict], now: float, threshold: float | None) -> None:
         """Holm's step-down over every test of every feature at level alpha: the chance that any
-        test of a quiet window rejects is at most alpha, so false alerts stay within the budget."""
+        test of a quiet window rejects is at most alpha, so false alerts stay within the budget. In
+        sequential mode a feature also alerts when its CUSUM passes `threshold` (the other half)."""
         tests = [(p, position, name) for position, item in enumerate(features)
                  for name, p in item["p_values"].items() if not math.isnan(p)]
         rejected: dict[int, tuple[str, float]] = {}
@@ -636,6 +693,10 @@ class ModelMonitor:
             if p > self.alpha / (len(tests) - rank):
                 break
             rejected.setdefault(position, (name, p))  # the smallest p-value of the feature
+        if threshold is not None:
+            for position, item in enumerate(features):
+                if item["statistics"].get("cusum", 0.0) > threshold:
+                    rejected.setdefault(position, ("cusum", math.nan))
         for position, item in enumerate(features):
             state = self._state((item["tensor"], item["index"], "calibrated"), 0.5, 0.5, 1)
             test, p = rejected.get(position, (None, math.nan))
@@ -644,8 +705,10 @@ class ModelMonitor:
                 if test is None:  # cleared: report the feature's smallest p-value
                     test, p = min(((name, value) for name, value in item["p_values"].items()),
                                   key=lambda pair: pair[1], default=("ks", math.nan))
-                self._fire(item, test, item["statistics"].get(test, math.nan), changed, now,
-                           p_value=p, alpha=self.alpha, tests=len(tests))
+                why = {"p_value": p, "alpha": self.alpha, "tests": len(tests)}
+                if threshold is not None:
+                    why["cusum_threshold"] = threshold
+                self._fire(item, test, item["statistics"].get(test, math.nan), changed, now, **why)
             item["level"] = state.level
 
     def _state(self, key: tuple, warning: float, alert: float, consecutive: int) -> AlertState:

@@ -18,10 +18,17 @@ log = logging.getLogger(__name__)
 
 
 class DriftStage:
-    """Watches the configured models. `hooks` receive every alert (the telemetry stage adds one)."""
+    """Watches the configured models. `hooks` receive every alert (the telemetry stage adds one).
 
-    def __init__(self, config: DriftConfig) -> None:
+    With `forward` (a worker of several, gateway/workers/), the stage only samples: each turn's
+    sampled tensors go to `forward(model, groups, sampled)` instead of this process's windows, and
+    the process that merges the workers counts them (`count_forwarded`), evaluates the windows and
+    fires the alerts, once for all the traffic.
+    """
+
+    def __init__(self, config: DriftConfig, forward=None) -> None:
         self.config = config
+        self.forward = forward
         self.alerts: list[dict] = []
         self.observe_errors = 0
         self._pending: dict = {}  # ModelMonitor -> [(request, response)] of this event-loop turn
@@ -101,11 +108,30 @@ class DriftStage:
     def _flush(self, monitor) -> None:
         pairs = self._pending.pop(monitor, ())
         try:
-            monitor.observe_many(pairs)
+            if self.forward is None:
+                monitor.observe_many(pairs)
+            else:
+                sampled_before = monitor.sampled
+                groups = monitor.sample(pairs)
+                if groups:
+                    self.forward(monitor.model, groups, monitor.sampled - sampled_before)
         except Exception:  # drift bookkeeping must never fail the requests it watches
             self.observe_errors += 1
             if self.observe_errors == 1 or self.observe_errors % 1000 == 0:
                 log.exception("drift monitor of model '%s' failed (%d times)", monitor.model, self.observe_errors)
+
+    def count_forwarded(self, model: str, groups: dict, sampled: int) -> None:
+        """Count a worker's sampled tensors of `model` (what its `forward` was given) here."""
+        monitor = self.monitors.get(model)
+        if monitor is None:
+            return
+        monitor.sampled += sampled
+        try:
+            monitor.count(groups)
+        except Exception:
+            self.observe_errors += 1
+            if self.observe_errors == 1 or self.observe_errors % 1000 == 0:
+                log.exception("drift monitor of model '%s' failed (%d times)", model, self.observe_errors)
 
     def report(self, model: str) -> dict:
         monitor = self.monitors[model]
@@ -115,6 +141,8 @@ class DriftStage:
         return report
 
     async def start(self) -> None:
+        if self.forward is not None:
+            return  # a worker only samples: the kernels and the sinks run where the windows are
         from gateway.ext import drift as kernels
 
         # Compile (or load from the disk cache) every kernel now, never on a request.

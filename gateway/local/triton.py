@@ -283,7 +283,11 @@ class LocalTriton:
         metrics_port: int = 0,
         extra_args: Sequence[str] = (),
         log_verbose: int = 0,
+        host: str = _LOOPBACK,
     ) -> None:
+        """`host`: the loopback address every endpoint binds (127.0.0.1; another 127.x address lets
+        several servers share port numbers, as pods of one Service do, e.g. for DNS discovery)."""
+        self.host = host
         self.model_repository = Path(model_repository).resolve()
         self.name = name
         # The HTTP port sits just below the gRPC port, as in Triton's defaults (HTTP 8000, gRPC
@@ -316,15 +320,15 @@ class LocalTriton:
 
     @property
     def grpc_address(self) -> str:
-        return f"{_LOOPBACK}:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def http_address(self) -> str:
-        return f"{_LOOPBACK}:{self.http_port}"
+        return f"{self.host}:{self.http_port}"
 
     @property
     def metrics_address(self) -> str:
-        return f"{_LOOPBACK}:{self.metrics_port}"
+        return f"{self.host}:{self.metrics_port}"
 
     @property
     def pid(self) -> int | None:
@@ -445,13 +449,13 @@ class LocalTriton:
             # Our configs are complete; auto-completion would start an extra stub per model.
             "--disable-auto-complete-config",
             "--allow-grpc=true",
-            f"--grpc-address={_LOOPBACK}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             "--allow-http=true",
-            f"--http-address={_LOOPBACK}",
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
             "--allow-metrics=true",
-            f"--metrics-address={_LOOPBACK}",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--allow-sagemaker=false",
             "--allow-vertex-ai=false",
@@ -511,8 +515,8 @@ class LocalTriton:
                 )
             if (
                 self._http_ready(opener, url)
-                and _accepts(self.grpc_port)
-                and _accepts(self.metrics_port)
+                and _accepts(self.host, self.grpc_port)
+                and _accepts(self.host, self.metrics_port)
             ):
                 return
             if time.monotonic() > deadline:
@@ -563,9 +567,9 @@ class LocalTriton:
         _live.discard(self)
 
 
-def _accepts(port: int) -> bool:
+def _accepts(host: str, port: int) -> bool:
     try:
-        with socket.create_connection((_LOOPBACK, port), timeout=1.0):
+        with socket.create_connection((host, port), timeout=1.0):
             return True
     except OSError:
         return False

@@ -77,7 +77,9 @@ class DirectDispatcher:
                 "healthy; its state is lost: start the sequence again", detail=f"backend {backend.address}")
         if backend is not None:
             return backend, STICKY, sequence
-        backend, reason = self.router.choose(entry.name, entry.version)
+        # Not bound here (a start, or a sequence begun through another worker): rendezvous hashing
+        # picks the backend every worker picks for it.
+        backend, reason = self.router.choose_for_sequence(entry.name, entry.version, sequence_id)
         self.sequences.bind(entry.name, sequence_id, backend, self.sequence_idle_s(entry))
         return backend, reason, sequence
 
@@ -110,7 +112,11 @@ class DirectDispatcher:
             )
             if not retry_allowed:
                 raise
-            retry_backend, exchange.route = self.router.choose(entry.name, entry.version, exclude=backend)
+            if sequence is None:
+                retry_backend, exchange.route = self.router.choose(entry.name, entry.version, exclude=backend)
+            else:  # a start that failed: the runner-up, as rendezvous ranks them
+                retry_backend, exchange.route = self.router.choose_for_sequence(
+                    entry.name, entry.version, sequence[0], exclude=backend)
             if sequence is not None:
                 self.sequences.bind(entry.name, sequence[0], retry_backend, self.sequence_idle_s(entry))
             return await self._send(retry_backend, exchange, deadline)

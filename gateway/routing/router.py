@@ -11,6 +11,7 @@ import random
 
 from gateway.errors import NotFound, Unavailable, shown
 from gateway.routing.config import ModelRoute
+from gateway.routing.rendezvous import Rendezvous, sequence_key
 from gateway.upstream.backend import Backend
 from gateway.upstream.fleet import Fleet
 
@@ -29,6 +30,7 @@ class Router:
         self._healthy_counts: dict[tuple[str, str], int] = {}
         fleet.on_change(self._fleet_changed)
         self.decisions: dict[tuple[str, str], int] = {}  # (pool, reason) -> backends picked
+        self._rendezvous = Rendezvous()
 
     def __repr__(self) -> str:
         return f"<Router routes={'all' if self._routes is None else sorted(self._routes)} decisions={self.decisions}>"
@@ -98,6 +100,31 @@ class Router:
             key = (chosen.pool, reason)
             self.decisions[key] = self.decisions.get(key, 0) + 1
             return chosen, reason
+        self._refuse(model, version, exclude)
+
+    def choose_for_sequence(self, model: str, version: str, sequence_id: object,
+                            exclude: Backend | None = None) -> tuple[Backend, str]:
+        """The backend a sequence starts on: in the most preferred pool with a healthy backend, the
+        one rendezvous hashing ranks first for (model, sequence id). Every process that sees the
+        same healthy backends picks the same one (gateway/routing/rendezvous.py), so a sequence
+        continued through another worker or replica finds its state."""
+        sequence_hash = sequence_key(model, sequence_id)
+        for rank, candidates in enumerate(self._table(model, version)):
+            if exclude is not None:
+                candidates = [b for b in candidates if b is not exclude]
+            if candidates:
+                chosen = self._rendezvous.pick(sequence_hash, candidates)
+                return chosen, self._decided(chosen, rank, exclude)
+        self._refuse(model, version, exclude)
+
+    def _decided(self, chosen: Backend, rank: int, exclude: Backend | None) -> str:
+        """Count the pick by pool and reason (as `choose` does inline: it runs on every request)."""
+        reason = FAILOVER if exclude is not None else (PREFERRED if rank == 0 else SPILL)
+        key = (chosen.pool, reason)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        return reason
+
+    def _refuse(self, model: str, version: str, exclude: Backend | None) -> None:
         if self.pools_of(model) is None:
             raise NotFound(f"model '{shown(model)}' is not routed by this gateway")
         pools = ", ".join(self.pools_of(model) or ())

@@ -3,12 +3,67 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import ssl
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 ENGINES = ("auto", "envoy", "grpcio")
 
 from gateway.errors import ConfigError
+
+
+def check_readable(path: str, key: str) -> None:
+    """ConfigError naming `key` unless `path` is a file this process can read."""
+    if not os.path.isfile(path):
+        raise ConfigError(key, f"no such file: {path!r}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(key, f"cannot read {path!r} (permissions)")
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS on the front door: the gateway's certificate, and optionally mutual TLS.
+
+        server:
+          tls:
+            cert_file: /etc/tensorgate/tls.crt        # PEM, the chain: leaf first
+            key_file: /etc/tensorgate/tls.key         # PEM private key
+            client_ca_file: /etc/tensorgate/ca.crt    # optional: mutual TLS
+    """
+
+    cert_file: str
+    """PEM certificate chain the gateway presents."""
+    key_file: str
+    """PEM private key of that certificate (read by the engine; never logged)."""
+    client_ca_file: str | None = None
+    """PEM CA bundle: with it, clients must present a certificate issued by one of these CAs
+    (mutual TLS); a client without one, or with one from another CA, fails the handshake."""
+    require_client_certificate: bool = True
+    """With client_ca_file: false lets clients without a certificate in (those that present one
+    must still present a valid one)."""
+
+    def validate(self, path: str) -> None:
+        check_readable(self.cert_file, f"{path}.cert_file")
+        check_readable(self.key_file, f"{path}.key_file")
+        # Loaded once here so that a bad PEM or a key of another certificate is a config error
+        # naming the key, not an engine that fails to start (ssl's messages never show key material).
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, ValueError) as error:
+            raise ConfigError(f"{path}.key_file", f"not a PEM certificate chain and its private key: {error}") from None
+        if self.client_ca_file is not None:
+            check_readable(self.client_ca_file, f"{path}.client_ca_file")
+            try:
+                context.load_verify_locations(self.client_ca_file)
+            except ssl.SSLError as error:
+                raise ConfigError(f"{path}.client_ca_file", f"not a PEM CA bundle: {error}") from None
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca_file is not None
 
 
 @dataclass(frozen=True)
@@ -46,6 +101,31 @@ class ServerConfig:
     (all beyond 3,000) as CANCELLED, a status clients do not retry and the gateway never sees: 6–9 %
     of 2,000 concurrent calls on one channel. Up to this many wait their turn instead; overload is
     refused by the gateway's own limits, with a status a client can act on."""
+    tls: ServerTls | None = None
+    """TLS (and mutual TLS) on the front door; None: plaintext (loopback or behind a TLS proxy)."""
+    max_concurrent_streams: int = 1024
+    """HTTP/2 streams one client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS,
+    both engines): bounds what one connection can make the gateway hold, against stream floods and
+    rapid reset. Clients queue calls beyond it (gRPC clients wait for a free stream; nothing fails).
+    Envoy also closes a connection whose streams are mostly reset before they are answered (its
+    premature-reset protection, on by default); grpc.aio has its own."""
+
+    workers: Any = 1
+    """Worker processes serving the one listen port (SO_REUSEPORT; Envoy's reuse_port), supervised
+    by a parent that restarts a dead one, drains them all on SIGTERM, and merges their metrics,
+    drift windows, statistics and admin answers (gateway/workers/): an integer, or `auto` for one
+    per core this process may run on. 1: the single process of old, with no parent. Clients spread
+    over workers by connection (the kernel picks a worker per TCP connection): see README."""
+    workers_report_s: float = 0.25
+    """With several workers: how often each ships its counters and drift rows to the parent, so
+    how stale the merged metrics, ModelStatistics and admin answers may be (the worker that answers
+    adds its own live counters)."""
+
+    def resolved_workers(self) -> int:
+        """The number of worker processes: `workers`, or the cores available to this process."""
+        if self.workers == "auto":
+            return len(os.sched_getaffinity(0))
+        return int(self.workers)
 
     def resolved_engine(self) -> str:
         if self.engine != "auto":
@@ -60,6 +140,11 @@ class ServerConfig:
             raise ConfigError(f"{path}.engine", "envoy needs the pyvoy package (Python 3.11+); use grpcio")
         if self.envoy_threads is not None and self.envoy_threads < 1:
             raise ConfigError(f"{path}.envoy_threads", "expected at least 1 thread")
+        auto = self.workers == "auto"
+        if not auto and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1):
+            raise ConfigError(f"{path}.workers", f"expected a number of processes (1 or more) or auto, got {self.workers!r}")
+        if not self.workers_report_s > 0:
+            raise ConfigError(f"{path}.workers_report_s", "expected a positive number of seconds")
         if not self.name.strip():
             raise ConfigError(f"{path}.name", "expected a non-empty server name")
         if self.max_message_bytes < 1024:
@@ -68,5 +153,7 @@ class ServerConfig:
             raise ConfigError(f"{path}.max_pending_calls", "expected at least 1 call")
         if self.config_poll_s < 0:
             raise ConfigError(f"{path}.config_poll_s", "expected zero (no watching) or more seconds")
+        if not 1 <= self.max_concurrent_streams <= 2**31 - 1:
+            raise ConfigError(f"{path}.max_concurrent_streams", "expected an integer from 1 to 2147483647")
         if self.grace_s < 0:
             raise ConfigError(f"{path}.grace_s", "expected zero or more seconds")

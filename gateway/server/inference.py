@@ -17,7 +17,8 @@ from gateway.errors import GatewayError, PermissionDenied, Unimplemented
 from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE, pb
 from gateway.routing.dispatcher import sequence_of
-from gateway.server.model_statistics import model_statistics
+from gateway.security.guard import Guard
+from gateway.server.model_statistics import PeerCounts, model_statistics
 from gateway.server.readiness import Readiness
 from gateway.server.rpc import Call, Method, methods_of, parse_request, status_of
 from gateway.upstream.fleet import Fleet
@@ -42,12 +43,18 @@ SETTINGS_REASON = (
 class InferenceService:
     """Serves the KServe v2 / Triton inference protocol on top of the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, fleet: Fleet, server_name: str = "triton",
-                 readiness: Readiness | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, fleet: Fleet, server_name: str = "triton", guard: Guard | None = None,
+                 peer_counts: PeerCounts | None = None, readiness: Readiness | None = None) -> None:
         self.pipeline = pipeline
         self.fleet = fleet
         self.server_name = server_name
         self.readiness = readiness if readiness is not None else Readiness()
+        """Draining (SIGTERM): ServerReady false, new requests refused at the end; requests in flight counted."""
+        self.guard = guard
+        """Tenants' model allow-lists and request limits (gateway/security/guard.py), or None: then
+        no call does any of this work. Who is calling (call.tenant) is set by server/access.py."""
+        self.peer_counts = peer_counts
+        """The other workers' counts, which ModelStatistics adds (gateway/workers/); None: one process."""
 
     def __repr__(self) -> str:
         return f"<InferenceService {self.pipeline!r}>"
@@ -62,7 +69,7 @@ class InferenceService:
             "ModelReady": self.model_ready,
             "ModelMetadata": self.model_metadata,
             "ModelConfig": self.model_config,
-            "ModelInfer": self.model_infer,
+            "ModelInfer": self.model_infer if self.guard is None else self.model_infer_guarded,
             "ModelStatistics": self.model_statistics,
             "RepositoryIndex": self.repository_index,
             "RepositoryModelLoad": self._refuse(PermissionDenied(REPOSITORY_REASON)),
@@ -104,21 +111,25 @@ class InferenceService:
 
     async def model_ready(self, raw: bytes, call: Call) -> bytes:
         request = parse_request(pb.ModelReadyRequest, raw)
+        if self.guard is not None:
+            self.guard.check_model(call, request.name)
         ready = not self.readiness.draining and self.pipeline.routes(request.name) and any(
             b.healthy and b.serves(request.name, request.version) for b in self.fleet.backends()
         )
         return pb.ModelReadyResponse(ready=bool(ready)).SerializeToString()
 
-    async def _info(self, raw: bytes, message_type: type):
+    async def _info(self, raw: bytes, message_type: type, call: Call):
         request = parse_request(message_type, raw)
+        if self.guard is not None:
+            self.guard.check_model(call, request.name)
         return await self.pipeline.info(request.name, request.version)
 
     async def model_metadata(self, raw: bytes, call: Call) -> bytes:
-        info = await self._info(raw, pb.ModelMetadataRequest)
+        info = await self._info(raw, pb.ModelMetadataRequest, call)
         return info.metadata.SerializeToString()
 
     async def model_config(self, raw: bytes, call: Call) -> bytes:
-        info = await self._info(raw, pb.ModelConfigRequest)
+        info = await self._info(raw, pb.ModelConfigRequest, call)
         return info.config.SerializeToString()
 
     async def repository_index(self, raw: bytes, call: Call) -> bytes:
@@ -128,6 +139,8 @@ class InferenceService:
         for name, version in sorted(self.fleet.known_models()):
             if not version or not self.pipeline.routes(name):
                 continue
+            if self.guard is not None and not self.guard.may_use(call, name):
+                continue  # a tenant does not learn of models it may not use
             ready = (name, version) in healthy_models
             if request.ready and not ready:
                 continue
@@ -139,7 +152,14 @@ class InferenceService:
 
     async def model_statistics(self, raw: bytes, call: Call) -> bytes:
         request = parse_request(pb.ModelStatisticsRequest, raw)
-        response = await model_statistics(self.pipeline, self.fleet, request, call.deadline)
+        guard = self.guard
+        if guard is not None and request.name:
+            guard.check_model(call, request.name)
+        response = await model_statistics(self.pipeline, self.fleet, request, call.deadline, self.peer_counts)
+        if guard is not None and not request.name:  # every model: only those the tenant may use
+            allowed = [stats for stats in response.model_stats if guard.may_use(call, stats.name)]
+            del response.model_stats[:]
+            response.model_stats.extend(allowed)
         return response.SerializeToString()
 
     # ---- inference -----------------------------------------------------------------------------
@@ -166,6 +186,19 @@ class InferenceService:
             readiness.finished()
         return response.SerializeToString()
 
+    async def model_infer_guarded(self, raw: bytes, call: Call) -> bytes:
+        """ModelInfer with the guard's checks: the tenant may use the model, the request is within
+        the limits (its rate was spent when the call was authenticated)."""
+        readiness = self.readiness
+        readiness.admitted()
+        try:
+            request = self._parse_infer(raw)
+            self.guard.check_infer(call, request, len(raw), False)
+            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call))
+        finally:
+            readiness.finished()
+        return response.SerializeToString()
+
     async def model_stream_infer(self, requests: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:
         """Bidirectional stream: requests are served concurrently; each response (or error) is sent
         as soon as it is ready, an error as a ModelStreamInferResponse with error_message, the way
@@ -177,6 +210,7 @@ class InferenceService:
         last_step: dict[object, asyncio.Task] = {}  # sequence id -> the task of its latest step
         deadline = call.deadline
         metadata = self._trace_metadata(call)  # a stream's trace context applies to each of its requests
+        check = None if self.guard is None else self.guard.check_infer  # each request spends from the rate
         done_reading = object()
 
         readiness = self.readiness
@@ -212,6 +246,8 @@ class InferenceService:
                     request = error = None
                     try:
                         request = self._parse_infer(raw)
+                        if check is not None:
+                            check(call, request, len(raw), True)
                     except GatewayError as refused:
                         error = refused
                     sequence = sequence_of(request) if request is not None else None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from gateway.errors import GatewayError, InvalidArgument, NotFound
 from gateway.pipeline.core import Pipeline
@@ -18,6 +20,30 @@ from gateway.pipeline.exchange import ModelEntry
 from gateway.protocol import pb
 from gateway.protocol import triton_messages as triton
 from gateway.upstream.fleet import Fleet
+
+@dataclass(frozen=True)
+class GatewayCounts:
+    """A model version's counts at one gateway process: what other workers add to the answer."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    last_inference_ms: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+
+    def __add__(self, other: "GatewayCounts") -> "GatewayCounts":
+        return GatewayCounts(
+            self.success_count + other.success_count, self.success_ns + other.success_ns,
+            self.fail_count + other.fail_count, self.fail_ns + other.fail_ns,
+            max(self.last_inference_ms, other.last_inference_ms),
+            self.queue_count + other.queue_count, self.queue_ns + other.queue_ns,
+        )
+
+
+#: The other workers' counts by (model, version), or nothing: a single process has none.
+PeerCounts = Callable[[], Awaitable[dict[tuple[str, str], GatewayCounts]]]
 
 BACKEND_DURATIONS = ("queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 
@@ -58,12 +84,29 @@ def _add_duration(target, source) -> None:
     target.ns += source.ns
 
 
-async def model_statistics(pipeline: Pipeline, fleet: Fleet, request, deadline: float | None):
-    """The ModelStatisticsResponse to `request`; backends get until `deadline` (at most 2 s) to add theirs."""
+async def _entries_with_peers(pipeline: Pipeline, peers: dict) -> list[ModelEntry]:
+    """This process's model entries, and those only other workers have served so far."""
+    entries = {(e.name, e.version): e for e in pipeline.entries()}
+    for name, version in peers:
+        if (name, version) not in entries:
+            try:
+                entry = await pipeline.resolve(name, version)
+            except GatewayError:
+                continue  # gone from the fleet since: nothing to report of it
+            entries[(entry.name, entry.version)] = entry
+    return list(entries.values())
+
+
+async def model_statistics(pipeline: Pipeline, fleet: Fleet, request, deadline: float | None,
+                           peer_counts: PeerCounts | None = None):
+    """The ModelStatisticsResponse to `request`; backends get until `deadline` (at most 2 s) to add
+    theirs. `peer_counts`: the other workers' own counts, added to this process's (gateway/workers/)."""
+    peers = await peer_counts() if peer_counts is not None else {}
     if request.name:
         entries = [await _resolve(pipeline, fleet, request.name, request.version)]
     else:
-        entries = sorted({id(e): e for e in pipeline.entries()}.values(), key=lambda e: (e.name, e.version))
+        found = await _entries_with_peers(pipeline, peers) if peers else pipeline.entries()
+        entries = sorted({id(e): e for e in found}.values(), key=lambda e: (e.name, e.version))
     timeout = 2.0 if deadline is None else max(0.0, min(deadline - time.monotonic(), 2.0))
     response = pb.ModelStatisticsResponse()
     for entry in entries:
@@ -73,7 +116,21 @@ async def model_statistics(pipeline: Pipeline, fleet: Fleet, request, deadline: 
         if batching is not None:
             stats.inference_stats.queue.count += batching.requests
             stats.inference_stats.queue.ns += int(batching.queue_delay_s_total * 1e9)
+        others = peers.get((entry.name, entry.version))
+        if others is not None:
+            _add_peer(stats, others)
     return response
+
+
+def _add_peer(stats, counts: GatewayCounts) -> None:
+    stats.inference_count += counts.success_count
+    stats.inference_stats.success.count += counts.success_count
+    stats.inference_stats.success.ns += counts.success_ns
+    stats.inference_stats.fail.count += counts.fail_count
+    stats.inference_stats.fail.ns += counts.fail_ns
+    stats.inference_stats.queue.count += counts.queue_count
+    stats.inference_stats.queue.ns += counts.queue_ns
+    stats.last_inference = max(stats.last_inference, counts.last_inference_ms)
 
 
 def _fill(stats, entry: ModelEntry, backend_stats: list) -> None:

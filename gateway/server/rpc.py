@@ -42,13 +42,16 @@ class Call:
     handlers never look, and reading them costs on every request with some engines (grpc.aio).
     """
 
-    __slots__ = ("deadline", "_metadata", "_peer")
+    __slots__ = ("deadline", "_metadata", "_peer", "_headers", "tenant")
 
-    def __init__(self, deadline: float | None = None, metadata=(), peer="") -> None:
+    def __init__(self, deadline: float | None = None, metadata=(), peer="", headers=None) -> None:
         self.deadline = deadline
         """Absolute `time.monotonic()` instant from the client's grpc-timeout, or None."""
         self._metadata = metadata
         self._peer = peer
+        self._headers = headers  # an engine's {lower-case key bytes: value bytes}, for header()
+        self.tenant = None
+        """Who is calling, when authentication is on (gateway/server/access.py sets it); else None."""
 
     @property
     def metadata(self) -> tuple:
@@ -56,6 +59,18 @@ class Call:
         if callable(self._metadata):
             self._metadata = tuple(self._metadata() or ())
         return self._metadata
+
+    def header(self, key: str) -> str | bytes | None:
+        """A value of metadata `key` (lower case), or None. With the engine's request headers at
+        hand, one dict lookup (authentication reads a header on every call); else a scan."""
+        headers = self._headers
+        if headers is not None and not key.endswith("-bin"):
+            value = headers.get(key.encode("latin-1"))
+            return None if value is None else value.decode("latin-1")
+        for name, value in self.metadata:
+            if name == key:
+                return value
+        return None
 
     @property
     def peer(self) -> str:
@@ -128,3 +143,8 @@ def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, 
     if error.detail and error.code in _LOGGED_CODES:
         _log_detail(error, method)
     return error.code, bounded(error.message)
+
+
+def trailers_of(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata the call ends with besides its status (a GatewayError's `trailers`)."""
+    return error.trailers if isinstance(error, GatewayError) else ()

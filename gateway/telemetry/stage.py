@@ -165,10 +165,16 @@ class TelemetryStage:
     """Metrics of one gateway. `observer` goes in Pipeline.observers, `refusal_observer` in
     Pipeline.refusal_observers, `drift_hook` in DriftStage.hooks."""
 
-    def __init__(self, config: TelemetryConfig, view: GatewayView | None = None) -> None:
+    def __init__(self, config: TelemetryConfig, view: GatewayView | None = None, *, aggregates=None,
+                 export_metrics: bool = True) -> None:
+        """`aggregates`: what the request histograms are read from (RequestAggregates by default;
+        the merged workers' in the parent of several, gateway/workers/). `export_metrics` False: keep
+        the aggregates for another process to export (a worker of several); no endpoint, no OTLP
+        metrics (traces still go to OTLP)."""
         self.config = config
         self.view = view or GatewayView()
-        self.aggregates = RequestAggregates()
+        self.aggregates = RequestAggregates() if aggregates is None else aggregates
+        self.export_metrics = export_metrics
         self.drift_alerts: dict[tuple[str, str, str, str], int] = {}
         self.observe_errors = 0
         self.prometheus_port: int | None = None
@@ -346,6 +352,8 @@ class TelemetryStage:
 
     def start(self) -> None:
         """Build the readers and the meter provider; serve the Prometheus endpoint (non-blocking)."""
+        if not self.export_metrics:
+            return
         config = self.config
         if config.prometheus_port is not None:
             from prometheus_client import CollectorRegistry, start_http_server

@@ -22,6 +22,7 @@ class Health(enum.Enum):
     UNKNOWN = "unknown"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
+    DRAINING = "draining"  # left DNS discovery: no new requests, those in flight finish
 
 
 class Backend:
@@ -50,6 +51,8 @@ class Backend:
                 host, port, max_connections=config.http_connections_per_backend,
                 connect_timeout_s=config.http_connect_timeout_s, max_body_bytes=config.max_message_bytes,
                 on_broken=self._connection_broke,
+                ssl=None if config.tls is None else config.tls.ssl_context(),
+                server_hostname=None if config.tls is None else config.tls.server_name,
             )
             self.rest = RestInference(http_pool, address)
         options = [
@@ -66,7 +69,15 @@ class Backend:
             # Each backend gets its own connection even when addresses repeat across pools.
             ("grpc.use_local_subchannel_pool", 1),
         ]
-        self.channel = grpc.aio.insecure_channel(address, options=options)
+        if config.tls is None:
+            self.channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            # One channel carries the streams, health checks and metadata: all of it over TLS.
+            root, key, chain = config.tls.read()
+            credentials = grpc.ssl_channel_credentials(root, key, chain)
+            if config.tls.server_name:
+                options.append(("grpc.ssl_target_name_override", config.tls.server_name))
+            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._streams = [InferStream(self.channel, address, self._stream_broke) for _ in range(config.streams_per_backend)]
         self._stream_cycle = itertools.cycle(self._streams)
         self._unary_methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}

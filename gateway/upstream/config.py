@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+import os
+import ssl
+from dataclasses import dataclass, field
 
 from gateway.errors import ConfigError
 
@@ -15,20 +18,50 @@ def parse_address(address: str, path: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def derived_http_address(address: str, offset: int) -> str:
+    """The HTTP/REST address of the Triton whose gRPC address is `address`: same host, gRPC port
+    plus `offset` (upstream.http_port_offset; -1 is Triton's own HTTP 8000 beside gRPC 8001)."""
+    host, port = parse_address(address, "")
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port + offset}"
+
+
 @dataclass(frozen=True)
 class PoolConfig:
-    """A named group of interchangeable Triton backends (a GPU node group, a CPU node group, …)."""
+    """A named group of interchangeable Triton backends (a GPU node group, a CPU node group, …),
+    listed (`backends`), discovered by DNS (`dns`), or both."""
 
-    backends: tuple[str, ...]
+    backends: tuple[str, ...] = ()
     """gRPC address (host:port) of every Triton server in the pool."""
     http_backends: tuple[str, ...] = ()
     """HTTP/REST address (host:port) of the same servers, in the order of `backends`; used when
     `upstream.transport` is `http`. Empty (the default): each server's HTTP port is its gRPC port
     plus `upstream.http_port_offset` (-1: Triton's own defaults, HTTP 8000 beside gRPC 8001)."""
+    dns: str | None = None
+    """`name:port`: every address the name resolves to (A records; AAAA when it has none) is a
+    backend at that gRPC port, e.g. a Kubernetes headless Service,
+    `triton-gpu.models.svc.cluster.local:8001`. Re-resolved every `upstream.discovery.interval_s`:
+    new addresses join the pool (after their first good health check), vanished ones drain
+    (gateway/upstream/discovery.py). Their HTTP port is the gRPC port plus
+    `upstream.http_port_offset` (Triton's 8000 beside 8001 by default)."""
 
     def validate(self, path: str) -> None:
-        if not self.backends:
-            raise ConfigError(f"{path}.backends", "expected at least one backend address")
+        if not self.backends and self.dns is None:
+            raise ConfigError(f"{path}.backends", "expected at least one backend address, or `dns: name:port`")
+        if self.dns is not None:
+            host, _ = parse_address(self.dns, f"{path}.dns")
+            if _is_ip_address(host):
+                raise ConfigError(f"{path}.dns", f"expected a DNS name, got the address {host!r}: list it in `backends`")
+            if not all(0 < len(label) < 64 for label in host.rstrip(".").split(".")):
+                raise ConfigError(f"{path}.dns", f"expected a DNS name and a port (name:port), got {self.dns!r}")
         for index, address in enumerate(self.backends):
             parse_address(address, f"{path}.backends[{index}]")
         if len(set(self.backends)) != len(self.backends):
@@ -47,10 +80,7 @@ class PoolConfig:
         """The HTTP/REST address of backend `index`: listed, or derived from its gRPC port."""
         if self.http_backends:
             return self.http_backends[index]
-        address = self.backends[index]
-        host, port = parse_address(address, "")
-        host = f"[{host}]" if ":" in host else host
-        return f"{host}:{port + offset}"
+        return derived_http_address(self.backends[index], offset)
 
 
 @dataclass(frozen=True)
@@ -72,6 +102,96 @@ class HealthConfig:
             raise ConfigError(f"{path}.interval_s", "expected a positive number of seconds")
         if self.timeout_s <= 0:
             raise ConfigError(f"{path}.timeout_s", "expected a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """TLS toward every backend: gRPC (inference streams, health checks, metadata) and HTTP.
+
+        upstream:
+          tls:
+            ca_file: /etc/tensorgate/backend-ca.crt   # verify backends against this CA
+            cert_file: /etc/tensorgate/client.crt     # optional: the gateway's client certificate
+            key_file: /etc/tensorgate/client.key      #   (backends that require mutual TLS)
+            server_name: triton.internal              # optional: the name backend certificates carry
+    """
+
+    ca_file: str | None = None
+    """PEM CA bundle the backends' certificates are verified against; None: the system's CAs."""
+    cert_file: str | None = None
+    """PEM client certificate chain the gateway presents to backends (mutual TLS)."""
+    key_file: str | None = None
+    """PEM private key of cert_file."""
+    server_name: str | None = None
+    """The name backend certificates are verified against (and sent as SNI); None: each backend's
+    host as written in `backends`."""
+
+    def validate(self, path: str) -> None:
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, key)
+            if value is not None and not os.access(value, os.R_OK):
+                raise ConfigError(f"{path}.{key}", f"cannot read file {value!r}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError(f"{path}.cert_file", "expected cert_file and key_file together (or neither)")
+        try:
+            self.ssl_context()  # a bad PEM or a key of another certificate: a config error, at load
+        except (ssl.SSLError, ValueError) as error:
+            raise ConfigError(path, f"cannot load the TLS files: {error}") from None
+
+    def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(CA, key, certificate chain) as PEM bytes, as grpc.ssl_channel_credentials takes them."""
+
+        def contents(name: str | None) -> bytes | None:
+            if name is None:
+                return None
+            with open(name, "rb") as stream:
+                return stream.read()
+
+        return contents(self.ca_file), contents(self.key_file), contents(self.cert_file)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client SSL context of the HTTP upstream: verifies the backend, may present ours."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """How pools with `dns:` are resolved (gateway/upstream/discovery.py)."""
+
+    interval_s: float = 5.0
+    """Seconds between two resolutions of a pool's name (CoreDNS answers for Kubernetes Services
+    with a 5 s TTL by default)."""
+    timeout_s: float = 2.0
+    """A resolution not answered in this time keeps the pool as it is."""
+    nameservers: tuple[str, ...] = ()
+    """DNS servers to ask (`host` or `host:port`), in order; empty (the default): the system's,
+    from /etc/resolv.conf, with its search domains (so `triton-gpu.models.svc` works in a pod)."""
+    drain_s: float = 30.0
+    """A backend whose address left DNS gets no new requests; requests in flight on it get this
+    long to finish before its connections close."""
+
+    def validate(self, path: str) -> None:
+        if self.interval_s <= 0:
+            raise ConfigError(f"{path}.interval_s", "expected a positive number of seconds")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"{path}.timeout_s", "expected a positive number of seconds")
+        if self.drain_s < 0:
+            raise ConfigError(f"{path}.drain_s", "expected zero or more seconds")
+        for index, server in enumerate(self.nameservers):
+            nameserver_address(server, f"{path}.nameservers[{index}]")
+
+
+def nameserver_address(server: str, path: str) -> tuple[str, int]:
+    """(host, port) of a nameserver written `host`, `host:port` or `[v6]:port` (port 53 by default)."""
+    if server.count(":") == 1 or server.startswith("["):
+        return parse_address(server, path)
+    if not server:
+        raise ConfigError(path, "expected a nameserver address (host or host:port)")
+    return server, 53
 
 
 TRANSPORTS = ("grpc-stream", "http")
@@ -109,6 +229,10 @@ class UpstreamConfig:
     `http_backends`."""
     http_connect_timeout_s: float = 2.0
     """`http`: a connection not established in this time fails the request with UNAVAILABLE."""
+    tls: UpstreamTls | None = None
+    """TLS toward the backends (both transports, health checks and metadata too); None: plaintext."""
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    """How pools with `dns:` find their backends (interval, nameservers, drain time)."""
 
     def validate(self, path: str) -> None:
         if self.transport not in TRANSPORTS:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import ssl as ssl_module
 from typing import Callable
 
 import httptools
@@ -189,9 +190,14 @@ class HttpPool:
     """
 
     def __init__(self, host: str, port: int, *, max_connections: int, connect_timeout_s: float,
-                 max_body_bytes: int, on_broken: Callable[[str], None] = lambda reason: None) -> None:
+                 max_body_bytes: int, on_broken: Callable[[str], None] = lambda reason: None,
+                 ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None) -> None:
         self.host = host
         self.port = port
+        self.ssl = ssl
+        """TLS toward the backend (a client context that verifies it), or None: plaintext."""
+        self.server_hostname = server_hostname
+        """With ssl: the name the backend's certificate is checked against; None: `host`."""
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.max_connections = max_connections
         self.connect_timeout_s = connect_timeout_s
@@ -204,6 +210,7 @@ class HttpPool:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.host_header = f"Host: {self.address}\r\n".encode()
+        self._tls = {} if ssl is None else {"ssl": ssl, "server_hostname": server_hostname or host}
         self.requests = 0
         self.connects = 0
         self.resent = 0
@@ -294,7 +301,7 @@ class HttpPool:
         self._connecting += 1
         try:
             _, connection = await asyncio.wait_for(
-                self._loop.create_connection(lambda: _Connection(self), self.host, self.port),
+                self._loop.create_connection(lambda: _Connection(self), self.host, self.port, **self._tls),
                 self.connect_timeout_s,
             )
         except BaseException as error:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import importlib
 import inspect
 import json
@@ -46,7 +47,7 @@ import grpc
 from gateway.server.engines import grpc_wire
 from gateway.server.engines.grpc_wire import WireError, frame, percent_encode, status_bytes
 from gateway.server.engines.watch import DEADLINE, CallWatch
-from gateway.server.rpc import Call, Method, status_of
+from gateway.server.rpc import Call, Method, status_of, trailers_of
 
 __all__ = ["ENV_ARGUMENT", "ENV_OPTIONS", "ENV_SERVICES", "GrpcAsgiApp"]  # and `app`, built on first access
 
@@ -89,7 +90,10 @@ def metadata_of(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | by
         if name.endswith("-bin"):
             for part in value.split(b","):
                 part = part.strip()
-                metadata.append((name, base64.b64decode(part + b"=" * (-len(part) % 4))))
+                try:
+                    metadata.append((name, base64.b64decode(part + b"=" * (-len(part) % 4))))
+                except binascii.Error:  # not base64: the client's own garbage, passed on as sent
+                    metadata.append((name, part))
         else:
             metadata.append((name, value.decode("latin-1")))
     return tuple(metadata)
@@ -104,20 +108,28 @@ def peer_of(scope: dict) -> str:
     return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
-def _trailers_only(code: grpc.StatusCode, message: str) -> dict:
+def _metadata_headers(trailers) -> list[tuple[bytes, bytes]]:
+    return [(key.encode("latin-1"), value.encode("latin-1")) for key, value in trailers]
+
+
+def _trailers_only(code: grpc.StatusCode, message: str, trailers=()) -> dict:
     headers = [(b"content-type", _GRPC), (b"grpc-accept-encoding", grpc_wire.ACCEPT_ENCODING),
                (b"grpc-status", status_bytes(code))]
     if message:
         headers.append((b"grpc-message", percent_encode(message)))
+    if trailers:
+        headers += _metadata_headers(trailers)
     return {"type": "http.response.start", "status": 200, "headers": headers, "trailers": False}
 
 
-def _trailers(code: grpc.StatusCode, message: str) -> dict:
+def _trailers(code: grpc.StatusCode, message: str, trailers=()) -> dict:
     if code is grpc.StatusCode.OK:
         return _OK_TRAILERS
     headers = [(b"grpc-status", status_bytes(code))]
     if message:
         headers.append((b"grpc-message", percent_encode(message)))
+    if trailers:
+        headers += _metadata_headers(trailers)
     return {"type": "http.response.trailers", "headers": headers, "more_trailers": False}
 
 
@@ -218,7 +230,7 @@ class GrpcAsgiApp:
         except WireError as error:
             await self._end_early(send, error.code, error.message)
             return
-        call = Call(deadline, partial(metadata_of, scope["headers"]), partial(peer_of, scope))
+        call = Call(deadline, partial(metadata_of, scope["headers"]), partial(peer_of, scope), headers)
         if method.streaming:
             await self._stream(method, call, inflate, receive, send)
         else:
@@ -228,6 +240,7 @@ class GrpcAsgiApp:
 
     async def _unary(self, method: Method, call: Call, inflate, receive: Callable, send: Callable) -> None:
         watch = watched = None
+        trailers = ()
         try:
             request = await self._read_one(receive, inflate)
             if request is None:
@@ -249,6 +262,7 @@ class GrpcAsgiApp:
             code, message = error.code, error.message
         except Exception as error:
             code, message = status_of(error, method.path)
+            trailers = trailers_of(error)
         else:
             if watched is not None:
                 watch.discard(watched)
@@ -263,7 +277,7 @@ class GrpcAsgiApp:
         finally:
             if watched is not None:
                 watch.discard(watched)
-        await self._end_early(send, code, message)
+        await self._end_early(send, code, message, trailers)
 
     async def _read_one(self, receive: Callable, inflate) -> bytes | None:
         """The one request message of a unary call (None: the client disconnected)."""
@@ -308,6 +322,7 @@ class GrpcAsgiApp:
         watched = None
         started = False
         responses = watch = None
+        trailers = ()
         try:
             if call.deadline is not None:
                 if call.deadline <= time.monotonic():
@@ -337,6 +352,7 @@ class GrpcAsgiApp:
             code, message = error.code, error.message
         except Exception as error:
             code, message = status_of(error, method.path)
+            trailers = trailers_of(error)
         else:
             code, message = grpc.StatusCode.OK, ""
         finally:
@@ -346,11 +362,11 @@ class GrpcAsgiApp:
                 await _quietly(responses.aclose())
             await _quietly(requests.aclose())
         if not started:
-            await self._end_early(send, code, message)
+            await self._end_early(send, code, message, trailers)
             return
         try:
             await send(_END_BODY)
-            await send(_trailers(code, message))
+            await send(_trailers(code, message, trailers))
         except OSError:
             pass
 
@@ -369,10 +385,10 @@ class GrpcAsgiApp:
 
     # ------------------------------------------------------------------------------- endings
 
-    async def _end_early(self, send: Callable, code: grpc.StatusCode, message: str) -> None:
+    async def _end_early(self, send: Callable, code: grpc.StatusCode, message: str, trailers=()) -> None:
         """A trailers-only response: the status in the only HEADERS frame, which ends the stream."""
         try:
-            await send(_trailers_only(code, message))
+            await send(_trailers_only(code, message, trailers))
             await send(_END_BODY)
         except OSError:
             pass

@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from gateway.server.rpc import Call, Method, status_of
+from gateway.server.rpc import Call, Method, status_of, trailers_of
 
 # grpc core's server arguments (src/core/server/server.h); grpcio passes unknown keys through.
 PENDING_CALLS_SOFT = "grpc.server.max_pending_requests"
@@ -39,7 +39,7 @@ def _unary(method: Method) -> Callable:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            await context.abort(*status_of(error, method.path))
+            await context.abort(*status_of(error, method.path), trailers_of(error))
 
     return serve
 
@@ -54,7 +54,7 @@ def _streaming(method: Method) -> Callable:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            await context.abort(*status_of(error, method.path))
+            await context.abort(*status_of(error, method.path), trailers_of(error))
 
     return serve
 
@@ -72,24 +72,35 @@ def generic_handlers(methods: list[Method]) -> list[grpc.GenericRpcHandler]:
 
 
 class GrpcioEngine:
-    """A grpc.aio server on `listen` ("host:port"; port 0 picks one) serving `methods`."""
+    """A grpc.aio server on `listen` ("host:port"; port 0 picks one) serving `methods`.
+
+    credentials          grpc.ssl_server_credentials for TLS (mutual TLS when they require client
+                         certificates); None: plaintext
+    max_concurrent_streams  HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection; None: grpc's default
+    reuse_port           SO_REUSEPORT, so several processes (gateway/workers/) serve one port; off, a
+                         second server on a port in use fails to start instead of sharing it unnoticed
+    """
 
     def __init__(self, listen: str, methods: list[Method], max_receive_bytes: int, max_send_bytes: int,
+                 *, credentials: grpc.ServerCredentials | None = None,
+                 max_concurrent_streams: int | None = None, reuse_port: bool = False,
                  max_pending_calls: int = 65536) -> None:
         self.listen = listen
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", max_receive_bytes),
-                ("grpc.max_send_message_length", max_send_bytes),
-                ("grpc.so_reuseport", 0),
-                # Calls received but not yet taken by grpc.aio (one at a time) wait in grpc core;
-                # past its defaults (random early drop from 1,000, all from 3,000) it cancels them:
-                # CANCELLED, unlogged, 6-9 % of 2,000 concurrent calls on one channel. Soft = hard:
-                # no random drop below the limit (ServerConfig.max_pending_calls).
-                (PENDING_CALLS_SOFT, max_pending_calls),
-                (PENDING_CALLS_HARD, max_pending_calls),
-            ]
-        )
+        self._credentials = credentials
+        options = [
+            ("grpc.max_receive_message_length", max_receive_bytes),
+            ("grpc.max_send_message_length", max_send_bytes),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            # Calls received but not yet taken by grpc.aio (one at a time) wait in grpc core; past
+            # its defaults (random early drop from 1,000, all from 3,000) it cancels them: CANCELLED,
+            # unlogged, 6-9 % of 2,000 concurrent calls on one channel. Soft = hard: no random drop
+            # below the limit (ServerConfig.max_pending_calls).
+            (PENDING_CALLS_SOFT, max_pending_calls),
+            (PENDING_CALLS_HARD, max_pending_calls),
+        ]
+        if max_concurrent_streams is not None:
+            options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
+        self._server = grpc.aio.server(options=options)
         self._server.add_generic_rpc_handlers(generic_handlers(methods))
         self.port: int | None = None
 
@@ -98,7 +109,10 @@ class GrpcioEngine:
 
     async def start(self) -> int:
         """Bind and serve; returns the port."""
-        port = self._server.add_insecure_port(self.listen)
+        if self._credentials is None:
+            port = self._server.add_insecure_port(self.listen)
+        else:
+            port = self._server.add_secure_port(self.listen, self._credentials)
         if not port:
             raise OSError(f"cannot listen on {self.listen}")
         await self._server.start()
