@@ -103,7 +103,7 @@ def test_admin_snapshot_reports_the_live_state(gateway, tritons):
     before = gateway.admin_snapshot()
     client.infer("simple_scale", [tensor])
     after = gateway.admin_snapshot()
-    assert set(after) == {"backends", "discovery", "routing", "sequences", "batching", "drift", "tenants"}
+    assert set(after) == {"backends", "discovery", "routing", "sequences", "batching", "drift", "tenants", "serving"}
     assert after["discovery"] == {}  # no pool of the shared gateway is found by DNS
     assert after["tenants"] == {}  # no auth configured
     assert {address: b["pool"] for address, b in after["backends"].items()} == {
