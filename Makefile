@@ -64,9 +64,10 @@ test-tools:
 	echo "make test: installing the Debian package prometheus (the telemetry tests run a real Prometheus server)"; \
 	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
 
+# benchmarks/record.py runs the kernel suites (kernels, validation, drift) under pytest-benchmark and a
+# `tensorgate bench` sweep, and appends a dated section (machine, tables, plots) to benchmarks/RESULTS.md.
 bench: $(STAMP) $(DESCRIPTORS) $(KERNELS)
-	$(PY) benchmarks/bench_kernels.py
-	$(PY) benchmarks/bench_drift.py
+	$(PY) benchmarks/record.py
 	$(PY) benchmarks/bench_telemetry.py
 	$(PY) benchmarks/bench_drift_observe.py
 	$(PY) benchmarks/bench_hot_path.py

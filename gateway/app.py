@@ -31,6 +31,7 @@ from gateway.drift.stage import DriftStage
 from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE
 from gateway.routing.dispatcher import DirectDispatcher
+from gateway.routing.mirror import Mirror
 from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
 from gateway.security.guard import Guard
@@ -43,6 +44,7 @@ from gateway.server.inference import InferenceService
 from gateway.server.readiness import Readiness
 from gateway.server.reflection import ReflectionService
 from gateway.telemetry.stage import GatewayView, TelemetryStage
+from gateway.traffic.stage import TrafficStage
 from gateway.upstream.catalog import ModelCatalog
 from gateway.upstream.fleet import Fleet
 from gateway.workers.link import WorkerLink
@@ -63,11 +65,11 @@ RETIRE_MIN_S = 30.0
 class _Core:
     """What a config reload rebuilds: the backends and everything that holds them."""
 
-    __slots__ = ("fleet", "catalog", "router", "direct", "batching", "pipeline")
+    __slots__ = ("fleet", "catalog", "router", "direct", "batching", "pipeline", "traffic")
 
-    def __init__(self, fleet, catalog, router, direct, batching, pipeline) -> None:
+    def __init__(self, fleet, catalog, router, direct, batching, pipeline, traffic) -> None:
         self.fleet, self.catalog, self.router = fleet, catalog, router
-        self.direct, self.batching, self.pipeline = direct, batching, pipeline
+        self.direct, self.batching, self.pipeline, self.traffic = direct, batching, pipeline, traffic
 
 
 class Gateway:
@@ -125,10 +127,15 @@ class Gateway:
         """The backends and the stages that hold them, wired to the drift and telemetry stages."""
         fleet = Fleet(config.pools, config.upstream, config.health)
         catalog = ModelCatalog(fleet)
-        router = Router(fleet, config.models)
-        direct = DirectDispatcher(router, self.sequences, config.routing.retry_unavailable)
+        router = Router(fleet, config.models, config=config.routing,
+                        pool_costs={name: pool.cost for name, pool in config.pools.items()})
+        direct = DirectDispatcher(router, self.sequences, config.routing.retry_unavailable,
+                                  probes=Mirror(config.routing.probe_max_in_flight))
         batching = BatchingDispatcher(direct, config.batching, router)
         pipeline = Pipeline(catalog, router.routes, batching)
+        traffic = TrafficStage(router, config.models)
+        pipeline.version_pickers = traffic.pickers  # the same dict: a new split applies at once
+        pipeline.attach(observer=traffic.observer)
         fleet.on_change(pipeline.forget_unversioned)
         if self.drift.monitors:
             pipeline.attach(observer=self.drift.observer)
@@ -138,12 +145,13 @@ class Gateway:
             if tracing is not None:
                 pipeline.attach(observer=tracing.observer, trace_starter=tracing.start)
                 direct.traced_send = tracing.send
-        return _Core(fleet, catalog, router, direct, batching, pipeline)
+        return _Core(fleet, catalog, router, direct, batching, pipeline, traffic)
 
     def _install(self, core: _Core) -> None:
         self._core = core
         self.fleet, self.catalog, self.router = core.fleet, core.catalog, core.router
         self.direct, self.batching, self.pipeline = core.direct, core.batching, core.pipeline
+        self.traffic = core.traffic
 
     def _view(self) -> GatewayView:
         """What telemetry reads of the other stages (through `self`: a reload replaces them)."""
@@ -154,6 +162,8 @@ class Gateway:
             routing_decisions=lambda: self.router.decisions,
             batched_models=lambda: self.batching.batched_models(),
             drift_monitors=lambda: self.drift.monitors,
+            shadow_copies=lambda: self.traffic.shadow_copies(),
+            service_times=lambda: self.router.service_times(),
         )
 
     def methods(self) -> list:
@@ -167,7 +177,7 @@ class Gateway:
         methods = [
             *self.inference.methods(),
             *drift,
-            *GatewayService(snapshot, self.reload_text).methods(),
+            *GatewayService(snapshot, lambda: self.traffic, self.reload_text).methods(),
             *self.health.methods(),
         ]
         if self.config.server.reflection:  # off by default: it maps the admin API for anyone (ServerConfig)
@@ -184,6 +194,7 @@ class Gateway:
         watch the config file."""
         if self.drift.monitors:
             await self.drift.start()
+        await self.traffic.start()
         if self.telemetry is not None:
             self.telemetry.start()
         await self.fleet.start()
@@ -199,6 +210,8 @@ class Gateway:
                 task.cancel()
         self._sweeper = self._watcher = None
         await self.batching.close()
+        await self.traffic.close()
+        await self.direct.probes.close()
         await self.drift.close()
         if self.link is not None:
             await self.link.close()  # the last report: this worker's final counts
@@ -316,6 +329,7 @@ class Gateway:
                 self.drift = drift
             core = self._build_core(config) if plan.core else None
             if core is not None:
+                await core.traffic.start()
                 await core.fleet.start()
                 by_address = {b.address: b for b in core.fleet.backends()}
                 self._install(core)
@@ -342,6 +356,8 @@ class Gateway:
             while core.pipeline.in_flight and loop.time() < deadline:
                 await asyncio.sleep(DRAIN_POLL_S)
             await core.batching.close()
+            await core.traffic.close()
+            await core.direct.probes.close()
             await core.fleet.close()
         if drift is not None:
             await drift.close()
@@ -368,7 +384,9 @@ class Gateway:
 
     def snapshot(self) -> dict:
         """Live state for people and tests: backends (health: healthy, unhealthy, unknown, or
-        draining after leaving DNS), DNS discovery per pool, routing decisions, batching per model."""
+        draining after leaving DNS), DNS discovery per pool, routing decisions, placement (per model
+        version and pool: gate, service time, predicted latency), traffic (splits, per-version
+        counters, shadows), batching per model."""
         return {
             "backends": {
                 b.address: {"pool": b.pool, "health": b.health.value, "detail": b.health_detail,
@@ -380,6 +398,9 @@ class Gateway:
                 for pool, d in self.fleet.discovery.items()
             },
             "routing": {f"{pool}/{reason}": count for (pool, reason), count in sorted(self.router.decisions.items())},
+            "placement": self.router.placement(),
+            "probes": self.direct.probes.statistics(),
+            "traffic": self.traffic.snapshot(),
             "sequences": len(self.sequences),
             "batching": self.batching.snapshot(),
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},

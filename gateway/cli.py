@@ -1,4 +1,4 @@
-"""`tensorgate` command line: serve, local-triton, drift report, demo.
+"""`tensorgate` command line: serve, local-triton, drift report, demo, bench.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid configuration (the error names the
 key path).
@@ -159,6 +159,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gateway.bench.command import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorgate", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -203,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "gateway's stages inside the Envoy process), grpcio (grpc.aio in this process), or auto: "
                            "envoy where pyvoy is installed (default)")
     demo.set_defaults(run=cmd_demo)
+
+    from gateway.bench.command import add_arguments as bench_arguments
+
+    bench = commands.add_parser("bench", help="load sweeps against a KServe v2 gRPC endpoint (the gateway or Triton): "
+                                              "throughput, latency percentiles, CSV/JSON/plots")
+    bench_arguments(bench)
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

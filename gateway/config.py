@@ -72,6 +72,11 @@ class GatewayConfig:
                         f"models.{model}.pools[{index}]",
                         f"unknown pool {pool!r}; expected one of: {', '.join(self.pools)}",
                     )
+            if route.shadow is not None and route.shadow.pool and route.shadow.pool not in self.pools:
+                raise ConfigError(
+                    f"models.{model}.shadow.pool",
+                    f"unknown pool {route.shadow.pool!r}; expected one of: {', '.join(self.pools)}",
+                )
 
     def with_listen(self, listen: str) -> "GatewayConfig":
         return dataclasses.replace(self, listen=listen)

@@ -103,9 +103,14 @@ def test_admin_snapshot_reports_the_live_state(gateway, tritons):
     before = gateway.admin_snapshot()
     client.infer("simple_scale", [tensor])
     after = gateway.admin_snapshot()
-    assert set(after) == {"backends", "discovery", "routing", "sequences", "batching", "drift", "tenants", "serving"}
+    assert set(after) == {"backends", "discovery", "routing", "placement", "probes", "traffic", "sequences", "batching",
+                          "drift", "tenants", "serving"}
     assert after["discovery"] == {}  # no pool of the shared gateway is found by DNS
     assert after["tenants"] == {}  # no auth configured
+    # The model's placement table: its pools, each backend's learned service time.
+    placement = next(table for key, table in after["placement"].items() if key.startswith("simple_scale"))
+    assert {address for pool in placement["pools"].values() for address in pool["backends"]} == {
+        tritons[0].grpc_address, tritons[1].grpc_address}
     assert {address: b["pool"] for address, b in after["backends"].items()} == {
         tritons[0].grpc_address: "primary", tritons[1].grpc_address: "secondary"}
     assert all(b["health"] == "healthy" for b in after["backends"].values())

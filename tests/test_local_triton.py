@@ -48,6 +48,8 @@ EXPECTED_MODELS = {
     "repeat_decoupled",
     "simple_scale",
     "simple_scale_dynbatch",
+    "slow_on_demand",
+    "versioned_scale",
 }
 
 

@@ -283,6 +283,7 @@ class LocalTriton:
         metrics_port: int = 0,
         extra_args: Sequence[str] = (),
         log_verbose: int = 0,
+        env: dict[str, str] | None = None,
         host: str = _LOOPBACK,
     ) -> None:
         """`host`: the loopback address every endpoint binds (127.0.0.1; another 127.x address lets
@@ -302,6 +303,7 @@ class LocalTriton:
         self.metrics_port = metrics_port or find_free_port()
         self.extra_args = tuple(extra_args)
         self.log_verbose = log_verbose
+        self.env = dict(env or {})  # added to the server's environment (models read it, e.g. slow_on_demand)
         self._log_dir = (
             Path(log_dir)
             if log_dir is not None
@@ -487,6 +489,7 @@ class LocalTriton:
             env["PYTHONPATH"] = os.pathsep.join(extra)
         # Models' print() output reaches the log as it happens.
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env)
         return env
 
     def _prepare_backend_dir(self) -> Path:

@@ -37,6 +37,9 @@ class Pipeline:
         self.trace_starter: TraceStarter | None = None
         self.in_flight = 0
         """Requests inside infer/infer_stream now: a config reload retires this pipeline at 0."""
+        self.version_pickers: dict[str, Callable] = {}
+        """model -> pick(request, metadata): sets the version of a request that names none (a traffic
+        split; gateway/traffic/). Runs before the model is resolved; empty: nothing to pick."""
         self._entries: dict[tuple[str, str], ModelEntry] = {}
 
     def attach(
@@ -60,6 +63,16 @@ class Pipeline:
     def traced(self) -> bool:
         """Whether requests may be traced (the front door then reads each call's metadata)."""
         return self.trace_starter is not None
+
+    @property
+    def reads_metadata(self) -> bool:
+        """Whether the front door should hand each call's metadata over (tracing, or a traffic split's sticky key)."""
+        return self.trace_starter is not None or bool(self.version_pickers)
+
+    def _pick_version(self, request, metadata) -> None:
+        picker = self.version_pickers.get(request.model_name)
+        if picker is not None:
+            picker(request, metadata)
 
     def __repr__(self) -> str:
         return f"<Pipeline models={len(self._entries)} observers={len(self.observers)}>"
@@ -152,6 +165,8 @@ class Pipeline:
         started = time.perf_counter_ns()
         self.in_flight += 1
         try:
+            if self.version_pickers:
+                self._pick_version(request, metadata)
             # No coroutine layer for a model already resolved: resolving awaits only the first time.
             entry = self._known_entry(request) or await self._resolve_admitting(request, started)
             layout = self._admit(entry, request, started, unary=True)
@@ -187,6 +202,8 @@ class Pipeline:
 
     async def _infer_stream(self, request, deadline: float | None, metadata=None):
         started = time.perf_counter_ns()
+        if self.version_pickers:
+            self._pick_version(request, metadata)
         entry = self._known_entry(request) or await self._resolve_admitting(request, started)
         exchange = self._exchange(entry, request, metadata, started, self._admit(entry, request, started))
         if not entry.signature.decoupled:

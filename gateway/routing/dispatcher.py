@@ -9,15 +9,18 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator, Awaitable
 
-from gateway.errors import Unavailable, shown
+from gateway.errors import DeadlineExceeded, Unavailable, shown
 from gateway.pipeline.contracts import TracedSend
 from gateway.pipeline.exchange import Exchange, ModelEntry
+from gateway.routing.mirror import Mirror
 from gateway.routing.router import STICKY, Router
 from gateway.routing.sequences import SequenceTable
 from gateway.upstream.backend import Backend
 
 #: How long an idle sequence stays bound when neither the config nor the model says.
 DEFAULT_SEQUENCE_IDLE_S = 60.0
+#: A probe copy's own deadline: a pool out for missing its objective may be very slow.
+PROBE_TIMEOUT_S = 30.0
 
 
 def sequence_of(request) -> tuple[object, bool, bool] | None:
@@ -45,8 +48,12 @@ class DirectDispatcher:
     trace context to Triton.
     """
 
-    def __init__(self, router: Router, sequences: SequenceTable, retry_unavailable: bool = True, clock=time.monotonic):
+    def __init__(
+        self, router: Router, sequences: SequenceTable, retry_unavailable: bool = True, clock=time.monotonic,
+        probes: Mirror | None = None,
+    ):
         self.router = router
+        self.probes = probes or Mirror(4)  # copies measuring pools out for missing their objective
         self.sequences = sequences
         self.retry_unavailable = retry_unavailable
         self._clock = clock
@@ -97,13 +104,34 @@ class DirectDispatcher:
             return self.traced_send(backend, exchange, deadline)
         return backend.infer(exchange.request)
 
+    def _probe(self, entry: ModelEntry, request, sequence) -> None:
+        """Send the copy the router asked for (a pool out for missing the objective, measured again)."""
+        backend, self.router.probe = self.router.probe, None
+        if sequence is not None:
+            return  # a sequence's state lives on its backend: never copied
+        model, version, observe = entry.name, entry.version, self.router.observe
+
+        def measured(backend, ahead, elapsed_s, response, error) -> None:
+            if error is None or isinstance(error, DeadlineExceeded):
+                observe(model, version, backend, elapsed_s, ahead)
+
+        self.probes.send(backend, request, PROBE_TIMEOUT_S, measured)
+
     async def infer(self, exchange: Exchange, deadline: float | None):
         entry, request = exchange.entry, exchange.request
         backend, exchange.route, sequence = self._pick(entry, request)
+        if self.router.probe is not None:
+            self._probe(entry, request, sequence)
         self._set_timeout(request, deadline)
-        exchange.upstream_started_ns = time.perf_counter_ns()
+        ahead = backend.outstanding
+        exchange.upstream_started_ns = started = time.perf_counter_ns()
         try:
-            return await self._send(backend, exchange, deadline)
+            response = await self._send(backend, exchange, deadline)
+            self.router.observe(entry.name, entry.version, backend, (time.perf_counter_ns() - started) / 1e9, ahead)
+            return response
+        except DeadlineExceeded:  # slow is what a deadline measures: the router learns it too
+            self.router.observe(entry.name, entry.version, backend, (time.perf_counter_ns() - started) / 1e9, ahead)
+            raise
         except Unavailable:
             retry_allowed = (
                 self.retry_unavailable
@@ -128,6 +156,7 @@ class DirectDispatcher:
     async def infer_decoupled(self, exchange: Exchange, deadline: float | None) -> AsyncIterator:
         entry, request = exchange.entry, exchange.request
         backend, exchange.route, sequence = self._pick(entry, request)
+        self.router.probe = None  # a decoupled model's answers are a stream: not probed by copies
         exchange.backend = backend
         self._set_timeout(request, deadline)
         exchange.upstream_started_ns = time.perf_counter_ns()

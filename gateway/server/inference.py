@@ -165,8 +165,8 @@ class InferenceService:
     # ---- inference -----------------------------------------------------------------------------
 
     def _trace_metadata(self, call: Call):
-        """The call's metadata, read only when tracing is on (reading it costs on every request)."""
-        return call.metadata if self.pipeline.traced else None
+        """The call's metadata, read only when tracing or a traffic split needs it (reading it costs on every request)."""
+        return call.metadata if self.pipeline.reads_metadata else None
 
     def _parse_infer(self, raw: bytes):
         started = time.perf_counter_ns()

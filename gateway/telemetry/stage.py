@@ -12,7 +12,10 @@ local counters (gateway/telemetry/aggregates.py); `drift_hook` counts drift aler
     tensorgate.batching.queue.depth     gauge      {request}  model, version (waiting now)
     tensorgate.backend.inflight         gauge      {request}  backend, pool
     tensorgate.backend.healthy          gauge      1          backend, pool (1 in rotation, 0 out)
-    tensorgate.routing.decisions        counter    {decision} pool, reason (preferred, spill, failover)
+    tensorgate.routing.decisions        counter    {decision} pool, reason (preferred, spill, failover, canary,
+                                                              shadow, probe)
+    tensorgate.shadow.copies            counter    {copy}     model, outcome (sent, dropped, failed, unplaced)
+    tensorgate.placement.service_time   gauge      s          model, version, pool, backend (the router's EWMA)
     tensorgate.drift.statistic          gauge      1          model, tensor, feature, statistic (last window;
                                                               also effect_size: the mean shift in reference
                                                               SDs, and p_<test>: the calibrated tests' p-values)
@@ -155,6 +158,10 @@ class GatewayView:
     """BatchedModel rows (model, version, counters, waiting): BatchingDispatcher.batched_models."""
     drift_monitors: Callable[[], dict] = dict
     """{model: ModelMonitor}: DriftStage.monitors."""
+    shadow_copies: Callable[[], dict] = dict
+    """{(model, outcome): copies} of the shadows (outcome: sent, dropped, failed, unplaced): TrafficStage.shadow_copies."""
+    service_times: Callable[[], dict] = dict
+    """{(model, version, pool, backend): seconds}: the router's EWMA service time per request in line."""
 
 
 #: Batch size bounds, rows: 1, 2, 4, ... 32768 (Triton's max_batch_size rarely exceeds a few thousand).
@@ -245,6 +252,14 @@ class TelemetryStage:
     def _routing_decisions(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(count, {"pool": pool, "reason": reason})
                 for (pool, reason), count in _retrying(lambda: self.view.routing_decisions().items())]
+
+    def _shadow_copies(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, {"model": model, "outcome": outcome})
+                for (model, outcome), count in _retrying(lambda: self.view.shadow_copies().items())]
+
+    def _service_times(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(seconds, {"model": model, "version": version, "pool": pool, "backend": backend})
+                for (model, version, pool, backend), seconds in _retrying(lambda: self.view.service_times().items())]
 
     def _batching(self) -> list[tuple[dict, object, int]]:
         """(attributes, BatchCounters, requests waiting) of every batched model version."""
@@ -385,7 +400,11 @@ class TelemetryStage:
         meter.create_observable_gauge("tensorgate.backend.inflight", [self._backend_inflight],
                                       unit="{request}", description="Requests sent to the backend, not yet answered.")
         meter.create_observable_counter("tensorgate.routing.decisions", [self._routing_decisions], unit="{decision}",
-                                        description="Backends picked, by pool and why (preferred, spill, failover).")
+                                        description="Backends picked, by pool and why (preferred, spill, failover, canary, shadow, probe).")
+        meter.create_observable_counter("tensorgate.shadow.copies", [self._shadow_copies], unit="{copy}",
+                                        description="Copies of live requests for shadow targets, by outcome (sent, dropped, failed, unplaced).")
+        meter.create_observable_gauge("tensorgate.placement.service_time", [self._service_times], unit="s",
+                                      description="EWMA service time per request in line, per model version and backend (the router's predictor).")
         meter.create_observable_gauge("tensorgate.batching.queue.depth", [self._queue_depth], unit="{request}",
                                       description="Requests waiting in the gateway's batch queues.")
         meter.create_observable_gauge("tensorgate.drift.statistic", [self._drift_statistics], unit="1",

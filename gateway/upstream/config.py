@@ -52,8 +52,14 @@ class PoolConfig:
     new addresses join the pool (after their first good health check), vanished ones drain
     (gateway/upstream/discovery.py). Their HTTP port is the gRPC port plus
     `upstream.http_port_offset` (Triton's 8000 beside 8001 by default)."""
+    cost: float = 1.0
+    """What a request served by this pool costs, relative to the other pools (e.g. its cost per hour
+    divided by the requests per hour it serves). A model's pools are tried cheapest first (ties keep
+    the model's own order); with a latency objective, the cheapest pool predicted to meet it wins."""
 
     def validate(self, path: str) -> None:
+        if not 0 <= self.cost < float("inf"):
+            raise ConfigError(f"{path}.cost", f"expected a cost >= 0, got {self.cost}")
         if not self.backends and self.dns is None:
             raise ConfigError(f"{path}.backends", "expected at least one backend address, or `dns: name:port`")
         if self.dns is not None:

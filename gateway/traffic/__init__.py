@@ -1,0 +1,1 @@
+"""Versions and traffic: a split of a model's requests between its versions, and shadow copies."""
