@@ -111,7 +111,7 @@ class StandInBackend:
     """Answers every request on the next event-loop turn, as `Backend.infer` would over its stream."""
 
     address, pool = "stand-in:8001", "cpu"
-    healthy = True
+    healthy = routable = True
 
     def __init__(self) -> None:
         self.ready_models = frozenset({(MODEL, VERSION), (MODEL, "")})

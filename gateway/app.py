@@ -28,9 +28,12 @@ from gateway.batching.dispatcher import BatchingDispatcher
 from gateway.config import GatewayConfig, config_from_mapping, file_digest, load_config, parse_config_text, plan_reload
 from gateway.errors import ConfigError
 from gateway.drift.stage import DriftStage
+from gateway.pipeline.admission import Admission
 from gateway.pipeline.core import Pipeline
 from gateway.protocol import INFERENCE_SERVICE
 from gateway.routing.dispatcher import DirectDispatcher
+from gateway.routing.hedging import Hedging
+from gateway.routing.retry_budget import RetryBudget
 from gateway.routing.mirror import Mirror
 from gateway.routing.router import Router
 from gateway.routing.sequences import SequenceTable
@@ -125,14 +128,19 @@ class Gateway:
 
     def _build_core(self, config: GatewayConfig) -> _Core:
         """The backends and the stages that hold them, wired to the drift and telemetry stages."""
-        fleet = Fleet(config.pools, config.upstream, config.health)
+        fleet = Fleet(config.pools, config.upstream, config.health, config.outlier)
         catalog = ModelCatalog(fleet)
         router = Router(fleet, config.models, config=config.routing,
                         pool_costs={name: pool.cost for name, pool in config.pools.items()})
-        direct = DirectDispatcher(router, self.sequences, config.routing.retry_unavailable,
-                                  probes=Mirror(config.routing.probe_max_in_flight))
+        routing = config.routing
+        direct = DirectDispatcher(
+            router, self.sequences, routing.retry_unavailable,
+            probes=Mirror(routing.probe_max_in_flight), max_attempts=routing.max_attempts,
+            budget=RetryBudget(routing.retry_budget_ratio, routing.retry_budget_min_per_s),
+            hedging=Hedging(routing.hedge_min_delay_ms / 1e3) if routing.hedge_after_p95 else None,
+        )
         batching = BatchingDispatcher(direct, config.batching, router)
-        pipeline = Pipeline(catalog, router.routes, batching)
+        pipeline = Pipeline(catalog, router.routes, batching, Admission(config.admission))
         traffic = TrafficStage(router, config.models)
         pipeline.version_pickers = traffic.pickers  # the same dict: a new split applies at once
         pipeline.attach(observer=traffic.observer)
@@ -162,9 +170,20 @@ class Gateway:
             routing_decisions=lambda: self.router.decisions,
             batched_models=lambda: self.batching.batched_models(),
             drift_monitors=lambda: self.drift.monitors,
+            resilience=self._resilience_counts,
             shadow_copies=lambda: self.traffic.shadow_copies(),
             service_times=lambda: self.router.service_times(),
         )
+
+    def _resilience_counts(self) -> dict:
+        direct, outliers = self.direct, self.fleet.outliers
+        return {
+            "retries": {"retry": direct.retries, "failover": direct.failovers, "refused": direct.retries_refused,
+                        "hedge": direct.hedges},
+            "ejections": {**outliers.ejections_by_reason, "refused_by_cap": outliers.ejections_refused,
+                          "readmission": outliers.readmissions},
+            "shed": self.pipeline.admission.shed(),
+        }
 
     def methods(self) -> list:
         """Every gRPC method the gateway serves, on whichever engine."""
@@ -390,7 +409,8 @@ class Gateway:
         return {
             "backends": {
                 b.address: {"pool": b.pool, "health": b.health.value, "detail": b.health_detail,
-                            "outstanding": b.outstanding, "served": b.served, "failed": b.failed}
+                            "outstanding": b.outstanding, "served": b.served, "failed": b.failed,
+                            "ejected": b.ejected}
                 for b in self.fleet.backends()
             },
             "discovery": {
@@ -402,6 +422,12 @@ class Gateway:
             "probes": self.direct.probes.statistics(),
             "traffic": self.traffic.snapshot(),
             "sequences": len(self.sequences),
+            "resilience": {
+                "outliers": self.fleet.outliers.snapshot(),
+                "retries": self.direct.retries, "failovers": self.direct.failovers, "hedges": self.direct.hedges,
+                "retries_refused": self.direct.retries_refused,
+                "admission": self.pipeline.admission.snapshot(),
+            },
             "batching": self.batching.snapshot(),
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},
             "serving": {"draining": self.readiness.draining, "in_flight": self.readiness.in_flight,
@@ -521,6 +547,8 @@ class EnvoyGateway:
         options = EnvoyOptions(
             envoy_threads=server.envoy_threads, drain_s=max(1.0, server.grace_s),
             max_concurrent_streams=server.max_concurrent_streams,
+            initial_stream_window_bytes=server.http2_stream_window_bytes,
+            initial_connection_window_bytes=server.http2_connection_window_bytes,
             # Paths, not contents: Envoy reads the files itself and the key never enters its config.
             tls_cert=None if tls is None else Path(tls.cert_file),
             tls_key=None if tls is None else Path(tls.key_file),

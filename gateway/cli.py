@@ -1,4 +1,4 @@
-"""`tensorgate` command line: serve, local-triton, drift report, demo, bench.
+"""`tensorgate` command line: serve, local-triton, drift report, demo, bench, package, package-verify, audit.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid configuration (the error names the
 key path).
@@ -165,6 +165,53 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_package(args: argparse.Namespace) -> int:
+    from gateway.packaging.cli import cmd_package as run
+
+    return run(args)
+
+
+def cmd_package_verify(args: argparse.Namespace) -> int:
+    from gateway.packaging.cli import cmd_package_verify as run
+
+    return run(args)
+
+
+def _package_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="a model file (.onnx, TorchScript .pt, scikit-learn/XGBoost/LightGBM .joblib or "
+                                       ".pkl, XGBoost .json/.ubj, LightGBM .txt) or module:function (NumPy in and out)")
+    parser.add_argument("--name", required=True, help="the model's name (its folder in the repository)")
+    parser.add_argument("--repo", required=True, help="the Triton model repository to write into")
+    parser.add_argument("--kind", default="auto", help="what the source is: onnx, torchscript, sklearn, xgboost, lightgbm or python (default: auto, from its name and content)")
+    parser.add_argument("--backend", default="auto",
+                        help="auto, onnxruntime, pytorch or python. onnxruntime / pytorch: Triton's framework backend (production images); python: "
+                             "tensorgate's Python-based backend running the same file (the wheel's Triton); auto: "
+                             "python where the local Triton lacks the framework backend (default)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="Triton's max_batch_size (default: 64 when the model's first dimension is free, else 0)")
+    parser.add_argument("--dynamic-batching", action="store_true", help="let Triton batch requests (dynamic_batching)")
+    parser.add_argument("--max-queue-delay-us", type=int, default=0, help="dynamic batching's max queue delay (µs)")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME:DTYPE:DIMS",
+                        help="declare an input (TorchScript and callables), e.g. x:FP32:-1,4 (-1 = any size); repeat per input")
+    parser.add_argument("--output", action="append", default=[], metavar="NAME:DTYPE:DIMS", help="declare an output")
+    parser.add_argument("--example", help="an example input (.npy, or .npz keyed by input name) to probe the signature")
+    parser.add_argument("--reference", help="drift reference rows (.npy for one input, .npz keyed by input name), "
+                                            "stored with the package for a rollout to install")
+    parser.add_argument("--version", type=int, help="the version number (default: the next one)")
+    parser.add_argument("--audit-log", help="the audit log (default: $TENSORGATE_AUDIT_LOG, else REPO/tensorgate-audit.jsonl)")
+    parser.add_argument("--actor", help="who packages (default: $TENSORGATE_ACTOR, else user@host)")
+    parser.add_argument("--reason", default="", help="why, for the audit log")
+    parser.add_argument("--dockerfile", action="store_true",
+                        help="also write a reproducible Docker build context (a tar) for this version")
+    parser.add_argument("--context", help="where --dockerfile writes the context (default: NAME-VERSION.context.tar here)")
+
+
+def _package_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo", required=True, help="the model repository")
+    parser.add_argument("--name", required=True, help="the model")
+    parser.add_argument("--version", type=int, help="one version (default: every version)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensorgate", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -209,6 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
                            "gateway's stages inside the Envoy process), grpcio (grpc.aio in this process), or auto: "
                            "envoy where pyvoy is installed (default)")
     demo.set_defaults(run=cmd_demo)
+
+    from gateway.audit import cli as audit_cli
+
+    package = commands.add_parser("package", help="a trained model -> an immutable, versioned Triton model folder")
+    _package_arguments(package)
+    package.set_defaults(run=cmd_package)
+    verify = commands.add_parser("package-verify", help="check packaged versions against their manifests (refuses tampered ones)")
+    _package_verify_arguments(verify)
+    verify.set_defaults(run=cmd_package_verify)
+
+    audit = commands.add_parser("audit", help="the hash-chained audit log of packages and rollouts")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit_commands.add_parser("verify", help="check the hash chain; names the first bad line")
+    audit_cli.add_arguments(audit_verify)
+    audit_verify.set_defaults(run=audit_cli.cmd_verify)
+    audit_show = audit_commands.add_parser("show", help="print the records")
+    audit_cli.add_show_arguments(audit_show)
+    audit_show.set_defaults(run=audit_cli.cmd_show)
 
     from gateway.bench.command import add_arguments as bench_arguments
 

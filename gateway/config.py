@@ -9,8 +9,9 @@
       resnet: {pools: [gpu, cpu]}   # preference order
 
 Optional sections: `server` (limits), `upstream` (transport to the backends: `grpc-stream` or `http`,
-streams and connections per backend), `health` (check interval),
-`routing` (retry policy), `batching` (gateway-side dynamic batching, per model), `drift` (drift
+streams and connections per backend), `health` (check interval), `outlier` (passive ejection of
+backends that fail or stall), `admission` (load shedding: limits on requests and bytes held),
+`routing` (retries, retry budget), `batching` (gateway-side dynamic batching, per model), `drift` (drift
 monitoring of model inputs and outputs, alerts and retraining captures), `telemetry` (OpenTelemetry
 metrics: a Prometheus scrape endpoint and/or OTLP export), `auth` (tenants: bearer tokens or API keys,
 model allow-lists, rates) and `limits` (what one request may hold). Each stage owns its dataclass;
@@ -31,11 +32,12 @@ from gateway.batching.config import BatchingConfig
 from gateway.configfile import load_dataclass
 from gateway.drift.config import DriftConfig
 from gateway.errors import ConfigError
+from gateway.pipeline.config import AdmissionConfig
 from gateway.routing.config import ModelRoute, RoutingConfig
 from gateway.security.config import AuthConfig, LimitsConfig
 from gateway.server.config import ServerConfig
 from gateway.telemetry.config import TelemetryConfig
-from gateway.upstream.config import HealthConfig, PoolConfig, UpstreamConfig, parse_address
+from gateway.upstream.config import HealthConfig, OutlierConfig, PoolConfig, UpstreamConfig, parse_address
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)

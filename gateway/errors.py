@@ -4,7 +4,9 @@
     ├── InvalidArgument               bad tensor, shape, datatype, byte size, parameters
     ├── NotFound                      unknown model or version
     ├── Unavailable                   no healthy backend for the model, backend connection lost
-    ├── ResourceExhausted             queue full, message over the size limit
+    │   └── Abandoned                 the backend was ejected while the request was pending on it
+    ├── ResourceExhausted             shed (limits on requests and bytes held), queue full, message
+    │   │                             over the size limit; may carry `grpc-retry-pushback-ms`
     │   └── RateLimited               a tenant over its rate; trailers say when to retry
     ├── DeadlineExceeded              the client's deadline ran out at the gateway
     ├── Unimplemented                 an API that cannot cross the gateway (shared memory)
@@ -83,8 +85,19 @@ class Unavailable(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Abandoned(Unavailable):
+    """A request pending on a backend that was ejected (hung or failing): it is failed over to
+    another backend while its deadline leaves room, outside the retry budget (see routing)."""
+
+
 class ResourceExhausted(GatewayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, pushback_ms: int | None = None) -> None:
+        super().__init__(message)
+        if pushback_ms is not None:
+            # gRPC's retry pushback (A6): a client's retry policy waits this long before trying again.
+            self.trailers = (("grpc-retry-pushback-ms", str(int(pushback_ms))),)
 
 
 class RateLimited(ResourceExhausted):
@@ -92,9 +105,8 @@ class RateLimited(ResourceExhausted):
     (gRPC's retry policy honours it; other clients can read it)."""
 
     def __init__(self, message: str, retry_after_ms: int) -> None:
-        super().__init__(message)
+        super().__init__(message, retry_after_ms)
         self.retry_after_ms = retry_after_ms
-        self.trailers = (("grpc-retry-pushback-ms", str(retry_after_ms)),)
 
 
 class DeadlineExceeded(GatewayError):

@@ -302,7 +302,7 @@ def test_split_equals_the_field_by_field_build(seed, copied_skeleton, monkeypatc
 class EchoBackend:
     """Answers on the next loop turn with the request's rows (as Backend.infer: the stream owns the id)."""
 
-    address, pool, healthy, outstanding = "echo:1", "cpu", True, 0
+    address, pool, healthy, routable, outstanding = "echo:1", "cpu", True, True, 0
 
     def __init__(self) -> None:
         self.batches: list[int] = []

@@ -31,6 +31,10 @@ class StandInBackend:
         self.fail_with = fail_with
         self.received: list = []
 
+    @property
+    def routable(self) -> bool:  # not ejected: the stand-ins are ejected only by health here
+        return self.healthy
+
     def serves(self, model: str, version: str) -> bool:
         return (model, version) in self.models
 

@@ -43,6 +43,17 @@ class BatchingPolicy:
     1 measured best for one-instance models (fixed_cost: batch 16.7 and 4,122 req/s against batch
     8.6 and 3,687 req/s with 2); raise it for backends that run several model instances."""
 
+    max_inflight_batches_per_backend: int | None = None
+    """Batches of one model sent and not yet answered, per healthy backend, whatever made them
+    leave (full, delay, deadline); beyond it requests wait in the gateway's queue, where
+    `max_queue_size` refuses the excess. Default: twice inflight_batches_per_backend (one batch
+    running and one waiting at the backend to start as soon as it can). Without this bound a
+    full batch left at once however busy the backends were, so under overload the queue drained
+    into the backends' own queues and `max_queue_size` never refused anything."""
+
+    def inflight_limit_per_backend(self) -> int:
+        return self.max_inflight_batches_per_backend or 2 * self.inflight_batches_per_backend
+
     def validate(self, path: str) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"{path}.mode", f"expected one of {', '.join(MODES)}, got {self.mode!r}")
@@ -62,6 +73,10 @@ class BatchingPolicy:
             raise ConfigError(f"{path}.default_priority", f"expected 0 to {self.priority_levels}")
         if self.inflight_batches_per_backend < 1:
             raise ConfigError(f"{path}.inflight_batches_per_backend", "expected at least 1")
+        if self.max_inflight_batches_per_backend is not None and (
+                self.max_inflight_batches_per_backend < self.inflight_batches_per_backend):
+            raise ConfigError(f"{path}.max_inflight_batches_per_backend",
+                              f"expected at least inflight_batches_per_backend ({self.inflight_batches_per_backend})")
 
 
 _POLICY_KEYS = [f.name for f in dataclasses.fields(BatchingPolicy)]

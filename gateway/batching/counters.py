@@ -20,6 +20,7 @@ class BatchCounters:
         self.rejected_full = 0
         self.rejected_deadline = 0
         self.expired = 0
+        self.held_saturated = 0  # times due batches were held: the model's backends had the most in flight
 
     def __repr__(self) -> str:
         mean = self.rows / self.batches if self.batches else 0.0
@@ -47,4 +48,5 @@ class BatchCounters:
             "rejected_queue_full": self.rejected_full,
             "rejected_deadline": self.rejected_deadline,
             "expired_in_queue": self.expired,
+            "held_saturated": self.held_saturated,
         }

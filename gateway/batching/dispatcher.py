@@ -169,6 +169,11 @@ class BatchingDispatcher:
         def capacity() -> int:
             return max(1, self.router.healthy_count(entry.name, entry.version)) * per_backend
 
+        limit_per_backend = batching.policy.inflight_limit_per_backend()
+
+        def inflight_limit() -> int:
+            return max(1, self.router.healthy_count(entry.name, entry.version)) * limit_per_backend
+
         async def send(batch: list[Queued]) -> None:
             for pending in batch:
                 pending.item.queued_ns = int(pending.waited_s * 1e9)
@@ -202,7 +207,8 @@ class BatchingDispatcher:
                 if not pending.future.done():
                     pending.future.set_result(single)
 
-        return BatchQueue(entry.name, batching.policy, batching.max_rows, send, capacity, batching.counters)
+        return BatchQueue(entry.name, batching.policy, batching.max_rows, send, capacity, batching.counters,
+                          inflight_limit=inflight_limit)
 
     def batch_counters(self, model: str, version: str) -> BatchCounters | None:
         batching = self._models.get((model, version))

@@ -8,6 +8,10 @@ A batch leaves the queue when
     deadline   a waiting request's deadline would pass before the delay ends;
     capacity   (adaptive) the model's backends have room for another batch in flight.
 
+whatever the reason, no batch leaves while `inflight_limit()` batches are in flight (the backends
+are saturated): requests then wait here, where `max_queue_size` bounds them, and the next batch
+leaves when one comes back.
+
 Invariants: every request's future is resolved exactly once — with its own response, with the
 batch's error, with DEADLINE_EXCEEDED when its deadline passed while it waited (it is then never
 sent), or it was cancelled by its caller and is skipped. A request never waits longer than the
@@ -78,6 +82,7 @@ class BatchQueue:
         capacity: Callable[[], int],
         counters: BatchCounters,
         clock: Callable[[], float] = time.monotonic,
+        inflight_limit: Callable[[], int] | None = None,
     ) -> None:
         self.model = model
         self.policy = policy
@@ -87,6 +92,7 @@ class BatchQueue:
         self.max_delay_s = policy.max_queue_delay_us / 1e6
         self._send = send
         self._capacity = capacity
+        self._inflight_limit = inflight_limit or (lambda: 1 << 62)
         self._clock = clock
         self.counters = counters
         self._levels: list[collections.deque[Queued]] = [collections.deque() for _ in range(policy.priority_levels)]
@@ -101,6 +107,7 @@ class BatchQueue:
         self._timer_at = 0.0  # when the armed timer fires (monotonic)
         self._with_deadline = 0  # waiting requests that carry a deadline
         self._end_of_turn_pending = False
+        self._saturated = False  # a due batch is held until one comes back (no scheduling meanwhile)
         self._idle_wake = 0.0  # set by _due when nothing is due: when something will be
         self._tasks: set[asyncio.Task] = set()
 
@@ -119,7 +126,9 @@ class BatchQueue:
             self.counters.rejected_full += 1
             raise ResourceExhausted(
                 f"model '{self.model}': batching queue is full ({self.policy.max_queue_size} requests waiting); "
-                "retry later or raise batching max_queue_size"
+                "retry later or raise batching max_queue_size",
+                # about when the queue has room again: a batch coming back
+                pushback_ms=max(1, int(2e3 * self.backend_latency_s)),
             )
         if deadline is not None and deadline - now < self.backend_latency_s:
             self.counters.rejected_deadline += 1
@@ -143,7 +152,8 @@ class BatchQueue:
             while by_own and by_own[-1].own_send_by >= own_send_by:
                 by_own.pop()
             by_own.append(pending)
-        self._schedule(now)
+        if not self._saturated:  # saturated: the next batch to come back schedules
+            self._schedule(now)
         return future
 
     def _level(self, priority: int) -> int:
@@ -171,6 +181,12 @@ class BatchQueue:
                     self._end_of_turn_pending = True
                     asyncio.get_running_loop().call_soon(self._end_of_turn)
                 break
+            if reason != CAPACITY and self.inflight >= self._inflight_limit():
+                # Saturated: the next batch to come back reschedules (_run); no timer, which
+                # would only find the same batches due and nowhere to send them.
+                self.counters.held_saturated += 1
+                self._saturated = True
+                return
             self._dispatch(reason, now)
         self._arm_timer(now, wake)
 
@@ -329,6 +345,7 @@ class BatchQueue:
             elapsed = self._clock() - started
             self.backend_latency_s += LATENCY_EWMA_ALPHA * (elapsed - self.backend_latency_s)
             self.inflight -= 1
+            self._saturated = False
             if self.size:
                 self._schedule(self._clock(), end_of_turn=True)
 

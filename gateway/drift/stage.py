@@ -68,17 +68,26 @@ class DriftStage:
         if reference.profile:
             monitor.load_profile(json.loads(Path(reference.profile).read_text()))
         elif reference.file:
-            path = Path(reference.file)
-            if path.suffix == ".npz":
-                with np.load(path) as arrays:
-                    for name in arrays.files:
-                        monitor.tensor(name, "input").set_reference(self._features(config, name, arrays[name]))
-            else:
-                names = config.inputs
-                if len(names) != 1:
-                    raise ConfigError(f"drift.models.{model}.reference.file",
-                                      "a .npy reference needs exactly one tensor in `inputs`; use .npz for several")
-                monitor.tensor(names[0], "input").set_reference(self._features(config, names[0], np.load(path)))
+            self.load_reference_file(model, reference.file)
+
+    def load_reference_file(self, model: str, path: str | Path) -> int:
+        """Set input references from training rows: an .npz with one array per input name (what
+        `tensorgate package --reference` stores with a package), or a .npy for the one tensor named
+        in the model's `inputs`. Returns how many tensors it set."""
+        config = self.config.models[model]
+        monitor = self.monitors[model]
+        path = Path(path)
+        if path.suffix == ".npz":
+            with np.load(path) as arrays:
+                for name in arrays.files:
+                    monitor.tensor(name, "input").set_reference(self._features(config, name, arrays[name]))
+                return len(arrays.files)
+        names = config.inputs
+        if len(names) != 1:
+            raise ConfigError(f"drift.models.{model}.reference.file",
+                              "a .npy reference needs exactly one tensor in `inputs`; use .npz for several")
+        monitor.tensor(names[0], "input").set_reference(self._features(config, names[0], np.load(path)))
+        return 1
 
     @staticmethod
     def _features(config: ModelDriftConfig, name: str, data: np.ndarray) -> np.ndarray:

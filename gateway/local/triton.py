@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "MODEL_CONTROL_MODES",
     "LocalTriton",
     "TritonLaunchError",
     "default_model_repository",
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 _LOOPBACK = "127.0.0.1"
+#: Triton's --model-control-mode: none (load all at start), poll (follow the repository), explicit
+#: (load and unload only when asked: --load-model at start, then the repository API).
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 _POLL_INTERVAL_S = 0.05
 _LOG_TAIL_LINES = 40
 # Grace given to the Python-backend stubs to notice their server died (they poll the parent's
@@ -283,6 +287,8 @@ class LocalTriton:
         metrics_port: int = 0,
         extra_args: Sequence[str] = (),
         log_verbose: int = 0,
+        model_control: str = "none",
+        load_models: Sequence[str] = (),
         env: dict[str, str] | None = None,
         host: str = _LOOPBACK,
     ) -> None:
@@ -301,6 +307,10 @@ class LocalTriton:
         self.grpc_port = grpc_port or find_free_port()
         self.http_port = http_port or find_free_port()
         self.metrics_port = metrics_port or find_free_port()
+        if model_control not in MODEL_CONTROL_MODES:
+            raise ValueError(f"model_control {model_control!r}: expected one of {', '.join(MODEL_CONTROL_MODES)}")
+        self.model_control = model_control
+        self.load_models = tuple(load_models)
         self.extra_args = tuple(extra_args)
         self.log_verbose = log_verbose
         self.env = dict(env or {})  # added to the server's environment (models read it, e.g. slow_on_demand)
@@ -444,8 +454,9 @@ class LocalTriton:
             f"--id={self.name}",
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_dir}",
-            "--model-control-mode=none",
-            # Ready means every model loaded; a model failing to load stops the server.
+            f"--model-control-mode={self.model_control}",
+            *(f"--load-model={name}" for name in self.load_models),
+            # Ready means every model loaded; a model failing to load at start stops the server.
             "--strict-readiness=true",
             "--exit-on-error=true",
             # Our configs are complete; auto-completion would start an extra stub per model.
@@ -494,12 +505,17 @@ class LocalTriton:
 
     def _prepare_backend_dir(self) -> Path:
         # The Python backend looks for the stub and utils beside libtriton_python.so, so the
-        # three files from different places in the wheel are gathered in <tmp>/python/.
+        # three files from different places in the wheel are gathered in <tmp>/python/. Beside it,
+        # tensorgate's Python-based backends (tensorgate_onnx, …: one model.py each), which serve
+        # packaged ONNX and TorchScript folders on this Triton that has no framework backend.
         if self._backend_dir is None or not self._backend_dir.exists():
+            from gateway.packaging.backends import install_backends
+
             root = Path(tempfile.mkdtemp(prefix="tensorgate-backends-"))
             (root / "python").mkdir()
             for path in _python_backend_files():
                 shutil.copy2(path, root / "python" / path.name)
+            install_backends(root)
             self._backend_dir = root
         return self._backend_dir
 

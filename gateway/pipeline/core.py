@@ -3,6 +3,8 @@
     resolve    model name/version → ModelEntry (signature, statistics); NOT_FOUND when unknown
     validate   gateway/pipeline/validation.py, before anything is forwarded; its structural checks
                once per request layout (gateway/pipeline/layout.py)
+    admit      the model's admission gate (gateway/pipeline/admission.py): RESOURCE_EXHAUSTED at
+               once over its limits on requests and bytes held
     dispatch   a Dispatcher: routing's DirectDispatcher routes and sends; the batching stage wraps it
     observe    observers see every finished request's Exchange (statistics, drift, metrics, traces)
 
@@ -18,6 +20,7 @@ import time
 from typing import Callable
 
 from gateway.errors import GatewayError, NotFound, Unimplemented
+from gateway.pipeline.admission import Admission
 from gateway.pipeline.contracts import Dispatcher, Observer, RefusalObserver, TraceStarter
 from gateway.pipeline.exchange import Exchange, ModelEntry
 from gateway.protocol import triton_messages as triton
@@ -27,8 +30,14 @@ from gateway.upstream.catalog import ModelCatalog
 class Pipeline:
     """Resolves, validates, dispatches and observes inference requests."""
 
-    def __init__(self, catalog: ModelCatalog, routes: Callable[[str], bool], dispatcher: Dispatcher) -> None:
-        """`routes(model)` says whether this gateway routes the model at all (the router's answer)."""
+    def __init__(self, catalog: ModelCatalog, routes: Callable[[str], bool], dispatcher: Dispatcher,
+                 admission: Admission | None = None) -> None:
+        """`routes(model)` says whether this gateway routes the model at all (the router's answer);
+        `admission`: the limits on requests and bytes held (the defaults when not given)."""
+        self.admission = admission or Admission()
+        # Refusals by the gateway's gate (at the front door, before a request is parsed) are counted
+        # like any request refused before admission, under an unknown model.
+        self.admission.total.on_refused = lambda error: self.refused("", "", error, time.perf_counter_ns())
         self.catalog = catalog
         self.routes = routes
         self.dispatcher = dispatcher
@@ -100,6 +109,7 @@ class Pipeline:
         concrete = self._entries.get((model, signature.version))
         if concrete is None:
             concrete = ModelEntry(model, signature.version, signature)
+            concrete.gate = self.admission.gate_of(model)
             self._entries[(model, signature.version)] = concrete
         # The unversioned alias too (forget_unversioned drops it when the fleet changes): without
         # it, every request that names no version went through routes() and the catalog again.
@@ -160,8 +170,24 @@ class Pipeline:
         for observe in self.observers:
             observe(exchange, response, error)
 
-    async def infer(self, request, deadline: float | None, metadata=None):
-        """One response for one request (ModelInfer). `metadata`: the call's gRPC metadata (trace context)."""
+    def _enter_gate(self, entry: ModelEntry, request, size: int, started_ns: int):
+        """Admit the request under its model's limits (the caller releases it: `inflight` and
+        `held_bytes` back down); a refusal is observed. Gate.admit, inlined: it runs per request."""
+        gate = entry.gate
+        held = gate.held_bytes
+        if gate.inflight >= gate.max_inflight or (held + size > gate.max_bytes and held):
+            try:
+                gate.admit(size)  # raises, counted, with the refusal's words
+            except GatewayError as error:
+                self.refused(request.model_name, request.model_version, error, started_ns)
+                raise
+        gate.inflight += 1
+        gate.held_bytes = held + size
+        return gate
+
+    async def infer(self, request, deadline: float | None, metadata=None, size: int = 0):
+        """One response for one request (ModelInfer). `metadata`: the call's gRPC metadata (trace
+        context); `size`: the request's serialized bytes (what the model's gate counts)."""
         started = time.perf_counter_ns()
         self.in_flight += 1
         try:
@@ -170,7 +196,12 @@ class Pipeline:
             # No coroutine layer for a model already resolved: resolving awaits only the first time.
             entry = self._known_entry(request) or await self._resolve_admitting(request, started)
             layout = self._admit(entry, request, started, unary=True)
-            response = await self._infer_one(self._exchange(entry, request, metadata, started, layout), deadline)
+            gate = self._enter_gate(entry, request, size, started)
+            try:
+                response = await self._infer_one(self._exchange(entry, request, metadata, started, layout), deadline)
+            finally:
+                gate.inflight -= 1
+                gate.held_bytes -= size
         finally:
             self.in_flight -= 1
         # The backend call rode a stream; Triton puts `triton_final_response` on stream responses only.
@@ -191,24 +222,32 @@ class Pipeline:
         finally:
             self._observe(exchange, response, error)
 
-    async def infer_stream(self, request, deadline: float | None, metadata=None):
+    async def infer_stream(self, request, deadline: float | None, metadata=None, size: int = 0):
         """Yield every response of one request (one for ordinary models, any number if decoupled)."""
         self.in_flight += 1
         try:
-            async for response in self._infer_stream(request, deadline, metadata):
+            async for response in self._infer_stream(request, deadline, metadata, size):
                 yield response
         finally:
             self.in_flight -= 1
 
-    async def _infer_stream(self, request, deadline: float | None, metadata=None):
+    async def _infer_stream(self, request, deadline: float | None, metadata=None, size: int = 0):
         started = time.perf_counter_ns()
         if self.version_pickers:
             self._pick_version(request, metadata)
         entry = self._known_entry(request) or await self._resolve_admitting(request, started)
         exchange = self._exchange(entry, request, metadata, started, self._admit(entry, request, started))
-        if not entry.signature.decoupled:
-            yield await self._infer_one(exchange, deadline)
-            return
+        gate = self._enter_gate(entry, request, size, started)
+        try:
+            if not entry.signature.decoupled:
+                yield await self._infer_one(exchange, deadline)
+                return
+            async for response in self._infer_decoupled(exchange, request, deadline):
+                yield response
+        finally:
+            gate.release(size)
+
+    async def _infer_decoupled(self, exchange: Exchange, request, deadline: float | None):
         client_id = request.id
         wants_final_flag = (
             FINAL_FLAG_REQUEST in request.parameters and request.parameters[FINAL_FLAG_REQUEST].bool_param

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gateway.pipeline.admission import Gate
 from gateway.pipeline.counters import RequestCounters
 from gateway.pipeline.layout import ValidatedLayouts
 from gateway.protocol.tensors import ModelSignature
@@ -32,6 +33,8 @@ class ModelEntry:
     counters: RequestCounters = field(default_factory=RequestCounters)
     layouts: ValidatedLayouts = field(init=False, repr=False)
     """The request layouts that passed validation against `signature` (pipeline/layout.py)."""
+    gate: Gate | None = field(default=None, repr=False)
+    """The model's admission gate (pipeline/admission.py), set when the pipeline resolves it."""
 
     def __post_init__(self) -> None:
         self.layouts = ValidatedLayouts(self.signature)

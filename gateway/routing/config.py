@@ -108,7 +108,22 @@ class RoutingConfig:
     """Routing behaviour common to all models."""
 
     retry_unavailable: bool = True
-    """Retry once on another backend when a backend is unreachable, while the deadline allows."""
+    """Resend a request to another backend when its backend could not answer it (UNAVAILABLE),
+    while the client's deadline leaves room; see gateway/routing/dispatcher.py for the rule."""
+    max_attempts: int = 3
+    """Attempts of one request at most, the first included."""
+    retry_budget_ratio: float = 0.2
+    """Retries may add at most this share of the requests sent (plus `retry_budget_min_per_s`);
+    requests failed over from an ejected backend are not charged."""
+    retry_budget_min_per_s: float = 10.0
+    """Retries per second allowed whatever the traffic (a quiet gateway may still retry)."""
+
+    hedge_after_p95: bool = False
+    """Hedged requests (gateway/routing/hedging.py): a request its backend has not answered within
+    the model's observed 95th-percentile backend latency is sent to a second backend too, and the
+    first answer wins. Charged to the retry budget. Off by default: it costs a task per request."""
+    hedge_min_delay_ms: float = 1.0
+    """The least wait before a hedge, whatever the p95."""
     ewma_tau_s: float = 0.5
     """Time constant of the EWMA service time per backend: a sample's weight decays as exp(-Δt/tau)."""
     slo_spill_ratio: float = 0.8
@@ -124,6 +139,14 @@ class RoutingConfig:
     """Probe copies in flight at most (a slow pool holds them); more are dropped and counted."""
 
     def validate(self, path: str) -> None:
+        if self.hedge_min_delay_ms < 0:
+            raise ConfigError(f"{path}.hedge_min_delay_ms", "expected zero or more milliseconds")
+        if not 1 <= self.max_attempts <= 10:
+            raise ConfigError(f"{path}.max_attempts", "expected 1 to 10 attempts")
+        if not 0 <= self.retry_budget_ratio <= 1:
+            raise ConfigError(f"{path}.retry_budget_ratio", "expected a share from 0 to 1")
+        if self.retry_budget_min_per_s < 0:
+            raise ConfigError(f"{path}.retry_budget_min_per_s", "expected zero or more retries per second")
         if self.ewma_tau_s <= 0:
             raise ConfigError(f"{path}.ewma_tau_s", "expected a positive number of seconds")
         if not 0 < self.slo_spill_ratio:

@@ -1,18 +1,35 @@
-"""The direct dispatcher: pick a backend for a request (sticky for sequences), send it, retry once.
+"""The direct dispatcher: pick a backend for a request (sticky for sequences), send it, retry elsewhere.
 
 It implements the pipeline's `Dispatcher` contract (gateway/pipeline/contracts.py); the batching
 stage wraps it and hands it whole batches as single requests.
+
+The retry rule. A request is sent again, to a backend it has not tried, only when
+- its backend could not answer it: UNAVAILABLE (refused or broken connection, Triton's full
+  queue, an ejected backend's pending request: Abandoned). Any answer — a model's error,
+  INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED — is final;
+- it is not a step of a sequence past its start (its state lives on the backend it was bound to:
+  sending it elsewhere could run a step twice or on missing state); a decoupled request is never
+  resent once sent (responses may already have reached the client);
+- the client's deadline leaves at least MIN_RETRY_ROOM_S; it has had fewer than
+  `routing.max_attempts` attempts; and the retry budget allows it (routing/retry_budget.py).
+  A request failed over from an ejected backend is not charged to the budget: what can be
+  pending on a backend is bounded, and moving it is the point of ejecting.
+Inference on a stateless model is taken to be idempotent: a request whose connection broke after
+Triton read it may run twice, and its one answer reaches the client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncIterator, Awaitable
 
-from gateway.errors import DeadlineExceeded, Unavailable, shown
+from gateway.errors import Abandoned, DeadlineExceeded, Unavailable, shown
 from gateway.pipeline.contracts import TracedSend
 from gateway.pipeline.exchange import Exchange, ModelEntry
+from gateway.routing.hedging import Hedging
 from gateway.routing.mirror import Mirror
+from gateway.routing.retry_budget import RetryBudget
 from gateway.routing.router import STICKY, Router
 from gateway.routing.sequences import SequenceTable
 from gateway.upstream.backend import Backend
@@ -21,6 +38,9 @@ from gateway.upstream.backend import Backend
 DEFAULT_SEQUENCE_IDLE_S = 60.0
 #: A probe copy's own deadline: a pool out for missing its objective may be very slow.
 PROBE_TIMEOUT_S = 30.0
+
+#: Least time the client's deadline must leave for a retry to be sent.
+MIN_RETRY_ROOM_S = 0.002
 
 
 def sequence_of(request) -> tuple[object, bool, bool] | None:
@@ -41,26 +61,53 @@ def sequence_of(request) -> tuple[object, bool, bool] | None:
 
 
 class DirectDispatcher:
-    """Routes each request to a backend and sends it there; retries once elsewhere on UNAVAILABLE.
+    """Routes each request to a backend and sends it there; resends it elsewhere by the retry rule.
 
     Notes on the exchange which backend served it, why it was picked, and how long the call took.
     A traced exchange goes through `traced_send` (gateway/telemetry/tracing.py), which carries the
-    trace context to Triton.
+    trace context to Triton. `retries` counts resends charged to the budget, `failovers` those of
+    requests abandoned by an ejected backend, `retries_refused` those the budget refused.
     """
 
     def __init__(
         self, router: Router, sequences: SequenceTable, retry_unavailable: bool = True, clock=time.monotonic,
-        probes: Mirror | None = None,
+        probes: Mirror | None = None, max_attempts: int = 3, budget: RetryBudget | None = None,
+        hedging: Hedging | None = None,
     ):
         self.router = router
         self.probes = probes or Mirror(4)  # copies measuring pools out for missing their objective
         self.sequences = sequences
         self.retry_unavailable = retry_unavailable
+        self.max_attempts = max_attempts
+        self.budget = budget or RetryBudget(clock=clock)
         self._clock = clock
         self.traced_send: TracedSend | None = None
+        self.hedging = hedging  # None: no hedged requests (the default)
+        self.retries = 0
+        self.failovers = 0
+        self.retries_refused = 0
+        self.hedges = 0
 
     def __repr__(self) -> str:
-        return f"<DirectDispatcher {self.sequences!r} retry_unavailable={self.retry_unavailable}>"
+        return (f"<DirectDispatcher {self.sequences!r} retry_unavailable={self.retry_unavailable} "
+                f"retries={self.retries} failovers={self.failovers} refused={self.retries_refused}>")
+
+    def _may_resend(self, failure: Unavailable, sequence, deadline: float | None, attempts: int) -> bool:
+        """The retry rule (module docstring); a retry it allows is counted (and charged)."""
+        if not self.retry_unavailable or attempts >= self.max_attempts:
+            return False
+        if sequence is not None and not sequence[1]:
+            return False
+        if deadline is not None and deadline - self._clock() < MIN_RETRY_ROOM_S:
+            return False
+        if isinstance(failure, Abandoned):
+            self.failovers += 1
+            return True
+        if self.budget.withdraw():
+            self.retries += 1
+            return True
+        self.retries_refused += 1
+        return False
 
     def sequence_idle_s(self, entry: ModelEntry) -> float:
         """Seconds an idle sequence of the model stays bound: the config's routing
@@ -123,35 +170,85 @@ class DirectDispatcher:
         if self.router.probe is not None:
             self._probe(entry, request, sequence)
         self._set_timeout(request, deadline)
+        self.budget.requests += 1
         ahead = backend.outstanding
         exchange.upstream_started_ns = started = time.perf_counter_ns()
         try:
-            response = await self._send(backend, exchange, deadline)
-            self.router.observe(entry.name, entry.version, backend, (time.perf_counter_ns() - started) / 1e9, ahead)
-            return response
-        except DeadlineExceeded:  # slow is what a deadline measures: the router learns it too
-            self.router.observe(entry.name, entry.version, backend, (time.perf_counter_ns() - started) / 1e9, ahead)
-            raise
-        except Unavailable:
-            retry_allowed = (
-                self.retry_unavailable
-                and (sequence is None or sequence[1])
-                and (deadline is None or deadline - self._clock() > 0.001)
-            )
-            if not retry_allowed:
+            try:
+                if self.hedging is not None and sequence is None:
+                    response = await self._hedged(backend, exchange, deadline)
+                else:
+                    response = await self._send(backend, exchange, deadline)
+                self.router.observe(entry.name, entry.version, exchange.backend,
+                                    (time.perf_counter_ns() - started) / 1e9, ahead)
+                return response
+            except DeadlineExceeded:  # slow is what a deadline measures: the router learns it too
+                self.router.observe(entry.name, entry.version, backend, (time.perf_counter_ns() - started) / 1e9, ahead)
                 raise
-            if sequence is None:
-                retry_backend, exchange.route = self.router.choose(entry.name, entry.version, exclude=backend)
-            else:  # a start that failed: the runner-up, as rendezvous ranks them
-                retry_backend, exchange.route = self.router.choose_for_sequence(
-                    entry.name, entry.version, sequence[0], exclude=backend)
-            if sequence is not None:
-                self.sequences.bind(entry.name, sequence[0], retry_backend, self.sequence_idle_s(entry))
-            return await self._send(retry_backend, exchange, deadline)
+            except Unavailable as error:
+                failure = error
+            tried = (backend,)
+            while self._may_resend(failure, sequence, deadline, len(tried)):
+                if sequence is None:
+                    backend, exchange.route = self.router.choose(entry.name, entry.version, exclude=tried)
+                else:  # a start that failed: the runner-up, as rendezvous ranks them
+                    backend, exchange.route = self.router.choose_for_sequence(
+                        entry.name, entry.version, sequence[0], exclude=tried)
+                    self.sequences.bind(entry.name, sequence[0], backend, self.sequence_idle_s(entry))
+                try:
+                    return await self._send(backend, exchange, deadline)
+                except Unavailable as error:
+                    failure = error
+                tried += (backend,)
+            raise failure
         finally:
             exchange.upstream_ns = time.perf_counter_ns() - exchange.upstream_started_ns
             if sequence is not None and sequence[2]:
                 self.sequences.end(entry.name, sequence[0])
+
+    async def _hedged(self, backend: Backend, exchange: Exchange, deadline: float | None):
+        """Send to `backend`; if it has not answered within the model's p95 (routing/hedging.py),
+        send to a second backend too (charged to the retry budget); the first answer wins and the
+        other call is cancelled. An error from one waits for the other."""
+        hedging, entry = self.hedging, exchange.entry
+        started = time.perf_counter()
+        first = asyncio.ensure_future(self._send(backend, exchange, deadline))
+        delay = hedging.delay_of(entry)
+        if delay is not None:
+            try:
+                await asyncio.wait((first,), timeout=delay)
+            except BaseException:  # the caller was cancelled: so is its call
+                first.cancel()
+                raise
+        if first.done() or delay is None or (deadline is not None and deadline - self._clock() < MIN_RETRY_ROOM_S):
+            response = await first
+            hedging.window(entry).add(time.perf_counter() - started)
+            return response
+        try:
+            second_backend, _ = self.router.choose(entry.name, entry.version, exclude=backend)
+        except Unavailable:
+            second_backend = None
+        if second_backend is None or not self.budget.withdraw():
+            if second_backend is not None:
+                self.retries_refused += 1
+            try:
+                return await first
+            finally:
+                first.cancel()  # a no-op once it is done; the caller's cancellation reaches it
+        self.hedges += 1
+        second = asyncio.ensure_future(self._send(second_backend, exchange, deadline))
+        owners = {first: backend, second: second_backend}
+        pending = set(owners)
+        try:
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for call in done:
+                    if call.exception() is None or not pending:
+                        exchange.backend = owners[call]
+                        return call.result()
+        finally:
+            for call in pending:
+                call.cancel()
 
     async def infer_decoupled(self, exchange: Exchange, deadline: float | None) -> AsyncIterator:
         entry, request = exchange.entry, exchange.request

@@ -123,7 +123,8 @@ class Router:
         return route.latency_slo_ms / 1e3 if route is not None and route.latency_slo_ms is not None else None
 
     def _row(self, model: str, version: str, pool: str, slo_s: float | None) -> PoolRow:
-        backends = [b for b in self._fleet.pools.get(pool, ()) if b.healthy and b.serves(model, version)]
+        # routable: healthy and not ejected by outlier detection (gateway/upstream/outlier.py)
+        backends = [b for b in self._fleet.pools.get(pool, ()) if b.routable and b.serves(model, version)]
         estimates = [self._estimate(model, version, b) for b in backends]
         gate = None
         if slo_s is not None:
@@ -187,12 +188,12 @@ class Router:
         a_score = load_score(estimates[first], a.outstanding, now, tau)
         return first if a_score <= load_score(estimates[second], b.outstanding, now, tau) else second
 
-    def choose(self, model: str, version: str, exclude: Backend | None = None) -> tuple[Backend, str]:
+    def choose(self, model: str, version: str, exclude: Backend | tuple | None = None) -> tuple[Backend, str]:
         """A backend for the model from the cheapest pool that has a healthy one (predicted to meet
         the model's latency objective, when it has one), and why it was picked.
 
-        `exclude` is the backend that just failed the request: picking another is a failover.
-        May set `self.probe` (see there).
+        `exclude` is the backend that just failed the request (or a tuple of those that did, the
+        dispatcher's retries): picking another is a failover. May set `self.probe` (see there).
         """
         return self._place(model, version, exclude, True)
 
@@ -203,8 +204,8 @@ class Router:
         now = 0.0
         for rank, row in enumerate(table):
             backends, estimates = row.backends, row.estimates
-            if exclude is not None and exclude in backends:
-                kept = [i for i, b in enumerate(backends) if b is not exclude]
+            if exclude is not None and _any_in(exclude, backends):
+                kept = [i for i, b in enumerate(backends) if not _is_excluded(b, exclude)]
                 backends, estimates = [backends[i] for i in kept], [estimates[i] for i in kept]
             if not backends:
                 continue
@@ -240,7 +241,7 @@ class Router:
         backend is fixed by its id, not by load.)"""
         sequence_hash = sequence_key(model, sequence_id)
         for rank, row in enumerate(self._table(model, version)):
-            candidates = [b for b in row.backends if b is not exclude] if exclude is not None else row.backends
+            candidates = [b for b in row.backends if not _is_excluded(b, exclude)] if exclude is not None else row.backends
             if candidates:
                 chosen = self._rendezvous.pick(sequence_hash, candidates)
                 return chosen, self._decided(model, version, row.pool, rank, exclude, True)
@@ -326,3 +327,12 @@ class Router:
                 }
             state[f"{model}:{version}" if version else model] = {"slo_ms": None if self._slo_s(model) is None else self._slo_s(model) * 1e3, "pools": pools}
         return state
+
+
+def _is_excluded(backend: Backend, exclude) -> bool:
+    """`exclude` is one backend or a tuple of them (the backends a request already failed on)."""
+    return backend in exclude if isinstance(exclude, tuple) else backend is exclude
+
+
+def _any_in(exclude, backends: list) -> bool:
+    return any(b in backends for b in exclude) if isinstance(exclude, tuple) else exclude in backends

@@ -42,7 +42,7 @@ def guarded(methods: Iterable[Method], guard: Guard | None, admin_services: Iter
             continue
         admin = method.path.startswith(admin_prefixes)
         wrap = _streaming if method.streaming else _unary
-        table.append(Method(method.path, method.streaming, wrap(method.handler, guard, admin)))
+        table.append(Method(method.path, method.streaming, wrap(method.handler, guard, admin), method.gate))
     return table
 
 

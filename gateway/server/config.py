@@ -110,6 +110,13 @@ class ServerConfig:
     Envoy also closes a connection whose streams are mostly reset before they are answered (its
     premature-reset protection, on by default); grpc.aio has its own."""
 
+    http2_stream_window_bytes: int = 1024 * 1024
+    """envoy engine: the HTTP/2 flow-control window of a call (Envoy's default, 256 MiB, lets a
+    client push a whole large request into Envoy's memory before the gateway admits or refuses
+    it). What Envoy holds of requests not yet read is bounded by this per call and by
+    `http2_connection_window_bytes` per connection."""
+    http2_connection_window_bytes: int = 2 * 1024 * 1024
+    """envoy engine: the HTTP/2 flow-control window of a connection (Envoy's default: 256 MiB)."""
     workers: Any = 1
     """Worker processes serving the one listen port (SO_REUSEPORT; Envoy's reuse_port), supervised
     by a parent that restarts a dead one, drains them all on SIGTERM, and merges their metrics,
@@ -153,6 +160,9 @@ class ServerConfig:
             raise ConfigError(f"{path}.max_pending_calls", "expected at least 1 call")
         if self.config_poll_s < 0:
             raise ConfigError(f"{path}.config_poll_s", "expected zero (no watching) or more seconds")
+        for name in ("http2_stream_window_bytes", "http2_connection_window_bytes"):
+            if not 65535 <= getattr(self, name) <= 2**31 - 1:
+                raise ConfigError(f"{path}.{name}", "expected 65535 to 2147483647 bytes (HTTP/2's range)")
         if not 1 <= self.max_concurrent_streams <= 2**31 - 1:
             raise ConfigError(f"{path}.max_concurrent_streams", "expected an integer from 1 to 2147483647")
         if self.grace_s < 0:

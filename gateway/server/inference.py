@@ -83,7 +83,10 @@ class InferenceService:
             "TraceSetting": self._refuse(PermissionDenied(SETTINGS_REASON)),
             "LogSettings": self._refuse(PermissionDenied(SETTINGS_REASON)),
         }
-        return methods_of(INFERENCE_SERVICE, unary, {"ModelStreamInfer": self.model_stream_infer})
+        # ModelInfer's messages are admitted by the engine (before they are read in full where it
+        # can); ModelStreamInfer's, one by one in model_stream_infer.
+        gates = {"ModelInfer": self.pipeline.admission.total}
+        return methods_of(INFERENCE_SERVICE, unary, {"ModelStreamInfer": self.model_stream_infer}, gates)
 
     @staticmethod
     def _refuse(error: GatewayError) -> Callable:
@@ -176,12 +179,20 @@ class InferenceService:
             self.pipeline.refused("", "", error, started)  # counted, under an unknown model
             raise
 
+    def _enter_gateway(self, size: int):
+        """Admit one stream message under the gateway's limits (admission.max_inflight,
+        max_request_bytes); the caller releases it."""
+        gate = self.pipeline.admission.total
+        gate.admit(size)
+        return gate
+
     async def model_infer(self, raw: bytes, call: Call) -> bytes:
         readiness = self.readiness
         readiness.admitted()
         try:
+            # Admitted under the gateway's limits by the engine (Method.gate); the model's, here.
             request = self._parse_infer(raw)
-            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call))
+            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call), len(raw))
         finally:
             readiness.finished()
         return response.SerializeToString()
@@ -215,7 +226,7 @@ class InferenceService:
 
         readiness = self.readiness
 
-        async def serve_one(request, error, after: asyncio.Task | None) -> None:
+        async def serve_one(request, error, after: asyncio.Task | None, size: int) -> None:
             request_id = request.id if request is not None else ""
             counted = False
             try:
@@ -225,8 +236,12 @@ class InferenceService:
                 counted = True
                 if after is not None:
                     await asyncio.wait((after,))  # its outcome is its own; only the order matters here
-                async for response in self.pipeline.infer_stream(request, deadline, metadata):
-                    outbox.put_nowait(pb.ModelStreamInferResponse(infer_response=response).SerializeToString())
+                gate = self._enter_gateway(size)
+                try:
+                    async for response in self.pipeline.infer_stream(request, deadline, metadata, size):
+                        outbox.put_nowait(pb.ModelStreamInferResponse(infer_response=response).SerializeToString())
+                finally:
+                    gate.release(size)
             except Exception as failure:  # one request's error never ends the stream, nor the gateway
                 _, message = status_of(failure, "ModelStreamInfer")
                 answer = pb.ModelStreamInferResponse(error_message=message)
@@ -252,7 +267,7 @@ class InferenceService:
                         error = refused
                     sequence = sequence_of(request) if request is not None else None
                     after = last_step.get(sequence[0]) if sequence is not None else None
-                    task = asyncio.ensure_future(serve_one(request, error, after))
+                    task = asyncio.ensure_future(serve_one(request, error, after, len(raw)))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     if sequence is not None:

@@ -33,6 +33,11 @@ class Method:
     streaming: bool
     """False: unary; True: bidirectional (a stream of requests → a stream of responses)."""
     handler: Callable
+    gate: object | None = None
+    """Unary only: admission of each request message by its size (gateway/pipeline/admission.py
+    `Gate`): the engine calls `gate.admit(size)` as soon as it knows the size — before reading
+    the rest of the message where it can (envoy: from the length prefix) — and `gate.release(size)`
+    when the call ends, however it ends. A refusal (ResourceExhausted) ends the call at once."""
 
 
 class Call:
@@ -82,9 +87,11 @@ class Call:
         return f"<Call peer={self.peer!r} deadline={self.deadline} metadata={len(self.metadata)} keys>"
 
 
-def methods_of(service: str, unary: dict[str, Callable], streaming: dict[str, Callable] | None = None) -> list[Method]:
-    """The Methods of one service from its handlers by method name."""
-    table = [Method(f"/{service}/{name}", False, handler) for name, handler in unary.items()]
+def methods_of(service: str, unary: dict[str, Callable], streaming: dict[str, Callable] | None = None,
+               gates: dict[str, object] | None = None) -> list[Method]:
+    """The Methods of one service from its handlers by method name (`gates`: unary methods' gates)."""
+    gates = gates or {}
+    table = [Method(f"/{service}/{name}", False, handler, gates.get(name)) for name, handler in unary.items()]
     table += [Method(f"/{service}/{name}", True, handler) for name, handler in (streaming or {}).items()]
     return table
 

@@ -11,11 +11,19 @@ local counters (gateway/telemetry/aggregates.py); `drift_hook` counts drift aler
     tensorgate.batch.size               histogram  {row}      model, version (rows per batch sent upstream)
     tensorgate.batching.queue.depth     gauge      {request}  model, version (waiting now)
     tensorgate.backend.inflight         gauge      {request}  backend, pool
-    tensorgate.backend.healthy          gauge      1          backend, pool (1 in rotation, 0 out)
+    tensorgate.backend.healthy          gauge      1          backend, pool (1 in rotation, 0 out:
+                                                              unhealthy or ejected)
     tensorgate.routing.decisions        counter    {decision} pool, reason (preferred, spill, failover, canary,
                                                               shadow, probe)
     tensorgate.shadow.copies            counter    {copy}     model, outcome (sent, dropped, failed, unplaced)
     tensorgate.placement.service_time   gauge      s          model, version, pool, backend (the router's EWMA)
+    tensorgate.retries                  counter    {attempt}  kind: retry (charged to the retry budget),
+                                                              failover (moved off an ejected backend),
+                                                              refused (by the budget), hedge
+    tensorgate.backend.ejections        counter    {ejection} reason: consecutive_failures, stall,
+                                                              refused_by_cap; readmission
+    tensorgate.shed                     counter    {request}  model (`_gateway`: the gateway's own limits):
+                                                              refused by admission (RESOURCE_EXHAUSTED)
     tensorgate.drift.statistic          gauge      1          model, tensor, feature, statistic (last window;
                                                               also effect_size: the mean shift in reference
                                                               SDs, and p_<test>: the calibrated tests' p-values)
@@ -158,6 +166,9 @@ class GatewayView:
     """BatchedModel rows (model, version, counters, waiting): BatchingDispatcher.batched_models."""
     drift_monitors: Callable[[], dict] = dict
     """{model: ModelMonitor}: DriftStage.monitors."""
+    resilience: Callable[[], dict] = dict
+    """{"retries": {kind: n}, "ejections": {reason: n}, "shed": {model: n}} (model '' = the gateway's
+    own limits): the dispatcher's, outlier detector's and admission's counters."""
     shadow_copies: Callable[[], dict] = dict
     """{(model, outcome): copies} of the shadows (outcome: sent, dropped, failed, unplaced): TrafficStage.shadow_copies."""
     service_times: Callable[[], dict] = dict
@@ -244,7 +255,7 @@ class TelemetryStage:
         return _retrying(self.view.backends)
 
     def _backend_healthy(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(1 if b.healthy else 0, {"backend": b.address, "pool": b.pool}) for b in self._backends()]
+        return [Observation(1 if b.routable else 0, {"backend": b.address, "pool": b.pool}) for b in self._backends()]
 
     def _backend_inflight(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(b.outstanding, {"backend": b.address, "pool": b.pool}) for b in self._backends()]
@@ -252,6 +263,19 @@ class TelemetryStage:
     def _routing_decisions(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(count, {"pool": pool, "reason": reason})
                 for (pool, reason), count in _retrying(lambda: self.view.routing_decisions().items())]
+
+    def _resilience(self, key: str, attribute: str) -> list[Observation]:
+        counts = _retrying(lambda: (self.view.resilience().get(key) or {}).items())
+        return [Observation(count, {attribute: name or "_gateway"}) for name, count in counts]
+
+    def _retries(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._resilience("retries", "kind")
+
+    def _ejections(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._resilience("ejections", "reason")
+
+    def _shed(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._resilience("shed", "model")
 
     def _shadow_copies(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(count, {"model": model, "outcome": outcome})
@@ -405,6 +429,12 @@ class TelemetryStage:
                                         description="Copies of live requests for shadow targets, by outcome (sent, dropped, failed, unplaced).")
         meter.create_observable_gauge("tensorgate.placement.service_time", [self._service_times], unit="s",
                                       description="EWMA service time per request in line, per model version and backend (the router's predictor).")
+        meter.create_observable_counter("tensorgate.retries", [self._retries], unit="{attempt}",
+                                        description="Requests sent again to another backend, by kind")
+        meter.create_observable_counter("tensorgate.backend.ejections", [self._ejections], unit="{ejection}",
+                                        description="Backends taken out of rotation by outlier detection, by reason")
+        meter.create_observable_counter("tensorgate.shed", [self._shed], unit="{request}",
+                                        description="Requests refused by admission limits (RESOURCE_EXHAUSTED)")
         meter.create_observable_gauge("tensorgate.batching.queue.depth", [self._queue_depth], unit="{request}",
                                       description="Requests waiting in the gateway's batch queues.")
         meter.create_observable_gauge("tensorgate.drift.statistic", [self._drift_statistics], unit="1",

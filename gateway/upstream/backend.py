@@ -9,7 +9,7 @@ from typing import Callable, Mapping
 
 import grpc
 
-from gateway.errors import BACKEND_UNAVAILABLE, BackendError, DeadlineExceeded, Unavailable
+from gateway.errors import BACKEND_UNAVAILABLE, Abandoned, BackendError, DeadlineExceeded, Unavailable
 from gateway.protocol import INFERENCE_SERVICE, pb
 from gateway.upstream.config import UpstreamConfig
 from gateway.upstream.http import HttpPool
@@ -35,6 +35,11 @@ class Backend:
 
     `outstanding` counts requests sent and not yet answered: the router's power-of-two-choices
     reads it. `ready_models` is what the last health check saw in the backend's RepositoryIndex.
+
+    `routable` is what the router asks: healthy (active checks) and not ejected (passive outlier
+    detection, gateway/upstream/outlier.py). A failure that says the backend could not answer
+    (UNAVAILABLE, DEADLINE_EXCEEDED) counts toward `consecutive_failures`; an answer resets it;
+    at `failure_limit` in a row, `on_outlier(self, reason)` is called (the fleet's detector).
     """
 
     def __init__(self, address: str, pool: str, config: UpstreamConfig, http_address: str | None = None) -> None:
@@ -87,8 +92,14 @@ class Backend:
         self.ready_models: frozenset[tuple[str, str]] = frozenset()
         self.outstanding = 0
         self.served = 0
-        self.failed = 0
+        self.failed = 0  # answered with an error, or failed to answer (UNAVAILABLE, DEADLINE_EXCEEDED)
         self.on_change: Callable[[], None] = lambda: None
+        # Passive outlier detection (gateway/upstream/outlier.py owns the policy).
+        self.ejected = False
+        self.consecutive_failures = 0
+        self.failure_limit = 1 << 62  # set by the outlier detector; effectively never without one
+        self.on_outlier: Callable[["Backend", str], None] = lambda backend, reason: None
+        self.checked_ok_at = 0.0  # monotonic time of the last successful active health check
 
     def __repr__(self) -> str:
         return (
@@ -99,6 +110,28 @@ class Backend:
     @property
     def healthy(self) -> bool:
         return self.health is Health.HEALTHY
+
+    @property
+    def routable(self) -> bool:
+        """Healthy and not ejected: the router may send new requests here."""
+        return self.health is Health.HEALTHY and not self.ejected
+
+    def _failed_to_answer(self, error: Exception) -> None:
+        """An outright failure (no answer): count it; enough in a row make the backend an outlier."""
+        self.failed += 1
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self.failure_limit and not isinstance(error, Abandoned):
+            self.on_outlier(self, f"{self.consecutive_failures} failures in a row, the last: {error}")
+
+    def abandon_pending(self, reason: str) -> int:
+        """Fail every request pending here with Abandoned (retryable elsewhere): the backend was
+        ejected, so what waits on it is moved instead of waiting out its deadline. Returns how many."""
+        failed = 0
+        if self.rest is not None:
+            failed += self.rest.pool.abandon(reason)
+        for stream in self._streams:
+            failed += stream.abandon(Abandoned(reason))
+        return failed
 
     def serves(self, model: str, version: str) -> bool:
         return (model, version) in self.ready_models or (not version and (model, "") in self.ready_models)
@@ -167,9 +200,14 @@ class Backend:
             try:
                 response = await rest.infer(request, trace_context)
                 self.served += 1
+                self.consecutive_failures = 0
                 return response
             except BackendError:
                 self.failed += 1
+                self.consecutive_failures = 0  # an answer, though an error: the backend is up
+                raise
+            except (Unavailable, DeadlineExceeded) as error:
+                self._failed_to_answer(error)
                 raise
             finally:
                 self.outstanding -= 1
@@ -182,9 +220,14 @@ class Backend:
             entry = stream.submit(request)
             response = await entry.future
             self.served += 1
+            self.consecutive_failures = 0
             return response
         except BackendError:
             self.failed += 1
+            self.consecutive_failures = 0
+            raise
+        except (Unavailable, DeadlineExceeded) as error:
+            self._failed_to_answer(error)
             raise
         finally:
             self.outstanding -= 1

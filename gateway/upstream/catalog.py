@@ -58,7 +58,7 @@ class ModelCatalog:
     async def _fetch(self, model: str, version: str) -> ModelInfo:
         version = triton_version(version)
         candidates = [b for b in self._fleet.backends() if b.serves(model, version)]
-        candidates.sort(key=lambda b: not b.healthy)
+        candidates.sort(key=lambda b: not b.routable)  # an ejected (maybe hung) backend last
         if not candidates:
             raise self.not_found(model, version)
         last_error: GatewayError | None = None

@@ -253,3 +253,52 @@ class UpstreamConfig:
             raise ConfigError(f"{path}.http_port_offset", "expected an integer port offset")
         if self.http_connect_timeout_s <= 0:
             raise ConfigError(f"{path}.http_connect_timeout_s", "expected a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    """`outlier:` — passive outlier ejection (gateway/upstream/outlier.py), beside the active health
+    checks: a backend whose requests fail or stall leaves rotation for a while, longer each time.
+
+    A failure here is one that says the backend could not answer: UNAVAILABLE (refused or broken
+    connection, Triton's full queue) or DEADLINE_EXCEEDED at the backend. A model's own refusal
+    (INVALID_ARGUMENT, a model's INTERNAL error) is an answer, not a failure of the backend. A
+    stall is requests outstanding on a backend with none answered for `stall_after_s` while an
+    active health check failed: a hung (SIGSTOPped, wedged) backend, which never answers, so never
+    fails either. (A backend busy with a long request answers its health checks: not a stall.)
+
+    When a backend is ejected, the requests pending on it are failed over: they end with a
+    retryable UNAVAILABLE, which the dispatcher resends to another backend while their deadline
+    leaves room (routing's retry rules). Re-admission: an ejection lasts `base_ejection_s` ×
+    2^(ejections in a row − 1), at most `max_ejection_s`; after it the backend returns on its next
+    successful active health check. At most `max_ejected_percent` of a pool's backends (at least
+    one) are ejected at once.
+    """
+
+    enabled: bool = True
+    consecutive_failures: int = 5
+    """Failures in a row (no success between) that eject a backend."""
+    stall_after_s: float = 0.5
+    """A backend with requests outstanding, no answer for this long and a failed health check
+    meanwhile is ejected (so with the default health checks a hung backend leaves rotation
+    within interval_s + timeout_s: 2 s)."""
+    base_ejection_s: float = 1.0
+    """The first ejection's length; each further one in a row doubles it."""
+    max_ejection_s: float = 30.0
+    """The longest an ejection lasts; a backend that stays in rotation this long starts again
+    from base_ejection_s."""
+    max_ejected_percent: int = 50
+    """Most backends of a pool ejected at once, in percent of the pool (at least one)."""
+    interval_s: float = 0.1
+    """How often stalls and ended ejections are looked for."""
+
+    def validate(self, path: str) -> None:
+        if self.consecutive_failures < 1:
+            raise ConfigError(f"{path}.consecutive_failures", "expected at least 1")
+        for name in ("stall_after_s", "base_ejection_s", "max_ejection_s", "interval_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name}", "expected a positive number of seconds")
+        if self.max_ejection_s < self.base_ejection_s:
+            raise ConfigError(f"{path}.max_ejection_s", f"expected at least base_ejection_s ({self.base_ejection_s:g})")
+        if not 0 <= self.max_ejected_percent <= 100:
+            raise ConfigError(f"{path}.max_ejected_percent", "expected a percentage from 0 to 100")

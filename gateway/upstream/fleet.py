@@ -4,6 +4,7 @@ DNS discovery that adds and drains backends of pools named by DNS."""
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 from typing import Callable
 
@@ -12,8 +13,9 @@ import grpc
 from gateway.errors import GatewayError
 from gateway.protocol import pb
 from gateway.upstream.backend import Backend, Health
-from gateway.upstream.config import HealthConfig, PoolConfig, UpstreamConfig, derived_http_address
+from gateway.upstream.config import HealthConfig, OutlierConfig, PoolConfig, UpstreamConfig, derived_http_address
 from gateway.upstream.discovery import DnsDiscovery
+from gateway.upstream.outlier import OutlierDetector
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,8 @@ class Fleet:
     leaves its pool.
     """
 
-    def __init__(self, pools: dict[str, PoolConfig], upstream: UpstreamConfig, health: HealthConfig) -> None:
+    def __init__(self, pools: dict[str, PoolConfig], upstream: UpstreamConfig, health: HealthConfig,
+                 outlier: OutlierConfig | None = None) -> None:
         self._upstream = upstream
         self._http = upstream.transport == "http"
         self.pools: dict[str, list[Backend]] = {
@@ -53,6 +56,9 @@ class Fleet:
         self._started = False
         for backend in self.backends():
             backend.on_change = self._changed
+        # Reads the pools live: backends that join later (DNS) are watched from their first sweep.
+        self.outliers = OutlierDetector(outlier or OutlierConfig(), self.pools, self._changed)
+        self._outlier_task: asyncio.Task | None = None
 
     def __repr__(self) -> str:
         healthy = sum(b.healthy for b in self.backends())
@@ -84,6 +90,7 @@ class Fleet:
         deadline = loop.time() + wait_s
         for backend in self.backends():
             self._start_checks(backend)
+        self._outlier_task = asyncio.ensure_future(self.outliers.run())
         if self.discovery:
             await asyncio.gather(*(self.rediscover(pool) for pool in self.discovery))
             self._resolvers = [asyncio.ensure_future(self._resolve_loop(pool)) for pool in self.discovery]
@@ -190,6 +197,7 @@ class Fleet:
             self._failed(backend, f"health check failed: {text!r}")
             return
         backend.failed_checks = 0
+        backend.checked_ok_at = time.monotonic()
         models = set()
         for model in index.models:
             if model.state and model.state != "READY":
@@ -201,7 +209,13 @@ class Fleet:
     def _failed(self, backend: Backend, reason: str) -> None:
         backend.failed_checks += 1
         if backend.health is not Health.HEALTHY or backend.failed_checks >= self.health_config.unhealthy_after:
+            was_healthy = backend.healthy
             backend.mark(Health.UNHEALTHY, reason)
+            if was_healthy and self.outliers.has_alternative(backend):
+                # Out of rotation: what waits on it (a hung backend) is failed over, if there is
+                # anywhere to go (else a slow backend's late answers are still worth waiting for).
+                self.outliers.requests_failed_over += backend.abandon_pending(
+                    f"backend {backend.address} failed its health checks while the request waited on it")
 
     async def _check_loop(self, backend: Backend) -> None:
         while True:
@@ -215,6 +229,9 @@ class Fleet:
 
     async def close(self) -> None:
         tasks = [*self._resolvers, *self._checks.values(), *self._drains.values()]
+        if self._outlier_task is not None:
+            tasks.append(self._outlier_task)
+            self._outlier_task = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -35,7 +35,7 @@ from typing import Callable
 
 import httptools
 
-__all__ = ["ConnectionFailed", "HttpAnswer", "HttpPool"]
+__all__ = ["ConnectionAbandoned", "ConnectionFailed", "HttpAnswer", "HttpPool"]
 
 
 SHUTTING_DOWN = "the gateway is shutting down; retry the request"
@@ -51,6 +51,10 @@ class ConnectionFailed(Exception):
         """False when not a byte of the answer arrived (the request may be sent again elsewhere)."""
         self.public = public
         """What the client may be told, without the backend's address ("": the generic text)."""
+
+
+class ConnectionAbandoned(ConnectionFailed):
+    """The pool's owner gave up on the backend (`HttpPool.abandon`): the request is not resent here."""
 
 
 class AnswerTooLarge(ConnectionFailed):
@@ -72,6 +76,7 @@ class HttpAnswer:
         return f"<HttpAnswer {self.status} header={self.header_length} body={len(self.body)} bytes>"
 
 
+_FILL_IN_PLACE_FROM = 256 * 1024  # answers from this size on are read into one buffer (a bytearray)
 _HEADER_LENGTH = b"inference-header-content-length"
 _CONTENT_LENGTH = b"content-length"
 
@@ -79,7 +84,7 @@ _CONTENT_LENGTH = b"content-length"
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection; the pool hands it to one request at a time (`send`)."""
 
-    __slots__ = ("_pool", "_transport", "_parser", "_waiter", "_chunks", "_header_length", "_got_bytes",
+    __slots__ = ("_pool", "_transport", "_parser", "_waiter", "_chunks", "_header_length", "_got_bytes", "_whole", "_filled",
                  "reused", "closed")
 
     def __init__(self, pool: "HttpPool") -> None:
@@ -88,6 +93,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future | None = None
         self._chunks: list[bytes] = []
+        self._whole: memoryview | None = None  # a large answer's body, filled in place (see on_header)
         self._header_length = -1
         self._got_bytes = False
         self.reused = False
@@ -132,17 +138,33 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) == 31 and name.lower() == _HEADER_LENGTH:
             self._header_length = int(value)
-        elif len(name) == 14 and name.lower() == _CONTENT_LENGTH and int(value) > self._pool.max_body_bytes:
-            public = (f"the answer of {int(value)} bytes is larger than the limit, "
-                      f"upstream.max_message_bytes = {self._pool.max_body_bytes}")
-            raise AnswerTooLarge(f"backend {self._pool.address}: {public}", public=public)
+        elif len(name) == 14 and name.lower() == _CONTENT_LENGTH:
+            length = int(value)
+            if length > self._pool.max_body_bytes:
+                public = (f"the answer of {length} bytes is larger than the limit, "
+                          f"upstream.max_message_bytes = {self._pool.max_body_bytes}")
+                raise AnswerTooLarge(f"backend {self._pool.address}: {public}", public=public)
+            if length >= _FILL_IN_PLACE_FROM:
+                # One buffer of the body's size, filled as it arrives: joining the chunks at the
+                # end would hold the answer twice.
+                self._whole = memoryview(bytearray(length))
+                self._filled = 0
 
     def on_body(self, body: bytes) -> None:
-        self._chunks.append(body)
+        whole = self._whole
+        if whole is None:
+            self._chunks.append(body)
+            return
+        end = self._filled + len(body)
+        whole[self._filled:end] = body
+        self._filled = end
 
     def on_message_complete(self) -> None:
         chunks = self._chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self._whole is not None:
+            body, self._whole = self._whole.obj, None
+        else:
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         answer = HttpAnswer(self._parser.get_status_code(), self._header_length, body)
         self._chunks = []
         self._header_length = -1
@@ -251,7 +273,7 @@ class HttpPool:
         waiter = connection.send(parts)
         try:
             return await waiter
-        except AnswerTooLarge:
+        except (AnswerTooLarge, ConnectionAbandoned):
             raise
         except ConnectionFailed as failure:
             if failure.answered or not connection.reused:
@@ -348,6 +370,23 @@ class HttpPool:
                 self._idle.remove(connection)
             if not self._closed:
                 self._wake_one(None)  # a slot is free: the oldest waiter may open a connection
+
+    def abandon(self, reason: str) -> int:
+        """Fail every request on a connection or waiting for one with ConnectionAbandoned (their
+        connections are closed: what they would still read must not reach a later request); idle
+        connections stay, and new requests are taken as before. Returns the requests failed."""
+        failed = 0
+        idle = set(self._idle)
+        for connection in list(self._open):
+            if connection not in idle and connection._waiter is not None:
+                connection._fail(ConnectionAbandoned(reason))
+                failed += 1
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionAbandoned(reason, answered=False))
+                failed += 1
+        return failed
 
     def close(self) -> None:
         """Close every connection; requests on them fail with ConnectionFailed, new ones are refused."""

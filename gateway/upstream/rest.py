@@ -28,10 +28,10 @@ from typing import Mapping
 
 import grpc
 
-from gateway.errors import BACKEND_UNAVAILABLE, BackendError, GatewayError, InvalidArgument, Unavailable
+from gateway.errors import BACKEND_UNAVAILABLE, Abandoned, BackendError, GatewayError, InvalidArgument, Unavailable
 from gateway.protocol import pb
 from gateway.protocol.tensors import raw_of_typed
-from gateway.upstream.http import AnswerTooLarge, ConnectionFailed, HttpPool
+from gateway.upstream.http import AnswerTooLarge, ConnectionAbandoned, ConnectionFailed, HttpPool
 
 __all__ = ["RestInference", "STATUS_OF_HTTP", "decode_response", "encode_request", "error_of", "infer_target"]
 
@@ -158,7 +158,8 @@ def decode_response(body: bytes, header_length: int, backend: str):
                     _set_parameter(tensor.parameters[key], value)
             if offset + size > len(body):
                 raise ValueError(f"output '{output['name']}' ends past the answer's {len(body)} bytes")
-            raw.append(body[offset:offset + size])
+            # A large answer's body is a bytearray (http.py): its slice must be bytes for upb.
+            raw.append(body[offset:offset + size] if type(body) is bytes else bytes(memoryview(body)[offset:offset + size]))
             offset += size
         for key, value in (header.get("parameters") or {}).items():
             _set_parameter(response.parameters[key], value)
@@ -228,6 +229,8 @@ class RestInference:
         except AnswerTooLarge as failure:
             raise BackendError(grpc.StatusCode.RESOURCE_EXHAUSTED, failure.public, self.backend,
                                detail=failure.message) from None
+        except ConnectionAbandoned as failure:
+            raise Abandoned(failure.message) from None
         except ConnectionFailed as failure:
             raise Unavailable(failure.public or BACKEND_UNAVAILABLE, detail=failure.message) from None
         if answer.status != 200:

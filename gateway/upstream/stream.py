@@ -153,7 +153,17 @@ class InferStream:
             error = Unavailable(BACKEND_UNAVAILABLE, detail=f"backend {self._backend}: stream failed: {unexpected!r}")
         self._break(call, error)
 
-    def _break(self, call, error: Exception) -> None:
+    def abandon(self, error: Exception) -> int:
+        """Fail every pending request with `error` (the backend was ejected) and close the call;
+        the next submit opens a fresh one. Returns the requests failed."""
+        call = self._call
+        if call is None:
+            return 0
+        count = len(self._pending)
+        self._break(call, error, report=False)
+        return count
+
+    def _break(self, call, error: Exception, report: bool = True) -> None:
         """Fail every pending request with `error` and let the next submit open a fresh call."""
         if self._call is call:
             self._call = None
@@ -170,7 +180,7 @@ class InferStream:
             else:
                 entry.queue.put_nowait(StreamClosed(error))
         call.cancel()
-        if not self._closed:
+        if report and not self._closed:
             self._on_broken(error.for_log() if isinstance(error, GatewayError) else str(error))
 
     async def close(self) -> None:

@@ -63,6 +63,7 @@ ENV_OPTIONS = "TENSORGATE_ENVOY_OPTIONS"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # grpc's own default receive limit
 
 _STATE_TABLE = "tensorgate.methods"
+_VIEW_FROM = 64 * 1024  # messages from this size on are passed as views or sent unjoined, not copied
 _GRPC = b"application/grpc"
 _RESPONSE_HEADERS = [(b"content-type", _GRPC), (b"grpc-accept-encoding", grpc_wire.ACCEPT_ENCODING)]
 _START = {"type": "http.response.start", "status": 200, "headers": _RESPONSE_HEADERS, "trailers": True}
@@ -241,8 +242,10 @@ class GrpcAsgiApp:
     async def _unary(self, method: Method, call: Call, inflate, receive: Callable, send: Callable) -> None:
         watch = watched = None
         trailers = ()
+        gate = method.gate
+        held = [0]  # bytes admitted by the method's gate, released however the call ends
         try:
-            request = await self._read_one(receive, inflate)
+            request = await self._read_one(receive, inflate, gate, held)
             if request is None:
                 return  # the client left before its request was complete
             if call.deadline is not None or self._poll_s is not None:
@@ -250,7 +253,8 @@ class GrpcAsgiApp:
                     raise WireError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
                 watch = self._watch()
                 watched = watch.add(asyncio.current_task(), call.deadline, receive)
-            body = frame(await method.handler(request, call))
+            reply = await method.handler(request, call)
+            request = None  # the request's bytes may go while the answer is sent
         except asyncio.CancelledError:
             if watched is None or watched.ended_by is None:
                 raise  # the server itself is cancelling us
@@ -269,7 +273,13 @@ class GrpcAsgiApp:
                 watched = None
             try:
                 await send(_START)
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+                if len(reply) < _VIEW_FROM:
+                    await send({"type": "http.response.body", "body": frame(reply), "more_body": False})
+                else:  # a large answer: its prefix, then the message itself, never joined (a copy)
+                    await send({"type": "http.response.body", "body": grpc_wire.prefix(len(reply)), "more_body": True})
+                    await send({"type": "http.response.body", "more_body": False,
+                                "body": reply if type(reply) is bytes else bytes(reply)})  # pyvoy sends bytes only
+                reply = None
                 await send(_OK_TRAILERS)
             except OSError:
                 pass  # the client reset the stream meanwhile
@@ -277,19 +287,29 @@ class GrpcAsgiApp:
         finally:
             if watched is not None:
                 watch.discard(watched)
+            if held[0]:
+                gate.release(held[0])
         await self._end_early(send, code, message, trailers)
 
-    async def _read_one(self, receive: Callable, inflate) -> bytes | None:
-        """The one request message of a unary call (None: the client disconnected)."""
+    async def _read_one(self, receive: Callable, inflate, gate=None, held: list | None = None) -> bytes | None:
+        """The one request message of a unary call (None: the client disconnected).
+
+        With a `gate`, the message is admitted by the size its length prefix announces, before
+        the rest of it is read (a refusal raises at once); `held[0]` is then the size admitted."""
         message = await receive()
         if message["type"] != "http.request":
             return None
         body = message.get("body", b"")
         more = message.get("more_body", False)
+        if gate is not None:
+            announced = int.from_bytes(body[1:5], "big") if len(body) >= 5 else len(body)
+            gate.admit(announced)
+            held[0] = announced
         if not more and inflate is None and len(body) >= 5 and body[0] == 0:  # the usual: all of it, uncompressed
             length = int.from_bytes(body[1:5], "big")
             if length == len(body) - 5 and length <= self.max_message_bytes:
-                return body[5:]
+                # A view, not a copy: handlers parse it (upb reads any buffer) and measure it.
+                return memoryview(body)[5:] if length >= _VIEW_FROM else body[5:]
         decoder = grpc_wire.MessageDecoder(self.max_message_bytes, inflate)
         messages = decoder.feed(body)
         while more:

@@ -61,6 +61,11 @@ def status_bytes(code: grpc.StatusCode) -> bytes:
     return _STATUS_BYTES[code]
 
 
+def prefix(length: int) -> bytes:
+    """The uncompressed length prefix of a message of `length` bytes."""
+    return _PREFIX.pack(0, length)
+
+
 def frame(message: bytes) -> bytes:
     """`message` with its uncompressed length prefix, ready to send."""
     return b"".join((_PREFIX.pack(0, len(message)), message))
@@ -162,18 +167,25 @@ class MessageDecoder:
     compressed without a grpc-encoding is a protocol error.
     """
 
-    __slots__ = ("limit", "inflate", "_pending", "_need")
+    __slots__ = ("limit", "inflate", "_pending", "_need", "_whole", "_filled")
 
     def __init__(self, limit: int, inflate=None) -> None:
         self.limit = limit
         self.inflate = inflate
         self._pending = bytearray()  # an incomplete message (prefix included) carried over
         self._need = 0  # bytes _pending must reach before it holds one whole message (0: unknown)
+        # A message whose length is known and that spans chunks is filled in place into one buffer
+        # of exactly its size, and handed out as a view of it: the only copy of its bytes the
+        # decoder makes (growing a bytearray and slicing it out cost three times a large message).
+        self._whole: bytearray | None = None
+        self._filled = 0
 
     def __repr__(self) -> str:
         return f"<MessageDecoder limit={self.limit} pending={len(self._pending)}/{self._need or '?'}>"
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if self._whole is not None:
+            return self._fill(chunk)
         pending = self._pending
         if pending:
             pending += chunk
@@ -203,12 +215,36 @@ class MessageDecoder:
         self._carry(data, offset, end)
         return messages
 
+    def _fill(self, chunk: bytes) -> list:
+        whole, filled = self._whole, self._filled
+        take = min(len(chunk), len(whole) - filled)
+        whole[filled:filled + take] = memoryview(chunk)[:take]
+        filled += take
+        self._filled = filled
+        if filled < len(whole):
+            return []
+        self._whole = None
+        message = memoryview(whole)[PREFIX_BYTES:]
+        messages = [self._decompress(whole[0], message) if whole[0] else message]
+        if take < len(chunk):  # more messages after it in the same chunk (rare)
+            messages += self.feed(bytes(memoryview(chunk)[take:]))
+        return messages
+
     def _carry(self, data, offset: int, end: int) -> None:
         if offset == end:
             if self._pending:
                 self._pending = bytearray()
             self._need = 0
             return
+        if end - offset >= PREFIX_BYTES:
+            need = PREFIX_BYTES + _PREFIX.unpack_from(data, offset)[1]
+            if need > end - offset:  # a message cut by the chunk's end: fill it in place from here on
+                whole = bytearray(need)
+                whole[:end - offset] = memoryview(data)[offset:end]
+                self._whole, self._filled = whole, end - offset
+                self._pending = bytearray()
+                self._need = 0
+                return
         if data is not self._pending or offset:
             self._pending = bytearray(data[offset:end])
         if end - offset >= PREFIX_BYTES:
@@ -227,6 +263,11 @@ class MessageDecoder:
 
     def finish(self) -> None:
         """The body ended: raise if it ended inside a message."""
+        if self._whole is not None:
+            raise WireError(
+                grpc.StatusCode.INTERNAL,
+                f"request body ended inside a message ({self._filled} of {len(self._whole)} bytes of a prefixed message)",
+            )
         if self._pending:
             raise WireError(
                 grpc.StatusCode.INTERNAL,

@@ -33,6 +33,8 @@ def _call(context) -> Call:
 
 def _unary(method: Method) -> Callable:
     handler = method.handler
+    if method.gate is not None:
+        return _gated_unary(method)
 
     async def serve(raw: bytes, context) -> bytes:
         try:
@@ -41,6 +43,29 @@ def _unary(method: Method) -> Callable:
             raise
         except Exception as error:
             await context.abort(*status_of(error, method.path), trailers_of(error))
+
+    return serve
+
+
+def _gated_unary(method: Method) -> Callable:
+    """A unary method whose request messages are admitted by `method.gate` (grpc has the whole
+    message before the handler runs: it is admitted then, by its size)."""
+    handler, gate = method.handler, method.gate
+
+    async def serve(raw: bytes, context) -> bytes:
+        size = len(raw)
+        try:
+            gate.admit(size)
+        except Exception as error:
+            await context.abort(*status_of(error, method.path), trailers_of(error))
+        try:
+            return await handler(raw, _call(context))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            await context.abort(*status_of(error, method.path), trailers_of(error))
+        finally:
+            gate.release(size)
 
     return serve
 
