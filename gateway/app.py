@@ -11,12 +11,15 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import grpc
 
 from gateway.server.model_statistics import GatewayCounts
 
+from gateway.admin.control import ControlError, send_control, serve_control
 from gateway.admin.deploy_service import SERVICE as DEPLOY_SERVICE
 from gateway.admin.deploy_service import DeployService
 from gateway.admin.drift_service import SERVICE as DRIFT_SERVICE
@@ -24,7 +27,8 @@ from gateway.admin.drift_service import DriftService
 from gateway.admin.gateway_service import SERVICE as GATEWAY_SERVICE
 from gateway.admin.gateway_service import GatewayService
 from gateway.batching.dispatcher import BatchingDispatcher
-from gateway.config import GatewayConfig, config_from_mapping
+from gateway.config import GatewayConfig, config_from_mapping, file_digest, load_config, parse_config_text, plan_reload
+from gateway.errors import ConfigError
 from gateway.drift.stage import DriftStage
 from gateway.pipeline.admission import Admission
 from gateway.pipeline.core import Pipeline
@@ -43,6 +47,7 @@ from gateway.server.engines.grpcio import GrpcioEngine
 from gateway.server.health import SERVICE as HEALTH_SERVICE
 from gateway.server.health import HealthService
 from gateway.server.inference import InferenceService
+from gateway.server.readiness import Readiness
 from gateway.server.reflection import ReflectionService
 from gateway.telemetry.stage import GatewayView, TelemetryStage
 from gateway.traffic.stage import TrafficStage
@@ -54,83 +59,128 @@ from gateway.workers.role import WorkerRole
 
 log = logging.getLogger(__name__)
 
+#: A drain stops admitting requests once none has arrived for this long (load balancers have seen
+#: NOT_SERVING), and checks on the work in flight this often.
+DRAIN_QUIET_S = 0.25
+DRAIN_POLL_S = 0.02
+#: What a reload replaced is closed when its last request is done, after at most this long (or
+#: server.grace_s when longer).
+RETIRE_MIN_S = 30.0
+
+
+class _Core:
+    """What a config reload rebuilds: the backends and everything that holds them."""
+
+    __slots__ = ("fleet", "catalog", "router", "direct", "batching", "pipeline", "traffic")
+
+    def __init__(self, fleet, catalog, router, direct, batching, pipeline, traffic) -> None:
+        self.fleet, self.catalog, self.router = fleet, catalog, router
+        self.direct, self.batching, self.pipeline, self.traffic = direct, batching, pipeline, traffic
+
 
 class Gateway:
     """tensorgate: every stage of a Triton-compatible gRPC gateway, built from one config.
 
     `start_stages()` / `stop_stages()` run what serving needs besides a front door (backend health
-    checks, drift, telemetry); `methods()` is every gRPC method, for an engine to serve. `start()`
-    and `stop()` do both with the grpc.aio engine, in this process; `EnvoyGateway` serves the same
-    stages from inside Envoy's process. Construct it inside the event loop that will serve it:
-    grpc.aio channels bind to that loop.
+    checks, drift, telemetry, the config file watch); `methods()` is every gRPC method, for an
+    engine to serve. `start()` and `stop()` do both with the grpc.aio engine, in this process;
+    `EnvoyGateway` serves the same stages from inside Envoy's process. `drain()` takes the gateway
+    out of rotation and lets its work finish (SIGTERM); `reload()` applies a new config without
+    dropping a request (SIGHUP, the admin ReloadConfig, a changed config file; gateway/reload.py
+    says what is applied live and what waits for a restart). Construct it inside the event loop
+    that will serve it: grpc.aio channels bind to that loop.
     """
 
-    def __init__(self, config: GatewayConfig, worker: WorkerRole | None = None) -> None:
+    def __init__(self, config: GatewayConfig, worker: WorkerRole | None = None, config_path: str | None = None) -> None:
         """`worker`: this gateway is one worker of several (gateway/workers/): it serves with
         SO_REUSEPORT, ships its counters and drift rows to its parent's hub, and answers
-        ModelStatistics, the admin snapshot and drift calls with the merged view."""
+        ModelStatistics, the admin snapshot and drift calls with the merged view. `config_path`: the
+        YAML file the config came from: reloads read it again, and it is watched for changes."""
         self.config = config
+        self.config_path = config_path
         self.worker = worker
         self.link = WorkerLink(worker) if worker is not None else None
-        self.fleet = Fleet(config.pools, config.upstream, config.health, config.outlier)
-        self.catalog = ModelCatalog(self.fleet)
-        self.router = Router(
-            self.fleet, config.models, config=config.routing,
-            pool_costs={name: pool.cost for name, pool in config.pools.items()},
-        )
+        self.readiness = Readiness()
         self.sequences = SequenceTable()
-        routing = config.routing
-        self.direct = DirectDispatcher(
-            self.router, self.sequences, routing.retry_unavailable,
-            probes=Mirror(routing.probe_max_in_flight), max_attempts=routing.max_attempts,
-            budget=RetryBudget(routing.retry_budget_ratio, routing.retry_budget_min_per_s),
-            hedging=Hedging(routing.hedge_min_delay_ms / 1e3) if routing.hedge_after_p95 else None,
-        )
-        self.batching = BatchingDispatcher(self.direct, config.batching, self.router)
-        self.pipeline = Pipeline(self.catalog, self.router.routes, self.batching, Admission(config.admission))
-        self.traffic = TrafficStage(self.router, config.models)
-        self.pipeline.version_pickers = self.traffic.pickers  # the same dict: a new split applies at once
-        self.pipeline.attach(observer=self.traffic.observer)
-        self.fleet.on_change(self.pipeline.forget_unversioned)
-        self.drift = DriftStage(config.drift, forward=self.link.forward_drift if self.link is not None else None)
-        self.rollouts = RolloutController(config.rollout, self.traffic, self.router, self.fleet,
-                                          on_live=self.drift.serving_version)
-        self.pipeline.attach(observer=self.rollouts.observer)
-        if self.drift.monitors:
-            self.pipeline.attach(observer=self.drift.observer)
+        self.drift = self._drift_stage(config)
         self.telemetry = (TelemetryStage(config.telemetry, self._view(), export_metrics=self.link is None)
                           if config.telemetry.enabled else None)
         if self.telemetry is not None:
-            self.pipeline.attach(observer=self.telemetry.observer, refusal_observer=self.telemetry.refusal_observer)
             self.drift.hooks.append(self.telemetry.drift_hook)
-            tracing = self.telemetry.tracing
-            if tracing is not None:
-                self.pipeline.attach(observer=tracing.observer, trace_starter=tracing.start)
-                self.direct.traced_send = tracing.send
+        # Gated rollouts: one controller for the gateway's life, reading the stages a reload replaces
+        # through the current core; told first, so each core's pipeline reports to it.
+        self.rollouts = RolloutController(config.rollout, lambda: self._core,
+                                          on_live=lambda *live: self.drift.serving_version(*live))
+        self._install(self._build_core(config))
         self.guard = Guard.from_config(config.auth, config.limits)  # None: nothing to check, no call pays
         self.inference = InferenceService(self.pipeline, self.fleet, server_name=config.server.name, guard=self.guard,
-                                          peer_counts=self.link.peer_counts if self.link is not None else None)
-        self.health = HealthService(self.fleet)
+                                          peer_counts=self.link.peer_counts if self.link is not None else None,
+                                          readiness=self.readiness)
+        self.health = HealthService(self.fleet, self.readiness)
+        self.drift_service = DriftService(self.drift)
         self._engine: GrpcioEngine | None = None
         self._sweeper: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
+        self._reload_lock = asyncio.Lock()
+        self.reloads = 0
         self.port: int | None = None
 
     def __repr__(self) -> str:
         state = f"serving on {self.address}" if self._engine else "stopped"
-        return f"<Gateway {state} {self.fleet!r} {self.sequences!r}>"
+        return f"<Gateway {state} {self.readiness!r} {self.fleet!r} {self.sequences!r}>"
+
+    def _drift_stage(self, config: GatewayConfig) -> DriftStage:
+        return DriftStage(config.drift, forward=self.link.forward_drift if self.link is not None else None)
+
+    def _build_core(self, config: GatewayConfig) -> _Core:
+        """The backends and the stages that hold them, wired to the drift and telemetry stages."""
+        fleet = Fleet(config.pools, config.upstream, config.health, config.outlier)
+        catalog = ModelCatalog(fleet)
+        router = Router(fleet, config.models, config=config.routing,
+                        pool_costs={name: pool.cost for name, pool in config.pools.items()})
+        routing = config.routing
+        direct = DirectDispatcher(
+            router, self.sequences, routing.retry_unavailable,
+            probes=Mirror(routing.probe_max_in_flight), max_attempts=routing.max_attempts,
+            budget=RetryBudget(routing.retry_budget_ratio, routing.retry_budget_min_per_s),
+            hedging=Hedging(routing.hedge_min_delay_ms / 1e3) if routing.hedge_after_p95 else None,
+        )
+        batching = BatchingDispatcher(direct, config.batching, router)
+        pipeline = Pipeline(catalog, router.routes, batching, Admission(config.admission))
+        traffic = TrafficStage(router, config.models)
+        pipeline.version_pickers = traffic.pickers  # the same dict: a new split applies at once
+        pipeline.attach(observer=traffic.observer)
+        pipeline.attach(observer=self.rollouts.observer)
+        fleet.on_change(pipeline.forget_unversioned)
+        if self.drift.monitors:
+            pipeline.attach(observer=self.drift.observer)
+        if self.telemetry is not None:
+            pipeline.attach(observer=self.telemetry.observer, refusal_observer=self.telemetry.refusal_observer)
+            tracing = self.telemetry.tracing
+            if tracing is not None:
+                pipeline.attach(observer=tracing.observer, trace_starter=tracing.start)
+                direct.traced_send = tracing.send
+        return _Core(fleet, catalog, router, direct, batching, pipeline, traffic)
+
+    def _install(self, core: _Core) -> None:
+        self._core = core
+        self.fleet, self.catalog, self.router = core.fleet, core.catalog, core.router
+        self.direct, self.batching, self.pipeline = core.direct, core.batching, core.pipeline
+        self.traffic = core.traffic
 
     def _view(self) -> GatewayView:
-        """What telemetry reads of the other stages."""
+        """What telemetry reads of the other stages (through `self`: a reload replaces them)."""
         return GatewayView(
-            backends=self.fleet.backends,
-            known_models=self.fleet.known_models,
-            routes=self.router.routes,
+            backends=lambda: self.fleet.backends(),
+            known_models=lambda: self.fleet.known_models(),
+            routes=lambda model: self.router.routes(model),
             routing_decisions=lambda: self.router.decisions,
-            batched_models=self.batching.batched_models,
+            batched_models=lambda: self.batching.batched_models(),
             drift_monitors=lambda: self.drift.monitors,
             resilience=self._resilience_counts,
-            shadow_copies=self.traffic.shadow_copies,
-            service_times=self.router.service_times,
+            shadow_copies=lambda: self.traffic.shadow_copies(),
+            service_times=lambda: self.router.service_times(),
         )
 
     def _resilience_counts(self) -> dict:
@@ -146,7 +196,7 @@ class Gateway:
     def methods(self) -> list:
         """Every gRPC method the gateway serves, on whichever engine."""
         services = [INFERENCE_SERVICE, DRIFT_SERVICE, GATEWAY_SERVICE, DEPLOY_SERVICE, HEALTH_SERVICE]
-        drift = DriftService(self.drift).methods()
+        drift = self.drift_service.methods()
         snapshot = self.snapshot
         if self.link is not None:  # the drift windows and the merged state live in the parent's hub
             drift = self.link.proxy(drift)
@@ -154,12 +204,13 @@ class Gateway:
         methods = [
             *self.inference.methods(),
             *drift,
-            *GatewayService(snapshot, self.traffic).methods(),
+            *GatewayService(snapshot, lambda: self.traffic, self.reload_text).methods(),
             # Rollouts run in one process; with workers each would run its own: refused there (deploy_service.py).
             *DeployService(self.rollouts if self.link is None else None).methods(),
             *self.health.methods(),
-            *ReflectionService(services).methods(),
         ]
+        if self.config.server.reflection:  # off by default: it maps the admin API for anyone (ServerConfig)
+            methods += ReflectionService(services).methods()
         return guarded(methods, self.guard, admin_services=(DRIFT_SERVICE, GATEWAY_SERVICE))
 
     @property
@@ -168,22 +219,27 @@ class Gateway:
         return f"{host}:{self.port}"
 
     async def start_stages(self) -> None:
-        """Warm the drift kernels, start telemetry, check every backend once, sweep idle sequences."""
+        """Warm the drift kernels, start telemetry, check every backend once, sweep idle sequences,
+        watch the config file."""
         if self.drift.monitors:
             await self.drift.start()
         await self.traffic.start()
         if self.telemetry is not None:
             self.telemetry.start()
         await self.fleet.start()
-        await self.rollouts.start()  # after the fleet: a resumed rollout needs the backends' health
+        if self.link is None:  # after the fleet: a resumed rollout needs the backends' health
+            await self.rollouts.start()
         self._sweeper = asyncio.ensure_future(self._sweep_sequences())
+        if self.config_path is not None:
+            self._watcher = asyncio.ensure_future(self._watch_config_file())
         if self.link is not None:
             await self.link.start(self._report)
 
     async def stop_stages(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for task in (self._sweeper, self._watcher, *self._retiring):
+            if task is not None:
+                task.cancel()
+        self._sweeper = self._watcher = None
         await self.rollouts.close()
         await self.batching.close()
         await self.traffic.close()
@@ -202,6 +258,7 @@ class Gateway:
             self.config.listen, self.methods(),
             max_receive_bytes=server.max_message_bytes,
             max_send_bytes=self.config.upstream.max_message_bytes,
+            max_pending_calls=self.config.server.max_pending_calls,
             reuse_port=self.worker is not None,
             credentials=None if server.tls is None else server_credentials(server.tls),
             max_concurrent_streams=server.max_concurrent_streams,
@@ -217,12 +274,146 @@ class Gateway:
             await asyncio.sleep(1.0)
             self.sequences.expire()
 
+    # ---- drain (SIGTERM) -------------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Take the gateway out of rotation and let its work finish, within `grace` seconds.
+
+        At once: health NOT_SERVING (Check and Watch), ServerReady false, so probes and load
+        balancers stop sending. Requests still arriving are served while load balancers catch up,
+        until none has come for DRAIN_QUIET_S, and at most half the grace; from then new requests
+        are refused with UNAVAILABLE (clients retry elsewhere) and what is in flight finishes.
+        Returns when nothing is in flight and no request (refused ones included) has come for
+        DRAIN_QUIET_S — grpc core cancels calls it holds but has not handed over yet when the
+        engine stops, so the engine stops only once they stop coming — or when the grace is spent."""
+        readiness = self.readiness
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + grace
+        readiness.drain()
+        log.warning("draining: health NOT_SERVING; %d request(s) in flight; grace %.1f s", readiness.in_flight, grace)
+        while loop.time() < started + grace / 2 and readiness.quiet_for() < DRAIN_QUIET_S:
+            await asyncio.sleep(DRAIN_POLL_S)
+        readiness.refuse()
+        while readiness.quiet_for() < DRAIN_QUIET_S and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if readiness.in_flight:
+            log.warning("drain: the grace period (%.1f s) ended with %d request(s) in flight", grace, readiness.in_flight)
+        else:
+            log.warning("drained in %.2f s", loop.time() - started)
+
     async def stop(self, grace: float | None = None) -> None:
-        """Stop serving (calls in flight get `grace` seconds, server.grace_s by default), then the stages."""
+        """Drain (calls in flight get `grace` seconds, server.grace_s by default; 0: stop at once),
+        stop serving, then stop the stages."""
+        grace = self.config.server.grace_s if grace is None else grace
         if self._engine is not None:
-            await self._engine.stop(self.config.server.grace_s if grace is None else grace)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            if grace > 0:
+                await self.drain(grace)
+            # grpc core cancels only what is still running when the rest of the grace is spent.
+            await self._engine.stop(max(0.0, deadline - loop.time()) if grace > 0 else 0)
             self._engine = None
         await self.stop_stages()
+
+    # ---- config reload (SIGHUP, admin ReloadConfig, a changed file) ----------------------------
+
+    async def reload_text(self, text: str) -> str:
+        """Reload from config text (YAML or JSON); "" reads the config file again. ConfigError for a
+        config the loader refuses (the running one keeps serving)."""
+        if not text:
+            if self.config_path is None:
+                raise ConfigError("", "this gateway was not started from a config file; send the whole config")
+            return await self.reload_file()
+        return await self.reload(config_from_mapping(parse_config_text(text)), source="the admin API")
+
+    async def reload_file(self) -> str:
+        """Read the config file again and apply it (ConfigError: refused, the running config stays)."""
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as error:
+            log.error("config reload from %s refused, the running config keeps serving: %s", self.config_path, error)
+            raise
+        return await self.reload(config, source=self.config_path)
+
+    async def reload(self, config: GatewayConfig, source: str = "") -> str:
+        """Apply `config` without dropping a request; returns what changed (gateway/reload.py).
+
+        Backends, pools, routes, health checks, retries, batching and drift are rebuilt beside the
+        running ones; new requests go to the new ones at once, requests in flight finish on the old
+        ones, which are then closed. Sequences stay on their backend when it is still configured.
+        """
+        async with self._reload_lock:
+            plan = plan_reload(self.config, config)
+            for key in plan.restart:
+                log.warning("config reload: %s changed; it takes effect only at the next restart", key)
+            config = plan.config
+            if not plan.live:
+                self.config = config
+                return plan.summary()
+            old_core, old_drift = self._core, self.drift
+            if "drift" in plan.live:
+                drift = self._drift_stage(config)
+                if self.telemetry is not None:
+                    drift.hooks.append(self.telemetry.drift_hook)
+                if drift.monitors:
+                    await drift.start()
+                self.drift = drift
+            core = self._build_core(config) if plan.core else None
+            if core is not None:
+                await core.traffic.start()
+                await core.fleet.start()
+                by_address = {b.address: b for b in core.fleet.backends()}
+                self._install(core)
+                self.rollouts.reapply()  # the rollouts' splits on the new traffic stage
+                self.sequences.rebind(lambda backend: by_address.get(backend.address))
+                self.inference.pipeline, self.inference.fleet = core.pipeline, core.fleet
+                self.health.rebind(core.fleet)
+            self.inference.server_name = config.server.name
+            self.drift_service.drift = self.drift
+            self.config = config
+            self.reloads += 1
+            retire = asyncio.ensure_future(self._retire(old_core if core is not None else None,
+                                                        old_drift if self.drift is not old_drift else None))
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
+            summary = plan.summary()
+            log.warning("config reloaded from %s: %s", source or "a new config", summary)
+            return summary
+
+    async def _retire(self, core: _Core | None, drift: DriftStage | None) -> None:
+        """Close what a reload replaced once the requests it still serves are done."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(RETIRE_MIN_S, self.config.server.grace_s)
+        if core is not None:
+            while core.pipeline.in_flight and loop.time() < deadline:
+                await asyncio.sleep(DRAIN_POLL_S)
+            await core.batching.close()
+            await core.traffic.close()
+            await core.direct.probes.close()
+            await core.fleet.close()
+        if drift is not None:
+            await drift.close()
+
+    async def _watch_config_file(self) -> None:
+        """Reload when the config file's content changes (checked every server.config_poll_s; 0:
+        not watched, until a reload sets it)."""
+        seen = file_digest(self.config_path)
+        while True:
+            interval = self.config.server.config_poll_s
+            await asyncio.sleep(interval if interval > 0 else 1.0)
+            digest = file_digest(self.config_path)
+            if digest is None or digest == seen:
+                continue
+            seen = digest
+            if self.config.server.config_poll_s <= 0:  # read again: a reload during the sleep may have set it
+                continue  # not watched: SIGHUP or the admin API reloads it
+            try:
+                await self.reload_file()
+            except ConfigError:
+                pass  # logged; the running config keeps serving
+            except Exception:  # a watcher bug must not stop the watching
+                log.exception("config reload from %s failed", self.config_path)
 
     def snapshot(self) -> dict:
         """Live state for people and tests: backends (health: healthy, unhealthy, unknown, or
@@ -253,6 +444,8 @@ class Gateway:
             },
             "batching": self.batching.snapshot(),
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},
+            "serving": {"draining": self.readiness.draining, "in_flight": self.readiness.in_flight,
+                        "reloads": self.reloads},
             "tenants": {} if self.guard is None else self.guard.snapshot(),
         }
 
@@ -312,13 +505,33 @@ async def envoy_services(config_json: str):
     """The envoy engine's services factory (gateway/server/engines/envoy.py): inside Envoy's process,
     on its event loop, build the Gateway from its config (the JSON of the config mapping), start its
     stages, serve its Methods, and stop the stages when Envoy shuts down."""
-    gateway = Gateway(config_from_mapping(json.loads(config_json)), worker=WorkerRole.from_environment())
+    gateway = Gateway(config_from_mapping(json.loads(config_json)), worker=WorkerRole.from_environment(),
+                      config_path=os.environ.get(ENV_CONFIG_PATH))
     await gateway.start_stages()
+    control = None
+    control_path = os.environ.get(ENV_CONTROL_SOCKET)
+    if control_path:
+        async def drain(argument: str) -> str:
+            gateway.readiness.drain()  # Envoy itself drains the connections (EnvoyEngine.stop)
+            return "draining"
+
+        async def reload(argument: str) -> str:
+            return await gateway.reload_text(json.loads(argument) if argument else "")
+
+        control = await serve_control(control_path, {"drain": drain, "reload": reload})
     log.info("tensorgate stages ready in Envoy (pid %d); %r", os.getpid(), gateway.fleet)
     try:
         yield gateway.methods()
     finally:
+        if control is not None:
+            control.close()
         await gateway.stop_stages()
+
+
+#: What the launcher tells the gateway inside Envoy: its control socket (gateway/admin/control.py)
+#: and the config file it was read from (for reloads and the file watch).
+ENV_CONTROL_SOCKET = "TENSORGATE_CONTROL_SOCKET"
+ENV_CONFIG_PATH = "TENSORGATE_CONFIG_PATH"
 
 
 class EnvoyGateway:
@@ -326,15 +539,24 @@ class EnvoyGateway:
     running inside the Envoy process (`envoy_services`). Same shape as Gateway's serving half:
     `start()`, `address`, `stop(grace)`, `wait()`; its live state is the admin GetSnapshot."""
 
-    def __init__(self, config: GatewayConfig, mapping: dict, stderr=None, worker: WorkerRole | None = None) -> None:
+    def __init__(self, config: GatewayConfig, mapping: dict, stderr=None, worker: WorkerRole | None = None,
+                 config_path: str | None = None) -> None:
         """`mapping` is the config as read (YAML or a dict), which the Envoy process loads again;
         `stderr`: where the Envoy process's standard error goes (a file; None: this process's);
-        `worker`: one worker of several (Envoy listens with reuse_port; its gateway reports to the hub)."""
+        `worker`: one worker of several (Envoy listens with reuse_port; its gateway reports to the hub);
+        `config_path`: the file it came from, which the gateway in Envoy reloads and watches."""
         from gateway.server.engines.envoy_server import EnvoyEngine, EnvoyOptions
 
         self.config = config
         mapping = {**mapping, "listen": config.listen}
         server = config.server
+        self._control_dir = tempfile.mkdtemp(prefix="tensorgate-control-")
+        self.control_path = os.path.join(self._control_dir, "control.sock")
+        env = {ENV_CONTROL_SOCKET: self.control_path}
+        if config_path is not None:
+            env[ENV_CONFIG_PATH] = os.path.abspath(config_path)
+        if worker is not None:
+            env.update(worker.environment())
         tls = server.tls
         options = EnvoyOptions(
             envoy_threads=server.envoy_threads, drain_s=max(1.0, server.grace_s),
@@ -351,7 +573,7 @@ class EnvoyGateway:
         self.engine = EnvoyEngine(
             config.listen, "gateway.app:envoy_services", argument=json.dumps(mapping),
             max_receive_bytes=server.max_message_bytes, options=options, stderr=stderr,
-            env=worker.environment() if worker is not None else None,
+            env=env,
         )
         self.port: int | None = None
 
@@ -369,17 +591,37 @@ class EnvoyGateway:
         return self
 
     async def stop(self, grace: float | None = None) -> None:
-        await self.engine.stop(self.config.server.grace_s if grace is None else grace)
+        """Drain: health NOT_SERVING inside (Check, Watch, ServerReady), then Envoy's own drain
+        (GOAWAY, calls in flight get `grace` seconds), then stop Envoy."""
+        grace = self.config.server.grace_s if grace is None else grace
+        if grace and self.engine.pid is not None:
+            try:
+                await send_control(self.control_path, "drain", timeout=min(5.0, grace))
+            except (OSError, asyncio.TimeoutError, ControlError) as error:
+                log.warning("could not tell the gateway in Envoy to drain: %s", error)
+        await self.engine.stop(grace)
+        shutil.rmtree(self._control_dir, ignore_errors=True)
+
+    async def reload(self, config_text: str = "") -> str:
+        """Reload the gateway inside Envoy: `config_text`, or "" to read its config file again.
+        ControlError with the loader's message when the config is refused."""
+        # One line each way: the text travels as a JSON string.
+        return await send_control(self.control_path, "reload", json.dumps(config_text) if config_text else "")
+
+    async def reload_file(self) -> str:
+        """Reload the gateway inside Envoy from its config file (as Gateway.reload_file)."""
+        return await self.reload()
 
     async def wait(self) -> None:
         await self.engine.wait()
 
 
 def serving_gateway(config: GatewayConfig, mapping: dict, envoy_stderr=None,
-                    worker: WorkerRole | None = None) -> "Gateway | EnvoyGateway":
+                    worker: WorkerRole | None = None, config_path: str | None = None) -> "Gateway | EnvoyGateway":
     """The gateway on the engine its config names (`server.engine`); `envoy_stderr`: where the
     Envoy process's standard error goes on the envoy engine (a file; None: this process's);
-    `worker`: this process is one worker of several (gateway/workers/)."""
+    `worker`: this process is one worker of several (gateway/workers/); `config_path`: the file the
+    config came from (reloads read it again, and it is watched)."""
     if config.server.resolved_engine() == "envoy":
-        return EnvoyGateway(config, mapping, stderr=envoy_stderr, worker=worker)
-    return Gateway(config, worker=worker)
+        return EnvoyGateway(config, mapping, stderr=envoy_stderr, worker=worker, config_path=config_path)
+    return Gateway(config, worker=worker, config_path=config_path)

@@ -26,6 +26,8 @@ from gateway.server.config import ENGINES
 
 EXIT_CONFIG = 2
 
+log = logging.getLogger("gateway.cli")
+
 
 def _install_loop() -> None:
     try:
@@ -35,23 +37,34 @@ def _install_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config, mapping, worker=None) -> None:
+async def _serve(config, mapping, config_path: str, worker=None) -> None:
     from gateway.app import serving_gateway
 
-    gateway = serving_gateway(config, mapping, worker=worker)
+    gateway = serving_gateway(config, mapping, worker=worker, config_path=config_path)
     await gateway.start()
     print(f"tensorgate serving on {gateway.address} ({config.server.resolved_engine()} engine)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if worker is not None:
-        # The parent forwards SIGHUP to every worker; SIGHUP's default action would end them all at
-        # once. Until the gateway reloads its config on SIGHUP, a worker says so and keeps serving.
-        loop.add_signal_handler(signal.SIGHUP, lambda: logging.getLogger("gateway.cli").warning(
-            "worker %d: SIGHUP received; config reload is not supported here, still serving", worker.worker_id))
+    reloads: set[asyncio.Task] = set()
+
+    async def reload() -> None:
+        try:
+            await gateway.reload_file()
+        except Exception as error:  # refused (logged by the gateway) or unreachable: keep serving
+            log.error("SIGHUP: config reload from %s refused, the running config keeps serving: %s", config_path, error)
+
+    def on_hangup() -> None:
+        task = asyncio.ensure_future(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    # Reload the config file; SIGHUP no longer ends the process. With several workers the parent
+    # forwards SIGHUP to each, and each reloads its own gateway.
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
-    await gateway.stop()
+    await gateway.stop()  # drains: NOT_SERVING first, work in flight gets server.grace_s
 
 
 def _worker_count(args: argparse.Namespace, config) -> int:
@@ -98,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _install_loop()
     if count > 1:
         return asyncio.run(_supervise(config, args.config, count, args.listen, args.verbose))
-    asyncio.run(_serve(config, mapping, worker))
+    asyncio.run(_serve(config, mapping, args.config, worker))
     return 0
 
 

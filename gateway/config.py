@@ -21,6 +21,7 @@ this module composes them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,73 @@ class GatewayConfig:
         return dataclasses.replace(self, listen=listen)
 
 
+#: What a reload applies live: these sections rebuild the backends and the stages that hold them
+#: (new requests go to the new ones, requests in flight finish on the old ones)…
+CORE_SECTIONS = ("pools", "models", "upstream", "health", "routing", "batching", "drift")
+#: …these server keys take effect at once…
+LIVE_SERVER_KEYS = ("grace_s", "name", "config_poll_s")
+#: …and everything else waits for a restart (a bound socket, the engine and what it was built with,
+#: the exporters, credentials and tenants, workers): a reload keeps its running value and logs that
+#: it changed. A section added later is restart-only until it is listed above.
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """How a reload from `old` to `new` goes: the config to run (`new` with the restart-only keys
+    kept at their running values), the sections applied live, the restart-only keys that changed."""
+
+    config: GatewayConfig
+    live: tuple[str, ...]
+    restart: tuple[str, ...]
+
+    @property
+    def core(self) -> bool:
+        """Whether the backends and the stages that hold them are rebuilt."""
+        return any(section in CORE_SECTIONS for section in self.live)
+
+    def summary(self) -> str:
+        text = f"applied: {', '.join(self.live)}" if self.live else "no change to apply"
+        if self.restart:
+            text += f"; changed but kept until a restart: {', '.join(self.restart)}"
+        return text
+
+
+def _get(config: GatewayConfig, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def plan_reload(old: GatewayConfig, new: GatewayConfig) -> ReloadPlan:
+    restart_sections = [f.name for f in dataclasses.fields(GatewayConfig) if f.name not in (*CORE_SECTIONS, "server")]
+    restart_server = [f.name for f in dataclasses.fields(type(old.server)) if f.name not in LIVE_SERVER_KEYS]
+    restart = tuple(name for name in restart_sections if getattr(old, name) != getattr(new, name))
+    restart += tuple(f"server.{name}" for name in restart_server if getattr(old.server, name) != getattr(new.server, name))
+    server = dataclasses.replace(new.server, **{name: getattr(old.server, name) for name in restart_server})
+    config = dataclasses.replace(new, server=server, **{name: getattr(old, name) for name in restart_sections})
+    live = tuple(section for section in CORE_SECTIONS if getattr(old, section) != getattr(config, section))
+    live += tuple(f"server.{key}" for key in LIVE_SERVER_KEYS if getattr(old.server, key) != getattr(server, key))
+    return ReloadPlan(config, live, restart)
+
+
+def parse_config_text(text: str) -> Any:
+    """A config sent as text (YAML, of which JSON is a part), before validation."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError("", f"the config is not valid YAML: {error}") from error
+
+
+def file_digest(path: str | os.PathLike) -> bytes | None:
+    """The SHA-256 of a file's content (None: unreadable now, e.g. while an editor replaces it)."""
+    try:
+        with open(path, "rb") as stream:
+            return hashlib.sha256(stream.read()).digest()
+    except OSError:
+        return None
+
+
 def config_from_mapping(data: Any) -> GatewayConfig:
     return load_dataclass(GatewayConfig, data)
 
@@ -107,4 +175,5 @@ def load_config(path: str | os.PathLike) -> GatewayConfig:
     return config_from_mapping(read_config_mapping(path))
 
 
-__all__ = ["GatewayConfig", "PoolConfig", "ModelRoute", "load_config", "read_config_mapping", "config_from_mapping", "parse_address"]
+__all__ = ["GatewayConfig", "PoolConfig", "ModelRoute", "ReloadPlan", "config_from_mapping", "file_digest", "load_config",
+           "parse_address", "parse_config_text", "plan_reload", "read_config_mapping"]

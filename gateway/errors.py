@@ -21,6 +21,11 @@
 
 Errors are raised as these classes inside the gateway and translated to a gRPC status only at the
 front door (gateway/server/rpc.py `status_of`), the way httpx translates only at layer boundaries.
+
+A message is for the client: what was wrong and what to do, bounded in length. What only an
+operator may know (a backend's address, gRPC's or the socket's own error text) goes in `detail`,
+which `status_of` logs and never sends. A string the client sent is quoted through `shown`, so a
+1 MB model name comes back as its first 128 characters and its length.
 """
 
 from __future__ import annotations
@@ -28,19 +33,45 @@ from __future__ import annotations
 import grpc
 
 
+#: The longest client string a message quotes in full (`shown`).
+SHOWN_CHARS = 128
+
+
+def shown(text: object, limit: int = SHOWN_CHARS) -> str:
+    """A string the client sent, fit to quote in a message: whole up to `limit` characters, else its
+    first `limit` characters, an ellipsis and its length."""
+    text = text if isinstance(text, str) else str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+#: What a client is told when its backend could not be reached or its connection broke: UNAVAILABLE,
+#: which it may retry (the address and the transport's own text go to the log, not to the client).
+BACKEND_UNAVAILABLE = "the backend serving this model is unavailable (connection failed or lost); retry the request"
+
+
 class GatewayError(Exception):
-    """An error that ends one request with a gRPC status."""
+    """An error that ends one request with a gRPC status.
+
+    `message` goes to the client; `detail` (optional) only to the gateway's log.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     trailers: tuple[tuple[str, str], ...] = ()
     """Trailing metadata the call ends with besides its status (e.g. grpc-retry-pushback-ms)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, detail: str = "") -> None:
         super().__init__(message)
         self.message = message
+        self.detail = detail
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.code.name}: {self.message}>"
+
+    def for_log(self) -> str:
+        """The message with its detail: for the gateway's log and its admin state, not for clients."""
+        return f"{self.message} [{self.detail}]" if self.detail else self.message
 
 
 class InvalidArgument(GatewayError):
@@ -102,8 +133,8 @@ class Unauthenticated(GatewayError):
 class BackendError(GatewayError):
     """A failure reported by a Triton backend; its status code is passed through to the client."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, backend: str = "") -> None:
-        super().__init__(message)
+    def __init__(self, code: grpc.StatusCode, message: str, backend: str = "", *, detail: str = "") -> None:
+        super().__init__(message, detail=detail or (f"backend {backend}" if backend else ""))
         self.code = code
         self.backend = backend
 

@@ -73,6 +73,7 @@ def gateway(tritons, front_door):
             "secondary": {"backends": [tritons[1].grpc_address]},
         },
         "health": {"interval_s": 0.5},
+        "server": {"reflection": True},  # off by default; tests/test_health_reflection.py drives it
     }
     with gateway_on(front_door, config) as thread:
         yield thread

@@ -4,6 +4,7 @@
     HangingServer    a TCP server that accepts connections and never answers (a collector or
                      webhook receiver that hangs)
     HttpRecorder     an HTTP server that records every POST (a webhook receiver)
+    SteadyLoad       clients sending good requests one after another, counting the answers by status
 
 and `scrape(port)`, every sample of a Prometheus /metrics endpoint (the gateway's own).
 
@@ -23,15 +24,20 @@ It is a small real server (grpcio, threads), not a mock: the gateway talks gRPC 
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import concurrent.futures
 import http.server
 import json
 import queue
 import socket
 import threading
+import time
 import urllib.request
 
 import grpc
+
+from gateway.bench.loadgen import MODEL_INFER_METHOD, build_infer_request
 
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -262,6 +268,48 @@ def sample(samples: dict, name: str, **labels) -> float | None:
     return found[0] if found else None
 
 
+class SteadyLoad:
+    """`workers` clients sending simple_scale one request after another, in a thread, until stopped;
+    `outcome` counts the answers by status."""
+
+    def __init__(self, address: str, workers: int = 8) -> None:
+        self.address = address
+        self.workers = workers
+        self.outcome: collections.Counter = collections.Counter()
+        self.samples: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        payload = build_infer_request("simple_scale")
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            call = channel.unary_unary(MODEL_INFER_METHOD)
+
+            async def worker() -> None:
+                while not self._stop.is_set():
+                    try:
+                        await call(payload, timeout=30)
+                        self.outcome["OK"] += 1
+                    except grpc.aio.AioRpcError as error:
+                        self.outcome[error.code().name] += 1
+                        if len(self.samples) < 5:
+                            self.samples.append(f"{error.code().name}: {error.details()}")
+
+            await asyncio.gather(*(worker() for _ in range(self.workers)))
+
+    def __enter__(self) -> "SteadyLoad":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def served_more_than(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.outcome["OK"] <= count:
+            assert time.monotonic() < deadline, f"load stalled: {self.outcome} {self.samples}"
+            time.sleep(0.05)
 class TlsRelay:
     """A TLS server on 127.0.0.1 (a free port) that relays each connection's bytes to a plaintext
     `target` ("host:port") and back: TLS termination in front of an endpoint that cannot serve TLS

@@ -104,7 +104,7 @@ def test_admin_snapshot_reports_the_live_state(gateway, tritons):
     client.infer("simple_scale", [tensor])
     after = gateway.admin_snapshot()
     assert set(after) == {"backends", "discovery", "routing", "placement", "probes", "traffic", "sequences", "batching",
-                          "drift", "tenants", "resilience"}
+                          "drift", "tenants", "resilience", "serving"}
     assert after["discovery"] == {}  # no pool of the shared gateway is found by DNS
     assert after["tenants"] == {}  # no auth configured
     # The model's placement table: its pools, each backend's learned service time.

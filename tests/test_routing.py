@@ -136,7 +136,7 @@ def test_unavailable_when_no_backend_is_healthy(proxies):
             assert _infer(gateway.address, version=version).as_numpy("OUTPUT0")[0, 0] == 2.0
         only.stop()
         _wait(lambda: _health(gateway, only) == "unhealthy", "the backend to leave rotation")
-        for version, message in (("1", "no healthy backend in pools [primary]"),
+        for version, message in (("1", "model 'simple_scale' version 1: no healthy backend can serve it now"),
                                  # the default version is looked up again when the fleet changes
                                  ("", "model 'simple_scale': no backend answered for its metadata")):
             with pytest.raises(triton_grpc.InferenceServerException) as error:

@@ -145,6 +145,18 @@ def _cases() -> dict:
         "sequence_start of the wrong type": ("simple_scale", lambda r: setattr(r.parameters["sequence_start"], "int64_param", 1)),
         "priority of the wrong type": ("simple_scale", lambda r: setattr(r.parameters["priority"], "string_param", "high")),
         "timeout of the wrong type": ("simple_scale", lambda r: setattr(r.parameters["timeout"], "uint64_param", 10)),
+        # (issue 13: these came back INTERNAL through the gateway's HTTP upstream)
+        "timeout as a string": ("simple_scale", lambda r: setattr(r.parameters["timeout"], "string_param", "10")),
+        "empty final response flag as a string": ("simple_scale", lambda r: setattr(
+            r.parameters["triton_enable_empty_final_response"], "string_param", "true")),
+        "negative priority": ("simple_scale", lambda r: setattr(r.parameters["priority"], "int64_param", -1)),
+        "unsigned parameter": ("simple_scale", lambda r: setattr(r.parameters["custom"], "uint64_param", 1)),
+        "parameter without a value": ("simple_scale", lambda r: r.parameters["custom"].CopyFrom(
+            service_pb2.InferParameter())),
+        "classification of the wrong type": ("simple_scale", lambda r: setattr(
+            r.outputs.add(name="OUTPUT0").parameters["classification"], "string_param", "3")),
+        "typed contents beside raw, two inputs": ("add_sub", lambda r: r.inputs[1].contents.fp32_contents.extend(
+            [1.0] * 16)),
         # several faults at once: the one Triton names first
         "both inputs of the wrong datatype": ("add_sub", lambda r: [field(t, "datatype", "INT32") for t in r.inputs]),
         "wrong datatype and shape": ("simple_scale", lambda r: (field(r.inputs[0], "datatype", "INT32"), shape(1, 15)(r))),
@@ -225,6 +237,21 @@ def test_refusals_in_the_gateways_own_words_keep_tritons_status(triton, gateway,
     through = _unary(gateway.address, request)
     assert through[0] == direct[0] == "INVALID_ARGUMENT"
     assert "batch size" in through[1] and "expected 1 to 64" in through[1]
+
+
+@pytest.mark.parametrize("parameter", ["binary_data_output", "triton_enable_empty_final_response"])
+def test_http_only_and_stream_only_parameters_are_served_as_triton_serves_them(triton, gateway, parameter):
+    """Meaningless over unary gRPC, and served by Triton there; the HTTP upstream must not hand
+    them to Triton's HTTP endpoint, which reads (binary_data_output: a double failed as INTERNAL) or
+    refuses (triton_ keys) them."""
+    request = _request()
+    request.outputs.add(name="OUTPUT0")
+    if parameter == "binary_data_output":
+        request.parameters[parameter].double_param = 0.5
+    else:
+        request.parameters[parameter].bool_param = False
+    assert _unary(triton.grpc_address, request) == ("OK", "")
+    assert _unary(gateway.address, request) == ("OK", "")
 
 
 def test_extra_raw_buffer_is_refused_although_triton_serves_it(triton, gateway):

@@ -7,7 +7,7 @@ import math
 from typing import Callable
 
 from gateway.drift.stage import DriftStage
-from gateway.errors import InvalidArgument, NotFound
+from gateway.errors import InvalidArgument, NotFound, shown
 from gateway.protocol import message_class
 from gateway.server.rpc import Call, Method, methods_of, parse_request
 
@@ -51,7 +51,7 @@ class DriftService:
         monitor = self.drift.monitors.get(model)
         if monitor is None:
             watched = ", ".join(sorted(self.drift.monitors)) or "none"
-            raise NotFound(f"model '{model}' is not drift-monitored; monitored models: {watched}")
+            raise NotFound(f"model '{shown(model)}' is not drift-monitored; monitored models: {watched}")
         return monitor
 
     def _alert(self, alert: dict):

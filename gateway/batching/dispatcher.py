@@ -12,11 +12,16 @@ import time
 from typing import NamedTuple
 
 from gateway.batching.config import BatchingConfig, BatchingPolicy
-from gateway.batching.merge import batch_key, merge, split
+from gateway.batching.merge import batch_key, key_bytes, merge, split
 from gateway.batching.queue import BatchQueue, Queued
 from gateway.batching.counters import BatchCounters
 from gateway.pipeline.exchange import Exchange, ModelEntry
 from gateway.pipeline.layout import MAX_LAYOUTS
+
+#: Batch queues kept per model version before the idle ones are dropped, and the largest batch key
+#: (parameters, names) a queue is made for: together they bound what queues hold (~1 MiB a model).
+MAX_QUEUES = 64
+MAX_KEY_BYTES = 16 * 1024
 from gateway.protocol.tensors import raw_of_typed
 from gateway.routing.dispatcher import DirectDispatcher
 from gateway.routing.router import Router
@@ -117,8 +122,13 @@ class BatchingDispatcher:
                 place = self._place(batching, request, layout)
             queue, rows = place
             return queue.put(exchange, rows, deadline, 0)
+        key = batch_key(request)
+        if key_bytes(key) > MAX_KEY_BYTES:
+            # A request unlike any other (kilobytes of parameters or names) gets no queue of its own to
+            # keep: it goes as it came, and a client cannot make the gateway hold its keys.
+            return self.direct.infer(exchange, deadline)
         to_raw(request)
-        queue = self._queue(batching, batch_key(request))
+        queue = self._queue(batching, key)
         rows = request.inputs[0].shape[0] if request.inputs else 1
         return queue.put(exchange, rows, deadline, _priority(request))
 
@@ -132,9 +142,22 @@ class BatchingDispatcher:
     def _queue(self, batching: _ModelBatching, key: tuple) -> BatchQueue:
         queue = batching.queues.get(key)
         if queue is None:
+            if len(batching.queues) >= MAX_QUEUES:
+                self._drop_idle_queues(batching)
             queue = self._new_queue(batching)
             batching.queues[key] = queue
         return queue
+
+    @staticmethod
+    def _drop_idle_queues(batching: _ModelBatching) -> None:
+        """Forget the queues with nothing waiting or in flight: every batch key (inputs, shapes,
+        parameters) makes a queue, and clients choose the keys — a fuzzer made 40 a second, each
+        kept forever. Busy queues stay; an idle one is made again when its key comes back."""
+        for key, queue in list(batching.queues.items()):
+            if queue.idle:
+                queue.retire()
+                del batching.queues[key]
+        batching.places.clear()  # it may point at dropped queues
 
     def infer_decoupled(self, exchange: Exchange, deadline: float | None):
         return self.direct.infer_decoupled(exchange, deadline)

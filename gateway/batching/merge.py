@@ -33,6 +33,15 @@ def batch_key(request) -> tuple:
     return tuple(sorted(inputs)), outputs, parameters
 
 
+def key_bytes(key: tuple) -> int:
+    """About how many bytes a batch key holds (its names and serialized parameters)."""
+    inputs, outputs, parameters = key
+    size = sum(len(name) + len(datatype) + 8 * len(shape) + sum(len(k) + len(v) for k, v in tensor_parameters)
+               for name, datatype, shape, tensor_parameters in inputs)
+    size += sum(len(name) + sum(len(k) + len(v) for k, v in output_parameters) for name, output_parameters in outputs)
+    return size + sum(len(k) + len(v) for k, v in parameters)
+
+
 def _parameters_key(parameters, skip: frozenset = frozenset()) -> tuple:
     if not parameters:
         return ()

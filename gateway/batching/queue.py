@@ -355,6 +355,17 @@ class BatchQueue:
             if not pending.future.done():
                 pending.future.set_exception(error)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waits and no batch of it is in flight: it may be dropped (and made again)."""
+        return self.size == 0 and not self._tasks
+
+    def retire(self) -> None:
+        """Drop an idle queue: its timer, if one is armed, will not fire."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

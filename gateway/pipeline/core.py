@@ -44,6 +44,8 @@ class Pipeline:
         self.observers: list[Observer] = [self._count]
         self.refusal_observers: list[RefusalObserver] = []
         self.trace_starter: TraceStarter | None = None
+        self.in_flight = 0
+        """Requests inside infer/infer_stream now: a config reload retires this pipeline at 0."""
         self.version_pickers: dict[str, Callable] = {}
         """model -> pick(request, metadata): sets the version of a request that names none (a traffic
         split; gateway/traffic/). Runs before the model is resolved; empty: nothing to pick."""
@@ -187,17 +189,21 @@ class Pipeline:
         """One response for one request (ModelInfer). `metadata`: the call's gRPC metadata (trace
         context); `size`: the request's serialized bytes (what the model's gate counts)."""
         started = time.perf_counter_ns()
-        if self.version_pickers:
-            self._pick_version(request, metadata)
-        # No coroutine layer for a model already resolved: resolving awaits only the first time.
-        entry = self._known_entry(request) or await self._resolve_admitting(request, started)
-        layout = self._admit(entry, request, started, unary=True)
-        gate = self._enter_gate(entry, request, size, started)
+        self.in_flight += 1
         try:
-            response = await self._infer_one(self._exchange(entry, request, metadata, started, layout), deadline)
+            if self.version_pickers:
+                self._pick_version(request, metadata)
+            # No coroutine layer for a model already resolved: resolving awaits only the first time.
+            entry = self._known_entry(request) or await self._resolve_admitting(request, started)
+            layout = self._admit(entry, request, started, unary=True)
+            gate = self._enter_gate(entry, request, size, started)
+            try:
+                response = await self._infer_one(self._exchange(entry, request, metadata, started, layout), deadline)
+            finally:
+                gate.inflight -= 1
+                gate.held_bytes -= size
         finally:
-            gate.inflight -= 1
-            gate.held_bytes -= size
+            self.in_flight -= 1
         # The backend call rode a stream; Triton puts `triton_final_response` on stream responses only.
         if FINAL_FLAG_RESPONSE in response.parameters:
             del response.parameters[FINAL_FLAG_RESPONSE]
@@ -218,6 +224,14 @@ class Pipeline:
 
     async def infer_stream(self, request, deadline: float | None, metadata=None, size: int = 0):
         """Yield every response of one request (one for ordinary models, any number if decoupled)."""
+        self.in_flight += 1
+        try:
+            async for response in self._infer_stream(request, deadline, metadata, size):
+                yield response
+        finally:
+            self.in_flight -= 1
+
+    async def _infer_stream(self, request, deadline: float | None, metadata=None, size: int = 0):
         started = time.perf_counter_ns()
         if self.version_pickers:
             self._pick_version(request, metadata)

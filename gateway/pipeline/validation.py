@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from math import prod
 
-from gateway.errors import InvalidArgument, Unimplemented
+from gateway.errors import InvalidArgument, Unimplemented, shown
 from gateway.ext import bytes_element_count
 from gateway.protocol import triton_messages as triton
 from gateway.protocol.tensors import (
@@ -68,24 +68,47 @@ PARAMETER_KINDS = {
     "sequence_end": (("bool_param",), "bool_param."),
     "priority": (("int64_param", "uint64_param"), "int64_param or uint64_param."),
     "timeout": (("int64_param",), "int64_param."),
+    "triton_enable_empty_final_response": (("bool_param",), "bool_param."),
 }
+#: Triton's longest string sequence id.
+MAX_CORRELATION_ID_CHARS = 128
 #: The one `triton_` parameter a client may send.
 CLIENT_TRITON_PARAMETERS = ("triton_enable_empty_final_response",)
+#: What any other request parameter may hold (Triton's core has no unsigned or empty parameter).
+OTHER_PARAMETER_KINDS = (("int64_param", "bool_param", "string_param", "double_param"),
+                         "int64_param, bool_param, or string_param.")
+#: Output parameters Triton reads, with their kinds.
+OUTPUT_PARAMETER_KINDS = {"classification": (("int64_param",), "int64_param")}
 
 
 def check_parameters(parameters) -> None:
-    """Triton's gRPC front end refuses reserved keys and its own parameters of the wrong kind; the
-    gateway refuses them first, so every upstream transport sees only requests Triton accepts."""
+    """Triton's gRPC front end refuses reserved keys and parameters of a kind it cannot take (its own
+    of the wrong kind; any of an unsigned or no kind; a negative priority); the gateway refuses them
+    first, in Triton's words, so no upstream transport turns them into another status (Triton's
+    HTTP endpoint answered several as INTERNAL)."""
     for key in parameters:
+        if "\0" in key:
+            # Triton's core reads keys as C strings: its HTTP endpoint answered INTERNAL ("parameter
+            # key 'sequ' was not found"), its gRPC endpoint would take another key than the one sent.
+            raise InvalidArgument(f"parameter key {shown(key)!r} holds a NUL character; expected a key without one")
+        value = parameters[key]
+        kind = value.WhichOneof("parameter_choice")
         kinds = PARAMETER_KINDS.get(key)
         if kinds is not None:
-            if parameters[key].WhichOneof("parameter_choice") not in kinds[0]:
+            if kind not in kinds[0]:
                 raise InvalidArgument(triton.PARAMETER_TYPE.format(name=key, expected=kinds[1]))
-        elif key.startswith("triton_") and key not in CLIENT_TRITON_PARAMETERS:
+            if key == "priority" and kind == "int64_param" and value.int64_param < 0:
+                raise InvalidArgument(triton.NEGATIVE_PRIORITY.format())
+            if (key == "sequence_id" and kind == "string_param"
+                    and len(value.string_param.encode()) > MAX_CORRELATION_ID_CHARS):  # Triton counts bytes
+                raise InvalidArgument(triton.LONG_CORRELATION_ID.format(limit=MAX_CORRELATION_ID_CHARS))
+        elif key.startswith("triton_"):
             raise InvalidArgument(
                 triton.RESERVED_PARAMETER.format()
                 + ". Only the following keys starting with 'triton_' are allowed: " + ", ".join(CLIENT_TRITON_PARAMETERS)
             )
+        elif kind not in OTHER_PARAMETER_KINDS[0]:
+            raise InvalidArgument(triton.PARAMETER_TYPE.format(name=key, expected=OTHER_PARAMETER_KINDS[1]))
 
 
 def _check_front_end(request, model: str, inputs: list, outputs, raw) -> None:
@@ -114,6 +137,13 @@ def _check_front_end(request, model: str, inputs: list, outputs, raw) -> None:
                 "expected one raw_input_contents entry per input, or typed contents in each input",
             ))
     for output in outputs:
+        for key, (kinds, expected) in OUTPUT_PARAMETER_KINDS.items() if len(output.parameters) else ():
+            if key in output.parameters:
+                value = output.parameters[key]
+                if value.WhichOneof("parameter_choice") not in kinds:
+                    raise InvalidArgument(triton.PARAMETER_TYPE.format(name=key, expected=expected))
+                if value.int64_param < 0:
+                    raise InvalidArgument(triton.NEGATIVE_PARAMETER.format(name=key))
         for key in SHARED_MEMORY_PARAMETERS if len(output.parameters) else ():
             if key in output.parameters:
                 raise Unimplemented(

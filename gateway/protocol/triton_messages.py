@@ -22,6 +22,8 @@ import string
 
 import grpc
 
+from gateway.errors import shown
+
 _REQUEST_ID = re.compile(r"\[request id: [^\]]*\] ")
 
 
@@ -52,8 +54,10 @@ class TritonMessage:
         return f"<TritonMessage {self.name} {self.code.name}>"
 
     def format(self, request_id: str = "", **fields) -> str:
-        text = self.template.format(**fields)
-        return request_prefix(request_id) + text if self.prefixed else text
+        # Names and ids come from the client: quoted whole up to a bound, never a megabyte back.
+        text = self.template.format(**{key: shown(value) if isinstance(value, str) else value
+                                       for key, value in fields.items()})
+        return request_prefix(shown(request_id)) + text if self.prefixed else text
 
     def matches(self, text: str) -> bool:
         if self.prefixed:
@@ -195,10 +199,20 @@ RESERVED_PARAMETER = _M(
 PARAMETER_TYPE = _M(
     "parameter type", _INVALID, "invalid value type for '{name}' parameter, expected {expected}"
 )
+NEGATIVE_PARAMETER = _M("negative parameter", _INVALID, "invalid value for '{name}' parameter, expected >= 0")
+NEGATIVE_PRIORITY = _M("negative priority", _INVALID, "invalid value for 'priority', expected value >= 0.")
 NO_CORRELATION_ID = _M(
     "sequence without an id", _INVALID,
     "inference request to model '{model}' must specify a non-zero or non-empty correlation ID",
 )
+SEQUENCE_NOT_STARTED = _M(
+    "sequence step before its start", _INVALID,
+    "inference request for sequence {sequence} to model '{model}' must specify the START flag on the first "
+    "request of the sequence",
+)
+#: Triton answers this one UNIMPLEMENTED; the gateway refuses it first, as the bad argument it is.
+LONG_CORRELATION_ID = _M("correlation id too long", _INVALID,
+                         "string correlation ID cannot be longer than {limit} characters")
 
 # -- refused for load, not for the request: worth another backend (the unary path's UNAVAILABLE) --
 QUEUE_FULL = _M("queue full", grpc.StatusCode.UNAVAILABLE, "Exceeds maximum queue size", prefixed=True)

@@ -58,16 +58,16 @@ class _Watch:
 
 
 class RolloutController:
-    def __init__(self, config: RolloutConfig, traffic: TrafficStage, router: Router, fleet: Fleet,
+    def __init__(self, config: RolloutConfig, core: Callable[[], object],
                  on_live: Callable[[str, str, str | None, Path | None], None] | None = None) -> None:
-        """`on_live(model, version, digest, reference)` is told which version serves a model (at start
+        """`core()` is the gateway's current set of backend-holding stages (`.traffic`, `.router`,
+        `.fleet`): a config reload replaces them, and the controller always acts on the current ones.
+        `on_live(model, version, digest, reference)` is told which version serves a model (at start
         for the stored ones, then at each promotion and rollback): the drift stage records its digest
         in retraining captures and installs the drift reference packaged with it (or None)."""
         self.config = config
         self.on_live = on_live
-        self.traffic = traffic
-        self.router = router
-        self.fleet = fleet
+        self._core = core
         self.store = RolloutStore(config.state_file)
         self.audit = None
         if config.audit_log:
@@ -76,6 +76,24 @@ class RolloutController:
             self.audit = AuditLog(config.audit_log)
         self._tasks: dict[str, asyncio.Task] = {}
         self._watches: dict[str, _Watch] = {}
+
+    @property
+    def traffic(self) -> TrafficStage:
+        return self._core().traffic
+
+    @property
+    def router(self) -> Router:
+        return self._core().router
+
+    @property
+    def fleet(self) -> Fleet:
+        return self._core().fleet
+
+    def reapply(self) -> None:
+        """Put every model's split on the current traffic stage (after a config reload rebuilt it)."""
+        for model, state in self.store.models.items():
+            if state.weights:
+                self.traffic.set_split(model, state.weights)
 
     def __repr__(self) -> str:
         running = sorted(model for model, state in self.store.models.items() if state.running)
@@ -100,9 +118,8 @@ class RolloutController:
 
     async def start(self) -> None:
         """Put every stored split back, and resume the rollouts that were running."""
+        self.reapply()
         for model, state in self.store.models.items():
-            if state.weights:
-                self.traffic.set_split(model, state.weights)
             if state.live is not None:
                 self._tell_live(state, install_reference=False)  # the drift stage loaded its own at start
             if state.running:

@@ -24,7 +24,7 @@ import asyncio
 import time
 from typing import AsyncIterator, Awaitable
 
-from gateway.errors import Abandoned, DeadlineExceeded, Unavailable
+from gateway.errors import Abandoned, DeadlineExceeded, Unavailable, shown
 from gateway.pipeline.contracts import TracedSend
 from gateway.pipeline.exchange import Exchange, ModelEntry
 from gateway.routing.hedging import Hedging
@@ -127,9 +127,8 @@ class DirectDispatcher:
         if backend is not None and not backend.healthy:
             self.sequences.end(entry.name, sequence_id)
             raise Unavailable(
-                f"sequence {sequence_id!r} of model '{entry.name}' lived on backend {backend.address}, which is "
-                "no longer healthy; its state is lost: start the sequence again"
-            )
+                f"sequence {shown(repr(sequence_id))} of model '{entry.name}' lived on a backend that is no longer "
+                "healthy; its state is lost: start the sequence again", detail=f"backend {backend.address}")
         if backend is not None:
             return backend, STICKY, sequence
         # Not bound here (a start, or a sequence begun through another worker): rendezvous hashing

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import time
 
-from gateway.errors import NotFound, Unavailable
+from gateway.errors import NotFound, Unavailable, shown
 from gateway.routing.config import ModelRoute, RoutingConfig
 from gateway.routing.placement import LatencyEstimate, PoolGate, load_score
 from gateway.routing.rendezvous import Rendezvous, sequence_key
@@ -249,12 +249,12 @@ class Router:
 
     def _refuse(self, model: str, version: str, exclude: Backend | None) -> None:
         if self.pools_of(model) is None:
-            raise NotFound(f"model '{model}' is not routed by this gateway")
+            raise NotFound(f"model '{shown(model)}' is not routed by this gateway")
         pools = ", ".join(self.pools_of(model) or ())
         raise Unavailable(
-            f"model '{model}'{f' version {version}' if version else ''}: no healthy backend in pools [{pools}]"
-            + (" other than the one that just failed" if exclude is not None else "")
-        )
+            f"model '{shown(model)}'{f' version {shown(version)}' if version else ''}: no healthy backend can serve "
+            "it now" + (" other than the one that just failed" if exclude is not None else "") + "; retry later",
+            detail=f"pools [{pools}]")
 
     def _send_probe(self, probe: Backend, chosen: Backend) -> None:
         """Ask the dispatcher for a probe copy, unless the live request itself goes to that pool

@@ -39,6 +39,21 @@ class SequenceTable:
     def end(self, model: str, sequence_id: object) -> None:
         self._entries.pop((model, sequence_id), None)
 
+    def rebind(self, successor) -> int:
+        """After the fleet was rebuilt (a config reload): move each sequence to `successor(backend)`,
+        the new fleet's backend of the same address, or forget it (None: its backend was removed, so
+        its state is gone, and its next step is refused as for a backend that died). Returns how
+        many were forgotten."""
+        forgotten = 0
+        for key, (backend, last_used, idle_s) in list(self._entries.items()):
+            replacement = successor(backend)
+            if replacement is None:
+                del self._entries[key]
+                forgotten += 1
+            else:
+                self._entries[key] = (replacement, last_used, idle_s)
+        return forgotten
+
     def expire(self) -> int:
         """Drop idle sequences; returns how many were dropped."""
         now = self._clock()

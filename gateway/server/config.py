@@ -86,6 +86,21 @@ class ServerConfig:
     3.11+), grpcio otherwise."""
     envoy_threads: int | None = None
     """envoy engine: Envoy's worker threads (its C++ side); None: one per core."""
+    reflection: bool = False
+    """Serve gRPC server reflection (`grpc.reflection.v1alpha.ServerReflection`), which lists and
+    describes every service, the admin API included, to anyone who can connect. Off by default:
+    clients of the inference protocol ship its protos (tritonclient does), and a gateway facing
+    untrusted networks should not hand out a map of its admin API. Turn it on for grpcurl, Postman
+    or grpc_cli without proto files."""
+    config_poll_s: float = 2.0
+    """How often `tensorgate serve` checks its config file for a change of content, and reloads it
+    (0: only on SIGHUP and the admin ReloadConfig)."""
+    max_pending_calls: int = 65536
+    """grpcio engine: calls grpc core has received but not yet handed to the gateway's Python (a
+    burst on one busy connection). grpc's own default drops them at random from 1,000 pending
+    (all beyond 3,000) as CANCELLED, a status clients do not retry and the gateway never sees: 6–9 %
+    of 2,000 concurrent calls on one channel. Up to this many wait their turn instead; overload is
+    refused by the gateway's own limits, with a status a client can act on."""
     tls: ServerTls | None = None
     """TLS (and mutual TLS) on the front door; None: plaintext (loopback or behind a TLS proxy)."""
     max_concurrent_streams: int = 1024
@@ -141,6 +156,10 @@ class ServerConfig:
             raise ConfigError(f"{path}.name", "expected a non-empty server name")
         if self.max_message_bytes < 1024:
             raise ConfigError(f"{path}.max_message_bytes", "expected at least 1024 bytes")
+        if self.max_pending_calls < 1:
+            raise ConfigError(f"{path}.max_pending_calls", "expected at least 1 call")
+        if self.config_poll_s < 0:
+            raise ConfigError(f"{path}.config_poll_s", "expected zero (no watching) or more seconds")
         for name in ("http2_stream_window_bytes", "http2_connection_window_bytes"):
             if not 65535 <= getattr(self, name) <= 2**31 - 1:
                 raise ConfigError(f"{path}.{name}", "expected 65535 to 2147483647 bytes (HTTP/2's range)")

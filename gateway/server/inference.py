@@ -19,6 +19,7 @@ from gateway.protocol import INFERENCE_SERVICE, pb
 from gateway.routing.dispatcher import sequence_of
 from gateway.security.guard import Guard
 from gateway.server.model_statistics import PeerCounts, model_statistics
+from gateway.server.readiness import Readiness
 from gateway.server.rpc import Call, Method, methods_of, parse_request, status_of
 from gateway.upstream.fleet import Fleet
 
@@ -43,10 +44,12 @@ class InferenceService:
     """Serves the KServe v2 / Triton inference protocol on top of the pipeline."""
 
     def __init__(self, pipeline: Pipeline, fleet: Fleet, server_name: str = "triton", guard: Guard | None = None,
-                 peer_counts: PeerCounts | None = None) -> None:
+                 peer_counts: PeerCounts | None = None, readiness: Readiness | None = None) -> None:
         self.pipeline = pipeline
         self.fleet = fleet
         self.server_name = server_name
+        self.readiness = readiness if readiness is not None else Readiness()
+        """Draining (SIGTERM): ServerReady false, new requests refused at the end; requests in flight counted."""
         self.guard = guard
         """Tenants' model allow-lists and request limits (gateway/security/guard.py), or None: then
         no call does any of this work. Who is calling (call.tenant) is set by server/access.py."""
@@ -98,7 +101,7 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True).SerializeToString()
 
     async def server_ready(self, raw: bytes, call: Call) -> bytes:
-        ready = any(b.healthy for b in self.fleet.backends())
+        ready = not self.readiness.draining and any(b.healthy for b in self.fleet.backends())
         return pb.ServerReadyResponse(ready=ready).SerializeToString()
 
     async def server_metadata(self, raw: bytes, call: Call) -> bytes:
@@ -113,7 +116,7 @@ class InferenceService:
         request = parse_request(pb.ModelReadyRequest, raw)
         if self.guard is not None:
             self.guard.check_model(call, request.name)
-        ready = self.pipeline.routes(request.name) and any(
+        ready = not self.readiness.draining and self.pipeline.routes(request.name) and any(
             b.healthy and b.serves(request.name, request.version) for b in self.fleet.backends()
         )
         return pb.ModelReadyResponse(ready=bool(ready)).SerializeToString()
@@ -184,17 +187,27 @@ class InferenceService:
         return gate
 
     async def model_infer(self, raw: bytes, call: Call) -> bytes:
-        # Admitted under the gateway's limits by the engine (Method.gate); the model's, here.
-        request = self._parse_infer(raw)
-        response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call), len(raw))
+        readiness = self.readiness
+        readiness.admitted()
+        try:
+            # Admitted under the gateway's limits by the engine (Method.gate); the model's, here.
+            request = self._parse_infer(raw)
+            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call), len(raw))
+        finally:
+            readiness.finished()
         return response.SerializeToString()
 
     async def model_infer_guarded(self, raw: bytes, call: Call) -> bytes:
         """ModelInfer with the guard's checks: the tenant may use the model, the request is within
         the limits (its rate was spent when the call was authenticated)."""
-        request = self._parse_infer(raw)
-        self.guard.check_infer(call, request, len(raw), False)
-        response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call))
+        readiness = self.readiness
+        readiness.admitted()
+        try:
+            request = self._parse_infer(raw)
+            self.guard.check_infer(call, request, len(raw), False)
+            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call))
+        finally:
+            readiness.finished()
         return response.SerializeToString()
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], call: Call) -> AsyncIterator[bytes]:
@@ -211,11 +224,16 @@ class InferenceService:
         check = None if self.guard is None else self.guard.check_infer  # each request spends from the rate
         done_reading = object()
 
+        readiness = self.readiness
+
         async def serve_one(request, error, after: asyncio.Task | None, size: int) -> None:
             request_id = request.id if request is not None else ""
+            counted = False
             try:
                 if error is not None:
                     raise error
+                readiness.admitted()
+                counted = True
                 if after is not None:
                     await asyncio.wait((after,))  # its outcome is its own; only the order matters here
                 gate = self._enter_gateway(size)
@@ -229,6 +247,9 @@ class InferenceService:
                 answer = pb.ModelStreamInferResponse(error_message=message)
                 answer.infer_response.id = request_id
                 outbox.put_nowait(answer.SerializeToString())
+            finally:
+                if counted:
+                    readiness.finished()
 
         def forget_step(sequence_id, task: asyncio.Task) -> None:
             if last_step.get(sequence_id) is task:

@@ -14,6 +14,7 @@ service runs unchanged on every engine.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -103,16 +104,52 @@ def parse_request(message_type: type, raw: bytes):
         raise InvalidArgument(f"request is not a valid {message_type.DESCRIPTOR.name}: {error}") from None
 
 
+#: The longest status message sent: a client's header limit (grpc's default is 8 KiB of metadata)
+#: must hold it, or the client sees "Stream removed" instead of the status.
+MAX_MESSAGE_CHARS = 1024
+
+#: At most one log line a second per status code for errors with a `detail` (a backend outage
+#: fails every request; the log says so, and how many more there were, without a line each).
+_DETAIL_LOG_INTERVAL_S = 1.0
+_detail_logged: dict[grpc.StatusCode, list] = {}
+#: The statuses whose detail is an operator's business (a backend down or failing); a backend's
+#: refusal of a client's request is the client's, and not logged.
+_LOGGED_CODES = frozenset((grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                           grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS))
+
+
+def _log_detail(error: GatewayError, method: str) -> None:
+    now = time.monotonic()
+    entry = _detail_logged.setdefault(error.code, [0.0, 0])
+    if now - entry[0] < _DETAIL_LOG_INTERVAL_S:
+        entry[1] += 1
+        return
+    more = f" (and {entry[1]} more since the last line)" if entry[1] else ""
+    entry[0], entry[1] = now, 0
+    log.warning("%s answered %s: %s [%s]%s", method or "a call", error.code.name, error.message, error.detail, more)
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}… (message cut at {limit} of {len(message)} characters)"
+
+
 def status_of(error: BaseException, method: str = "") -> tuple[grpc.StatusCode, str]:
     """The status a call ends with when its handler raised `error`.
 
-    A GatewayError carries its own; anything else is a gateway bug: logged with its traceback and
-    answered INTERNAL (an InternalError), while the server keeps serving.
+    A GatewayError carries its own; its `detail` (what only an operator may read: backend
+    addresses, gRPC's own error text) is logged, never sent. Anything else is a gateway bug: logged
+    with its traceback and answered INTERNAL without its text, while the server keeps serving. The
+    message sent is bounded (MAX_MESSAGE_CHARS).
     """
     if not isinstance(error, GatewayError):
         log.error("%s failed unexpectedly", method or "a call", exc_info=error)
-        error = InternalError(f"internal gateway error: {error!r}")
-    return error.code, error.message
+        # The exception's text may hold anything (addresses, a client's bytes): the log has it.
+        return grpc.StatusCode.INTERNAL, f"internal gateway error ({type(error).__name__}); the gateway's log has the details"
+    if error.detail and error.code in _LOGGED_CODES:
+        _log_detail(error, method)
+    return error.code, bounded(error.message)
 
 
 def trailers_of(error: BaseException) -> tuple[tuple[str, str], ...]:

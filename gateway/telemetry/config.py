@@ -13,8 +13,10 @@ class TelemetryConfig:
 
     prometheus_port: int | None = None
     """Serve a Prometheus scrape endpoint (`/metrics`) on this port (0 picks a free one)."""
-    prometheus_host: str = "0.0.0.0"
-    """Address the scrape endpoint binds (127.0.0.1 to keep it local)."""
+    prometheus_host: str = "127.0.0.1"
+    """Address the scrape endpoint binds. Local by default: the metrics name every model, backend
+    address and error rate, which is for the operator's Prometheus, not for whoever can reach the
+    host. Set `0.0.0.0` (or the pod's address) where a Prometheus on another host scrapes it."""
     otlp_endpoint: str | None = None
     """Push metrics over OTLP/gRPC to this collector (e.g. `http://otel-collector:4317`)."""
     otlp_headers: dict[str, str] = field(default_factory=dict)

@@ -9,7 +9,7 @@ from typing import Callable, Mapping
 
 import grpc
 
-from gateway.errors import Abandoned, BackendError, DeadlineExceeded, Unavailable
+from gateway.errors import BACKEND_UNAVAILABLE, Abandoned, BackendError, DeadlineExceeded, Unavailable
 from gateway.protocol import INFERENCE_SERVICE, pb
 from gateway.upstream.config import UpstreamConfig
 from gateway.upstream.http import HttpPool
@@ -292,7 +292,7 @@ class Backend:
 def translate_rpc_error(error: grpc.aio.AioRpcError, backend: str) -> Exception:
     code = error.code()
     if code is grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"backend {backend} is unavailable: {error.details()}")
+        return Unavailable(BACKEND_UNAVAILABLE, detail=f"backend {backend}: {error.details()}")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"backend {backend} did not answer before the deadline")
+        return DeadlineExceeded("the backend did not answer before the deadline", detail=f"backend {backend}")
     return BackendError(code, error.details() or code.name, backend)

@@ -11,7 +11,7 @@ import asyncio
 import re
 from dataclasses import dataclass
 
-from gateway.errors import GatewayError, InvalidArgument, NotFound, Unavailable
+from gateway.errors import GatewayError, InvalidArgument, NotFound, Unavailable, shown
 from gateway.protocol import pb
 from gateway.protocol import triton_messages as triton
 from gateway.protocol.tensors import ModelSignature
@@ -82,7 +82,8 @@ class ModelCatalog:
             info = ModelInfo(metadata, config, ModelSignature.from_backend(metadata, config))
             self._entries[(model, version)] = info
             return info
-        raise Unavailable(f"model '{model}': no backend answered for its metadata: {last_error.message}")
+        raise Unavailable(f"model '{shown(model)}': no backend answered for its metadata: {last_error.message}",
+                          detail=last_error.detail)
 
     def not_found(self, model: str, version: str) -> GatewayError:
         """The refusal of a model (or version) no backend serves, in Triton's words, then what is

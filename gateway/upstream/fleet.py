@@ -193,7 +193,8 @@ class Fleet:
             )
             await backend.check_http(timeout)
         except (GatewayError, grpc.aio.AioRpcError, asyncio.TimeoutError) as error:
-            self._failed(backend, f"health check failed: {getattr(error, 'message', error)!r}")
+            text = error.for_log() if isinstance(error, GatewayError) else str(error)
+            self._failed(backend, f"health check failed: {text!r}")
             return
         backend.failed_checks = 0
         backend.checked_ok_at = time.monotonic()

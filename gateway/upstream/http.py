@@ -38,14 +38,19 @@ import httptools
 __all__ = ["ConnectionAbandoned", "ConnectionFailed", "HttpAnswer", "HttpPool"]
 
 
+SHUTTING_DOWN = "the gateway is shutting down; retry the request"
+
+
 class ConnectionFailed(Exception):
     """The backend could not be reached, or a connection broke before the whole answer came."""
 
-    def __init__(self, message: str, *, answered: bool = True) -> None:
+    def __init__(self, message: str, *, answered: bool = True, public: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.answered = answered
         """False when not a byte of the answer arrived (the request may be sent again elsewhere)."""
+        self.public = public
+        """What the client may be told, without the backend's address ("": the generic text)."""
 
 
 class ConnectionAbandoned(ConnectionFailed):
@@ -136,9 +141,9 @@ class _Connection(asyncio.Protocol):
         elif len(name) == 14 and name.lower() == _CONTENT_LENGTH:
             length = int(value)
             if length > self._pool.max_body_bytes:
-                raise AnswerTooLarge(
-                    f"backend {self._pool.address}: answer of {length} bytes is larger than the limit, "
-                    f"upstream.max_message_bytes = {self._pool.max_body_bytes}")
+                public = (f"the answer of {length} bytes is larger than the limit, "
+                          f"upstream.max_message_bytes = {self._pool.max_body_bytes}")
+                raise AnswerTooLarge(f"backend {self._pool.address}: {public}", public=public)
             if length >= _FILL_IN_PLACE_FROM:
                 # One buffer of the body's size, filled as it arrives: joining the chunks at the
                 # end would hold the answer twice.
@@ -285,7 +290,8 @@ class HttpPool:
 
     async def _acquire(self, fresh: bool = False) -> _Connection:
         if self._closed:
-            raise ConnectionFailed(f"backend {self.address}: the gateway is shutting down", answered=False)
+            raise ConnectionFailed(f"backend {self.address}: the gateway is shutting down", answered=False,
+                                   public=SHUTTING_DOWN)
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         idle = self._idle
@@ -390,4 +396,5 @@ class HttpPool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(ConnectionFailed(f"backend {self.address}: the gateway is shutting down"))
+                waiter.set_exception(ConnectionFailed(f"backend {self.address}: the gateway is shutting down",
+                                                      public=SHUTTING_DOWN))

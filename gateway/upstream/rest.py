@@ -28,7 +28,7 @@ from typing import Mapping
 
 import grpc
 
-from gateway.errors import Abandoned, BackendError, GatewayError, InvalidArgument, Unavailable
+from gateway.errors import BACKEND_UNAVAILABLE, Abandoned, BackendError, GatewayError, InvalidArgument, Unavailable
 from gateway.protocol import pb
 from gateway.protocol.tensors import raw_of_typed
 from gateway.upstream.http import AnswerTooLarge, ConnectionAbandoned, ConnectionFailed, HttpPool
@@ -70,6 +70,11 @@ def _parameters(parameters) -> dict:
     return {key: _parameter(value) for key, value in parameters.items()}
 
 
+#: Request parameters only Triton's HTTP endpoint reads (binary_data_output), or that it refuses
+#: (any `triton_` key; the empty final response is a stream's, and HTTP carries no stream).
+HTTP_ONLY_PARAMETERS = ("binary_data_output", "triton_enable_empty_final_response")
+
+
 def encode_request(request) -> tuple[bytes, list[bytes]]:
     """(JSON header, tensor bytes in input order) of a ModelInferRequest.
 
@@ -95,6 +100,15 @@ def encode_request(request) -> tuple[bytes, list[bytes]]:
     if request.id:
         header["id"] = request.id
     parameters = _parameters(request.parameters) if request.parameters else {}
+    # Keys that steer Triton's HTTP endpoint and mean nothing over gRPC: the gateway sets what it
+    # needs (binary outputs); a client's own would change the answer's form or be refused.
+    for key in HTTP_ONLY_PARAMETERS:
+        parameters.pop(key, None)
+    timeout = parameters.get("timeout")
+    if type(timeout) is int and timeout < 0:
+        # Triton's gRPC endpoint reads a negative timeout as unsigned (no timeout to speak of); its
+        # HTTP endpoint refuses it as INTERNAL. Sent as gRPC would mean it: no timeout.
+        del parameters["timeout"]
     if request.outputs:
         outputs = []
         for output in request.outputs:
@@ -150,8 +164,7 @@ def decode_response(body: bytes, header_length: int, backend: str):
         for key, value in (header.get("parameters") or {}).items():
             _set_parameter(response.parameters[key], value)
     except (ValueError, KeyError, TypeError) as error:
-        raise BackendError(grpc.StatusCode.INTERNAL, f"backend {backend} sent an unreadable answer: {error}",
-                           backend) from None
+        raise BackendError(grpc.StatusCode.INTERNAL, f"the backend sent an unreadable answer: {error}", backend) from None
     return response
 
 
@@ -163,7 +176,7 @@ def error_of(status: int, body: bytes, backend: str) -> GatewayError:
         message = body.decode("utf-8", "replace") or f"HTTP status {status}"
     code = STATUS_OF_HTTP.get(status, grpc.StatusCode.UNKNOWN)
     if code is grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"backend {backend} is unavailable: {message}")
+        return Unavailable(f"the backend is unavailable: {message}", detail=f"backend {backend}")
     return BackendError(code, message, backend)
 
 
@@ -214,11 +227,12 @@ class RestInference:
         try:
             answer = await self.pool.request([head, *blobs] if blobs else [head])
         except AnswerTooLarge as failure:
-            raise BackendError(grpc.StatusCode.RESOURCE_EXHAUSTED, failure.message, self.backend) from None
+            raise BackendError(grpc.StatusCode.RESOURCE_EXHAUSTED, failure.public, self.backend,
+                               detail=failure.message) from None
         except ConnectionAbandoned as failure:
             raise Abandoned(failure.message) from None
         except ConnectionFailed as failure:
-            raise Unavailable(failure.message) from None
+            raise Unavailable(failure.public or BACKEND_UNAVAILABLE, detail=failure.message) from None
         if answer.status != 200:
             raise error_of(answer.status, answer.body, self.backend)
         return decode_response(answer.body, answer.header_length, self.backend)
@@ -234,5 +248,6 @@ class RestInference:
         except ConnectionFailed as failure:
             raise Unavailable(f"HTTP endpoint: {failure.message}") from None
         if answer.status != 200:
+            # Health checks: these messages are the fleet's health detail (GetSnapshot), not a client's.
             raise Unavailable(f"backend {self.backend}: HTTP endpoint {self.pool.address} is not ready "
                               f"(HTTP {answer.status})")

@@ -20,7 +20,7 @@ from typing import Callable
 
 import grpc
 
-from gateway.errors import BackendError, GatewayError, Unavailable
+from gateway.errors import BACKEND_UNAVAILABLE, BackendError, GatewayError, Unavailable
 from gateway.protocol import pb
 from gateway.protocol import triton_messages as triton
 from gateway.protocol.tensors import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
@@ -71,7 +71,7 @@ class InferStream:
         if self._call is not None:
             return
         if self._closed:
-            raise Unavailable(f"backend {self._backend}: connection closed")
+            raise Unavailable(BACKEND_UNAVAILABLE, detail=f"backend {self._backend}: stream closed")
         call = self._method()
         self._call = call
         self._tasks = [
@@ -113,7 +113,7 @@ class InferStream:
     async def _read_loop(self, call) -> None:
         pending = self._pending
         parse = pb.ModelStreamInferResponse.FromString
-        error: Exception = Unavailable(f"backend {self._backend}: stream ended")
+        error: Exception = Unavailable(BACKEND_UNAVAILABLE, detail=f"backend {self._backend}: stream ended")
         try:
             while True:
                 raw = await call.read()
@@ -146,10 +146,11 @@ class InferStream:
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as rpc_error:
-            error = Unavailable(f"backend {self._backend}: stream broke: {rpc_error.code().name} {rpc_error.details()}")
+            error = Unavailable(BACKEND_UNAVAILABLE, detail=f"backend {self._backend}: stream broke: "
+                                                            f"{rpc_error.code().name} {rpc_error.details()}")
         except Exception as unexpected:  # never let a bad message kill the gateway
             log.exception("stream to %s: unexpected failure", self._backend)
-            error = Unavailable(f"backend {self._backend}: stream failed: {unexpected!r}")
+            error = Unavailable(BACKEND_UNAVAILABLE, detail=f"backend {self._backend}: stream failed: {unexpected!r}")
         self._break(call, error)
 
     def abandon(self, error: Exception) -> int:
@@ -180,13 +181,14 @@ class InferStream:
                 entry.queue.put_nowait(StreamClosed(error))
         call.cancel()
         if report and not self._closed:
-            self._on_broken(str(error))
+            self._on_broken(error.for_log() if isinstance(error, GatewayError) else str(error))
 
     async def close(self) -> None:
         self._closed = True
         call = self._call
         if call is not None:
-            self._break(call, Unavailable(f"backend {self._backend}: gateway is shutting down"))
+            self._break(call, Unavailable("the gateway is shutting down; retry the request",
+                                          detail=f"backend {self._backend}: stream closed at shutdown"))
 
 
 def stream_error(text: str, stream_id: str, client_id: str, backend: str) -> GatewayError:
@@ -201,5 +203,5 @@ def stream_error(text: str, stream_id: str, client_id: str, backend: str) -> Gat
     text = text.replace(triton.request_prefix(stream_id), triton.request_prefix(client_id), 1)
     code = triton.status_of(text) or grpc.StatusCode.INTERNAL
     if code is grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"backend {backend} is unavailable: {text}")
+        return Unavailable(f"the backend is unavailable: {text}", detail=f"backend {backend}")
     return BackendError(code, text, backend)
