@@ -77,16 +77,20 @@ def _config(tritons, tmp_path, **rollout) -> dict:
 
 
 class Load:
-    """Steady traffic from stock tritonclient (4 threads, one channel each): answers by version, failures."""
+    """Steady traffic from stock tritonclient (4 threads, one channel each): answers by version, failures.
+    With `sticky`, each thread sends its own sticky key (metadata `tensorgate-sticky-key`) and the
+    versions each key was answered by are kept in order."""
 
-    def __init__(self, address: str, threads: int = 4) -> None:
+    def __init__(self, address: str, threads: int = 4, sticky: bool = False) -> None:
         self.address = address
+        self.sticky = sticky
+        self.by_key: dict[str, list[str]] = {}
         self.versions: dict[str, int] = {}
         self.failures: list[str] = []
         self.sent = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(f"key-{n}",), daemon=True) for n in range(threads)]
 
     def __enter__(self) -> "Load":
         for thread in self._threads:
@@ -98,18 +102,22 @@ class Load:
         for thread in self._threads:
             thread.join(timeout=30)
 
-    def _run(self) -> None:
+    def _run(self, key: str) -> None:
         client = grpcclient.InferenceServerClient(self.address)
+        headers = {"tensorgate-sticky-key": key} if self.sticky else None
         data = np.arange(32, dtype=np.float32).reshape(2, 16) / 7.0
         while not self._stop.is_set():
             tensor = grpcclient.InferInput("INPUT0", [2, 16], "FP32")
             tensor.set_data_from_numpy(data)
             try:
-                result = client.infer(MODEL, [tensor], client_timeout=30)
+                result = client.infer(MODEL, [tensor], client_timeout=30, headers=headers)
                 version = result.get_response().model_version
                 with self._lock:
                     self.sent += 1
                     self.versions[version] = self.versions.get(version, 0) + 1
+                    seen = self.by_key.setdefault(key, [])
+                    if not seen or seen[-1] != version:
+                        seen.append(version)
             except Exception as error:  # noqa: BLE001 — every failure is what the test counts
                 with self._lock:
                     self.sent += 1
@@ -142,6 +150,11 @@ def test_a_good_candidate_is_loaded_shifted_and_promoted_with_no_failed_request(
         after = {v: load.versions.get(v, 0) - promoted_at.get(v, 0) for v in load.versions}
     assert load.failures == [], load.failures[:5]
     assert seen_steps == {0, 1, 2}
+    # Each step's split of the requests: within 4σ of its share (binomial), over at least 30 candidate requests.
+    assert [h["step"] for h in state["history"]] == ["canary 5 %", "canary 25 %", "canary 50 %"]
+    for step, share in zip(state["history"], (0.05, 0.25, 0.5)):
+        got, total = step["requests"]["candidate"], step["requests"]["candidate"] + step["requests"]["live"]
+        assert got >= 30 and abs(got - share * total) <= 4 * math.sqrt(total * share * (1 - share)), (step, share)
     assert state["live"] == "2" and state["previous"] == "1" and state["weights"] == {"2": 1.0}
     assert after.get("1", 0) == 0 and after["2"] > 0  # after promotion every request is answered by v2
     assert state["backends"] == {t.grpc_address: ["1", "2"] for t in tritons_at_v1}  # v1 kept for a rollback
@@ -178,9 +191,14 @@ def test_a_bad_candidate_is_rolled_back_within_its_canary_share(tritons_at_v1, t
     bound = 0.05 * total + 4 * math.sqrt(total * 0.05 * 0.95)
     assert 0 < given <= bound, (given, total)
     assert after.get(version, 0) == 0 and after.get("1", 0) > 0
-    if version == "3":  # its answers are errors, and only those failed: no more than its 5 % share
-        assert 0 < len(load.failures) <= 0.05 * sent + 4 * math.sqrt(sent * 0.05 * 0.95), (len(load.failures), sent)
-        assert {failure.split("] ", 1)[1] for failure in load.failures} == {"rollout_scale: version 3 is broken on purpose"}
+    # Only the candidate's own requests may fail: v3's answers are errors, and a request v4 still holds
+    # (1 s each) when it is taken out of rotation and unloaded may come back UNAVAILABLE naming it.
+    # v5 answers wrongly but answers: nothing fails.
+    assert len(load.failures) <= 0.05 * sent + 4 * math.sqrt(sent * 0.05 * 0.95), (len(load.failures), sent)
+    if version == "3":
+        assert load.failures and {f.split("] ", 1)[1] for f in load.failures} == {"rollout_scale: version 3 is broken on purpose"}
+    elif version == "4":
+        assert all(f.startswith("[StatusCode.UNAVAILABLE]") and "version 4" in f for f in load.failures), load.failures
     else:
         assert load.failures == []
     assert final == {t.grpc_address: ["1"] for t in tritons_at_v1}  # the candidate unloaded everywhere
@@ -208,6 +226,36 @@ def _wait_unloaded(gateway, tritons, version: str) -> dict:
         if all(version not in versions for versions in loaded.values()) or time.monotonic() > deadline:
             return loaded
         time.sleep(0.2)
+
+
+def test_a_sticky_key_stays_on_one_version_while_the_canary_grows(tritons_at_v1, tmp_path):
+    """Twelve clients, each with its own sticky key, through a 10 → 50 % rollout to promotion: a key
+    moves at most once, from v1 to v2 (newer versions take their share of the key space first, so a
+    growing canary only gains keys), and at the 50 % step some keys are on each version."""
+    config = _config(tritons_at_v1, tmp_path, steps=[10, 50], step_seconds=2.0, min_requests=20)
+    with GatewayThread(config) as gateway, Load(gateway.address, threads=12, sticky=True) as load:
+        time.sleep(0.5)
+        gateway.call(lambda: gateway.gateway.rollouts.begin(MODEL, "2", actor="test"))
+        at_half = None
+        deadline = time.monotonic() + 240
+        while True:
+            state = gateway.call(lambda: gateway.gateway.rollouts.states(MODEL))[MODEL]
+            if state["status"] == "canary" and state["step"] == 1 and at_half is None:
+                time.sleep(1.0)
+                with load._lock:
+                    at_half = {key: seen[-1] for key, seen in load.by_key.items()}
+            if state["status"] in ("promoted", "rolled-back", "failed"):
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+        time.sleep(1.0)
+    assert state["status"] == "promoted", state["reason"]
+    assert load.failures == []
+    assert len(load.by_key) == 12
+    for key, seen in load.by_key.items():
+        assert seen in (["1"], ["1", "2"], ["2"]), (key, seen)  # never back, never between
+        assert seen[-1] == "2", (key, seen)  # after the promotion every key is on v2
+    assert at_half is not None and set(at_half.values()) == {"1", "2"}, at_half
 
 
 def test_a_failed_load_changes_nothing(tritons_at_v1, tmp_path):

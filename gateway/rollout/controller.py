@@ -154,7 +154,7 @@ class RolloutController:
         state.step_seconds = step_seconds or self.config.step_seconds
         state.min_requests = min_requests or self.config.min_requests
         state.shadow_first = shadow_first
-        state.actor, state.reason, state.evidence = actor, reason, {}
+        state.actor, state.reason, state.evidence, state.history = actor, reason, {}, []
         state.started = time.time()
         self._set_status(state, "loading", f"loading version {version}")
         self._launch(state, resume=False)
@@ -329,7 +329,7 @@ class RolloutController:
         slo_ms = slo.latency_slo_ms if slo is not None else None
         started = loop.time()
         candidate, _ = candidate_side()
-        requests_before = candidate.requests
+        requests_before, live_before = candidate.requests, watch.versions[state.live].requests
         while True:
             await asyncio.sleep(self.config.check_interval_s)
             candidate, outputs = candidate_side()
@@ -344,6 +344,10 @@ class RolloutController:
                 return False
             elapsed = loop.time() - started
             if elapsed >= state.step_seconds and candidate.requests - requests_before >= state.min_requests:
+                state.history.append({"step": what, "seconds": round(elapsed, 3), "requests": {
+                    "live": watch.versions[state.live].requests - live_before,
+                    "candidate": candidate.requests - requests_before}})
+                self.store.save()
                 return True
             if elapsed >= self.config.step_timeout_s:
                 await self._roll_back(state, SYSTEM_ACTOR,

@@ -9,6 +9,7 @@
     reason      why it is in that status (a failed check, an operator's words)
     evidence    the figures behind the last decision
     digests     {version: content digest} of the versions this rollout verified
+    history     per finished step: its name, length and the requests each version got in it
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ModelRollout:
     actor: str = ""
     evidence: dict = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
     started: float = 0.0
     updated: float = field(default_factory=time.time)
 
