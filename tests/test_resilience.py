@@ -244,7 +244,10 @@ def test_batching_queue_limit_refuses_under_overload(tritons):
     config = {
         "listen": "127.0.0.1:0",
         "pools": {"cpu": {"backends": [tritons[0].grpc_address]}},
-        "batching": {"models": {"fixed_cost": {"max_queue_size": 64}}},
+        # Batches of at most 4 rows, 2 ms each, at most 2 in flight: the gateway can pass on ~4,000
+        # requests/s, which 512 clients outrun on a quiet machine as on a busy one (with 64-row batches
+        # a quiet machine keeps up and there is no overload to shed).
+        "batching": {"models": {"fixed_cost": {"max_queue_size": 64, "max_batch_size": 4}}},
     }
     with gateway_on("grpcio-uvloop", config) as gateway:
         outcomes = _load_from_another_process(gateway.address, ONE_ROW_BYTES, 512, 3.0, honour_pushback=False)
@@ -263,11 +266,14 @@ def test_batching_queue_limit_refuses_under_overload(tritons):
 
 def test_hedged_requests_answer_around_a_hung_backend_still_in_rotation(pair):
     """Hedging alone (outlier ejection off, health checks too slow to notice): a request whose
-    backend hangs gets its answer from the other backend soon after the model's p95."""
-    hung, _ = pair
+    backend hangs gets its answer from the other backend soon after the model's p95. The hung
+    backend is the preferred pool's (placement would otherwise steer requests to whichever backend
+    answered faster, and never try the hung one)."""
+    hung, other = pair
     config = {
         "listen": "127.0.0.1:0",
-        "pools": {"cpu": {"backends": [t.grpc_address for t in pair]}},
+        "pools": {"first": {"backends": [hung.grpc_address]}, "second": {"backends": [other.grpc_address]}},
+        "models": {"simple_scale": {"pools": ["first", "second"]}},
         "health": {"interval_s": 30, "timeout_s": 5},
         "outlier": {"enabled": False},
         "routing": {"hedge_after_p95": True},
