@@ -235,7 +235,12 @@ def test_backend_killed_under_load_costs_no_request(tmp_path):
                 assert time.monotonic() < deadline, "the restarted backend never came back"
                 time.sleep(0.1)
             served_before = gateway.gateway.snapshot()["backends"][pair[0].grpc_address]["served"]
-            time.sleep(1.0)
+            # Back in rotation, it gets requests again: at once with p2c on outstanding requests, within
+            # a few EWMA time constants with placement's load score (which remembers its failed calls).
+            deadline = time.monotonic() + 10
+            while gateway.gateway.snapshot()["backends"][pair[0].grpc_address]["served"] <= served_before:
+                assert time.monotonic() < deadline, "the restarted backend got no request in 10 s"
+                time.sleep(0.1)
             stop.set()
             for worker in workers:
                 worker.join(15)
