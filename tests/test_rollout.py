@@ -258,6 +258,21 @@ def test_a_sticky_key_stays_on_one_version_while_the_canary_grows(tritons_at_v1,
     assert at_half is not None and set(at_half.values()) == {"1", "2"}, at_half
 
 
+def test_the_previous_version_is_unloaded_after_a_promotion_when_asked(tritons_at_v1, tmp_path):
+    """With `unload_previous`, v1 is unloaded from every backend once v2 is promoted, with no failed
+    request, and the audit log records the unload."""
+    config = _config(tritons_at_v1, tmp_path, steps=[50], step_seconds=0.5, min_requests=10, unload_previous=True)
+    with GatewayThread(config) as gateway, Load(gateway.address) as load:
+        gateway.call(lambda: gateway.gateway.rollouts.begin(MODEL, "2", actor="test"))
+        state = _wait_status(gateway, {"promoted", "rolled-back", "failed"})
+        records = _audit_until(tmp_path / "audit.jsonl", "unload")
+        final = _wait_unloaded(gateway, tritons_at_v1, "1")
+    assert state["status"] == "promoted", state["reason"]
+    assert load.failures == []
+    assert final == {t.grpc_address: ["2"] for t in tritons_at_v1}
+    assert [r["action"] for r in records] == ["deploy", "shift", "promote", "unload"] and records[-1]["version"] == 1
+
+
 def test_a_failed_load_changes_nothing(tritons_at_v1, tmp_path):
     """Version 9 does not exist in the repository: the load fails, the rollout ends failed, v1 keeps
     every request, no split is left behind, and the audit log says why."""
