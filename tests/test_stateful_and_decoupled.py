@@ -92,7 +92,9 @@ def _run_sequences(address, sequences: dict, *, streaming: bool):
 
 def test_sequences_over_two_backends_equal_one_triton(tritons, triton, front_door):
     rng = np.random.default_rng(3)
-    sequences = {1000 + i: [int(v) for v in rng.integers(1, 100, size=6)] for i in range(8)}
+    # 24 sequences: their backends come from rendezvous hashing of the sequence id over the backends'
+    # addresses (free ports, new each run), so with 8 all landed on one backend in ~1 run of 128.
+    sequences = {1000 + i: [int(v) for v in rng.integers(1, 100, size=6)] for i in range(24)}
     # One pool of two backends: without stickiness, steps of a sequence would land on both.
     config = {"listen": "127.0.0.1:0", "pools": {"both": {"backends": [t.grpc_address for t in tritons]}}}
     with gateway_on(front_door, config) as gateway:
