@@ -184,15 +184,29 @@ class StandInCatalog:
 
 
 class Gateway:
-    """The real hot-path stages, wired as gateway/app.py wires them (telemetry and drift off)."""
+    """The real hot-path stages, wired as gateway/app.py wires them (telemetry off; drift when asked:
+    the drift stage with its defaults for the model, every input watched)."""
 
-    def __init__(self, batching: BatchingConfig) -> None:
+    def __init__(self, batching: BatchingConfig, drift: bool = False) -> None:
         self.backend = StandInBackend()
         self.fleet = StandInFleet(self.backend)
         self.router = Router(self.fleet, None)
         self.direct = DirectDispatcher(self.router, SequenceTable())
         self.batching = BatchingDispatcher(self.direct, batching, self.router)
         self.pipeline = Pipeline(StandInCatalog(), self.router.routes, self.batching)
+        if drift:
+            from gateway.configfile import load_dataclass
+            from gateway.drift.config import DriftConfig
+            from gateway.drift.stage import DriftStage
+            from gateway.ext import drift as kernels
+
+            kernels.warm_up()
+            self.drift = DriftStage(load_dataclass(DriftConfig, {"models": {MODEL: {}}}))
+            batch_observer = getattr(self.drift, "batch_observer", None)  # absent in older checkouts (--root)
+            if batch_observer is not None:
+                self.pipeline.attach(observer=self.drift.observer, batch_observer=batch_observer)
+            else:
+                self.pipeline.attach(observer=self.drift.observer)
         self.service = InferenceService(self.pipeline, self.fleet)
         self.handler = self.service.model_infer
 
@@ -258,6 +272,7 @@ def end_to_end(rounds: int, requests: int, loop_kind: str, deadline_s: float | N
         "direct": Gateway(BatchingConfig(default=BatchingPolicy(enabled=False))).handler,
         "batching": batching_gateway.handler,
         "batching, 2-row batches": Gateway(BatchingConfig(default=BatchingPolicy(max_batch_size=2))).handler,
+        "batching + drift": Gateway(BatchingConfig(), drift=True).handler,
         "await floor": _awaiting_handler,
         "driver": _noop_handler,
     }
@@ -404,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         net = [value - driver for value in samples[name]] if name != "driver" else samples[name]
         rows.append([name, spread(samples[name]), spread(net) if name != "driver" else "—"])
     print(table(["path", "µs/request", "net of the driver"], rows))
+    added = [on - off for on, off in zip(samples["batching + drift"], samples["batching"])]
+    print(f"the drift stage (batching + drift − batching, paired by round): {spread(added)} µs/request")
     batch_rows = arguments.stage_batch or max(1, round(run["mean_batch_rows"]))
     print(f"\nbatching: mean batch {run['mean_batch_rows']:.1f} rows; reasons {run['reasons']}\n", flush=True)
 

@@ -154,7 +154,7 @@ class Gateway:
         pipeline.attach(observer=self.rollouts.observer)
         fleet.on_change(pipeline.forget_unversioned)
         if self.drift.monitors:
-            pipeline.attach(observer=self.drift.observer)
+            pipeline.attach(observer=self.drift.observer, batch_observer=self.drift.batch_observer)
         if self.telemetry is not None:
             pipeline.attach(observer=self.telemetry.observer, refusal_observer=self.telemetry.refusal_observer)
             tracing = self.telemetry.tracing

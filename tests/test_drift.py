@@ -276,6 +276,7 @@ def test_outputs_and_sampling(tritons):
 
     with GatewayThread(config) as gateway:
         asyncio.run(send())
+        gateway.call(gateway.gateway.drift.flush)
         tensors = gateway.call(lambda: {k: m._learned_rows for k, m in gateway.gateway.drift.monitors["add_sub"].tensors.items()})
     assert tensors == {("output", "OUTPUT1"): 200}  # 50 of 100 requests × 4 rows; inputs not watched
 
@@ -336,25 +337,77 @@ def test_observing_many_requests_at_once_counts_what_observing_each_counts(sampl
     assert np.array_equal(a.observed, b.observed)  # every sampled row counted, in the same bins
 
 
-async def test_the_drift_stage_counts_a_turns_requests_in_one_update():
+def _exchange(request, model: str = "m"):
+    from gateway.pipeline.exchange import Exchange, ModelEntry
+    from gateway.protocol.tensors import ModelSignature
+
+    return Exchange(ModelEntry(model, "1", ModelSignature(model, "1", {}, {}, 8, False, False, None)), request, 0)
+
+
+def _stage(model_config: dict | None = None):
     from gateway.configfile import load_dataclass
     from gateway.drift.config import DriftConfig
     from gateway.drift.stage import DriftStage
 
-    stage = DriftStage(load_dataclass(DriftConfig, {"models": {"m": {"window_rows": 400}}}))
+    stage = DriftStage(load_dataclass(DriftConfig, {"models": {"m": {"window_rows": 400, **(model_config or {})}}}))
     monitor = stage.monitors["m"]
     calls = []
     observe_many = monitor.observe_many
-    monitor.observe_many = lambda pairs: (calls.append(len(pairs)), observe_many(pairs))
+    monitor.observe_many = lambda pairs, batches=(): (calls.append((len(pairs), len(batches))), observe_many(pairs, batches))
+    return stage, monitor, calls
 
-    class Finished:  # what the observer reads of an Exchange
-        def __init__(self, request):
-            self.entry, self.request = type("Entry", (), {"name": "m"})(), request
 
+async def test_the_drift_stage_counts_waiting_requests_in_one_update():
+    """Finished requests are counted together: FLUSH_AFTER_S after the first, or at once (next loop
+    turn) when FLUSH_REQUESTS wait; a report counts what waits before it answers."""
+    from gateway.drift.stage import FLUSH_AFTER_S, FLUSH_REQUESTS
+
+    stage, monitor, calls = _stage()
     rng = np.random.default_rng(6)
     for _ in range(3):  # three event-loop turns of 8 requests each
         for _ in range(8):
-            stage.observer(Finished(_fake_request(rng.standard_normal((1, 3)))), None, None)
+            stage.observer(_exchange(_fake_request(rng.standard_normal((1, 3)))), None, None)
         await asyncio.sleep(0)
+    assert calls == []  # waiting
+    await asyncio.sleep(FLUSH_AFTER_S * 3)
+    assert calls == [(24, 0)] and monitor.sampled == 24
+    for _ in range(FLUSH_REQUESTS + 44):  # one turn of more than FLUSH_REQUESTS: counted on the next turn
+        stage.observer(_exchange(_fake_request(rng.standard_normal((1, 3)))), None, None)
     await asyncio.sleep(0)
-    assert calls == [8, 8, 8] and monitor.sampled == 24
+    assert calls == [(24, 0), (FLUSH_REQUESTS + 44, 0)]
+    stage.observer(_exchange(_fake_request(rng.standard_normal((1, 3)))), None, None)
+    assert stage.report("m") and calls[-1] == (1, 0) and monitor.sampled == 24 + FLUSH_REQUESTS + 45
+    await asyncio.sleep(FLUSH_AFTER_S * 3)
+    assert len(calls) == 3  # the report's flush took the timer's work: nothing counted twice
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+async def test_a_batch_counts_once_for_its_requests_and_as_they_would(sample_rate):
+    """The batching stage's merged batch is counted once (batch_observer), its requests not again
+    (their Exchange.batch points at it), and the windows hold exactly what counting each request
+    would; with a sample rate below 1 every request is sampled on its own instead."""
+    from gateway.batching.merge import merge
+
+    config = {"sample_rate": sample_rate, "reference": {"learn_rows": 200}}
+    stage, monitor, calls = _stage(config)
+    alone, _, _ = _stage(config)
+    rng = np.random.default_rng(7)
+    for _ in range(80):  # 80 turns: a batch of 6 requests (2 rows each) and one request sent alone
+        requests = [_fake_request(rng.standard_normal((2, 3))) for _ in range(6)]
+        batch = _exchange(merge(requests, [2] * 6))
+        members = [_exchange(request) for request in requests]
+        batch.members = members
+        for member in members:
+            member.took_batch(batch)
+        single = _exchange(_fake_request(rng.standard_normal((1, 3))))
+        stage.batch_observer(batch, None)  # before the members' responses are handed out, as the dispatcher does
+        for exchange in [*members, single]:
+            stage.observer(exchange, None, None)
+            alone.observer(_exchange(exchange.request), None, None)
+        stage.flush()
+    alone.flush()
+    assert calls == ([(1, 1)] if sample_rate == 1.0 else [(7, 0)]) * 80
+    assert monitor.sampled == alone.monitors["m"].sampled == 560 * sample_rate
+    a, b = monitor.tensors[("input", "X")], alone.monitors["m"].tensors[("input", "X")]
+    assert np.array_equal(a.reference, b.reference) and np.array_equal(a.edges, b.edges)
+    assert a.observed.sum() > 0 and np.array_equal(a.observed, b.observed)

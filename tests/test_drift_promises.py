@@ -86,6 +86,7 @@ def test_sample_rates_through_the_gateway(tritons):
                 for _ in range(sent) for model in rates]
     with GatewayThread(config) as gateway:
         _send(gateway.address, requests)
+        gateway.call(gateway.gateway.drift.flush)
         counted = gateway.call(lambda: {model: (monitor.sampled, monitor.tensors[("input", "INPUT0")]._learned_rows)
                                         for model, monitor in gateway.gateway.drift.monitors.items()})
     assert counted == {"simple_scale": (30, 30 * rows), "add_sub": (40, 40 * rows), "mlp": (75, 75 * rows)}
@@ -239,3 +240,40 @@ def test_reference_from_a_profile_saved_by_drift_report(tritons, tmp_path):
     np.testing.assert_allclose([f.statistics["psi"] for f in sorted(report.features, key=lambda f: f.feature)], want,
                                rtol=1e-12)
     assert max(want) < 0.25  # the same distribution as the saved window
+
+
+# -------------------------------------------------------------------------------------- batches
+
+def test_batched_requests_are_counted_as_each_request_would_be(tritons):
+    """Through the batching gateway, 64 in flight: the drift stage counts each merged batch once
+    (not its requests one by one), and its window holds exactly the counts of a monitor fed the same
+    rows request by request — every request counted once, none twice."""
+    window = 2048
+    drift = {"inputs": ["INPUT0"], "window_rows": window, "sub_windows": 1, "reference": {"learn_rows": window}}
+    config = {"listen": "127.0.0.1:0", "pools": {"cpu": {"backends": [tritons[0].grpc_address]}},
+              "batching": {"default": {"max_queue_delay_us": 2000}},
+              "drift": {"models": {"simple_scale": drift}}}
+    rng = np.random.default_rng(12)
+    reference, shifted = rng.standard_normal((window, FEATURES)), rng.standard_normal((window, FEATURES)) + 0.3
+    with GatewayThread(config) as gateway:
+        _send(gateway.address, [_request("simple_scale", row[None]) for row in reference], in_flight=64)
+        _send(gateway.address, [_request("simple_scale", row[None]) for row in shifted], in_flight=64)
+        _wait(lambda: _windows(gateway.address) == 1, 10, "the window")
+        _, histograms = _report(gateway.address)
+        batching = gateway.call(lambda: gateway.gateway.batching.snapshot())["simple_scale:1"]
+        sampled = gateway.call(lambda: gateway.gateway.drift.monitors["simple_scale"].sampled)  # (_report flushed)
+        assert not gateway.loop_errors
+    # Many requests rode in merged batches (the rest went alone: both paths are counted here).
+    assert batching["requests"] == 2 * window and batching["batches"] < 0.9 * batching["requests"], batching
+    assert sampled == 2 * window
+
+    one_by_one = ModelMonitor("simple_scale", ModelDriftConfig(**{**drift, "reference": ReferenceConfig(learn_rows=window)}),
+                              lambda alert: None, reservoir_rows=16)
+    for block in (reference, shifted):
+        for row in block:
+            one_by_one.observe(pb.ModelInferRequest.FromString(_request("simple_scale", row[None])), None)
+    expected = one_by_one.histograms()["input/INPUT0"]
+    assert histograms["input/INPUT0"]["edges"] == expected["edges"]
+    assert histograms["input/INPUT0"]["reference"] == expected["reference"]
+    assert histograms["input/INPUT0"]["current"] == expected["current"]
+    assert np.sum(histograms["input/INPUT0"]["current"], axis=1).tolist() == [window] * FEATURES

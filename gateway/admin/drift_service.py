@@ -48,6 +48,7 @@ class DriftService:
         return serve
 
     def _monitor(self, model: str):
+        self.drift.flush()  # what the gateway answered so far, counted: a report then holds all of it
         monitor = self.drift.monitors.get(model)
         if monitor is None:
             watched = ", ".join(sorted(self.drift.monitors)) or "none"
@@ -84,6 +85,7 @@ class DriftService:
         return response
 
     def list_alerts(self, request):
+        self.drift.flush()
         if request.model:
             self._monitor(request.model)
         alerts = [a for a in self.drift.alerts if not request.model or a["model"] == request.model]

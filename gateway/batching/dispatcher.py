@@ -84,6 +84,7 @@ class BatchingDispatcher:
         self.router = router
         self._models: dict[tuple[str, str], _ModelBatching | None] = {}
         self._by_entry: dict[ModelEntry, _ModelBatching | None] = {}
+        self.batch_observers: list = []  # Pipeline.attach(batch_observer=): told of every batch answered
 
     def __repr__(self) -> str:
         active = [m for m in self._models.values() if m is not None]
@@ -203,7 +204,10 @@ class BatchingDispatcher:
             finally:
                 for member in members:
                     member.took_batch(merged)
-            for pending, single in zip(batch, split(response, rows, merged.backend.address)):
+            singles = split(response, rows, merged.backend.address)
+            for observe in self.batch_observers:
+                observe(merged, response)
+            for pending, single in zip(batch, singles):
                 if not pending.future.done():
                     pending.future.set_result(single)
 

@@ -525,6 +525,10 @@ class ModelMonitor:
                    Fraction(1, SAMPLE_RATE_DENOMINATOR))
         self._sample_step, self._sample_period = rate.numerator, rate.denominator
         self._sample_credit = 0
+        self.counts_whole_batches = rate == 1
+        """Whether a merged batch may be counted as one (`sample`'s `batches`): when every request is
+        counted (`sample_rate` 1, the default), counting the batch the batching stage sent counts
+        exactly its requests' rows, with one lookup per batch instead of one per request."""
         self.sampled = 0  # requests counted
         self._watch_inputs = set(config.inputs) if (config.inputs or config.outputs) else None
         self._watch_outputs = set(config.outputs)
@@ -547,22 +551,25 @@ class ModelMonitor:
         """Count one finished request's watched tensors (sampled at `sample_rate`)."""
         self.observe_many(((request, response),))
 
-    def observe_many(self, pairs) -> None:
-        """Count the watched tensors of several finished requests, (request, response) each.
+    def observe_many(self, pairs, batches=()) -> None:
+        """Count the watched tensors of several finished requests, (request, response) each, and of
+        merged batches, (batch request, batch response, requests in it) each.
 
-        Each request is sampled on its own (`sample_rate`); the sampled requests' tensors of one
-        name, datatype and trailing shape are joined and counted with one compiled update, so the
-        gateway's per-request cost is a few list appends (DriftStage calls this once per event-loop
-        turn with that turn's requests). A sub-window that fills is evaluated after the whole call.
+        Each request is sampled on its own (`sample_rate`); a batch is counted whole (the stage hands
+        over batches only when `counts_whole_batches`). The sampled tensors of one name, datatype and
+        trailing shape are joined and counted with one compiled update, so the gateway's cost per
+        request is a few list appends (DriftStage calls this once per event-loop turn with that
+        turn's requests and batches). A sub-window that fills is evaluated after the whole call.
         """
-        groups = self.sample(pairs)
+        groups = self.sample(pairs, batches)
         if groups:
             self.count(groups)
 
-    def sample(self, pairs) -> dict[tuple, list]:
+    def sample(self, pairs, batches=()) -> dict[tuple, list]:
         """The sampled requests' watched tensors, joined: {(kind, name, datatype, trailing shape):
         [rows, [raw parts]]} (empty when none was sampled). What `count` takes, here or in the
-        process that merges several workers' windows (gateway/workers/)."""
+        process that merges several workers' windows (gateway/workers/). `batches`: merged batches,
+        (request, response, requests in it), counted whole (see `counts_whole_batches`)."""
         step, period = self._sample_step, self._sample_period
         credit = self._sample_credit
         sampled = []
@@ -573,11 +580,18 @@ class ModelMonitor:
                 sampled.append(pair)
         self._sample_credit = credit
         groups: dict[tuple, list] = {}  # (kind, name, datatype, trailing shape) -> [rows, raw parts]
-        if not sampled:
-            return groups
-        self.sampled += len(sampled)
+        if batches:  # first: a turn's batches were answered before the requests that finished alone
+            self.sampled += sum(batch[2] for batch in batches)
+            self._gather(batches, groups)
+        if sampled:
+            self.sampled += len(sampled)
+            self._gather(sampled, groups)
+        return groups
+
+    def _gather(self, pairs, groups: dict[tuple, list]) -> None:
+        """Add the watched tensors of (request, response, …) `pairs` to `groups` (see `sample`)."""
         watch_inputs, watch_outputs = self._watch_inputs, self._watch_outputs
-        for request, response in sampled:
+        for request, response, *_ in pairs:
             raw_inputs = request.raw_input_contents
             if raw_inputs:  # typed contents are converted to raw only on the batching path
                 for index, tensor in enumerate(request.inputs):
@@ -588,7 +602,6 @@ class ModelMonitor:
                 for index, tensor in enumerate(response.outputs):
                     if tensor.name in watch_outputs and index < len(raw_outputs):
                         _add(groups, "output", tensor, raw_outputs[index])
-        return groups
 
     def count(self, groups: dict[tuple, list]) -> None:
         """Count sampled tensors (`sample`'s groups) into the windows; evaluate a window that filled."""

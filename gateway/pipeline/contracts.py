@@ -23,7 +23,13 @@ class Dispatcher(Protocol):
     GatewayError for every failure a client should see (UNAVAILABLE, DEADLINE_EXCEEDED, a backend's
     status) and fills in what it learns on the exchange (backend, route, queue and backend time).
     `deadline` is an absolute `time.monotonic()` instant, or None for no deadline.
+
+    `batch_observers` (a list the pipeline appends to, `Pipeline.attach(batch_observer=)`): a
+    dispatcher that merges requests into batches calls each with every batch answered; one that
+    never merges keeps the list and never calls it.
     """
+
+    batch_observers: list
 
     def infer(self, exchange: Exchange, deadline: float | None) -> Awaitable:
         """An awaitable of the one response (an inference.ModelInferResponse) to `exchange.request`:
@@ -47,6 +53,17 @@ class Observer(Protocol):
     """
 
     def __call__(self, exchange: Exchange, response: object | None, error: GatewayError | None) -> None: ...
+
+
+class BatchObserver(Protocol):
+    """Sees every merged batch a dispatcher sent upstream and got answered, before its requests'
+    responses are handed out: `batch` is the batch's own Exchange (its `members` are the requests in
+    it, each with `batch` pointing back at it), `response` the batch's whole response. An observer
+    that counts rows can count a batch once instead of each of its requests (the drift stage does).
+    Same rules as Observer; a batch that failed is not shown (its requests' observers see the error).
+    """
+
+    def __call__(self, batch: Exchange, response: object) -> None: ...
 
 
 class RefusalObserver(Protocol):

@@ -21,7 +21,7 @@ from typing import Callable
 
 from gateway.errors import GatewayError, NotFound, Unimplemented
 from gateway.pipeline.admission import Admission
-from gateway.pipeline.contracts import Dispatcher, Observer, RefusalObserver, TraceStarter
+from gateway.pipeline.contracts import BatchObserver, Dispatcher, Observer, RefusalObserver, TraceStarter
 from gateway.pipeline.exchange import Exchange, ModelEntry
 from gateway.protocol import triton_messages as triton
 from gateway.protocol.tensors import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
@@ -56,11 +56,15 @@ class Pipeline:
         observer: Observer | None = None,
         refusal_observer: RefusalObserver | None = None,
         trace_starter: TraceStarter | None = None,
+        batch_observer: BatchObserver | None = None,
     ) -> None:
-        """Plug a stage in: its observer of admitted requests, of refused ones, its trace starter.
-        Observers run in the order they were attached; there is one trace starter."""
+        """Plug a stage in: its observer of admitted requests, of refused ones, its trace starter, its
+        observer of the batches the dispatcher merges. Observers run in the order they were attached;
+        there is one trace starter."""
         if observer is not None:
             self.observers.append(observer)
+        if batch_observer is not None:
+            self.dispatcher.batch_observers.append(batch_observer)
         if refusal_observer is not None:
             self.refusal_observers.append(refusal_observer)
         if trace_starter is not None:

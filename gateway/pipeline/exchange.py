@@ -49,7 +49,7 @@ class Exchange:
 
     __slots__ = (
         "entry", "request", "started_ns", "elapsed_ns", "backend", "route", "queued_ns",
-        "upstream_started_ns", "upstream_ns", "batch_rows", "trace", "members", "layout",
+        "upstream_started_ns", "upstream_ns", "batch_rows", "trace", "members", "layout", "batch",
     )
 
     def __init__(self, entry: ModelEntry, request, started_ns: int, trace: object | None = None) -> None:
@@ -66,6 +66,7 @@ class Exchange:
         self.trace = trace  # the trace starter's handle (telemetry's RequestTrace), set only for sampled requests
         self.members: list[Exchange] = []
         self.layout: tuple | None = None  # the request's layout once validated (pipeline/layout.py), if it has one
+        self.batch: Exchange | None = None  # the merged batch this request rode in (None: it went alone)
 
     def __repr__(self) -> str:
         backend = self.backend.address if self.backend is not None else None
@@ -76,6 +77,7 @@ class Exchange:
 
     def took_batch(self, batch: "Exchange") -> None:
         """Copy what the dispatcher learned about the batch this request rode in."""
+        self.batch = batch
         self.backend = batch.backend
         self.route = batch.route
         self.upstream_started_ns = batch.upstream_started_ns

@@ -82,6 +82,7 @@ class DirectDispatcher:
         self.budget = budget or RetryBudget(clock=clock)
         self._clock = clock
         self.traced_send: TracedSend | None = None
+        self.batch_observers: list = []  # the Dispatcher contract's; this dispatcher never merges requests
         self.hedging = hedging  # None: no hedged requests (the default)
         self.retries = 0
         self.failovers = 0
