@@ -191,8 +191,11 @@ class InferenceService:
         readiness.admitted()
         try:
             # Admitted under the gateway's limits by the engine (Method.gate); the model's, here.
+            size = len(raw)
             request = self._parse_infer(raw)
-            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call), len(raw))
+            raw = None  # parsed: the client's bytes may go (the envoy engine holds no other reference)
+            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call), size)
+            request = None  # answered and observed: its tensors may go before the answer is serialized
         finally:
             readiness.finished()
         return response.SerializeToString()
@@ -203,9 +206,12 @@ class InferenceService:
         readiness = self.readiness
         readiness.admitted()
         try:
+            size = len(raw)
             request = self._parse_infer(raw)
-            self.guard.check_infer(call, request, len(raw), False)
-            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call))
+            raw = None
+            self.guard.check_infer(call, request, size, False)
+            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call), size)
+            request = None
         finally:
             readiness.finished()
         return response.SerializeToString()

@@ -73,7 +73,12 @@ class HttpAnswer:
         self.body = body
 
     def __repr__(self) -> str:
-        return f"<HttpAnswer {self.status} header={self.header_length} body={len(self.body)} bytes>"
+        return f"<HttpAnswer {self.status} header={self.header_length} body={len(self.body or b'')} bytes>"
+
+    def take_body(self) -> bytes:
+        """The body, given away: passed on as the only reference, a large one goes once its reader is done."""
+        body, self.body = self.body, None
+        return body
 
 
 _FILL_IN_PLACE_FROM = 256 * 1024  # answers from this size on are read into one buffer (a bytearray)
@@ -85,7 +90,7 @@ class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection; the pool hands it to one request at a time (`send`)."""
 
     __slots__ = ("_pool", "_transport", "_parser", "_waiter", "_chunks", "_header_length", "_got_bytes", "_whole", "_filled",
-                 "reused", "closed")
+                 "_sent", "reused", "closed")
 
     def __init__(self, pool: "HttpPool") -> None:
         self._pool = pool
@@ -96,6 +101,7 @@ class _Connection(asyncio.Protocol):
         self._whole: memoryview | None = None  # a large answer's body, filled in place (see on_header)
         self._header_length = -1
         self._got_bytes = False
+        self._sent: list | None = None  # the request's parts, until its answer begins (see data_received)
         self.reused = False
         self.closed = False
 
@@ -112,6 +118,14 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
+        sent = self._sent
+        if sent is not None:
+            # The answer began: the request will not be sent again (HttpPool.request resends only
+            # a request of which not a byte was answered), so its parts — a large request's tensor
+            # bytes — need not be held while the answer arrives. (The transport keeps its own
+            # references to what it has not written yet.)
+            sent.clear()
+            self._sent = None
         try:
             self._parser.feed_data(data)
         except ConnectionFailed as error:  # raised by a callback (an answer over the size limit)
@@ -187,6 +201,7 @@ class _Connection(asyncio.Protocol):
         waiter = self._pool._loop.create_future()
         self._waiter = waiter
         self._transport.writelines(parts)
+        self._sent = parts
         return waiter
 
     def _fail(self, error: Exception) -> None:
@@ -255,6 +270,9 @@ class HttpPool:
 
     async def request(self, parts: list) -> HttpAnswer:
         """Send one whole request (request line and headers first, then body parts) and return its answer.
+
+        `parts` is emptied once the answer begins: the caller should hold no other reference to
+        large parts, so that they go while the answer arrives.
 
         Raises ConnectionFailed (the backend is unreachable or went away) or AnswerTooLarge.
         """

@@ -139,14 +139,19 @@ def _set_parameter(target, value) -> None:
         target.string_param = value if isinstance(value, str) else _dumps(value)
 
 
-def decode_response(body: bytes, header_length: int, backend: str):
-    """The ModelInferResponse of a successful answer (HTTP 200)."""
+def decode_response(body: bytes | bytearray, header_length: int, backend: str):
+    """The ModelInferResponse of a successful answer (HTTP 200).
+
+    A large answer's body is a bytearray (http.py), and upb takes only bytes: each output is first
+    copied out as bytes, then the body is let go, then upb copies each in — so the answer is held at
+    most twice at once, not three times (the caller passes the only reference to `body`).
+    """
     try:
         header = _loads(body[:header_length] if header_length >= 0 else body)
         response = pb.ModelInferResponse(model_name=header["model_name"], model_version=header.get("model_version", ""),
                                          id=header.get("id", ""))
         offset = max(header_length, 0)
-        raw = response.raw_output_contents
+        places = []
         for output in header.get("outputs", ()):
             parameters = output.get("parameters") or {}
             size = parameters.get("binary_data_size")
@@ -158,13 +163,21 @@ def decode_response(body: bytes, header_length: int, backend: str):
                     _set_parameter(tensor.parameters[key], value)
             if offset + size > len(body):
                 raise ValueError(f"output '{output['name']}' ends past the answer's {len(body)} bytes")
-            # A large answer's body is a bytearray (http.py): its slice must be bytes for upb.
-            raw.append(body[offset:offset + size] if type(body) is bytes else bytes(memoryview(body)[offset:offset + size]))
+            places.append((offset, offset + size))
             offset += size
         for key, value in (header.get("parameters") or {}).items():
             _set_parameter(response.parameters[key], value)
     except (ValueError, KeyError, TypeError) as error:
         raise BackendError(grpc.StatusCode.INTERNAL, f"the backend sent an unreadable answer: {error}", backend) from None
+    raw = response.raw_output_contents
+    if type(body) is bytes:
+        raw.extend([body[start:end] for start, end in places])
+    else:
+        with memoryview(body) as view:
+            outputs = [bytes(view[start:end]) for start, end in places]
+        body = None
+        while outputs:
+            raw.append(outputs.pop(0))  # each output's bytes go as soon as upb holds its copy
     return response
 
 
@@ -220,12 +233,14 @@ class RestInference:
         size = len(header)
         for blob in blobs:
             size += len(blob)
-        head = b"".join((
+        parts = [b"".join((
             b"POST ", target, self._request_head, str(len(header)).encode(), b"\r\nContent-Length: ",
             str(size).encode(), b"\r\n", headers_of(trace_context), b"\r\n", header,
-        ))
+        ))]
+        parts += blobs
+        blobs = header = None  # `parts` holds the tensor bytes alone: the pool lets them go once answered
         try:
-            answer = await self.pool.request([head, *blobs] if blobs else [head])
+            answer = await self.pool.request(parts)
         except AnswerTooLarge as failure:
             raise BackendError(grpc.StatusCode.RESOURCE_EXHAUSTED, failure.public, self.backend,
                                detail=failure.message) from None
@@ -235,7 +250,7 @@ class RestInference:
             raise Unavailable(failure.public or BACKEND_UNAVAILABLE, detail=failure.message) from None
         if answer.status != 200:
             raise error_of(answer.status, answer.body, self.backend)
-        return decode_response(answer.body, answer.header_length, self.backend)
+        return decode_response(answer.take_body(), answer.header_length, self.backend)
 
     async def ready(self, timeout: float) -> None:
         """Raise Unavailable unless the backend answers `GET /v2/health/ready` with 200 in time."""

@@ -253,8 +253,11 @@ class GrpcAsgiApp:
                     raise WireError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
                 watch = self._watch()
                 watched = watch.add(asyncio.current_task(), call.deadline, receive)
-            reply = await method.handler(request, call)
-            request = None  # the request's bytes may go while the answer is sent
+            # The handler gets the only reference to the request's bytes: once it has parsed them it
+            # may let them go, and a large request is not held twice while it is served.
+            box = [request]
+            request = None
+            reply = await method.handler(box.pop(), call)
         except asyncio.CancelledError:
             if watched is None or watched.ended_by is None:
                 raise  # the server itself is cancelling us
