@@ -220,7 +220,12 @@ def overload(engine: str) -> None:
             _loop_clients(thread.address, request_bytes("fixed_cost"), 4, 1.0, 10.0, True)  # warm
             resting = rss(pid)
             reset_peak(pid)
-            outcomes = clients_in_process(thread.address, request_bytes("fixed_cost"), 80, 5.0, 10.0, True).result(120)
+            load = clients_in_process(thread.address, request_bytes("fixed_cost"), 80, 5.0, 10.0, True)
+            # A probe in a process of its own, one call at a time, not waiting out the pushback: what
+            # a shed request costs a client whose own event loop is not itself overloaded (the 80
+            # clients above share one loop, and their latencies include waiting for it).
+            probe = clients_in_process(thread.address, request_bytes("fixed_cost"), 1, 5.0, 10.0, False)
+            outcomes, probed = load.result(120), probe.result(120)
             peak = peak_rss(pid)
     finally:
         server.stop()
@@ -230,6 +235,10 @@ def overload(engine: str) -> None:
     print(f"{engine:7s} overload: {len(served)} served ({len(served) / 5:.0f}/s; {quantiles(served)}), "
           f"{len(shed)} shed ({quantiles(shed)}), {len(other)} other errors; gateway RSS {resting / 2**20:.0f} MiB "
           f"resting, peak +{(peak - resting) / 2**20:.0f} MiB", flush=True)
+    probe_shed = [s for code, s, _ in probed if code == "RESOURCE_EXHAUSTED"]
+    print(f"{engine:7s} overload, the probe: {len(probed)} calls, {len(probe_shed)} shed ({quantiles(probe_shed)}"
+          f", p90 {np.quantile(probe_shed, 0.9) * 1e3 if probe_shed else float('nan'):.1f} ms), "
+          f"{len(probed) - len(probe_shed)} served or other", flush=True)
 
 
 def memory(engine: str) -> None:

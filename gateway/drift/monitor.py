@@ -231,7 +231,7 @@ class TensorMonitor:
 
         The block is cut where the reference is complete (exactly `learn_rows` rows) and where a
         sub-window is full (exactly `sub_window_rows`), so the windows are the same whether rows
-        come one request at a time or many requests at once (DriftStage counts a loop turn's).
+        come one request at a time or many requests at once (DriftStage counts up to 20 ms of them).
         """
         ready = False
         while len(block):
@@ -558,8 +558,8 @@ class ModelMonitor:
         Each request is sampled on its own (`sample_rate`); a batch is counted whole (the stage hands
         over batches only when `counts_whole_batches`). The sampled tensors of one name, datatype and
         trailing shape are joined and counted with one compiled update, so the gateway's cost per
-        request is a few list appends (DriftStage calls this once per event-loop turn with that
-        turn's requests and batches). A sub-window that fills is evaluated after the whole call.
+        request is a few list appends (DriftStage calls this with what finished in the last
+        ≤ 20 ms). A sub-window that fills is evaluated after the whole call.
         """
         groups = self.sample(pairs, batches)
         if groups:
