@@ -384,7 +384,7 @@ async def test_the_drift_stage_counts_waiting_requests_in_one_update():
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5])
 async def test_a_batch_counts_once_for_its_requests_and_as_they_would(sample_rate):
     """The batching stage's merged batch is counted once (batch_observer), its requests not again
-    (their Exchange.batch points at it), and the windows hold exactly what counting each request
+    (their Exchange.merged is set), and the windows hold exactly what counting each request
     would; with a sample rate below 1 every request is sampled on its own instead."""
     from gateway.batching.merge import merge
 

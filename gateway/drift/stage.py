@@ -123,7 +123,7 @@ class DriftStage:
         if error is not None:
             return
         monitor = self.monitors.get(exchange.entry.name)
-        if monitor is None or (exchange.batch is not None and monitor.counts_whole_batches):
+        if monitor is None or (exchange.merged and monitor.counts_whole_batches):
             return  # unwatched, or counted with the batch it rode in (batch_observer)
         self._pending_of(monitor)[0].append((exchange.request, response))
         self._held(1)

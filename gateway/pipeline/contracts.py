@@ -58,7 +58,7 @@ class Observer(Protocol):
 class BatchObserver(Protocol):
     """Sees every merged batch a dispatcher sent upstream and got answered, before its requests'
     responses are handed out: `batch` is the batch's own Exchange (its `members` are the requests in
-    it, each with `batch` pointing back at it), `response` the batch's whole response. An observer
+    it, each with `merged` set), `response` the batch's whole response. An observer
     that counts rows can count a batch once instead of each of its requests (the drift stage does).
     Same rules as Observer; a batch that failed is not shown (its requests' observers see the error).
     """
