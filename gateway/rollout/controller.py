@@ -260,10 +260,7 @@ class RolloutController:
                 before = await repository.loaded_versions(backend, model)
                 config = await repository.model_config(backend, model)
                 done.append((backend, before, config))
-                await self._reload(backend, model, sorted({*before, live, candidate}, key=int), config)
-                if not await repository.wait_ready(backend, model, candidate, self.config.load_timeout_s):
-                    raise GatewayError(f"version {candidate} was not ready on {backend.address} "
-                                       f"within {self.config.load_timeout_s:g} s")
+                await self._load_beside(backend, model, before, {live, candidate}, config, ready=candidate)
         except GatewayError as error:
             for backend, before, config in done:  # put back what was loaded before
                 try:
@@ -409,9 +406,16 @@ class RolloutController:
             loaded = await repository.loaded_versions(backend, model)
             if version not in loaded:
                 config = await repository.model_config(backend, model)
-                await self._reload(backend, model, sorted({*loaded, version}, key=int), config)
-                if not await repository.wait_ready(backend, model, version, self.config.load_timeout_s):
-                    raise FailedPrecondition(f"version {version} of '{model}' did not become ready on {backend.address}")
+                await self._load_beside(backend, model, loaded, {version}, config, ready=version)
+
+    async def _load_beside(self, backend: Backend, model: str, loaded: list[str], versions: set[str], config: dict,
+                           ready: str) -> None:
+        """Load `versions` beside the `loaded` ones on one backend; raise unless version `ready` is
+        ready there within the load timeout."""
+        await self._reload(backend, model, sorted({*loaded, *versions}, key=int), config)
+        if not await repository.wait_ready(backend, model, ready, self.config.load_timeout_s):
+            raise FailedPrecondition(f"version {ready} of '{model}' was not ready on {backend.address} "
+                                     f"within {self.config.load_timeout_s:g} s")
 
     # ---- helpers -------------------------------------------------------------------------------
 

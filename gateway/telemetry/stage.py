@@ -415,32 +415,33 @@ class TelemetryStage:
         # Our own provider, not the global one: the gateway is a library too, and tests run several.
         self._provider = MeterProvider(metric_readers=self._readers, resource=self._resource)
         meter = self._provider.get_meter("tensorgate")
-        meter.create_observable_counter("tensorgate.requests", [self._requests], unit="{request}",
-                                        description="Inference requests finished, by model, version, backend and status.")
-        meter.create_observable_counter("tensorgate.errors", [self._errors], unit="{request}",
-                                        description="Inference requests that failed, by gRPC status.")
-        meter.create_observable_gauge("tensorgate.backend.healthy", [self._backend_healthy], unit="1",
-                                      description="1 while the backend is in rotation, else 0.")
-        meter.create_observable_gauge("tensorgate.backend.inflight", [self._backend_inflight],
-                                      unit="{request}", description="Requests sent to the backend, not yet answered.")
-        meter.create_observable_counter("tensorgate.routing.decisions", [self._routing_decisions], unit="{decision}",
-                                        description="Backends picked, by pool and why (preferred, spill, failover, canary, shadow, probe).")
-        meter.create_observable_counter("tensorgate.shadow.copies", [self._shadow_copies], unit="{copy}",
-                                        description="Copies of live requests for shadow targets, by outcome (sent, dropped, failed, unplaced).")
-        meter.create_observable_gauge("tensorgate.placement.service_time", [self._service_times], unit="s",
-                                      description="EWMA service time per request in line, per model version and backend (the router's predictor).")
-        meter.create_observable_counter("tensorgate.retries", [self._retries], unit="{attempt}",
-                                        description="Requests sent again to another backend, by kind")
-        meter.create_observable_counter("tensorgate.backend.ejections", [self._ejections], unit="{ejection}",
-                                        description="Backends taken out of rotation by outlier detection, by reason")
-        meter.create_observable_counter("tensorgate.shed", [self._shed], unit="{request}",
-                                        description="Requests refused by admission limits (RESOURCE_EXHAUSTED)")
-        meter.create_observable_gauge("tensorgate.batching.queue.depth", [self._queue_depth], unit="{request}",
-                                      description="Requests waiting in the gateway's batch queues.")
-        meter.create_observable_gauge("tensorgate.drift.statistic", [self._drift_statistics], unit="1",
-                                      description="Drift statistic of the last evaluated window, per feature.")
-        meter.create_observable_counter("tensorgate.drift.alerts", [self._drift_alert_counts], unit="{alert}",
-                                        description="Drift alert state changes, by level.")
+        # Every instrument is observable (read at collection): (kind, name, callback, unit, description).
+        instruments = (
+            ("counter", "tensorgate.requests", self._requests, "{request}",
+             "Inference requests finished, by model, version, backend and status."),
+            ("counter", "tensorgate.errors", self._errors, "{request}", "Inference requests that failed, by gRPC status."),
+            ("gauge", "tensorgate.backend.healthy", self._backend_healthy, "1", "1 while the backend is in rotation, else 0."),
+            ("gauge", "tensorgate.backend.inflight", self._backend_inflight, "{request}",
+             "Requests sent to the backend, not yet answered."),
+            ("counter", "tensorgate.routing.decisions", self._routing_decisions, "{decision}",
+             "Backends picked, by pool and why (preferred, spill, failover, canary, shadow, probe)."),
+            ("counter", "tensorgate.shadow.copies", self._shadow_copies, "{copy}",
+             "Copies of live requests for shadow targets, by outcome (sent, dropped, failed, unplaced)."),
+            ("gauge", "tensorgate.placement.service_time", self._service_times, "s",
+             "EWMA service time per request in line, per model version and backend (the router's predictor)."),
+            ("counter", "tensorgate.retries", self._retries, "{attempt}", "Requests sent again to another backend, by kind"),
+            ("counter", "tensorgate.backend.ejections", self._ejections, "{ejection}",
+             "Backends taken out of rotation by outlier detection, by reason"),
+            ("counter", "tensorgate.shed", self._shed, "{request}", "Requests refused by admission limits (RESOURCE_EXHAUSTED)"),
+            ("gauge", "tensorgate.batching.queue.depth", self._queue_depth, "{request}",
+             "Requests waiting in the gateway's batch queues."),
+            ("gauge", "tensorgate.drift.statistic", self._drift_statistics, "1",
+             "Drift statistic of the last evaluated window, per feature."),
+            ("counter", "tensorgate.drift.alerts", self._drift_alert_counts, "{alert}", "Drift alert state changes, by level."),
+        )
+        for kind, name, callback, unit, description in instruments:
+            create = meter.create_observable_counter if kind == "counter" else meter.create_observable_gauge
+            create(name, [callback], unit=unit, description=description)
 
     def close(self) -> None:
         if self._http_server is not None:
