@@ -61,6 +61,8 @@ class BatchObserver(Protocol):
     it, each with `merged` set), `response` the batch's whole response. An observer
     that counts rows can count a batch once instead of each of its requests (the drift stage does).
     Same rules as Observer; a batch that failed is not shown (its requests' observers see the error).
+    A batch is shown whole even when one of its clients left while it was out: the backend answered
+    every row of it.
     """
 
     def __call__(self, batch: Exchange, response: object) -> None: ...
