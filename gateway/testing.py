@@ -18,6 +18,7 @@ import re
 import tempfile
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Coroutine
 
 import grpc
@@ -161,7 +162,13 @@ class EnvoyGatewayThread(GatewayThread):
 
     async def _create(self) -> EnvoyGateway:
         with open(self.stderr_path, "ab") as stderr:
-            return await EnvoyGateway(self.config, self.mapping, stderr=stderr).start()
+            try:
+                return await EnvoyGateway(self.config, self.mapping, stderr=stderr).start()
+            except Exception as error:
+                # Envoy's own words go to the file, not to the test's output: say them here.
+                said = Path(self.stderr_path).read_bytes()[-4000:].decode("utf-8", "replace").strip()
+                raise RuntimeError(f"the envoy gateway did not start: {error!r}; Envoy's stderr "
+                                   f"({self.stderr_path}) ends: {said or '(nothing)'}") from error
 
     def snapshot(self) -> dict:
         """The live state of the gateway inside Envoy: the admin GetSnapshot."""
