@@ -65,16 +65,7 @@ async def wait_server_ready(backend: Backend, timeout_s: float) -> bool:
     """Poll ServerReady until it says ready (True) or `timeout_s` passes (False). A Triton with
     --strict-readiness reports not ready while any model loads or unloads, so the gateway's health
     check takes it out of rotation meanwhile: reload one backend at a time, and wait for this."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            if await server_ready(backend):
-                return True
-        except GatewayError:
-            pass
-        if asyncio.get_running_loop().time() >= deadline:
-            return False
-        await asyncio.sleep(0.1)
+    return await _poll(lambda: server_ready(backend), timeout_s, 0.1)
 
 
 async def version_ready(backend: Backend, model: str, version: str) -> bool:
@@ -85,13 +76,19 @@ async def version_ready(backend: Backend, model: str, version: str) -> bool:
 
 async def wait_ready(backend: Backend, model: str, version: str, timeout_s: float) -> bool:
     """Poll ModelReady until the version is ready (True) or `timeout_s` passes (False)."""
+    return await _poll(lambda: version_ready(backend, model, version), timeout_s, 0.2)
+
+
+async def _poll(ready, timeout_s: float, every_s: float) -> bool:
+    """Await `ready()` every `every_s` until it says True (True) or `timeout_s` passes (False); a
+    call that fails (the backend busy loading, or away) counts as not ready yet."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         try:
-            if await version_ready(backend, model, version):
+            if await ready():
                 return True
         except GatewayError:
             pass
         if asyncio.get_running_loop().time() >= deadline:
             return False
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(every_s)
