@@ -5,6 +5,7 @@ with its conditions, in benchmarks/RESULTS.md ("Resilience")."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import threading
@@ -64,6 +65,24 @@ def _backend(gateway: GatewayThread, address: str) -> dict:
     return gateway.snapshot()["backends"][address]
 
 
+@contextlib.contextmanager
+def _steady_load_over(gateway: GatewayThread, pair, clients: int = 4):
+    """`clients` clients in a loop (`_steady_load`) for the block, which starts once every backend of
+    `pair` has served some; yields their outcomes, every client done and checked when it ends."""
+    stop = threading.Event()
+    outcomes: list = []
+    pool = concurrent.futures.ThreadPoolExecutor(clients)
+    workers = [pool.submit(_steady_load, gateway.address, stop, outcomes) for _ in range(clients)]
+    try:
+        assert _wait(lambda: all(_backend(gateway, t.grpc_address)["served"] > 20 for t in pair)), gateway.snapshot()
+        yield outcomes
+    finally:
+        stop.set()
+        pool.shutdown(wait=True)
+    for worker in workers:
+        worker.result()
+
+
 def test_sigstopped_backend_is_ejected_its_pending_requests_move_and_it_rejoins(pair):
     hung, other = pair
     config = {
@@ -73,12 +92,7 @@ def test_sigstopped_backend_is_ejected_its_pending_requests_move_and_it_rejoins(
         "outlier": {"stall_after_s": 0.5, "base_ejection_s": 1.0},
     }
     with GatewayThread(config) as gateway:
-        stop = threading.Event()
-        outcomes: list = []
-        pool = concurrent.futures.ThreadPoolExecutor(4)
-        workers = [pool.submit(_steady_load, gateway.address, stop, outcomes) for _ in range(4)]
-        try:
-            assert _wait(lambda: all(_backend(gateway, t.grpc_address)["served"] > 20 for t in pair)), gateway.snapshot()
+        with _steady_load_over(gateway, pair) as outcomes:
             os.kill(hung.pid, signal.SIGSTOP)
             out_after = _wait(lambda: _out_of_rotation(gateway, hung), timeout=10)
             assert out_after is not None and out_after <= 2.0, (
@@ -90,11 +104,6 @@ def test_sigstopped_backend_is_ejected_its_pending_requests_move_and_it_rejoins(
             served = _backend(gateway, hung.grpc_address)["served"]
             rejoined = _wait(lambda: _backend(gateway, hung.grpc_address)["served"] > served + 20, timeout=15)
             assert rejoined is not None, f"the backend did not rejoin after SIGCONT: {gateway.snapshot()}"
-        finally:
-            stop.set()
-            pool.shutdown(wait=True)
-        for worker in workers:
-            worker.result()
         failures = [o for o, _ in outcomes if o is not True]
         assert len(failures) <= 0.001 * len(outcomes), f"{len(failures)} of {len(outcomes)} failed: {failures[:3]}"
         slowest = max(seconds for _, seconds in outcomes)
@@ -119,23 +128,13 @@ def test_sigkilled_backend_costs_no_request_and_rejoins_within_5_s_of_its_return
         "health": {"interval_s": 0.2, "timeout_s": 0.5},
     }
     with GatewayThread(config) as gateway:
-        stop = threading.Event()
-        outcomes: list = []
-        pool = concurrent.futures.ThreadPoolExecutor(4)
-        workers = [pool.submit(_steady_load, gateway.address, stop, outcomes) for _ in range(4)]
-        try:
-            assert _wait(lambda: all(_backend(gateway, t.grpc_address)["served"] > 20 for t in pair))
+        with _steady_load_over(gateway, pair) as outcomes:
             dead.kill()
             time.sleep(1.5)
             dead.start()  # ready when it returns
             served = _backend(gateway, dead.grpc_address)["served"]
             rejoined = _wait(lambda: _backend(gateway, dead.grpc_address)["served"] > served, timeout=15)
             assert rejoined is not None and rejoined <= 5.0, f"rejoined after {rejoined} s; expected within 5 s"
-        finally:
-            stop.set()
-            pool.shutdown(wait=True)
-        for worker in workers:
-            worker.result()
         failures = [o for o, _ in outcomes if o is not True]
         assert not failures, f"{len(failures)} of {len(outcomes)} failed: {failures[:3]}"
 
