@@ -662,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s per measurement")
     parser.add_argument("--only", choices=SECTIONS, help="run one section: overhead (a–c), batching (d), drift (e) or telemetry (f); default all")
     parser.add_argument("--engine", choices=("envoy", "grpcio"), help="the gateways' server.engine (default: theirs, auto)")
+    parser.add_argument("--server", metavar="JSON",
+                        help="`server:` section of every gateway's config (default: none, the gateway's defaults), "
+                             "e.g. '{\"envoy_threads\": 1}'; --engine sets its `engine` key")
     parser.add_argument("--rounds", type=int, help="rounds, alternating order (default 3, --quick 1)")
     parser.add_argument("--seconds", type=float, help="measured seconds per run (default 4, --quick 2)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds before each window (default 1, --quick 0.5)")
@@ -712,8 +715,11 @@ def main(argv: list[str] | None = None) -> int:
             config = {"listen": f"127.0.0.1:{port}", "pools": {"cpu": {"backends": [triton.grpc_address]}}}
             if args.streams:
                 config["upstream"] = {"streams_per_backend": args.streams}
+            server = json.loads(args.server) if args.server else {}
             if args.engine:
-                config["server"] = {"engine": args.engine}
+                server["engine"] = args.engine
+            if server:
+                config["server"] = server
             if batching is not None:
                 config["batching"] = batching
             if drift is not None:

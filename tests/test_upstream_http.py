@@ -355,6 +355,68 @@ def test_answer_decoding_keeps_parameters_and_bytes():
         decode_response(header + b"\x03", len(header), "b")
 
 
+def _request_of(request_id="", blob=b"\x00" * 64, datatype="FP32", shape=(1, 16), **parameters):
+    request = pb.ModelInferRequest(model_name="m", id=request_id)
+    request.inputs.add(name="INPUT0", datatype=datatype, shape=list(shape))
+    request.raw_input_contents.append(blob)
+    for key, value in parameters.items():
+        request.parameters[key].int64_param = value
+    return request
+
+
+@pytest.mark.parametrize("request_id", ["", "b7", 'say "hi"', "é-ünï", "a\\b"])
+def test_request_headers_built_from_the_layout_cache_are_whole(request_id):
+    """The inputs part comes from a cache after the first request of a layout: every request's
+    header is still its own (id, parameters, sizes), the first and the cached one alike."""
+    expected_inputs = [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "parameters": {"binary_data_size": 64}}]
+    for timeout in (None, 1500, 1500):  # a miss, then hits
+        request = _request_of(request_id, **({} if timeout is None else {"timeout": timeout}))
+        header = json.loads(encode_request(request)[0])
+        assert header["inputs"] == expected_inputs
+        assert header.get("id", "") == request_id
+        assert header["parameters"] == {"binary_data_output": True, **({} if timeout is None else {"timeout": timeout})}
+    # BYTES of another length, or another shape: another layout, never a cached header of the wrong size
+    for size in (9, 12, 9):
+        header = json.loads(encode_request(_request_of(blob=b"\x05\x00\x00\x00" + b"x" * (size - 4), datatype="BYTES",
+                                                       shape=(1,)))[0])
+        assert header["inputs"][0]["parameters"] == {"binary_data_size": size}
+    header = json.loads(encode_request(_request_of(shape=(2, 8)))[0])
+    assert header["inputs"][0]["shape"] == [2, 8]
+
+
+def _triton_header(**fields) -> bytes:
+    """An answer header as Triton writes it: compact, the id first."""
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("answer_id", ["", "b7", 'say "hi"', "é-ünï", "a\\b"])
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_answers_decoded_from_the_header_cache_keep_their_own_id_and_bytes(answer_id, kind):
+    outputs = [{"name": "O", "datatype": "INT32", "shape": [1, 2], "parameters": {"binary_data_size": 8}},
+               {"name": "P", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 5, "note": "n"}}]
+    for round_ in range(3):  # the first answer parses the header, the next ones are made from its template
+        fields = {"id": answer_id} if answer_id else {}
+        header = _triton_header(**fields, model_name="m", model_version="1", outputs=outputs, parameters={"p": round_ + 1})
+        data = round_.to_bytes(8, "little") + b"\x01\x00\x00\x00" + bytes([round_])
+        response = decode_response(kind(header + data), len(header), "b")
+        assert (response.id, response.model_name, response.model_version) == (answer_id, "m", "1")
+        assert list(response.raw_output_contents) == [data[:8], data[8:]]
+        assert [o.name for o in response.outputs] == ["O", "P"] and list(response.outputs[0].shape) == [1, 2]
+        assert response.outputs[1].parameters["note"].string_param == "n"
+        assert response.parameters["p"].int64_param == round_ + 1
+        with pytest.raises(BackendError, match="output 'P' ends past"):  # checked on a cached header too
+            decode_response(kind(header + data[:-1]), len(header), "b")
+
+
+def test_the_codec_caches_are_bounded():
+    from gateway.upstream.rest import _Templates
+
+    cache = _Templates(limit=3)
+    for key in range(10):
+        assert cache.keep(key, str(key)) == str(key)
+        assert len(cache) <= 3 and cache[key] == str(key)
+
+
 @pytest.mark.parametrize("status, code", [
     (400, grpc.StatusCode.INVALID_ARGUMENT), (404, grpc.StatusCode.NOT_FOUND), (500, grpc.StatusCode.INTERNAL),
     (501, grpc.StatusCode.UNIMPLEMENTED), (503, grpc.StatusCode.UNAVAILABLE), (418, grpc.StatusCode.UNKNOWN)])
