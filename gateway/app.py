@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from gateway.server import gc_policy
 from gateway.server.model_statistics import GatewayCounts
 
 from gateway.admin.control import ControlError, send_control, serve_control
@@ -445,7 +446,7 @@ class Gateway:
             "batching": self.batching.snapshot(),
             "drift": {model: repr(monitor) for model, monitor in self.drift.monitors.items()},
             "serving": {"draining": self.readiness.draining, "in_flight": self.readiness.in_flight,
-                        "reloads": self.reloads},
+                        "reloads": self.reloads, "gc": gc_policy.describe()},
             "tenants": {} if self.guard is None else self.guard.snapshot(),
         }
 
@@ -508,6 +509,7 @@ async def envoy_services(config_json: str):
     gateway = Gateway(config_from_mapping(json.loads(config_json)), worker=WorkerRole.from_environment(),
                       config_path=os.environ.get(ENV_CONFIG_PATH))
     await gateway.start_stages()
+    gc_policy.apply(gateway.config.server.gc_freeze, gateway.config.server.gc_threshold)  # Envoy's process is the gateway's
     control = None
     control_path = os.environ.get(ENV_CONTROL_SOCKET)
     if control_path:
