@@ -38,6 +38,13 @@ drift (`--only drift`), on `simple_scale`: the batching gateway (default batchin
   was until 2026-11-29, two rounds of the same pair differed by up to ±20 µs a request on this
   machine: more than the stage costs.)
 
+ab (`--only ab --ab JSON`, never part of a full run): two pass-through gateways (batching off, as
+  in overhead), the second with JSON as its `server:` section (on top of --server), loaded SIDE BY
+  SIDE like drift, each paced at AB_RATE req/s (1,500; TENSORGATE_BENCH_AB_RATE) over
+  AB_CONCURRENCY (32) workers: the CPU per request of a server setting (the collector policy,
+  Envoy's threads, …) paired by round, which one gateway after the other this machine's noise
+  hides. Reports B ÷ A, no target.
+
 telemetry (`--only telemetry`), on `simple_scale`: the batching gateway (default batching config,
   telemetry off) against a gateway with the SAME config plus metrics and traces, loaded SIDE BY SIDE
   (two load generators at once, so the machine's noise hits both alike), each paced at 400 req/s
@@ -86,6 +93,8 @@ MODEL = "simple_scale"
 ROWS, COLS = 1, 16
 HIGH_CONCURRENCY = 64
 SECTIONS = ("overhead", "batching", "drift", "telemetry")
+AB_RATE = float(os.environ.get("TENSORGATE_BENCH_AB_RATE", "1500")) or None
+AB_CONCURRENCY = 32
 TELEMETRY_CONCURRENCY = int(os.environ.get("TENSORGATE_BENCH_TELEMETRY_CONCURRENCY", "32"))
 # Each gateway gets the same paced load, below what the machine saturates at: CPU per request is
 # then compared at equal throughput (closed-loop, a gateway a little slower would also serve fewer
@@ -310,6 +319,9 @@ def _plan(sections: list[str]) -> list[Run]:
         # both gateways in the same seconds, which one after the other it does not.
         runs += [Run("batchgw", MODEL, TELEMETRY_CONCURRENCY, "telemetry", TELEMETRY_RATE, TELEMETRY_SECONDS),
                  Run("telgw", MODEL, TELEMETRY_CONCURRENCY, "telemetry", TELEMETRY_RATE, TELEMETRY_SECONDS)]
+    if "ab" in sections:
+        runs += [Run("gateway", MODEL, AB_CONCURRENCY, "ab", AB_RATE),
+                 Run("abgw", MODEL, AB_CONCURRENCY, "ab", AB_RATE)]
     unique: dict[str, Run] = {}
     for run in runs:
         unique.setdefault(run.label, run)
@@ -343,7 +355,7 @@ def _round(index: int, plan: list[Run], addresses: dict[str, str], pids: dict[st
     results, batch = {}, {}
 
     def watch(run: Run) -> list[int]:
-        watched = [pids[run.target]] if run.target in ("echo", "gateway", "batchgw", "driftgw", "telgw") else []
+        watched = [pids[run.target]] if run.target in ("echo", "gateway", "batchgw", "driftgw", "telgw", "abgw") else []
         return watched + (triton_pids if run.target != "echo" else [])
 
     for step in steps:
@@ -467,6 +479,9 @@ def _figures(sections: list[str], results: dict[str, LoadResult], batch: dict[st
     if "telemetry" in sections:
         (off, _), (on, _) = get("batchgw", MODEL, TELEMETRY_CONCURRENCY), get("telgw", MODEL, TELEMETRY_CONCURRENCY)
         figures.update(_on_off_figures("telemetry", off, pids["batchgw"], on, pids["telgw"]))
+    if "ab" in sections:
+        (a, _), (b, _) = get("gateway", MODEL, AB_CONCURRENCY), get("abgw", MODEL, AB_CONCURRENCY)
+        figures.update(_on_off_figures("ab", a, pids["gateway"], b, pids["abgw"]))
     figures["errors"] = sum(r.errors for r in results.values())
     return figures
 
@@ -528,7 +543,8 @@ def _render(header: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
 
 
 def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: int,
-           batching_label: str = "adaptive, defaults", telemetry_label: str = json.dumps(TELEMETRY_CONFIG)) -> str:
+           batching_label: str = "adaptive, defaults", telemetry_label: str = json.dumps(TELEMETRY_CONFIG),
+           ab_label: str = "") -> str:
     def med(key: str, fmt: str) -> str:
         return format(summary[key]["median"], fmt)
 
@@ -597,19 +613,20 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
                 f"{dynbatch}, {med(f'{case}_triton_all_cpu_us_gateway', '.0f')} via gateway; load-generator CPU µs/request "
                 f"{med(f'{case}_client_cpu_us_direct', '.0f')} direct, {med(f'{case}_client_cpu_us_gateway', '.0f')} via gateway"
             )  # fmt: skip
-    def on_off(prefix: str, mark: str) -> list[str]:
+    def on_off(prefix: str, mark: str, off: str = "", on: str = "") -> list[str]:
         """The rows of a feature's on ÷ off comparison (see _on_off_figures), with the CPU µs the
         feature adds per request beside the ratio."""
+        off, on = off or f"{prefix} off", on or f"{prefix} on"
         body = []
         for title, base, subject, key, added in (
-            (f"({mark}) gateway CPU µs/request, {prefix} on ÷ off", f"{med(f'{prefix}_off_cpu_us', '.0f')} µs",
+            (f"({mark}) gateway CPU µs/request, {on} ÷ {off}", f"{med(f'{prefix}_off_cpu_us', '.0f')} µs",
              f"{med(f'{prefix}_on_cpu_us', '.0f')} µs", f"{prefix}_cpu_ratio", f"{spread(f'{prefix}_added_cpu_us', '+.1f')} µs"),
-            (f"    requests/s, {prefix} on ÷ off (info)", f"{med(f'{prefix}_off_rps', ',.0f')} req/s",
+            (f"    requests/s, {on} ÷ {off} (info)", f"{med(f'{prefix}_off_rps', ',.0f')} req/s",
              f"{med(f'{prefix}_on_rps', ',.0f')} req/s", f"{prefix}_rps_ratio", ""),
         ):  # fmt: skip
             target, verdict = _verdict(key, summary[key], rounds)
             body.append((title, base, subject, f"×{spread(key, '.3f')}", added, target, verdict))
-        return _render(("measure", f"{prefix} off", f"{prefix} on", "ratio", "added per request", "target", ""), body)
+        return _render(("measure", off, on, "ratio", "added per request", "target", ""), body)
 
     if "drift" in sections:
         if lines:
@@ -631,6 +648,14 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
         lines.append("")
         lines.append(f"context (medians): p50 {med('telemetry_off_p50_ms', '.2f')} ms off, "
                      f"{med('telemetry_on_p50_ms', '.2f')} ms on")
+    if "ab" in sections:
+        if lines:
+            lines.append("")
+        lines.append(f"ab — {MODEL}, two pass-through gateways side by side, each paced at {AB_RATE or 'max'} req/s over "
+                     f"{AB_CONCURRENCY} workers, at the same time; B's server section: {ab_label}")
+        lines += on_off("ab", "g", "A", "B")
+        lines.append("")
+        lines.append(f"context (medians): p50 {med('ab_off_p50_ms', '.2f')} ms A, {med('ab_on_p50_ms', '.2f')} ms B")
     return "\n".join(lines)
 
 
@@ -660,7 +685,11 @@ def _machine() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s per measurement")
-    parser.add_argument("--only", choices=SECTIONS, help="run one section: overhead (a–c), batching (d), drift (e) or telemetry (f); default all")
+    parser.add_argument("--only", choices=(*SECTIONS, "ab"),
+                        help="run one section: overhead (a–c), batching (d), drift (e), telemetry (f), or ab (g, with "
+                             "--ab); default all but ab")
+    parser.add_argument("--ab", metavar="JSON", help="section ab: gateway B's `server:` section, e.g. "
+                        "'{\"gc_freeze\": false, \"gc_threshold\": 700}'")
     parser.add_argument("--engine", choices=("envoy", "grpcio"), help="the gateways' server.engine (default: theirs, auto)")
     parser.add_argument("--server", metavar="JSON",
                         help="`server:` section of every gateway's config (default: none, the gateway's defaults), "
@@ -683,6 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (2.0 if args.quick else 4.0)
     warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
     sections = [args.only] if args.only else list(SECTIONS)
+    if ("ab" in sections) != (args.ab is not None):
+        parser.error("--ab JSON goes with --only ab, and --only ab needs --ab JSON")
     plan = _plan(sections)
 
     workdir = Path(tempfile.mkdtemp(prefix="tensorgate-bench-"))
@@ -708,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
                 telemetry["prometheus_port"] = metrics_port
             scraper = _Scraper(f"http://127.0.0.1:{metrics_port}/metrics", SCRAPE_S)
         for role, batching, drift in (("gateway", {"default": {"enabled": False}}, None), ("batchgw", batching_on, None),
-                                      ("driftgw", batching_on, DRIFT_CONFIG), ("telgw", batching_on, None)):  # fmt: skip
+                                      ("driftgw", batching_on, DRIFT_CONFIG), ("telgw", batching_on, None),
+                                      ("abgw", {"default": {"enabled": False}}, None)):  # fmt: skip
             if role not in roles:
                 continue
             port = find_free_port()
@@ -718,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
             server = json.loads(args.server) if args.server else {}
             if args.engine:
                 server["engine"] = args.engine
+            if role == "abgw":
+                server = {**server, **json.loads(args.ab)}
             if server:
                 config["server"] = server
             if batching is not None:
@@ -780,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
           f"median [min–max] of per-round figures; {machine['cpus']} CPUs ({machine['cpu_model']}), "
           f"Python {machine['python']}, grpcio {machine['grpcio']}, numpy {machine['numpy']}, numba {machine['numba']}")  # fmt: skip
     print(_table(sections, summary, rounds, f"batching: {args.batching}" if args.batching else "adaptive, defaults",
-                 args.telemetry or json.dumps(TELEMETRY_CONFIG)))
+                 args.telemetry or json.dumps(TELEMETRY_CONFIG), args.ab or ""))
     if summary["errors"]["max"]:
         print("WARNING: requests failed during measurement (see the round lines above)")
     if args.json:

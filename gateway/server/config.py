@@ -122,8 +122,8 @@ class ServerConfig:
     the serving process only (gateway/server/gc_policy.py): later collections skip it."""
     gc_threshold: int = 20000
     """The collector's young-generation threshold in the serving process (CPython's default: 700).
-    Higher: rarer collections (with the default, the collector costs ~6 µs a request less at 64 in
-    flight); cyclic garbage waits longer to be freed."""
+    Higher: rarer collections (with the default, perf finds the collector in ~0 % of the envoy
+    engine's samples at 64 in flight, from 2.8–4 %); cyclic garbage waits longer to be freed."""
     workers: Any = 1
     """Worker processes serving the one listen port (SO_REUSEPORT; Envoy's reuse_port), supervised
     by a parent that restarts a dead one, drains them all on SIGTERM, and merges their metrics,

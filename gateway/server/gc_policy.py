@@ -4,8 +4,8 @@ A serving process holds a large, long-lived object graph from its start (numpy, 
 descriptors, grpc, the stages) and allocates a few dozen short-lived containers per request, nearly
 all freed by reference counting. With CPython's defaults (a young collection every 700 net
 container allocations, an older one every 10 of those, a full one when enough survived) the
-collector keeps walking both: 3–4 % of the envoy engine's CPU at 64 requests in flight, ~6 µs a
-request (benchmarks/RESULTS.md, "The cyclic garbage collector"). `gc.freeze()` after start-up
+collector keeps walking both: 2.8–4 % of the envoy engine's CPU samples (perf) at 64 requests in
+flight (benchmarks/RESULTS.md, "The cyclic garbage collector"). `gc.freeze()` after start-up
 moves what start-up built out of every later collection, and a young threshold of 20,000 makes
 collections rare while still bounding what cyclic garbage can pile up (a request's cycles, e.g. an
 exception's traceback, are still collected, some thousands of requests later).
