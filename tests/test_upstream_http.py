@@ -384,6 +384,22 @@ def test_request_headers_built_from_the_layout_cache_are_whole(request_id):
     assert header["inputs"][0]["shape"] == [2, 8]
 
 
+@pytest.mark.parametrize("set_parameters, expected", [
+    (lambda p: p["timeout"].__setattr__("int64_param", 1500), {"timeout": 1500}),  # the deadline alone: fast path
+    (lambda p: p["timeout"].__setattr__("int64_param", 0), {"timeout": 0}),
+    (lambda p: p["timeout"].__setattr__("int64_param", -5), {}),  # negative: as gRPC reads it, no timeout
+    (lambda p: p["timeout"].__setattr__("uint64_param", 7), {"timeout": 7}),
+    (lambda p: p["timeout"].__setattr__("string_param", "9"), {"timeout": "9"}),  # passed on; Triton's to refuse
+    (lambda p: (p["timeout"].__setattr__("int64_param", 3), p["note"].__setattr__("string_param", "x")),
+     {"timeout": 3, "note": "x"}),
+])
+def test_request_parameters_reach_the_header_as_sent(set_parameters, expected):
+    request = _request_of()
+    set_parameters(request.parameters)
+    header = json.loads(encode_request(request)[0])
+    assert header["parameters"] == {**expected, "binary_data_output": True}
+
+
 def _triton_header(**fields) -> bytes:
     """An answer header as Triton writes it: compact, the id first."""
     return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()

@@ -118,6 +118,14 @@ def _layout_of(inputs, blobs) -> tuple | None:
     return tuple(key)
 
 
+def _only_a_timeout(parameters) -> bool:
+    """The parameters are one non-negative integer `timeout` (what the dispatcher sets from a deadline)."""
+    if len(parameters) != 1 or "timeout" not in parameters:
+        return False
+    value = parameters["timeout"]
+    return value.WhichOneof("parameter_choice") == "int64_param" and value.int64_param >= 0
+
+
 def encode_request(request) -> tuple[bytes, list[bytes]]:
     """(JSON header, tensor bytes in input order) of a ModelInferRequest.
 
@@ -149,8 +157,11 @@ def encode_request(request) -> tuple[bytes, list[bytes]]:
             output_parameters["binary_data"] = True
             outputs.append({"name": output.name, "parameters": output_parameters})
         parts += (b',"outputs":', _dumps(outputs).encode())
-    if not request.parameters and not request.outputs:
-        parts.append(_NO_PARAMETERS_JSON)
+    parameters = request.parameters
+    if not request.outputs and (not parameters or _only_a_timeout(parameters)):
+        # The usual two: no parameters, or only the deadline the dispatcher set (Triton's `timeout`, µs).
+        parts.append(_NO_PARAMETERS_JSON if not parameters else
+                     b',"parameters":{"timeout":%d,"binary_data_output":true}}' % parameters["timeout"].int64_param)
     else:
         parameters = _parameters(request.parameters) if request.parameters else {}
         # Keys that steer Triton's HTTP endpoint and mean nothing over gRPC: the gateway sets what it
