@@ -201,8 +201,9 @@ _ID_OPENING = b'{"id":"'
 
 
 def _split_id(head: bytes) -> tuple[str, bytes] | None:
-    """(id, the header without it) of an answer header that begins with a plain id (Triton puts it
-    first); None when it has none or one with escapes (then the header is parsed whole)."""
+    """(id, the header without it) of an answer header, where Triton puts the id first. ("", header)
+    when it does not begin with one (an id elsewhere then stays in the key: right, if cached per id);
+    None when the id has escapes (the header is then parsed whole, not cached)."""
     if not head.startswith(_ID_OPENING):
         return "", head
     end = head.find(b'"', 7)
