@@ -99,7 +99,7 @@ def sweep(plots: Path, stamp: str, quick: bool, results_folder: Path) -> list[st
 
     lines = []
     with tempfile.TemporaryDirectory(prefix="tensorgate-record-") as folder, \
-            _started_triton(LocalTriton(default_model_repository(), name="record", log_dir=folder)) as triton:
+            LocalTriton(default_model_repository(), name="record", log_dir=folder) as triton:
         port = find_free_port()
         config = Path(folder) / "gateway.yaml"
         config.write_text(f"listen: 127.0.0.1:{port}\npools:\n  cpu: {{backends: [\"{triton.grpc_address}\"]}}\n")
@@ -125,18 +125,6 @@ def sweep(plots: Path, stamp: str, quick: bool, results_folder: Path) -> list[st
               f"Client, gateway and Triton share this machine's cores.", "", "```", done.stdout.strip(), "```", "",
               f"![latency against throughput]({os.path.relpath(png, results_folder)})", ""]
     return lines
-
-
-def _started_triton(triton):
-    """`triton`, started; once more if its first start fails (on a loaded machine the wheel's server
-    has aborted at start-up now and then: boost::interprocess::lock_exception)."""
-    from gateway.local.triton import TritonLaunchError
-
-    try:
-        return triton.start()
-    except TritonLaunchError as error:
-        print(f"Triton did not start ({str(error).splitlines()[0]}); trying once more", flush=True)
-        return triton.start()
 
 
 def _wait_serving(address: str, process: subprocess.Popen, timeout: float = 60.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue
 import shutil
@@ -461,6 +462,30 @@ def test_broken_repository_raises_with_log(tmp_path: Path) -> None:
     message = str(excinfo.value)
     assert "deliberately broken model" in message and str(server.log_path) in message
     assert not server.is_running
+    assert server.log_path.read_text().count("=== tensorgate LocalTriton broken") == 1  # its own exit: not retried
+
+
+def test_a_server_aborted_at_start_is_started_once_more(tmp_path: Path) -> None:
+    """Killed by a signal before it is ready (the wheel's Triton aborts at start-up now and then):
+    start() launches it once more and returns it serving; an exit of its own is not retried (the
+    broken repository above launches once)."""
+    server = LocalTriton(small_repository(tmp_path, "simple_scale"), name="twice", log_dir=tmp_path)
+    started = concurrent.futures.ThreadPoolExecutor(1).submit(server.start, 60)
+    deadline = time.monotonic() + 30
+    while server._proc is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    first = server._proc.pid
+    os.kill(first, signal.SIGABRT)
+    try:
+        started.result(timeout=90)
+        assert server.is_running and server.pid != first
+        x = rows(1)
+        result = grpcclient.InferenceServerClient(server.grpc_address).infer("simple_scale", [tensor("INPUT0", x, "FP32")])
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x * 2)
+        assert server.log_path.read_text().count("=== tensorgate LocalTriton twice") == 2
+    finally:
+        server.stop()
 
 
 def test_server_dies_with_its_parent(tmp_path: Path) -> None:

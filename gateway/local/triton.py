@@ -19,6 +19,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import importlib.util
+import logging
 import os
 import queue
 import shutil
@@ -59,8 +60,15 @@ _LOG_TAIL_LINES = 40
 _STUB_EXIT_GRACE_S = 3.0
 
 
+_log = logging.getLogger(__name__)
+
+
 class TritonLaunchError(RuntimeError):
     """tritonserver could not be found, started, or made ready; the message carries the log tail."""
+
+
+class _AbortedAtStart(TritonLaunchError):
+    """tritonserver was killed by a signal before it was ready (not a refusal of its own: those exit)."""
 
 
 # --------------------------------------------------------------------------- locating the wheel
@@ -373,8 +381,20 @@ class LocalTriton:
         """Spawn the server and wait until it is ready over HTTP and its gRPC port accepts.
 
         Raises TritonLaunchError, with the tail of this launch's log, if the server exits or is
-        not ready within `timeout` seconds (it is killed then).
+        not ready within `timeout` seconds (it is killed then). A server killed by a signal before
+        it was ready is started once more: the wheel's Triton (2.51) aborts at start-up now and then
+        (boost::interprocess::lock_exception in its Python backend, seen on a loaded machine), which
+        says nothing about the repository or the ports; an exit of its own (a model that does not
+        load, a port taken) is not retried.
         """
+        with self._lock:
+            try:
+                return self._start_once(timeout)
+            except _AbortedAtStart as error:
+                _log.warning("%s; starting it once more", str(error).splitlines()[0])
+                return self._start_once(timeout)
+
+    def _start_once(self, timeout: float) -> LocalTriton:
         with self._lock:
             if self.is_running:
                 raise TritonLaunchError(f"{self!r} is already running")
@@ -528,7 +548,7 @@ class LocalTriton:
         while True:
             returncode = self._proc.poll()
             if returncode is not None:
-                raise TritonLaunchError(
+                raise (_AbortedAtStart if returncode < 0 else TritonLaunchError)(
                     f"{self.name}: tritonserver exited with code {returncode} before it was ready; "
                     f"log {self.log_path}, last lines:\n{self._log_tail(log_offset)}"
                 )
