@@ -16,7 +16,7 @@ from tests.test_reload import admin, serve_process
 
 
 @pytest.mark.parametrize("engine", ["grpcio", "envoy"])
-@pytest.mark.parametrize("server, threshold, frozen", [({}, 20000, True), ({"gc_threshold": 5000, "gc_freeze": False}, 5000, False)])
+@pytest.mark.parametrize("server, threshold, frozen", [({}, 700, True), ({"gc_threshold": 5000, "gc_freeze": False}, 5000, False)])
 def test_serve_applies_the_collector_policy(tmp_path, tritons, engine, server, threshold, frozen):
     config = {"pools": {"p": {"backends": [tritons[0].grpc_address]}}, "server": server}
     process, address, _ = serve_process(tmp_path, config, engine)

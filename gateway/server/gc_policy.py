@@ -6,9 +6,10 @@ all freed by reference counting. With CPython's defaults (a young collection eve
 container allocations, an older one every 10 of those, a full one when enough survived) the
 collector keeps walking both: 2.8–4 % of the envoy engine's CPU samples (perf) at 64 requests in
 flight (benchmarks/RESULTS.md, "The cyclic garbage collector"). `gc.freeze()` after start-up
-moves what start-up built out of every later collection, and a young threshold of 20,000 makes
-collections rare while still bounding what cyclic garbage can pile up (a request's cycles, e.g. an
-exception's traceback, are still collected, some thousands of requests later).
+moves what start-up built out of every later collection: ~1 % is left. A higher young threshold
+(`server.gc_threshold`) takes the rest, at a price in memory: cyclic garbage (a refused request's
+exception and traceback) waits longer, and under a fuzzer's error-heavy traffic the process grew
+twice as much at 20,000 and kept growing, so the default stays CPython's 700.
 
 Applied only where the gateway is the process (`tensorgate serve`, a worker, the Envoy process of
 the envoy engine): a gateway embedded in another program (tests' GatewayThread) leaves that
