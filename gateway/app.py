@@ -509,7 +509,7 @@ async def envoy_services(config_json: str):
     gateway = Gateway(config_from_mapping(json.loads(config_json)), worker=WorkerRole.from_environment(),
                       config_path=os.environ.get(ENV_CONFIG_PATH))
     await gateway.start_stages()
-    gc_policy.apply(gateway.config.server.gc_freeze, gateway.config.server.gc_threshold)  # Envoy's process is the gateway's
+    gc_policy.apply(gateway.config.server)  # Envoy's process is the gateway's
     control = None
     control_path = os.environ.get(ENV_CONTROL_SOCKET)
     if control_path:

@@ -44,7 +44,7 @@ async def _serve(config, mapping, config_path: str, worker=None) -> None:
     gateway = serving_gateway(config, mapping, worker=worker, config_path=config_path)
     await gateway.start()
     if config.server.resolved_engine() == "grpcio":  # the envoy engine's stages live in Envoy: applied there
-        gc_policy.apply(config.server.gc_freeze, config.server.gc_threshold)
+        gc_policy.apply(config.server)
     print(f"tensorgate serving on {gateway.address} ({config.server.resolved_engine()} engine)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -53,18 +53,11 @@ def tritons(tmp_path_factory):
         server.stop()
 
 
-def _log_tail(server: LocalTriton, lines: int = 25) -> str:
-    try:
-        return "\n".join(server.log_path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as error:
-        return f"(log unreadable: {error})"
-
-
 def _revive_dead_tritons(when: str) -> bool:
     """Restart every shared Triton that exited on its own; True if one had."""
     dead = [server for server in _SHARED_TRITONS if not server.is_running]
     for server in dead:
-        _TRITON_DEATHS.append(f"{server!r} was found dead {when}; its log ended:\n{_log_tail(server)}")
+        _TRITON_DEATHS.append(f"{server!r} was found dead {when}; its log ended:\n{server.log_tail()}")
         server.restart()
     if dead:
         time.sleep(_READMIT_WAIT_S)

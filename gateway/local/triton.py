@@ -550,7 +550,7 @@ class LocalTriton:
             if returncode is not None:
                 raise (_AbortedAtStart if returncode < 0 else TritonLaunchError)(
                     f"{self.name}: tritonserver exited with code {returncode} before it was ready; "
-                    f"log {self.log_path}, last lines:\n{self._log_tail(log_offset)}"
+                    f"log {self.log_path}, last lines:\n{self.log_tail(log_offset)}"
                 )
             if (
                 self._http_ready(opener, url)
@@ -561,7 +561,7 @@ class LocalTriton:
             if time.monotonic() > deadline:
                 raise TritonLaunchError(
                     f"{self.name}: tritonserver was not ready after {timeout:.0f} s; "
-                    f"log {self.log_path}, last lines:\n{self._log_tail(log_offset)}"
+                    f"log {self.log_path}, last lines:\n{self.log_tail(log_offset)}"
                 )
             time.sleep(_POLL_INTERVAL_S)
 
@@ -574,7 +574,8 @@ class LocalTriton:
             # Not listening yet, or 400 while models load (strict readiness).
             return False
 
-    def _log_tail(self, offset: int) -> str:
+    def log_tail(self, offset: int = 0) -> str:
+        """The log's last lines (of what was written from byte `offset` on)."""
         try:
             with open(self.log_path, "rb") as log:
                 log.seek(offset)

@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import gc
 
+from gateway.server.config import ServerConfig
+
 __all__ = ["apply", "describe"]
 
 
-def apply(freeze: bool, young_threshold: int) -> None:
-    """Freeze what exists now (after a collection, so no garbage is frozen) and set the young
-    generation's threshold, keeping the older generations' (`server.gc_freeze`, `server.gc_threshold`)."""
-    if freeze:
+def apply(server: ServerConfig) -> None:
+    """`server.gc_freeze`: freeze what exists now (after a collection, so no garbage is frozen);
+    `server.gc_threshold`: the young generation's threshold (the older generations' are kept)."""
+    if server.gc_freeze:
         gc.collect()
         gc.freeze()
     _, older, oldest = gc.get_threshold()
-    gc.set_threshold(young_threshold, older, oldest)
+    gc.set_threshold(server.gc_threshold, older, oldest)
 
 
 def describe() -> dict:

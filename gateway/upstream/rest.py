@@ -163,7 +163,7 @@ def encode_request(request) -> tuple[bytes, list[bytes]]:
         parts.append(_NO_PARAMETERS_JSON if not parameters else
                      b',"parameters":{"timeout":%d,"binary_data_output":true}}' % parameters["timeout"].int64_param)
     else:
-        parameters = _parameters(request.parameters) if request.parameters else {}
+        parameters = _parameters(parameters) if parameters else {}
         # Keys that steer Triton's HTTP endpoint and mean nothing over gRPC: the gateway sets what it
         # needs (binary outputs); a client's own would change the answer's form or be refused.
         for key in HTTP_ONLY_PARAMETERS:
@@ -247,9 +247,10 @@ def decode_response(body: bytes | bytearray, header_length: int, backend: str):
     copied out as bytes, then the body is let go, then upb copies each in — so the answer is held at
     most twice at once, not three times (the caller passes the only reference to `body`).
     """
-    split = _split_id(bytes(body[:header_length])) if header_length >= 0 else None
+    head = bytes(body[:header_length]) if header_length >= 0 else None
+    split = None if head is None else _split_id(head)
     if split is None:
-        response, sizes = _parse_answer_header(body[:header_length] if header_length >= 0 else body, backend)
+        response, sizes = _parse_answer_header(body if head is None else head, backend)
     else:
         answer_id, key = split
         template = _ANSWER_TEMPLATES.get(key)
