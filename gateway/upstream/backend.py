@@ -85,6 +85,12 @@ class Backend:
             self.channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._streams = [InferStream(self.channel, address, self._stream_broke) for _ in range(config.streams_per_backend)]
         self._stream_cycle = itertools.cycle(self._streams)
+        # Decoupled requests get a stream of their own, never shared with non-decoupled ones:
+        # Triton 2.51 (the wheel's) aborts (proto_buffer_writer.h "!byte_buffer->Valid()", or a
+        # corrupted heap) when one ModelStreamInfer stream carries both, because its decoupled and
+        # its in-order write paths can issue two writes on the stream at once. One stream, so the
+        # requests of a decoupled sequence keep their order.
+        self._decoupled_stream = InferStream(self.channel, address, self._stream_broke)
         self._unary_methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self.health = Health.UNKNOWN
         self.health_detail = "not checked yet"  # why it is in its health state (shown in Gateway.snapshot)
@@ -129,7 +135,7 @@ class Backend:
         failed = 0
         if self.rest is not None:
             failed += self.rest.pool.abandon(reason)
-        for stream in self._streams:
+        for stream in (*self._streams, self._decoupled_stream):
             failed += stream.abandon(Abandoned(reason))
         return failed
 
@@ -253,7 +259,7 @@ class Backend:
 
         Stops after the response flagged final (Triton's `triton_final_response`).
         """
-        stream = next(self._stream_cycle)
+        stream = self._decoupled_stream
         self.outstanding += 1
         stream_id = None
         finished = False
@@ -284,7 +290,7 @@ class Backend:
     async def close(self) -> None:
         if self.rest is not None:
             self.rest.pool.close()
-        for stream in self._streams:
+        for stream in (*self._streams, self._decoupled_stream):
             await stream.close()
         await self.channel.close(grace=None)
 
