@@ -3,13 +3,17 @@
 Tests that kill or restart a backend start their own servers (a local Triton starts in about a
 second) so the shared ones stay healthy for everyone else.
 
-A shared Triton that dies on its own is a fault of Triton, not of the test that was running: the
-Triton in the wheel (2.51) has races on request cancellation that corrupt its heap now and then
+A shared Triton that dies on its own is a fault of Triton, not of the test that was running. The
+Triton in the wheel (2.51) aborts when one ModelStreamInfer stream carries a decoupled model's
+requests beside others ("proto_buffer_writer.h ASSERTION FAILED: !byte_buffer->Valid()", or a heap
+it corrupted found later at a thread's exit: "unaligned tcache chunk detected"); the gateway keeps
+decoupled requests on an upstream stream of their own since (gateway/upstream/backend.py), which
+ended the aborts its own traffic caused. It also has races on request cancellation
 (triton-inference-server/server#7368, #8034; fixed in later releases, which no wheel carries), and
-it aborts later, at a thread's exit ("unaligned tcache chunk detected", seen once in ~15 runs of the
-suite). So that one such abort does not fail every test after it, `pytest_runtest_protocol` below
-restarts a shared Triton found dead (same ports) and runs the test it died under once more; every
-such death is printed at the end of the run with the tail of Triton's log. Nothing else is retried.
+a test may send such a stream to a Triton directly. So that one such abort does not fail every test
+after it, `pytest_runtest_protocol` below restarts a shared Triton found dead (same ports) and runs
+the test it died under once more; every such death is printed at the end of the run with the tail
+of Triton's log. Nothing else is retried.
 """
 
 from __future__ import annotations

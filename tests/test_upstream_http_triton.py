@@ -153,27 +153,7 @@ def test_deadline_is_tritons_timeout_and_bounds_the_wait(tritons, http_gateway):
 
 
 def test_decoupled_and_sequence_models_stay_on_the_stream(http_gateway):
-    client = triton_grpc.InferenceServerClient(http_gateway.address)
-    responses: list = []
-    client.start_stream(callback=lambda result, error: responses.append(error or result))
-    value = triton_grpc.InferInput("IN", [3], "INT32")
-    value.set_data_from_numpy(np.array([4, 5, 6], np.int32))
-    client.async_stream_infer("repeat_decoupled", [value], request_id="d")
-    totals = []
-    for step in range(3):
-        item = triton_grpc.InferInput("INPUT", [1, 1], "INT32")
-        item.set_data_from_numpy(np.array([[step + 1]], np.int32))
-        client.async_stream_infer("accumulate_sequence", [item], sequence_id=4242, sequence_start=step == 0,
-                                  sequence_end=step == 2, request_id=f"s{step}")
-    deadline = time.monotonic() + 10
-    while len(responses) < 6 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    client.stop_stream()
-    client.close()
-    assert not [r for r in responses if isinstance(r, Exception)], responses
-    outs = sorted(int(r.as_numpy("OUT")[0]) for r in responses if r.get_response().id == "d")
-    totals = [int(r.as_numpy("OUTPUT")[0][0]) for r in responses if r.get_response().id.startswith("s")]
-    assert outs == [4, 5, 6] and totals == [1, 3, 6]
+    assert _decoupled_and_sequence_round(http_gateway.address, 4242) == ([4, 5, 6], [1, 3, 6])
 
 
 def test_batching_rides_the_http_transport(triton, tritons):
