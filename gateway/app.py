@@ -418,14 +418,14 @@ class Gateway:
 
     def snapshot(self) -> dict:
         """Live state for people and tests: backends (health: healthy, unhealthy, unknown, or
-        draining after leaving DNS), DNS discovery per pool, routing decisions, placement (per model
+        draining after leaving DNS; requests submitted to each upstream stream), DNS discovery per pool, routing decisions, placement (per model
         version and pool: gate, service time, predicted latency), traffic (splits, per-version
         counters, shadows), batching per model."""
         return {
             "backends": {
                 b.address: {"pool": b.pool, "health": b.health.value, "detail": b.health_detail,
                             "outstanding": b.outstanding, "served": b.served, "failed": b.failed,
-                            "ejected": b.ejected}
+                            "ejected": b.ejected, "streams": b.stream_requests()}
                 for b in self.fleet.backends()
             },
             "discovery": {

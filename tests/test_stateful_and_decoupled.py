@@ -106,3 +106,37 @@ def test_sequences_over_two_backends_equal_one_triton(tritons, triton, front_doo
     assert through == direct
     assert through == {sid: list(np.cumsum(values)) for sid, values in sequences.items()}
     assert all(count > 0 for count in served), f"both backends should have served sequences: {served}"
+
+
+def test_pipelined_sequence_steps_keep_their_order_over_several_upstream_streams(triton):
+    """With several upstream streams per backend, every step of one sequence rides the same one, so a
+    client that sends a sequence's steps without waiting for each answer gets Triton's running sums
+    in order, as from Triton itself. (Taken in turn, the streams split each sequence's steps four ways;
+    HTTP/2 orders nothing across streams, so its steps could reach Triton out of order.)"""
+    from gateway.testing import GatewayThread
+
+    sequences = {7000 + i: list(range(1, 13)) for i in range(6)}
+    config = {"listen": "127.0.0.1:0", "pools": {"cpu": {"backends": [triton.grpc_address]}},
+              "upstream": {"streams_per_backend": 4}, "batching": {"default": {"enabled": False}}}
+    with GatewayThread(config) as gateway:
+        results: queue.Queue = queue.Queue()
+        client = triton_grpc.InferenceServerClient(gateway.address)
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        for step in range(12):  # every sequence's next step, none waiting for an answer
+            for sid, values in sequences.items():
+                client.async_stream_infer("accumulate_sequence", _sequence_inputs(values[step]), sequence_id=sid,
+                                          sequence_start=step == 0, sequence_end=step == 11,
+                                          request_id=f"{sid}:{step}")
+        answers = [results.get(timeout=30) for _ in range(12 * len(sequences))]
+        client.stop_stream()
+        client.close()
+        streams = gateway.gateway.snapshot()["backends"][triton.grpc_address]["streams"]
+    # Each stream carried whole sequences: its count is a multiple of a sequence's 12 steps.
+    assert sum(streams["shared"]) == 72 and all(count % 12 == 0 for count in streams["shared"]), streams
+    assert not [error for _, error in answers if error is not None]
+    sums: dict[int, dict[int, int]] = {sid: {} for sid in sequences}
+    for result, _ in answers:
+        sid, step = map(int, result.get_response().id.split(":"))
+        sums[sid][step] = int(result.as_numpy("OUTPUT")[0, 0])
+    expected = list(np.cumsum(range(1, 13)))
+    assert {sid: [by_step[s] for s in range(12)] for sid, by_step in sums.items()} == {sid: expected for sid in sequences}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import zlib
 from typing import Callable, Mapping
 
 import grpc
@@ -219,7 +220,7 @@ class Backend:
                 self.outstanding -= 1
         if trace_context:  # the stream cannot carry it per request: a unary call can
             return await self.infer_unary(request, None, tuple(trace_context.items()))
-        stream = next(self._stream_cycle)
+        stream = self._stream_for(request)
         self.outstanding += 1
         entry = None
         try:
@@ -253,6 +254,20 @@ class Backend:
             raise
         finally:
             self.outstanding -= 1
+
+    def stream_requests(self) -> dict:
+        """Requests submitted to each upstream stream: the shared ones in order, and the decoupled one."""
+        return {"shared": [stream.submitted for stream in self._streams], "decoupled": self._decoupled_stream.submitted}
+
+    def _stream_for(self, request) -> InferStream:
+        """The stream a request rides: every request of one sequence the same one (a stream's order is
+        the order Triton sees; two streams could reorder a client's pipelined steps), the others in turn."""
+        streams = self._streams
+        sequence = request.parameters.get("sequence_id") if len(streams) > 1 else None
+        if sequence is None:
+            return next(self._stream_cycle)
+        key = getattr(sequence, sequence.WhichOneof("parameter_choice") or "int64_param")  # int64, uint64 or string
+        return streams[zlib.crc32(str(key).encode()) % len(streams)]  # not hash(): salted per process
 
     async def infer_decoupled(self, request):
         """Send one request to a decoupled model; yield each ModelInferResponse as it arrives.

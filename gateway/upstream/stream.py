@@ -67,6 +67,11 @@ class InferStream:
         state = "open" if self._call is not None else "idle"
         return f"<InferStream {self._backend} {state} pending={len(self._pending)} outbox={len(self._outbox)}>"
 
+    @property
+    def submitted(self) -> int:
+        """Requests submitted to this stream since the gateway started (each takes the next stream id)."""
+        return self._next_id
+
     def _ensure_open(self) -> None:
         if self._call is not None:
             return
