@@ -590,3 +590,30 @@ async def test_http2_settings_reach_envoy_and_clients_queue_past_max_concurrent_
             big = bytes(300_000)  # several stream windows' worth
             replies = await asyncio.gather(*(echo(b"%d" % i, timeout=30) for i in range(200)), echo(big, timeout=30))
     assert replies[:200] == [b"%d" % i for i in range(200)] and replies[200] == big
+
+
+@pytest.mark.parametrize("codec", ["nghttp2", "oghttp2"])
+async def test_the_http2_codec_chosen_is_the_one_envoy_runs(tmp_path, codec):
+    engine = EnvoyEngine("127.0.0.1:0", METHODS, argument=str(tmp_path / "a.log"), options=EnvoyOptions(http2_codec=codec))
+    async with engine:
+        runtime = json.loads(await asyncio.to_thread(engine._admin, "GET", "/runtime"))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}") as channel:
+            echo = channel.unary_unary(path("Echo"))
+            replies = await asyncio.gather(*(echo(b"%d" % i, timeout=30) for i in range(50)))
+    flag = runtime["entries"]["envoy.reloadable_features.http2_use_oghttp2"]
+    assert flag["final_value"] == ("true" if codec == "oghttp2" else "false"), flag
+    assert replies == [b"%d" % i for i in range(50)]
+
+
+def test_an_unknown_http2_codec_is_refused():
+    with pytest.raises(ValueError, match="http2_codec: expected one of nghttp2, oghttp2, got 'h2o'"):
+        EnvoyEngine("127.0.0.1:0", METHODS, options=EnvoyOptions(http2_codec="h2o")).envoy_config()
+
+
+def test_a_config_naming_an_unknown_http2_codec_is_refused():
+    from gateway.config import config_from_mapping
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="server.http2_codec.*expected one of nghttp2, oghttp2, got 'h2o'"):
+        config_from_mapping({"listen": "127.0.0.1:0", "pools": {"p": {"backends": ["127.0.0.1:9"]}},
+                             "server": {"http2_codec": "h2o"}})
