@@ -418,9 +418,9 @@ class Gateway:
 
     def snapshot(self) -> dict:
         """Live state for people and tests: backends (health: healthy, unhealthy, unknown, or
-        draining after leaving DNS; requests submitted to each upstream stream), DNS discovery per pool, routing decisions, placement (per model
-        version and pool: gate, service time, predicted latency), traffic (splits, per-version
-        counters, shadows), batching per model."""
+        draining after leaving DNS; requests sent on each upstream stream), DNS discovery per pool,
+        routing decisions, placement (per model version and pool: gate, service time, predicted
+        latency), traffic (splits, per-version counters, shadows), batching per model."""
         return {
             "backends": {
                 b.address: {"pool": b.pool, "health": b.health.value, "detail": b.health_detail,
