@@ -247,7 +247,7 @@ def test_decoupled_requests_never_share_a_stream_with_others(tmp_path):
                 assert _decoupled_and_sequence_round(gateway.address, 5000 + round_) == ([4, 5, 6], [1, 3, 6])
                 assert server.is_running, f"Triton died in round {round_}:\n{server.log_tail()}"
             streams = gateway.gateway.snapshot()["backends"][server.grpc_address]["streams"]
-        assert streams == {"shared": [90], "decoupled": 30}, streams  # each round: 3 sequence steps, 1 decoupled
+        assert streams == {"shared": [90], "decoupled": [30]}, streams  # each round: 3 sequence steps, 1 decoupled
 
 
 def _decoupled_and_sequence_round(address: str, sequence_id: int):

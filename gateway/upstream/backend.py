@@ -84,14 +84,14 @@ class Backend:
             if config.tls.server_name:
                 options.append(("grpc.ssl_target_name_override", config.tls.server_name))
             self.channel = grpc.aio.secure_channel(address, credentials, options=options)
+        # Decoupled requests ride streams of their own, never shared with other requests: Triton 2.51
+        # (the wheel's) aborts (proto_buffer_writer.h "!byte_buffer->Valid()", or a corrupted heap)
+        # when one ModelStreamInfer stream carries both, because its decoupled and its in-order write
+        # paths can issue two writes on the stream at once.
         self._streams = [InferStream(self.channel, address, self._stream_broke) for _ in range(config.streams_per_backend)]
-        self._stream_cycle = itertools.cycle(self._streams)
-        # Decoupled requests get a stream of their own, never shared with non-decoupled ones:
-        # Triton 2.51 (the wheel's) aborts (proto_buffer_writer.h "!byte_buffer->Valid()", or a
-        # corrupted heap) when one ModelStreamInfer stream carries both, because its decoupled and
-        # its in-order write paths can issue two writes on the stream at once. One stream, so the
-        # requests of a decoupled sequence keep their order.
-        self._decoupled_stream = InferStream(self.channel, address, self._stream_broke)
+        self._decoupled_streams = [InferStream(self.channel, address, self._stream_broke)
+                                   for _ in range(config.streams_per_backend)]
+        self._cycles = {False: itertools.cycle(self._streams), True: itertools.cycle(self._decoupled_streams)}
         self._unary_methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self.health = Health.UNKNOWN
         self.health_detail = "not checked yet"  # why it is in its health state (shown in Gateway.snapshot)
@@ -136,7 +136,7 @@ class Backend:
         failed = 0
         if self.rest is not None:
             failed += self.rest.pool.abandon(reason)
-        for stream in (*self._streams, self._decoupled_stream):
+        for stream in (*self._streams, *self._decoupled_streams):
             failed += stream.abandon(Abandoned(reason))
         return failed
 
@@ -256,16 +256,18 @@ class Backend:
             self.outstanding -= 1
 
     def stream_requests(self) -> dict:
-        """Requests submitted to each upstream stream: the shared ones in order, and the decoupled one."""
-        return {"shared": [stream.submitted for stream in self._streams], "decoupled": self._decoupled_stream.submitted}
+        """Requests submitted to each upstream stream: the shared ones, and the decoupled requests' own."""
+        return {"shared": [stream.submitted for stream in self._streams],
+                "decoupled": [stream.submitted for stream in self._decoupled_streams]}
 
-    def _stream_for(self, request) -> InferStream:
-        """The stream a request rides: every request of one sequence the same one (a stream's order is
-        the order Triton sees; two streams could reorder a client's pipelined steps), the others in turn."""
-        streams = self._streams
+    def _stream_for(self, request, decoupled: bool = False) -> InferStream:
+        """The stream a request rides, among the decoupled requests' streams or the others: every
+        request of one sequence the same one (a stream's order is the order Triton sees; two streams
+        could reorder a client's pipelined steps), the others in turn."""
+        streams = self._decoupled_streams if decoupled else self._streams
         sequence = request.parameters.get("sequence_id") if len(streams) > 1 else None
         if sequence is None:
-            return next(self._stream_cycle)
+            return next(self._cycles[decoupled])
         key = getattr(sequence, sequence.WhichOneof("parameter_choice") or "int64_param")  # int64, uint64 or string
         return streams[zlib.crc32(str(key).encode()) % len(streams)]  # not hash(): salted per process
 
@@ -274,7 +276,7 @@ class Backend:
 
         Stops after the response flagged final (Triton's `triton_final_response`).
         """
-        stream = self._decoupled_stream
+        stream = self._stream_for(request, decoupled=True)
         self.outstanding += 1
         stream_id = None
         finished = False
@@ -305,7 +307,7 @@ class Backend:
     async def close(self) -> None:
         if self.rest is not None:
             self.rest.pool.close()
-        for stream in (*self._streams, self._decoupled_stream):
+        for stream in (*self._streams, *self._decoupled_streams):
             await stream.close()
         await self.channel.close(grace=None)
 

@@ -225,7 +225,7 @@ class UpstreamConfig:
     """`http` (the default) or `grpc-stream` (see above)."""
     streams_per_backend: int = 1
     """Long-lived ModelStreamInfer streams multiplexed per backend; requests spread over them (every
-    step of a sequence on one of them). Decoupled requests ride one more stream, theirs alone."""
+    step of a sequence on one of them). Decoupled requests ride as many streams again, theirs alone."""
     max_message_bytes: int = 256 * 1024 * 1024
     """Largest message sent to or received from a backend."""
     http_connections_per_backend: int = 64
