@@ -32,14 +32,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import uvloop  # noqa: E402
 
 from gateway.app import envoy_services  # noqa: E402
+from gateway.bench.loadgen import build_infer_request  # noqa: E402
 from gateway.bench.measure import machine  # noqa: E402
 from gateway.local.triton import LocalTriton, default_model_repository  # noqa: E402
 from gateway.protocol import pb  # noqa: E402
 from gateway.server.engines.envoy import GrpcAsgiApp  # noqa: E402
+from gateway.server.engines.grpc_wire import frame  # noqa: E402
 from gateway.server.rpc import Method  # noqa: E402
 
 MODEL = "simple_scale"
@@ -47,14 +48,6 @@ PATH = "/inference.GRPCInferenceService/ModelInfer"
 CONCURRENCY = 64
 HEADERS = ((b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"grpc-timeout", b"30S"),
            (b"user-agent", b"grpc-python/1.0"), (b"grpc-accept-encoding", b"identity,deflate,gzip"))
-
-
-def _framed_request() -> bytes:
-    request = pb.ModelInferRequest(model_name=MODEL)
-    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
-    request.raw_input_contents.append(np.arange(16, dtype=np.float32).tobytes())
-    message = request.SerializeToString()
-    return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
 class _Complete:
@@ -120,7 +113,7 @@ async def _yield_once() -> None:
 async def _measure(triton_grpc: str, requests: int, rounds: int) -> dict[str, list[float]]:
     config = {"listen": "127.0.0.1:0", "pools": {"cpu": {"backends": [triton_grpc]}},
               "batching": {"default": {"enabled": False}}}
-    body = _framed_request()
+    body = frame(build_infer_request(MODEL))
     reply = pb.ModelInferResponse(model_name=MODEL, model_version="1", id="").SerializeToString() + b"\x00" * 80
 
     async def canned(request, call):

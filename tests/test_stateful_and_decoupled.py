@@ -130,7 +130,7 @@ def test_pipelined_sequence_steps_keep_their_order_over_several_upstream_streams
         answers = [results.get(timeout=30) for _ in range(12 * len(sequences))]
         client.stop_stream()
         client.close()
-        streams = gateway.gateway.snapshot()["backends"][triton.grpc_address]["streams"]
+        streams = gateway.snapshot()["backends"][triton.grpc_address]["streams"]
     # Each stream carried whole sequences: its count is a multiple of a sequence's 12 steps.
     assert sum(streams["shared"]) == 72 and all(count % 12 == 0 for count in streams["shared"]), streams
     assert not [error for _, error in answers if error is not None]

@@ -208,18 +208,18 @@ def test_backend_killed_under_load_costs_no_request(tmp_path):
             pair[0].kill()
             killed_at = len(outcomes)
             time.sleep(1.5)
-            snapshot = gateway.gateway.snapshot()["backends"][pair[0].grpc_address]
+            snapshot = gateway.snapshot()["backends"][pair[0].grpc_address]
             assert snapshot["health"] == "unhealthy", snapshot
             pair[0].restart()
             deadline = time.monotonic() + 20
-            while gateway.gateway.snapshot()["backends"][pair[0].grpc_address]["health"] != "healthy":
+            while gateway.snapshot()["backends"][pair[0].grpc_address]["health"] != "healthy":
                 assert time.monotonic() < deadline, "the restarted backend never came back"
                 time.sleep(0.1)
-            served_before = gateway.gateway.snapshot()["backends"][pair[0].grpc_address]["served"]
+            served_before = gateway.snapshot()["backends"][pair[0].grpc_address]["served"]
             # Back in rotation, it gets requests again: at once with p2c on outstanding requests, within
             # a few EWMA time constants with placement's load score (which remembers its failed calls).
             deadline = time.monotonic() + 10
-            while gateway.gateway.snapshot()["backends"][pair[0].grpc_address]["served"] <= served_before:
+            while gateway.snapshot()["backends"][pair[0].grpc_address]["served"] <= served_before:
                 assert time.monotonic() < deadline, "the restarted backend got no request in 10 s"
                 time.sleep(0.1)
             stop.set()
@@ -228,7 +228,7 @@ def test_backend_killed_under_load_costs_no_request(tmp_path):
             failures = [o for o in outcomes if o is not True]
             assert not failures, failures[:5]
             assert len(outcomes) > killed_at
-            assert gateway.gateway.snapshot()["backends"][pair[0].grpc_address]["served"] > served_before
+            assert gateway.snapshot()["backends"][pair[0].grpc_address]["served"] > served_before
     finally:
         for server in pair:
             server.stop()
@@ -246,7 +246,7 @@ def test_decoupled_requests_never_share_a_stream_with_others(tmp_path):
             for round_ in range(30):
                 assert _decoupled_and_sequence_round(gateway.address, 5000 + round_) == ([4, 5, 6], [1, 3, 6])
                 assert server.is_running, f"Triton died in round {round_}:\n{server.log_tail()}"
-            streams = gateway.gateway.snapshot()["backends"][server.grpc_address]["streams"]
+            streams = gateway.snapshot()["backends"][server.grpc_address]["streams"]
         assert streams == {"shared": [90], "decoupled": [30]}, streams  # each round: 3 sequence steps, 1 decoupled
 
 

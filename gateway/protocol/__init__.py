@@ -49,3 +49,9 @@ class _Inference:
 
 
 pb = _Inference()
+
+
+def parameter_value(value):
+    """What an InferParameter holds (bool, int, float or str), or None when it holds nothing."""
+    kind = value.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(value, kind)

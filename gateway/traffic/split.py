@@ -13,6 +13,7 @@ import hashlib
 import random
 from bisect import bisect_right
 
+from gateway.protocol import parameter_value
 from gateway.routing.config import validate_split
 
 
@@ -61,8 +62,8 @@ class VersionSplit:
         key = self.sticky_key
         if key in parameters:
             value = parameters[key]
-            kind = value.WhichOneof("parameter_choice")
-            found = str(getattr(value, kind)) if kind is not None else None
+            held = parameter_value(value)
+            found = None if held is None else str(held)
             del parameters[key]
             if found:
                 return found

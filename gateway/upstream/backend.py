@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 import grpc
 
 from gateway.errors import BACKEND_UNAVAILABLE, Abandoned, BackendError, DeadlineExceeded, Unavailable
-from gateway.protocol import INFERENCE_SERVICE, pb
+from gateway.protocol import INFERENCE_SERVICE, parameter_value, pb
 from gateway.upstream.config import UpstreamConfig
 from gateway.upstream.http import HttpPool
 from gateway.upstream.rest import RestInference
@@ -268,8 +268,8 @@ class Backend:
         sequence = request.parameters.get("sequence_id") if len(streams) > 1 else None
         if sequence is None:
             return next(self._cycles[decoupled])
-        key = getattr(sequence, sequence.WhichOneof("parameter_choice") or "int64_param")  # int64, uint64 or string
-        return streams[zlib.crc32(str(key).encode()) % len(streams)]  # not hash(): salted per process
+        key = str(parameter_value(sequence)).encode()
+        return streams[zlib.crc32(key) % len(streams)]  # not hash(), which is salted per process
 
     async def infer_decoupled(self, request):
         """Send one request to a decoupled model; yield each ModelInferResponse as it arrives.

@@ -29,7 +29,7 @@ from typing import Mapping
 import grpc
 
 from gateway.errors import BACKEND_UNAVAILABLE, Abandoned, BackendError, GatewayError, InvalidArgument, Unavailable
-from gateway.protocol import pb
+from gateway.protocol import parameter_value, pb
 from gateway.protocol.tensors import raw_of_typed
 from gateway.upstream.http import AnswerTooLarge, ConnectionAbandoned, ConnectionFailed, HttpPool
 
@@ -61,13 +61,8 @@ def infer_target(model: str, version: str) -> bytes:
 # ----------------------------------------------------------------------------- the request
 
 
-def _parameter(value):
-    kind = value.WhichOneof("parameter_choice")
-    return getattr(value, kind) if kind is not None else None
-
-
 def _parameters(parameters) -> dict:
-    return {key: _parameter(value) for key, value in parameters.items()}
+    return {key: parameter_value(value) for key, value in parameters.items()}
 
 
 #: Request parameters only Triton's HTTP endpoint reads (binary_data_output), or that it refuses
