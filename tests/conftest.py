@@ -36,7 +36,13 @@ from gateway.testing import EnvoyGatewayThread, GatewayThread
 
 
 def start_tritons(count: int, log_dir, prefix: str) -> list[LocalTriton]:
-    servers = [LocalTriton(default_model_repository(), name=f"{prefix}-{i}", log_dir=log_dir) for i in range(count)]
+    """Started Tritons over the example models. Each reads its own `slow_on_demand` delay from the
+    file its TENSORGATE_DELAY_FILE names (absent: no delay), which a test may write and remove."""
+    servers = [
+        LocalTriton(default_model_repository(), name=f"{prefix}-{i}", log_dir=log_dir,
+                    env={"TENSORGATE_DELAY_FILE": str(log_dir / f"{prefix}-{i}-delay-ms")})
+        for i in range(count)
+    ]
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
         list(pool.map(lambda server: server.start(), servers))
     return servers

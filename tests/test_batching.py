@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,20 +181,31 @@ def test_queue_full_is_refused_at_once(tritons, event_loop_kind):
 
 
 def test_unmeetable_deadline_is_not_sent(tritons, event_loop_kind):
-    """fixed_cost takes 2 ms per call: a request with less time left is refused without a backend call."""
-    with batching_gateway(tritons, event_loop_kind) as gateway:
-        client = triton_grpc.InferenceServerClient(gateway.address)
-        inputs = [_tensor("INPUT0", np.ones((1, 16), np.float32), "FP32")]
-        for _ in range(20):  # learn the backend latency
-            client.infer("fixed_cost", inputs)
-        served = gateway.call(lambda: sum(b.served for b in gateway.gateway.fleet.backends()))
-        # 1.5 ms left at the client; less when it reaches the queue: below the ~2 ms the backend takes.
-        with pytest.raises(triton_grpc.InferenceServerException) as error:
-            client.infer("fixed_cost", inputs, client_timeout=0.0015)
-        assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-        stats = gateway.call(gateway.gateway.snapshot)
-        assert sum(b["served"] for b in stats["backends"].values()) == served, \
-            f"the request must not be sent: {error.value.message()!r}; {stats}"
+    """A request with less time left than its backend takes is refused without a backend call.
+
+    slow_on_demand is made to take 20 ms per call. grpc carries a deadline in whole milliseconds,
+    rounded up (a 1.5 ms timeout reached a grpc.aio server here with up to 2.86 ms left), so the
+    backend's time must exceed the client's timeout by more than that rounding. Which side ends
+    the call first (the gateway's refusal or the client's own timer) is a race on a busy machine;
+    the refusal counter says the gateway refused it."""
+    delay_file = Path(tritons[0].env["TENSORGATE_DELAY_FILE"])
+    delay_file.write_text("20")
+    try:
+        with batching_gateway(tritons, event_loop_kind) as gateway:
+            client = triton_grpc.InferenceServerClient(gateway.address)
+            inputs = [_tensor("INPUT0", np.ones((1, 16), np.float32), "FP32")]
+            for _ in range(10):  # learn the backend latency
+                client.infer("slow_on_demand", inputs)
+            served = gateway.call(lambda: sum(b.served for b in gateway.gateway.fleet.backends()))
+            with pytest.raises(triton_grpc.InferenceServerException) as error:
+                client.infer("slow_on_demand", inputs, client_timeout=0.005)
+            stats = gateway.call(gateway.gateway.snapshot)
+    finally:
+        delay_file.unlink()
+    assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert stats["batching"]["slow_on_demand:1"]["rejected_deadline"] == 1, stats["batching"]
+    assert sum(b["served"] for b in stats["backends"].values()) == served, \
+        f"the request must not be sent: {error.value.message()!r}; {stats}"
 
 
 def test_deadline_sends_a_batch_early(tritons, event_loop_kind):
