@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -264,9 +265,17 @@ def test_model_statistics_show_the_gateways_batches(tmp_path):
     try:
         with batching_gateway([own_triton], default={"mode": "fixed", "max_queue_delay_us": 20_000}) as gateway:
             asyncio.run(_infer_all(gateway.address, [("add_sub", 1, seed) for seed in range(12)]))
+            own = gateway.call(gateway.gateway.snapshot)["batching"]["add_sub:1"]
+            # Triton's Python backend reports an execution after its responses are sent: on a busy
+            # machine a client can have every answer before Triton counts the batch. Wait for
+            # Triton's own count to reach the gateway's batches (or 10 s) before reading.
+            direct = triton_grpc.InferenceServerClient(own_triton.grpc_address)
+            settled_by = time.monotonic() + 10
+            while (direct.get_inference_statistics("add_sub").model_stats[0].execution_count < own["batches"]
+                   and time.monotonic() < settled_by):
+                time.sleep(0.05)
             client = triton_grpc.InferenceServerClient(gateway.address)
             stats = client.get_inference_statistics("add_sub").model_stats[0]
-            own = gateway.call(gateway.gateway.snapshot)["batching"]["add_sub:1"]
     finally:
         own_triton.kill()
     assert stats.inference_count == own["requests"] == 12
