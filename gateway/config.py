@@ -38,7 +38,7 @@ from gateway.routing.config import ModelRoute, RoutingConfig
 from gateway.security.config import AuthConfig, LimitsConfig
 from gateway.server.config import ServerConfig
 from gateway.telemetry.config import TelemetryConfig
-from gateway.upstream.config import HealthConfig, OutlierConfig, PoolConfig, UpstreamConfig, parse_address
+from gateway.upstream.config import HealthConfig, OutlierConfig, PoolConfig, UpstreamConfig, parse_address, unix_socket_path
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,15 @@ class GatewayConfig:
             raise ConfigError("listen", f"expected host:port (port 0 for any free port), got {self.listen!r}")
         if not self.pools:
             raise ConfigError("pools", "expected at least one pool")
+        if self.upstream.tls is not None:
+            for name, pool in self.pools.items():
+                for index, address in enumerate(pool.http_backends):
+                    if unix_socket_path(address) is not None:
+                        raise ConfigError(
+                            f"pools.{name}.http_backends[{index}]",
+                            f"a Unix socket ({address!r}) does not leave the node: upstream.tls is for "
+                            "backends reached over the network; list host:port here, or drop upstream.tls",
+                        )
         for model, route in (self.models or {}).items():
             for index, pool in enumerate(route.pools):
                 if pool not in self.pools:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import http.client
 import importlib.util
 import logging
 import os
@@ -31,8 +32,6 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 import weakref
 from collections.abc import Sequence
@@ -299,10 +298,15 @@ class LocalTriton:
         load_models: Sequence[str] = (),
         env: dict[str, str] | None = None,
         host: str = _LOOPBACK,
+        http_unix_socket: os.PathLike | str | None = None,
     ) -> None:
         """`host`: the loopback address every endpoint binds (127.0.0.1; another 127.x address lets
-        several servers share port numbers, as pods of one Service do, e.g. for DNS discovery)."""
+        several servers share port numbers, as pods of one Service do, e.g. for DNS discovery).
+        `http_unix_socket`: serve HTTP/REST on this Unix socket instead of a TCP port (as a Triton
+        beside the gateway on its node may: `--http-address=unix:PATH`); `http_address` is then
+        `unix:PATH`, what the gateway's `http_backends` take."""
         self.host = host
+        self.http_unix_socket = None if http_unix_socket is None else Path(http_unix_socket).resolve()
         self.model_repository = Path(model_repository).resolve()
         self.name = name
         # The HTTP port sits just below the gRPC port, as in Triton's defaults (HTTP 8000, gRPC
@@ -344,6 +348,8 @@ class LocalTriton:
 
     @property
     def http_address(self) -> str:
+        if self.http_unix_socket is not None:
+            return f"unix:{self.http_unix_socket}"
         return f"{self.host}:{self.http_port}"
 
     @property
@@ -403,6 +409,9 @@ class LocalTriton:
                     f"model repository {self.model_repository} is not a directory"
                 )
             binary = triton_binary()
+            if self.http_unix_socket is not None:
+                # Triton will not bind a socket path that exists: what a killed server left goes.
+                self.http_unix_socket.unlink(missing_ok=True)
             backend_dir = self._prepare_backend_dir()
             args = self._command(binary, backend_dir)
             with open(self.log_path, "ab") as log:
@@ -485,7 +494,7 @@ class LocalTriton:
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             "--allow-http=true",
-            f"--http-address={self.host}",
+            f"--http-address={self.host if self.http_unix_socket is None else f'unix:{self.http_unix_socket}'}",
             f"--http-port={self.http_port}",
             "--allow-metrics=true",
             f"--metrics-address={self.host}",
@@ -541,10 +550,6 @@ class LocalTriton:
 
     def _wait_ready(self, deadline: float, log_offset: int, timeout: float) -> None:
         assert self._proc is not None
-        opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler({})
-        )  # no proxy for loopback
-        url = f"http://{self.http_address}/v2/health/ready"
         while True:
             returncode = self._proc.poll()
             if returncode is not None:
@@ -553,7 +558,7 @@ class LocalTriton:
                     f"log {self.log_path}, last lines:\n{self.log_tail(log_offset)}"
                 )
             if (
-                self._http_ready(opener, url)
+                self._http_ready()
                 and _accepts(self.host, self.grpc_port)
                 and _accepts(self.host, self.metrics_port)
             ):
@@ -565,14 +570,20 @@ class LocalTriton:
                 )
             time.sleep(_POLL_INTERVAL_S)
 
-    @staticmethod
-    def _http_ready(opener: urllib.request.OpenerDirector, url: str) -> bool:
+    def _http_ready(self) -> bool:
+        """Triton's HTTP endpoint answers 200 to /v2/health/ready (over TCP or its Unix socket)."""
+        if self.http_unix_socket is None:
+            connection = http.client.HTTPConnection(self.host, self.http_port, timeout=2.0)
+        else:
+            connection = _UnixHTTPConnection(str(self.http_unix_socket), timeout=2.0)
         try:
-            with opener.open(url, timeout=2.0) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
+            connection.request("GET", "/v2/health/ready")
+            return connection.getresponse().status == 200
+        except (http.client.HTTPException, OSError):
             # Not listening yet, or 400 while models load (strict readiness).
             return False
+        finally:
+            connection.close()
 
     def log_tail(self, offset: int = 0) -> str:
         """The log's last lines (of what was written from byte `offset` on)."""
@@ -605,6 +616,19 @@ class LocalTriton:
             shutil.rmtree(self._backend_dir, ignore_errors=True)
             self._backend_dir = None
         _live.discard(self)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTP/1.1 connection over a Unix socket (the standard library speaks only TCP)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
 
 
 def _accepts(host: str, port: int) -> bool:

@@ -12,7 +12,7 @@ import grpc
 
 from gateway.errors import BACKEND_UNAVAILABLE, Abandoned, BackendError, DeadlineExceeded, Unavailable
 from gateway.protocol import INFERENCE_SERVICE, parameter_value, pb
-from gateway.upstream.config import UpstreamConfig
+from gateway.upstream.config import UpstreamConfig, unix_socket_path
 from gateway.upstream.http import HttpPool
 from gateway.upstream.rest import RestInference
 from gateway.upstream.stream import InferStream, StreamClosed
@@ -51,14 +51,19 @@ class Backend:
         if http_address is not None:
             # Not validated beyond its form: a derived port that is wrong (or out of range) fails
             # to connect, and the health checks say so (the config may name placeholder hosts).
-            host, _, port = http_address.rpartition(":")
-            host, port = host.strip("[]"), int(port)
+            unix_path = unix_socket_path(http_address)
+            if unix_path is None:
+                host, _, port = http_address.rpartition(":")
+                host, port = host.strip("[]"), int(port)
+            else:
+                host, port = "", 0
             http_pool = HttpPool(
                 host, port, max_connections=config.http_connections_per_backend,
                 connect_timeout_s=config.http_connect_timeout_s, max_body_bytes=config.max_message_bytes,
                 on_broken=self._connection_broke,
                 ssl=None if config.tls is None else config.tls.ssl_context(),
                 server_hostname=None if config.tls is None else config.tls.server_name,
+                unix_path=unix_path,
             )
             self.rest = RestInference(http_pool, address)
         options = [

@@ -113,7 +113,7 @@ class _Connection(asyncio.Protocol):
         if sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # not TCP (tests may use a Unix socket)
+            except OSError:  # not TCP: a Unix socket
                 pass
 
     def data_received(self, data: bytes) -> None:
@@ -228,14 +228,21 @@ class HttpPool:
 
     def __init__(self, host: str, port: int, *, max_connections: int, connect_timeout_s: float,
                  max_body_bytes: int, on_broken: Callable[[str], None] = lambda reason: None,
-                 ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None) -> None:
+                 ssl: ssl_module.SSLContext | None = None, server_hostname: str | None = None,
+                 unix_path: str | None = None) -> None:
         self.host = host
         self.port = port
+        self.unix_path = unix_path
+        """Connect to this Unix socket instead of host:port (a Triton on the same node, its HTTP
+        endpoint started with `--http-address=unix:PATH`): no TCP stack on either side."""
         self.ssl = ssl
         """TLS toward the backend (a client context that verifies it), or None: plaintext."""
         self.server_hostname = server_hostname
         """With ssl: the name the backend's certificate is checked against; None: `host`."""
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if unix_path is not None:
+            self.address = f"unix:{unix_path}"
+        else:
+            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.max_connections = max_connections
         self.connect_timeout_s = connect_timeout_s
         self.max_body_bytes = max_body_bytes
@@ -246,7 +253,7 @@ class HttpPool:
         self._connecting = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.host_header = f"Host: {self.address}\r\n".encode()
+        self.host_header = f"Host: {'localhost' if unix_path is not None else self.address}\r\n".encode()
         self._tls = {} if ssl is None else {"ssl": ssl, "server_hostname": server_hostname or host}
         self.requests = 0
         self.connects = 0
@@ -340,10 +347,11 @@ class HttpPool:
     async def _connect(self) -> _Connection:
         self._connecting += 1
         try:
-            _, connection = await asyncio.wait_for(
-                self._loop.create_connection(lambda: _Connection(self), self.host, self.port, **self._tls),
-                self.connect_timeout_s,
-            )
+            if self.unix_path is not None:
+                opening = self._loop.create_unix_connection(lambda: _Connection(self), self.unix_path, **self._tls)
+            else:
+                opening = self._loop.create_connection(lambda: _Connection(self), self.host, self.port, **self._tls)
+            _, connection = await asyncio.wait_for(opening, self.connect_timeout_s)
         except BaseException as error:
             self._connecting -= 1
             self._wake_one(None)  # the slot is free again: let a waiter try
