@@ -75,6 +75,7 @@ bench: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 	$(PY) benchmarks/bench_engines.py
 	$(PY) benchmarks/bench_gateway.py
 	$(PY) benchmarks/bench_upstream.py
+	$(PY) benchmarks/bench_upstream_socket.py
 
 clean:
 	rm -rf build *.egg-info ext/*.c ext/*.so gateway/protocol/*.binpb .pytest_cache

@@ -1,7 +1,11 @@
 """End-to-end benchmark: the gateway against direct Triton and a bare grpc.aio echo server, one run.
 
     python benchmarks/bench_gateway.py [--quick] [--only overhead|batching|drift|telemetry] [--engine envoy|grpcio] [--json OUT]
-                                       [--batching JSON] [--gateway-env NAME=VALUE ...]
+                                       [--batching JSON] [--gateway-env NAME=VALUE ...] [--upstream-socket]
+
+`--upstream-socket` serves Triton's HTTP endpoint on a Unix socket and every gateway's inference
+requests ride it (`http_backends: ["unix:…"]`): a Triton on the gateway's own node. The direct
+baseline is unchanged (clients reach Triton over gRPC on TCP either way).
 
 `--gateway-env` sets variables in the gateway processes alone, for gRPC settings that only the
 environment reaches (GRPC_EXPERIMENTS, GRPC_POLL_STRATEGY, …): gRPC reads them when it is imported.
@@ -706,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
                              "\"{otlp}\" stands for the OTLP receiver's address, e.g. '{\"otlp_endpoint\": \"{otlp}\"}'")
     parser.add_argument("--gateway-env", metavar="NAME=VALUE", action="append", default=[],
                         help="environment variable for the gateway processes only (repeatable), e.g. GRPC_EXPERIMENTS=…")
+    parser.add_argument("--upstream-socket", action="store_true",
+                        help="Triton's HTTP endpoint on a Unix socket, the gateways' upstream over it (a co-located Triton)")
     parser.add_argument("--json", metavar="OUT", help="write the figures and every raw result to OUT")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -721,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
     procs: dict[str, subprocess.Popen] = {}
     gateway_configs: dict[str, dict] = {}
     try:
-        triton = LocalTriton(default_model_repository(), name="bench-triton", log_dir=workdir).start()
+        triton = LocalTriton(default_model_repository(), name="bench-triton", log_dir=workdir,
+                             http_unix_socket=workdir / "triton-http.sock" if args.upstream_socket else None).start()
         gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
         addresses = {"direct": triton.grpc_address}
         roles = {run.target for run in plan}
@@ -744,7 +751,10 @@ def main(argv: list[str] | None = None) -> int:
             if role not in roles:
                 continue
             port = find_free_port()
-            config = {"listen": f"127.0.0.1:{port}", "pools": {"cpu": {"backends": [triton.grpc_address]}}}
+            pool = {"backends": [triton.grpc_address]}
+            if args.upstream_socket:
+                pool["http_backends"] = [triton.http_address]
+            config = {"listen": f"127.0.0.1:{port}", "pools": {"cpu": pool}}
             if args.streams:
                 config["upstream"] = {"streams_per_backend": args.streams}
             server = json.loads(args.server) if args.server else {}
@@ -787,7 +797,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "drift" in line:
                     print(f"  driftgw log: {line.strip()}", flush=True)
         stats = TritonStats(triton.grpc_address)
-        print(f"bench: {', '.join(sections)}; {ROWS}×{COLS} FP32, {rounds} round(s) × {seconds:g} s (+{warmup:g} s warm-up) "
+        print(f"bench: {', '.join(sections)}; upstream to Triton over {'a Unix socket' if args.upstream_socket else 'TCP'}; "
+              f"{ROWS}×{COLS} FP32, {rounds} round(s) × {seconds:g} s (+{warmup:g} s warm-up) "
               f"× {len(plan)} runs; pids {pids}, Triton group {triton_pids}; logs in {workdir}", flush=True)  # fmt: skip
 
         raw_rounds = []

@@ -67,9 +67,10 @@ class PoolConfig:
     http_backends: tuple[str, ...] = ()
     """HTTP/REST address of the same servers, in the order of `backends`; used when
     `upstream.transport` is `http`: host:port, or `unix:/path` for a Triton on the gateway's own
-    node whose HTTP endpoint listens on that Unix socket (`--http-address=unix:/path`), which
-    costs the gateway less CPU a request than loopback TCP (benchmarks/RESULTS.md, "Sixth
-    session"). Empty (the default): each server's HTTP port is its gRPC port plus
+    node whose HTTP endpoint listens on that Unix socket (`--http-address=unix:/path`): reachable
+    from that node alone, by who may open the file, so clients cannot go around the gateway to
+    Triton's HTTP port (its CPU per request is the same as over loopback TCP: benchmarks/RESULTS.md,
+    "Sixth session"). Empty (the default): each server's HTTP port is its gRPC port plus
     `upstream.http_port_offset` (-1: Triton's own defaults, HTTP 8000 beside gRPC 8001)."""
     dns: str | None = None
     """`name:port`: every address the name resolves to (A records; AAAA when it has none) is a

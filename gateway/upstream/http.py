@@ -234,7 +234,7 @@ class HttpPool:
         self.port = port
         self.unix_path = unix_path
         """Connect to this Unix socket instead of host:port (a Triton on the same node, its HTTP
-        endpoint started with `--http-address=unix:PATH`): no TCP stack on either side."""
+        endpoint started with `--http-address=unix:PATH`)."""
         self.ssl = ssl
         """TLS toward the backend (a client context that verifies it), or None: plaintext."""
         self.server_hostname = server_hostname
