@@ -201,30 +201,32 @@ def test_backend_killed_under_load_costs_no_request(tmp_path):
                         outcomes.append(error)
                 client.close()
 
-            workers = [threading.Thread(target=load) for _ in range(4)]
+            workers = [threading.Thread(target=load, daemon=True) for _ in range(4)]
             for worker in workers:
                 worker.start()
-            time.sleep(1.0)
-            pair[0].kill()
-            killed_at = len(outcomes)
-            time.sleep(1.5)
-            snapshot = gateway.snapshot()["backends"][pair[0].grpc_address]
-            assert snapshot["health"] == "unhealthy", snapshot
-            pair[0].restart()
-            deadline = time.monotonic() + 20
-            while gateway.snapshot()["backends"][pair[0].grpc_address]["health"] != "healthy":
-                assert time.monotonic() < deadline, "the restarted backend never came back"
-                time.sleep(0.1)
-            served_before = gateway.snapshot()["backends"][pair[0].grpc_address]["served"]
-            # Back in rotation, it gets requests again: at once with p2c on outstanding requests, within
-            # a few EWMA time constants with placement's load score (which remembers its failed calls).
-            deadline = time.monotonic() + 10
-            while gateway.snapshot()["backends"][pair[0].grpc_address]["served"] <= served_before:
-                assert time.monotonic() < deadline, "the restarted backend got no request in 10 s"
-                time.sleep(0.1)
-            stop.set()
-            for worker in workers:
-                worker.join(15)
+            try:
+                time.sleep(1.0)
+                pair[0].kill()
+                killed_at = len(outcomes)
+                time.sleep(1.5)
+                snapshot = gateway.snapshot()["backends"][pair[0].grpc_address]
+                assert snapshot["health"] == "unhealthy", snapshot
+                pair[0].restart()
+                deadline = time.monotonic() + 20
+                while gateway.snapshot()["backends"][pair[0].grpc_address]["health"] != "healthy":
+                    assert time.monotonic() < deadline, "the restarted backend never came back"
+                    time.sleep(0.1)
+                served_before = gateway.snapshot()["backends"][pair[0].grpc_address]["served"]
+                # Back in rotation, it gets requests again: at once with p2c on outstanding requests, within
+                # a few EWMA time constants with placement's load score (which remembers its failed calls).
+                deadline = time.monotonic() + 10
+                while gateway.snapshot()["backends"][pair[0].grpc_address]["served"] <= served_before:
+                    assert time.monotonic() < deadline, "the restarted backend got no request in 10 s"
+                    time.sleep(0.1)
+            finally:  # the load threads must end even when an assertion failed
+                stop.set()
+                for worker in workers:
+                    worker.join(15)
             failures = [o for o in outcomes if o is not True]
             assert not failures, failures[:5]
             assert len(outcomes) > killed_at

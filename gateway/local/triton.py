@@ -52,6 +52,8 @@ _LOOPBACK = "127.0.0.1"
 #: Triton's --model-control-mode: none (load all at start), poll (follow the repository), explicit
 #: (load and unload only when asked: --load-model at start, then the repository API).
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+#: Starts of a server that a signal killed before it was ready, in all (see LocalTriton.start).
+START_ATTEMPTS = 3
 _POLL_INTERVAL_S = 0.05
 _LOG_TAIL_LINES = 40
 # Grace given to the Python-backend stubs to notice their server died (they poll the parent's
@@ -388,17 +390,19 @@ class LocalTriton:
 
         Raises TritonLaunchError, with the tail of this launch's log, if the server exits or is
         not ready within `timeout` seconds (it is killed then). A server killed by a signal before
-        it was ready is started once more: the wheel's Triton (2.51) aborts at start-up now and then
-        (boost::interprocess::lock_exception in its Python backend, seen on a loaded machine), which
-        says nothing about the repository or the ports; an exit of its own (a model that does not
-        load, a port taken) is not retried.
+        it was ready is started again, up to START_ATTEMPTS times in all: the wheel's Triton (2.51)
+        aborts at start-up now and then (boost::interprocess::lock_exception in its Python backend,
+        on a loaded machine twice in a row at times), which says nothing about the repository or
+        the ports; an exit of its own (a model that does not load, a port taken) is not retried.
         """
         with self._lock:
-            try:
-                return self._start_once(timeout)
-            except _AbortedAtStart as error:
-                _log.warning("%s; starting it once more", str(error).splitlines()[0])
-                return self._start_once(timeout)
+            for attempt in range(2, START_ATTEMPTS + 1):
+                try:
+                    return self._start_once(timeout)
+                except _AbortedAtStart as error:
+                    _log.warning("%s; starting it again (attempt %d of %d)", str(error).splitlines()[0],
+                                 attempt, START_ATTEMPTS)
+            return self._start_once(timeout)
 
     def _start_once(self, timeout: float) -> LocalTriton:
         with self._lock:
