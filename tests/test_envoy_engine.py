@@ -15,7 +15,6 @@ import queue
 import random
 import time
 import zlib
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -518,19 +517,6 @@ async def test_on_the_stock_asyncio_loop(tmp_path):
             with pytest.raises(grpc.aio.AioRpcError) as late:
                 await channel.unary_unary(path("Sleep"))(b"5", timeout=0.2)
             assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-async def test_an_engine_leaves_nothing_in_dev_shm(tmp_path):
-    """Envoy's hot restart (off: the gateway never hands its sockets to a new Envoy) would leave a
-    /dev/shm/envoy_shared_memory_* file behind every Envoy that ran: one per gateway start."""
-    shm = Path("/dev/shm")
-    before = set(shm.glob("envoy_shared_memory_*"))
-    engine = EnvoyEngine("127.0.0.1:0", METHODS, argument=str(tmp_path / "lifespan.log"))
-    async with engine:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}") as channel:
-            assert await channel.unary_unary(path("Echo"))(b"x", timeout=5) == b"x"
-        assert set(shm.glob("envoy_shared_memory_*")) == before
-    assert set(shm.glob("envoy_shared_memory_*")) == before
 
 
 async def test_two_engines_share_a_port_with_reuse_port(tmp_path):

@@ -167,10 +167,7 @@ class EnvoyEngine:
         if options.tls_cert is not None or options.tls_key is not None:
             tls = {"tls_cert": options.tls_cert, "tls_key": options.tls_key, "tls_ca_cert": options.tls_client_ca,
                    "tls_require_client_certificate": options.require_client_certificate}
-        # No hot restart (a new Envoy takes over a running one's sockets): the gateway never uses it,
-        # and with it on every Envoy leaves a /dev/shm/envoy_shared_memory_* file behind when it exits.
-        args = ["--disable-hot-restart",
-                "--drain-strategy", "immediate", "--drain-time-s", str(max(1, math.ceil(options.drain_s)))]
+        args = ["--drain-strategy", "immediate", "--drain-time-s", str(max(1, math.ceil(options.drain_s)))]
         if options.envoy_threads is not None:
             args += ["--concurrency", str(options.envoy_threads)]
         args += list(options.extra_envoy_args)
