@@ -498,7 +498,7 @@ class LocalTriton:
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             "--allow-http=true",
-            f"--http-address={self.host if self.http_unix_socket is None else f'unix:{self.http_unix_socket}'}",
+            f"--http-address={self.host if self.http_unix_socket is None else self.http_address}",
             f"--http-port={self.http_port}",
             "--allow-metrics=true",
             f"--metrics-address={self.host}",
