@@ -12,9 +12,14 @@ import base64
 import gzip
 import json
 import queue
+import os
 import random
+import signal
+import subprocess
+import sys
 import time
 import zlib
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -29,6 +34,7 @@ from gateway.server.engines.envoy_server import EnvoyEngine, EnvoyOptions  # noq
 from gateway.server.engines.grpc_wire import MessageDecoder, WireError  # noqa: E402
 from gateway.server.engines.watch import DEADLINE, DISCONNECT, CallWatch  # noqa: E402
 from tests.envoy_engine_methods import SERVICE, STATUS_MESSAGE  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 
 LIMIT = 1024 * 1024  # the test engine's max_receive_bytes
 METHODS = "tests.envoy_engine_methods:build"
@@ -517,6 +523,62 @@ async def test_on_the_stock_asyncio_loop(tmp_path):
             with pytest.raises(grpc.aio.AioRpcError) as late:
                 await channel.unary_unary(path("Sleep"))(b"5", timeout=0.2)
             assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_an_engine_leaves_nothing_in_dev_shm(tmp_path):
+    """Envoy's hot restart (off: the gateway never hands its sockets to a new Envoy) would leave a
+    /dev/shm/envoy_shared_memory_* file behind every Envoy that ran: one per gateway start."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("envoy_shared_memory_*"))
+    engine = EnvoyEngine("127.0.0.1:0", METHODS, argument=str(tmp_path / "lifespan.log"))
+    async with engine:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}") as channel:
+            assert await channel.unary_unary(path("Echo"))(b"x", timeout=5) == b"x"
+        assert set(shm.glob("envoy_shared_memory_*")) == before
+    assert set(shm.glob("envoy_shared_memory_*")) == before
+
+
+# A launcher in a process of its own: it starts an engine, says where, and waits to be killed.
+_LAUNCHER = """
+import asyncio, sys
+from gateway.server.engines.envoy_server import EnvoyEngine
+
+async def main():
+    engine = EnvoyEngine("127.0.0.1:0", sys.argv[1], argument=sys.argv[2])
+    await engine.start()
+    print(engine.pid, engine.port, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_an_envoy_dies_with_its_launcher_killed_outright(tmp_path):
+    """A gateway killed with SIGKILL runs no stop(): its Envoy must end anyway, not serve the port on
+    unsupervised (nor keep holding the output its own parent reads)."""
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, METHODS, str(tmp_path / "lifespan.log")],
+                                stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    envoy_pid = None
+    try:
+        envoy_pid, port = map(int, launcher.stdout.readline().split())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert channel.unary_unary(path("Echo"))(b"x", timeout=10) == b"x"
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        wait_until(lambda: not _running(envoy_pid), f"Envoy (pid {envoy_pid}) to end with its launcher", 20)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        if envoy_pid is not None and _running(envoy_pid):  # the test failed: leave no Envoy behind
+            os.kill(envoy_pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
 
 
 async def test_two_engines_share_a_port_with_reuse_port(tmp_path):

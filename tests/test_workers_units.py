@@ -99,3 +99,56 @@ def test_serve_refuses_a_bad_worker_count_with_exit_2(tmp_path, capsys):
     path.write_text("listen: 127.0.0.1:0\npools: {main: {backends: ['127.0.0.1:1']}}\n")
     assert main(["serve", "--config", str(path), "--workers", "0"]) == 2
     assert "--workers: expected a number of processes (1 or more) or auto, got '0'" in capsys.readouterr().err
+
+
+# A stand-in worker: it starts a child that inherits its standard output (as an Envoy would that
+# outlives its worker), says it serves, and waits. The parent's pipe stays open while the child lives.
+_WORKER_WITH_A_CHILD = """
+import pathlib, subprocess, sys, time
+child = subprocess.Popen(["sleep", "600"])
+pathlib.Path(sys.argv[1]).write_text(str(child.pid))
+print("tensorgate serving on stand-in", flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
+async def test_a_killed_worker_is_restarted_while_a_process_it_started_holds_its_output(tmp_path):
+    import asyncio
+    import signal
+    import sys
+
+    from gateway.workers.supervisor import Supervisor
+    from tests.waiting import wait_until_async
+
+    child_file = tmp_path / "child.pid"
+
+    class StandInWorkers(Supervisor):
+        def _command(self) -> list[str]:
+            return [sys.executable, "-c", _WORKER_WITH_A_CHILD, str(child_file)]
+
+    supervisor = StandInWorkers(config_from_mapping({"listen": "127.0.0.1:0", "pools": POOLS}),
+                                str(tmp_path / "unused.yaml"), 1)
+    running = asyncio.ensure_future(supervisor.run())
+    try:
+        slot = supervisor.slots[0]
+        await wait_until_async(lambda: slot.ready and child_file.exists(), "the stand-in worker to serve", 30)
+        worker, child = slot.pid, int(child_file.read_text())
+        child_file.unlink()
+        os.kill(worker, signal.SIGKILL)
+        # Seen to end although its child still holds its output: restarted, and the child killed with it.
+        await wait_until_async(lambda: slot.restarts == 1 and slot.ready and child_file.exists(),
+                               "the killed worker to be restarted", 30)
+        assert slot.pid != worker and slot.exits == [-signal.SIGKILL]
+        assert not _alive(child)
+    finally:
+        supervisor._stopping.set()
+        assert await asyncio.wait_for(running, 60) == 0
+    assert not _alive(int(child_file.read_text()))  # the second worker's child went with it at the stop

@@ -60,6 +60,30 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
     return holder, f"{host}:{holder.getsockname()[1]}"
 
 
+async def process_ended(process: asyncio.subprocess.Process) -> None:
+    """Until `process` has ended. Not `process.wait()`: asyncio's returns only once the process's
+    pipes are closed too, and a grandchild that inherited the worker's standard output (its Envoy,
+    say) would keep them open after the worker died, so the worker would never be seen to end, nor
+    restarted. A pidfd (Linux 5.3+) becomes readable when the process itself ends."""
+    if process.returncode is not None:
+        return
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return  # ended and reaped already
+    except (AttributeError, OSError):  # no pidfd here: the pipes will have to do
+        await process.wait()
+        return
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    loop.add_reader(pidfd, lambda: ended.done() or ended.set_result(None))
+    try:
+        await ended
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
 @dataclass
 class WorkerSlot:
     """One worker's place: the process now in it, and its history."""
@@ -193,9 +217,10 @@ class Supervisor:
             await self._spawn(slot)
             process = slot.process
             relay = asyncio.ensure_future(self._relay(slot, process))
+            await process_ended(process)
+            self._kill_group(process.pid)  # what it started goes with it, and lets go of its output
             status = await process.wait()
             await asyncio.gather(relay, return_exceptions=True)
-            self._kill_group(process.pid)
             self.hub.worker_exited(slot.worker_id, process.pid)
             slot.exits.append(status)
             slot.ready = False
@@ -238,7 +263,7 @@ class Supervisor:
             if process is None or process.returncode is not None:
                 continue
             try:
-                await asyncio.wait_for(process.wait(), max(0.1, deadline - time.monotonic()))
+                await asyncio.wait_for(process_ended(process), max(0.1, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 log.warning("worker %d (pid %d) did not stop in time; killing it", slot.worker_id, process.pid)
                 self._kill_group(process.pid)

@@ -46,6 +46,7 @@ import grpc
 
 from gateway.server.engines import grpc_wire
 from gateway.server.engines.grpc_wire import WireError, frame, percent_encode, status_bytes
+from gateway.server.engines.launcher_link import follow_launcher
 from gateway.server.engines.watch import DEADLINE, CallWatch
 from gateway.server.rpc import Call, Method, status_of, trailers_of
 
@@ -439,6 +440,7 @@ class GrpcAsgiApp:
     async def _lifespan(self, scope: dict, receive: Callable, send: Callable) -> None:
         """Build the services on this event loop at startup; close them at shutdown."""
         await receive()  # lifespan.startup
+        follow_launcher()  # this loop's thread lives as long as Envoy: stop when the launcher dies
         closer = None
         try:
             if self._services is not None:

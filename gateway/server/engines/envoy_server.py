@@ -11,6 +11,9 @@ How pyvoy runs an app (pyvoy 1.3, read from its source and checked here):
   with SO_REUSEPORT.
 - Lifespan runs once per event loop at startup; SIGTERM makes Envoy stop at once (no drain) after
   running lifespan shutdown. Graceful drain is Envoy's admin `POST /drain_listeners?graceful`.
+- pyvoy starts Envoy with hot restart on (`--use-dynamic-base-id`), which leaves a
+  /dev/shm/envoy_shared_memory_<base id × 10> file behind every Envoy; the engine turns it off.
+  Nothing else ties Envoy's life to its launcher's: the app follows it (launcher_link.py).
 - TLS and mutual TLS are PyvoyServer arguments (HTTP/3 too, off here: gRPC clients speak HTTP/2);
   everything else of Envoy's is reachable by editing the config it generates, as below.
 
@@ -38,6 +41,7 @@ from gateway.server.engines.envoy import (
     ENV_OPTIONS,
     ENV_SERVICES,
 )
+from gateway.server.engines.launcher_link import ENV_LAUNCHER_PID
 
 __all__ = ["EnvoyEngine", "EnvoyOptions"]
 
@@ -159,7 +163,7 @@ class EnvoyEngine:
         self.options = options
         host, _, port = listen.rpartition(":")
         self._host, self._port = host.strip("[]") or "127.0.0.1", int(port)
-        environment = {ENV_SERVICES: services, **(env or {})}
+        environment = {ENV_SERVICES: services, ENV_LAUNCHER_PID: str(os.getpid()), **(env or {})}
         environment[ENV_OPTIONS] = json.dumps({"max_message_bytes": max_receive_bytes, **(app_options or {})})
         if argument is not None:
             environment[ENV_ARGUMENT] = argument
@@ -167,7 +171,9 @@ class EnvoyEngine:
         if options.tls_cert is not None or options.tls_key is not None:
             tls = {"tls_cert": options.tls_cert, "tls_key": options.tls_key, "tls_ca_cert": options.tls_client_ca,
                    "tls_require_client_certificate": options.require_client_certificate}
-        args = ["--drain-strategy", "immediate", "--drain-time-s", str(max(1, math.ceil(options.drain_s)))]
+        # No hot restart: the gateway never hands its sockets to a new Envoy, and with it on every
+        # Envoy leaves a /dev/shm/envoy_shared_memory_* file behind when it exits.
+        args = ["--disable-hot-restart", "--drain-strategy", "immediate", "--drain-time-s", str(max(1, math.ceil(options.drain_s)))]
         if options.envoy_threads is not None:
             args += ["--concurrency", str(options.envoy_threads)]
         args += list(options.extra_envoy_args)
