@@ -32,12 +32,12 @@ import json
 import queue
 import socket
 import threading
-import time
 import urllib.request
 
 import grpc
 
 from gateway.bench.loadgen import MODEL_INFER_METHOD, build_infer_request
+from tests.waiting import wait_until
 
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -306,10 +306,12 @@ class SteadyLoad:
         self._thread.join(60)
 
     def served_more_than(self, count: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.outcome["OK"] <= count:
-            assert time.monotonic() < deadline, f"load stalled: {self.outcome} {self.samples}"
-            time.sleep(0.05)
+        """Until over `count` requests were answered OK; else an AssertionError with the outcomes and
+        the first errors (the load stalled)."""
+        wait_until(lambda: (dict(self.outcome), list(self.samples)), f"the load to get over {count} answers",
+                   timeout, accept=lambda seen: seen[0].get("OK", 0) > count)
+
+
 class TlsRelay:
     """A TLS server on 127.0.0.1 (a free port) that relays each connection's bytes to a plaintext
     `target` ("host:port") and back: TLS termination in front of an endpoint that cannot serve TLS

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.testing import GatewayThread
+from tests.waiting import wait_until
 
 
 def batching_gateway(tritons, loop_kind: str = "uvloop", **batching) -> GatewayThread:
@@ -270,10 +270,9 @@ def test_model_statistics_show_the_gateways_batches(tmp_path):
             # machine a client can have every answer before Triton counts the batch. Wait for
             # Triton's own count to reach the gateway's batches (or 10 s) before reading.
             direct = triton_grpc.InferenceServerClient(own_triton.grpc_address)
-            settled_by = time.monotonic() + 10
-            while (direct.get_inference_statistics("add_sub").model_stats[0].execution_count < own["batches"]
-                   and time.monotonic() < settled_by):
-                time.sleep(0.05)
+            wait_until(lambda: direct.get_inference_statistics("add_sub").model_stats[0].execution_count,
+                       f"Triton to count the gateway's {own['batches']} batches", 10,
+                       accept=lambda executions: executions >= own["batches"], raise_on_timeout=False)
             client = triton_grpc.InferenceServerClient(gateway.address)
             stats = client.get_inference_statistics("add_sub").model_stats[0]
     finally:

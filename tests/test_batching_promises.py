@@ -11,6 +11,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 
 from gateway.testing import GatewayThread
+from tests.waiting import wait_until_async
 
 
 def _inputs(value: float, rows: int = 1):
@@ -53,18 +54,19 @@ def test_adaptive_batching_gathers_requests_while_the_backend_is_busy(triton):
                     for step in range(3):
                         proxy.hold()
                         call = asyncio.ensure_future(client.infer("fixed_cost", _inputs(step), client_timeout=30))
-                        await _until(lambda: proxy.held == 1)
+                        await wait_until_async(lambda: proxy.held == 1, f"batch {step} held at the proxy", step=0.005)
                         await asyncio.sleep(0.3)
                         proxy.release()
                         await call
                     before = _batching(gateway)
                     proxy.hold()
                     first = asyncio.ensure_future(client.infer("fixed_cost", _inputs(100.0), client_timeout=30))
-                    await _until(lambda: proxy.held == 1)
+                    await wait_until_async(lambda: proxy.held == 1, "the first request held at the proxy", step=0.005)
                     rest = [asyncio.ensure_future(client.infer("fixed_cost", _inputs(float(i)), client_timeout=30))
                             for i in range(32)]
                     # All 33 reached the gateway: waiting in its queue, or sent (and held at the proxy).
-                    await _until(lambda: _arrived(_batching(gateway), before) == 33)
+                    await wait_until_async(lambda: _arrived(_batching(gateway), before), "all 33 requests at the gateway",
+                                           step=0.005, accept=lambda arrived: arrived == 33)
                     proxy.release()
                     results = await asyncio.gather(first, *rest)
                     return before, results
@@ -91,13 +93,6 @@ def test_adaptive_batching_gathers_requests_while_the_backend_is_busy(triton):
     assert batches <= 3 and max(sizes) >= 16, sizes
     # Triton executed exactly those batches (3 warm-up batches and these).
     assert (rows_after - rows_before, executions_after - executions_before) == (3 + 33, 3 + batches)
-
-
-async def _until(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.005)
 
 
 def _arrived(now: dict, before: dict) -> int:

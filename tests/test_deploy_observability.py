@@ -9,7 +9,6 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import tritonclient.grpc as triton_grpc
 import yaml
 
 from gateway.testing import GatewayThread
+from tests.waiting import wait_until
 
 HERE = Path(__file__).resolve().parents[1] / "deploy" / "observability"
 COLLECTOR = HERE / "otel-collector.yaml"
@@ -258,14 +258,14 @@ def exported_names(tritons) -> set[str]:
                 client.infer("fail_on_demand", [data, mode], client_timeout=10)
         finally:
             client.close()
-        deadline = time.monotonic() + 20
-        while True:
+
+        def exported() -> set[str]:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
                 body = response.read().decode()
-            names = {m.group(1) for m in re.finditer(r"^([A-Za-z_:][A-Za-z0-9_:]*)", body, re.MULTILINE)}
-            if FAMILIES <= names or time.monotonic() > deadline:
-                break
-            time.sleep(0.25)
+            return {m.group(1) for m in re.finditer(r"^([A-Za-z_:][A-Za-z0-9_:]*)", body, re.MULTILINE)}
+
+        names = wait_until(exported, "every instrument on /metrics", 20, step=0.25,
+                           accept=lambda names: FAMILIES <= names, raise_on_timeout=False)
         assert not thread.loop_errors
     return names
 

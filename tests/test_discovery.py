@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import shutil
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from gateway.upstream.config import DiscoveryConfig
 from gateway.upstream.discovery import DnsDiscovery
 from tests.conftest import gateway_on
 from tests.dns_server import DnsServer
+from tests.waiting import wait_until
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 NAME = "triton.models.test"
@@ -96,15 +96,6 @@ def _config(dns_server, grpc_port: int, transport: str) -> dict:
     }
 
 
-def _wait(predicate, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting until {what}")
-
-
 def _load(address: str, stop: threading.Event, outcomes: list) -> None:
     """simple_scale, one request after another, until `stop`; every outcome recorded."""
     client = triton_grpc.InferenceServerClient(address)
@@ -150,28 +141,28 @@ def test_backends_join_and_drain_live_under_load(dns_server, pod_tritons, front_
         for loader in loaders:
             loader.start()
         try:
-            _wait(lambda: len(outcomes) > 20, "requests flow through the one backend")
+            wait_until(lambda: len(outcomes) > 20, "requests to flow through the one backend")
 
             # b appears in DNS: it joins the pool and takes requests.
             dns_server.set(NAME, [HOSTS[0], HOSTS[1]])
-            _wait(lambda: backends().get(b, {}).get("served", 0) > 10, f"{b} serves requests")
+            wait_until(lambda: backends().get(b, {}).get("served", 0) > 10, f"{b} to serve requests")
 
             # Slow requests spread over a and b (the router picks the less loaded of the two) …
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
                 slow = [pool.submit(_slow, gateway.address, SLOW_S) for _ in range(4)]
-                _wait(lambda: backends()[a]["outstanding"] >= 1 and backends()[b]["outstanding"] >= 1,
-                      "slow requests are in flight on both backends", timeout=10)
+                wait_until(lambda: backends()[a]["outstanding"] >= 1 and backends()[b]["outstanding"] >= 1,
+                           "slow requests in flight on both backends", timeout=10)
                 # … then a leaves DNS: it drains (no new requests) while its slow ones finish.
                 dns_server.set(NAME, [HOSTS[1]])
-                _wait(lambda: backends().get(a, {}).get("health") == "draining", f"{a} is draining", timeout=10)
+                wait_until(lambda: backends().get(a, {}).get("health") == "draining", f"{a} to drain", timeout=10)
                 seen = backends().get(a, {})
                 assert seen.get("outstanding", 0) >= 1, f"the draining backend still holds its requests: {seen}"
                 assert [future.result(timeout=60) for future in slow] == [SLOW_S] * 4
-            _wait(lambda: a not in backends(), f"{a} has drained and left the pool")
+            wait_until(lambda: a not in backends(), f"{a} to drain and leave the pool")
 
             # c appears: it serves too; the pool is now b and c.
             dns_server.set(NAME, [HOSTS[1], HOSTS[2]])
-            _wait(lambda: backends().get(c, {}).get("served", 0) > 10, f"{c} serves requests")
+            wait_until(lambda: backends().get(c, {}).get("served", 0) > 10, f"{c} to serve requests")
             assert set(backends()) == {b, c}
         finally:
             stop.set()
@@ -195,7 +186,7 @@ def test_dns_outage_keeps_the_backends_and_an_empty_answer_drains_them(dns_serve
             setattr(dns_server, mode, True)
             try:
                 failures_before = discovery()["failures"]
-                _wait(lambda: discovery()["failures"] >= failures_before + 2, f"DNS fails ({mode}) twice", timeout=20)
+                wait_until(lambda: discovery()["failures"] >= failures_before + 2, f"DNS to fail ({mode}) twice", timeout=20)
                 assert discovery()["last_error"]
                 assert _slow(gateway.address, 0.0) == 0.0
                 assert {k: v["health"] for k, v in gateway.snapshot()["backends"].items()} == {a: "healthy"}
@@ -204,7 +195,7 @@ def test_dns_outage_keeps_the_backends_and_an_empty_answer_drains_them(dns_serve
 
         # The name answers with no address (a Service scaled to zero): the backend leaves.
         dns_server.set(NAME, [])
-        _wait(lambda: not gateway.snapshot()["backends"], "the pool is empty")
+        wait_until(lambda: not gateway.snapshot()["backends"], "the pool to empty")
         with pytest.raises(triton_grpc.InferenceServerException) as refused:
             _slow(gateway.address, 0.0)
         # No backend left to report the model: unknown, as with any model no backend serves.
@@ -212,7 +203,7 @@ def test_dns_outage_keeps_the_backends_and_an_empty_answer_drains_them(dns_serve
         assert "available models: none" in refused.value.message()
         # It comes back.
         dns_server.set(NAME, [HOSTS[0]])
-        _wait(lambda: gateway.snapshot()["backends"].get(a, {}).get("health") == "healthy", f"{a} is back")
+        wait_until(lambda: gateway.snapshot()["backends"].get(a, {}).get("health") == "healthy", f"{a} to come back")
         assert _slow(gateway.address, 0.0) == 0.0
 
 

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.bench.loadgen import MODEL_INFER_METHOD, build_infer_request
 from gateway.local.triton import find_free_port
 from gateway.protocol import pb
+from tests.waiting import wait_until_async
 
 TENSORGATE = [sys.executable, "-m", "gateway"]
 IN_FLIGHT = 300
@@ -91,8 +92,8 @@ async def drain_under_load(process: subprocess.Popen, address: str) -> dict:
         steadies = [asyncio.ensure_future(steady()) for _ in range(4)]
         await asyncio.gather(*flight)
         outcome["in_flight_done_s"] = time.monotonic() - signalled
-        while process.poll() is None and time.monotonic() - signalled < GRACE_S + 30:
-            await asyncio.sleep(0.02)
+        await wait_until_async(lambda: process.poll() is not None, "the gateway to exit",
+                               signalled + GRACE_S + 30 - time.monotonic(), step=0.02, raise_on_timeout=False)
         outcome["exit_s"] = time.monotonic() - signalled
         await asyncio.gather(*steadies)
         watcher.cancel()

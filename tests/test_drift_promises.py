@@ -9,7 +9,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import grpc
 import numpy as np
@@ -19,6 +18,7 @@ from gateway.drift.config import ModelDriftConfig, ReferenceConfig
 from gateway.drift.monitor import ModelMonitor
 from gateway.protocol import pb
 from gateway.testing import GatewayThread
+from tests.waiting import wait_until
 
 FEATURES = 16
 
@@ -39,16 +39,6 @@ def _send(address: str, requests: list[bytes], in_flight: int = 8) -> None:
                 await asyncio.gather(*(call(r, timeout=10) for r in requests[start:start + in_flight]))
 
     asyncio.run(run())
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -115,9 +105,9 @@ def test_webhook_receives_each_alert(tritons):
             # Triton answered, and a reference of mixed blocks failed this test (2 runs in 5 on main)
             _send(gateway.address, [_request("simple_scale", b) for b in reference])
             _send(gateway.address, [_request("simple_scale", b) for b in shifted])
-            raised = _wait(lambda: gateway.call(lambda: [a for a in gateway.gateway.drift.alerts if a["level"] != "ok"]),
-                           10, "the alerts")
-            _wait(lambda: len(receiver.posts) >= len(raised), 10, f"{len(raised)} webhook posts")
+            raised = wait_until(lambda: gateway.call(lambda: [a for a in gateway.gateway.drift.alerts if a["level"] != "ok"]),
+                                "the alerts", 10)
+            wait_until(lambda: len(receiver.posts) >= len(raised), f"{len(raised)} webhook posts", 10)
             assert not gateway.loop_errors
     finally:
         receiver.close()
@@ -171,7 +161,7 @@ def test_set_and_reset_reference_change_the_next_reports(tritons):
         address = gateway.address
         _send_rows(address, rng, WINDOW, 0.0)  # the reference, learned: N(0, 1)
         _send_rows(address, rng, WINDOW, 2.0)  # a window 2σ off
-        _wait(lambda: _windows(address) == 1, 10, "the first window")
+        wait_until(lambda: _windows(address) == 1, "the first window", 10)
         report, histograms = _report(address)
         assert min(_psi_by_feature(report).values()) > 1.0  # far off the learned reference
         shifted_window = histograms["input/INPUT0"]["current"]
@@ -182,7 +172,7 @@ def test_set_and_reset_reference_change_the_next_reports(tritons):
         _, histograms = _report(address)
         assert histograms["input/INPUT0"]["reference"] == shifted_window  # the window is the reference now
         _send_rows(address, rng, WINDOW, 2.0)  # the same shifted distribution again
-        _wait(lambda: _windows(address) == 2, 10, "the second window")
+        wait_until(lambda: _windows(address) == 2, "the second window", 10)
         report, _ = _report(address)
         assert max(_psi_by_feature(report).values()) < 0.25  # no drift against the new reference
         assert {f.level for f in report.features} == {"ok"}
@@ -195,7 +185,7 @@ def test_set_and_reset_reference_change_the_next_reports(tritons):
         assert np.all(np.sum(histograms["input/INPUT0"]["reference"], axis=1) == WINDOW)
         assert abs(np.median(edges) + 2.0) < 0.2  # quantile edges of the new reference, around -2
         _send_rows(address, rng, WINDOW, 2.0)
-        _wait(lambda: _windows(address) == 3, 10, "the third window")
+        wait_until(lambda: _windows(address) == 3, "the third window", 10)
         report, _ = _report(address)
         assert min(_psi_by_feature(report).values()) > 1.0  # 4σ from the relearned reference
         assert not gateway.loop_errors
@@ -213,7 +203,7 @@ def test_reference_from_a_profile_saved_by_drift_report(tritons, tmp_path):
     with GatewayThread(learn) as gateway:
         _send_rows(gateway.address, rng, WINDOW, 0.0)
         _send_rows(gateway.address, rng, WINDOW, 1.0)  # the window to save: N(1, 1)
-        _wait(lambda: _windows(gateway.address) == 1, 10, "a window")
+        wait_until(lambda: _windows(gateway.address) == 1, "a window", 10)
         _, saved_from = _report(gateway.address)
         result = subprocess.run([sys.executable, "-m", "gateway", "drift", "report", "--gateway", gateway.address,
                                  "simple_scale", "--save-profile", str(profile_path)],
@@ -232,7 +222,7 @@ def test_reference_from_a_profile_saved_by_drift_report(tritons, tmp_path):
         _, histograms = _report(gateway.address)
         assert histograms["input/INPUT0"]["reference"] == profile["input/INPUT0"]["reference"]  # before any traffic
         _send_rows(gateway.address, rng, WINDOW, 1.0)  # the profile's distribution: no reference rows to learn first
-        _wait(lambda: _windows(gateway.address) == 1, 10, "a window")
+        wait_until(lambda: _windows(gateway.address) == 1, "a window", 10)
         report, histograms = _report(gateway.address)
         assert not gateway.loop_errors
     current = np.array(histograms["input/INPUT0"]["current"])
@@ -258,7 +248,7 @@ def test_batched_requests_are_counted_as_each_request_would_be(tritons):
     with GatewayThread(config) as gateway:
         _send(gateway.address, [_request("simple_scale", row[None]) for row in reference], in_flight=64)
         _send(gateway.address, [_request("simple_scale", row[None]) for row in shifted], in_flight=64)
-        _wait(lambda: _windows(gateway.address) == 1, 10, "the window")
+        wait_until(lambda: _windows(gateway.address) == 1, "the window", 10)
         _, histograms = _report(gateway.address)
         batching = gateway.call(lambda: gateway.gateway.batching.snapshot())["simple_scale:1"]
         sampled = gateway.call(lambda: gateway.gateway.drift.monitors["simple_scale"].sampled)  # (_report flushed)

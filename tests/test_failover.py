@@ -12,6 +12,7 @@ import tritonclient.grpc as triton_grpc
 
 from gateway.testing import GatewayThread
 from tests.conftest import start_tritons
+from tests.waiting import wait_until
 
 
 @pytest.fixture()
@@ -39,15 +40,6 @@ def _served(gateway) -> list[int]:
     return gateway.call(lambda: [b.served for b in gateway.gateway.fleet.backends()])
 
 
-def _wait(predicate, timeout=20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_sigkill_under_load_then_return(pair):
     config = {
         "listen": "127.0.0.1:0",
@@ -60,7 +52,8 @@ def test_sigkill_under_load_then_return(pair):
         pool = concurrent.futures.ThreadPoolExecutor(4)
         workers = [pool.submit(_load, gateway.address, stop, outcomes) for _ in range(4)]
         try:
-            assert _wait(lambda: all(count > 20 for count in _served(gateway))), _served(gateway)
+            wait_until(lambda: _served(gateway), "every backend to serve over 20 requests", timeout=20, step=0.1,
+                       accept=lambda served: all(count > 20 for count in served))
 
             pair[0].kill()  # SIGKILL, mid-traffic
             killed_at = len(outcomes)
@@ -72,7 +65,9 @@ def test_sigkill_under_load_then_return(pair):
 
             pair[0].restart()
             before = _served(gateway)[0]
-            assert _wait(lambda: _served(gateway)[0] > before + 20), "the returned backend is not used again"
+            wait_until(lambda: _served(gateway)[0],
+                       f"the returned backend to be used again (over {before} + 20 requests served)",
+                       timeout=20, step=0.1, accept=lambda served: served > before + 20)
         finally:
             stop.set()  # the load threads must end even when an assertion failed
             pool.shutdown(wait=True)

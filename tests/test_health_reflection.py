@@ -4,8 +4,6 @@ ProtoReflectionDescriptorDatabase, as grpcurl and Postman discover a server)."""
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from tritonclient.grpc import service_pb2
 
 from tests.conftest import gateway_on
 from tests.servers import UpstreamProxy
+from tests.waiting import wait_until
 
 INFERENCE = "inference.GRPCInferenceService"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -27,10 +26,9 @@ def _check(channel, service: str = "") -> int:
 
 
 def _wait_status(channel, want: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (status := _check(channel)) != want:
-        assert time.monotonic() < deadline, f"health stayed {status}, expected {want}"
-        time.sleep(0.05)
+    """Until the whole server's health is `want`."""
+    wait_until(lambda: _check(channel), f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(want)} ({want})",
+               timeout, accept=lambda status: status == want)
 
 
 def test_health_follows_the_backends(tritons, front_door):

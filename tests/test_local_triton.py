@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from gateway.local import (  # noqa: E402
     triton_binary,
 )
 from gateway.local.triton import START_ATTEMPTS, _group_members  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 
 try:
     triton_binary()
@@ -81,12 +81,7 @@ def small_repository(tmp_path: Path, *models: str) -> Path:
 
 def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     """True once `pid` has exited (a zombie counts as exited), checking at least once."""
-    deadline = time.monotonic() + timeout
-    while not _is_zombie(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return wait_until(lambda: _is_zombie(pid), f"pid {pid} to exit", timeout, raise_on_timeout=False)
 
 
 def _is_zombie(pid: int) -> bool:
@@ -226,13 +221,12 @@ def test_fixed_cost_batches_only_with_dynamic_batching(
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x)
     # Triton updates its statistics when a request is released, which may be after the
     # client has its response: wait for the counts to settle.
-    deadline = time.monotonic() + 10
-    while True:
-        inferences, executions = (after - b for after, b in zip(counts(), before, strict=True))
-        if inferences == n or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert inferences == n
+    inferences, executions = wait_until(
+        lambda: tuple(after - b for after, b in zip(counts(), before, strict=True)),
+        f"Triton to count {n} more inferences (and the executions)",
+        10,
+        accept=lambda counted: counted[0] == n,
+    )
     if model == "fixed_cost":
         assert executions == n
     else:
@@ -430,14 +424,12 @@ def test_kill_then_restart_on_same_ports(tmp_path: Path) -> None:
         result = second.infer("simple_scale", [tensor("INPUT0", x, "FP32")])
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x * 2)
         # The old client reconnects by itself once its backoff has run out.
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                first.infer("simple_scale", [tensor("INPUT0", x, "FP32")])
-                break
-            except InferenceServerException:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        wait_until(
+            lambda: first.infer("simple_scale", [tensor("INPUT0", x, "FP32")]) is not None,
+            "the old client to reconnect",
+            10,
+            ignore=(InferenceServerException,),
+        )
         assert server.log_path.read_text().count("=== tensorgate LocalTriton phoenix") == 2
         with pytest.raises(TritonLaunchError, match="already running"):
             server.start()
@@ -474,14 +466,21 @@ def test_a_server_aborted_at_start_is_started_again(tmp_path: Path) -> None:
     server = LocalTriton(small_repository(tmp_path, "simple_scale"), name="again", log_dir=tmp_path)
     started = concurrent.futures.ThreadPoolExecutor(1).submit(server.start, 60)
     aborted = []
-    deadline = time.monotonic() + 60
-    while len(aborted) < START_ATTEMPTS - 1:  # abort every launch but the last
-        assert time.monotonic() < deadline, aborted
+
+    def abort_a_new_launch() -> list:
         proc = server._proc
         if proc is not None and proc.pid not in aborted:
             os.kill(proc.pid, signal.SIGABRT)
             aborted.append(proc.pid)
-        time.sleep(0.005)
+        return aborted
+
+    wait_until(  # abort every launch but the last
+        abort_a_new_launch,
+        f"{START_ATTEMPTS - 1} launches aborted",
+        60,
+        step=0.005,
+        accept=lambda pids: len(pids) >= START_ATTEMPTS - 1,
+    )
     try:
         started.result(timeout=90)
         assert server.is_running and server.pid not in aborted
@@ -526,10 +525,9 @@ def test_server_dies_with_its_parent(tmp_path: Path) -> None:
         # Nobody is left to remove the copied backend: the killed parent would have.
         shutil.rmtree(backend_dir, ignore_errors=True)
     assert wait_gone(pid, timeout=10)
-    deadline = time.monotonic() + 10
-    while _group_members(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _group_members(pid) == []
+    wait_until(
+        lambda: _group_members(pid), f"process group {pid} to empty", 10, accept=lambda members: members == []
+    )
 
 
 # ------------------------------------------------------------------------------------ module API

@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.testing import GatewayThread
 from gateway.bench.otlp_receiver import GrpcReceiver
+from tests.waiting import wait_until
 
 MODEL = "simple_scale"
 INTERVAL_S = 0.5
@@ -48,12 +49,12 @@ def _counted(request, metric: str = "tensorgate.requests") -> int | None:
 
 def _wait_for_export(receiver: GrpcReceiver, count: int, metric: str = "tensorgate.requests", timeout: float = 15.0):
     """The first export in which `metric` counts `count` requests of MODEL, with its metadata."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for request, metadata in receiver.received():
-            if _counted(request, metric) == count:
-                return request, metadata
-        time.sleep(0.1)
+    found = wait_until(lambda: next(((request, metadata) for request, metadata in receiver.received()
+                                     if _counted(request, metric) == count), None),
+                       f"an OTLP export counting {count} requests of {MODEL} in {metric}", timeout, step=0.1,
+                       raise_on_timeout=False)
+    if found is not None:
+        return found
     exports = receiver.received()
     last = exports[-1][0] if exports else None
     names = sorted({m.name for rm in last.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}) if last else []

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from gateway.local.triton import LocalTriton  # noqa: E402
 from gateway.packaging import PackageRequest, package, parse_tensor_option, verify_version  # noqa: E402
 from gateway.packaging.dockerfile import write_build_context  # noqa: E402
 from gateway.testing import GatewayThread  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 
 try:
     import torch
@@ -160,15 +160,17 @@ def _infer(address: str, model: str, inputs: dict[str, np.ndarray], deadline_s: 
         tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         tensors.append(tensor)
-    give_up = time.monotonic() + deadline_s
-    while True:  # the gateway learns the models at its first health checks
+
+    def answer():  # the gateway learns the models at its first health checks: until then, unknown
         try:
             return client.infer(model, tensors)
         except InferenceServerException as error:
-            if "unknown model" not in str(error).lower() and "not found" not in str(error).lower() \
-                    or time.monotonic() > give_up:
-                raise
-            time.sleep(0.2)
+            if "unknown model" in str(error).lower() or "not found" in str(error).lower():
+                return error
+            raise
+
+    return wait_until(answer, f"{model} to answer at {address}", deadline_s, step=0.2,
+                      accept=lambda answered: not isinstance(answered, InferenceServerException))
 
 
 def _addresses(serving) -> list[str]:
@@ -271,12 +273,15 @@ def test_build_context_entrypoint_serves_the_package(packaged, tmp_path):
     server = subprocess.Popen([sys.executable, str(root / "launch_triton.py"), *entrypoint], stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        give_up = time.monotonic() + 120
-        while subprocess.run([sys.executable, str(root / "launch_triton.py"), "--health"],
-                             env={**os.environ, **health}).returncode != 0:
+
+        def ready() -> bool:
+            if subprocess.run([sys.executable, str(root / "launch_triton.py"), "--health"],
+                              env={**os.environ, **health}).returncode == 0:
+                return True
             assert server.poll() is None, (tmp_path / "image.log").read_text()[-3000:]
-            assert time.monotonic() < give_up, "the context's Triton was not ready in 120 s"
-            time.sleep(0.5)
+            return False
+
+        wait_until(ready, "the context's Triton to be ready", 120, step=0.5)
         result = _infer(f"127.0.0.1:{grpc_port}", "iris_rf", {"input": IRIS_X32})
         np.testing.assert_allclose(result.as_numpy("probabilities"), expected["iris_rf"]["model"].predict_proba(IRIS_X),
                                    atol=1e-5, rtol=0)

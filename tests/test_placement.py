@@ -19,6 +19,7 @@ import tritonclient.grpc as triton_grpc
 from gateway.local.triton import LocalTriton, default_model_repository
 from gateway.testing import GatewayThread
 from tests.servers import sample, scrape
+from tests.waiting import wait_until
 
 MODEL = "slow_on_demand"
 SLO_MS = 1000.0
@@ -82,14 +83,6 @@ class ClosedLoop:
         return np.array([seconds for sent, seconds, ok in list(self.results) if start <= sent < end and ok])
 
 
-def _wait(predicate, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def _gate(gateway: GatewayThread, pool: str) -> str | None:
     table = gateway.snapshot()["placement"].get(f"{MODEL}:1")
     return None if table is None else table["pools"][pool]["gate"]
@@ -110,9 +103,9 @@ def test_slow_gpu_pool_spills_to_cpu_keeps_the_slo_and_traffic_returns(pools):
     with GatewayThread(config) as gateway, ClosedLoop(gateway.address) as load:
         decisions = lambda: gateway.snapshot()["routing"]  # noqa: E731
         # Fast: everything on the gpu pool, as preferred (after the first requests warmed everything).
-        _wait(lambda: decisions().get("gpu/preferred", 0) >= 100, "100 requests on the gpu pool", 60)
+        wait_until(lambda: decisions().get("gpu/preferred", 0) >= 100, "100 requests on the gpu pool", 60)
         warm = decisions()
-        _wait(lambda: decisions()["gpu/preferred"] >= warm["gpu/preferred"] + 300, "300 more on the gpu pool", 60)
+        wait_until(lambda: decisions()["gpu/preferred"] >= warm["gpu/preferred"] + 300, "300 more on the gpu pool", 60)
         before = decisions()
         spilled_while_fast = before.get("cpu/spill", 0) - warm.get("cpu/spill", 0)
         assert spilled_while_fast <= 0.05 * (before["gpu/preferred"] - warm["gpu/preferred"]), (warm, before)
@@ -120,11 +113,11 @@ def test_slow_gpu_pool_spills_to_cpu_keeps_the_slo_and_traffic_returns(pools):
         # Slow: the gpu pool misses the objective; its gate closes and traffic spills to the cpu pool.
         delay_file.write_text(str(SLOW_MS))
         slowed = time.monotonic()
-        _wait(lambda: _gate(gateway, "gpu") == "closed", "the gpu pool's gate to close", 30)
+        wait_until(lambda: _gate(gateway, "gpu") == "closed", "the gpu pool's gate to close", 30)
         closed = time.monotonic()
         spill_start = decisions().get("cpu/spill", 0)
         settle = closed + 1.0  # requests already queued at the gpu pool when it slowed finish meanwhile
-        _wait(lambda: time.monotonic() > settle + 6.0, "6 s of slow gpu pool", 30)
+        wait_until(lambda: time.monotonic() > settle + 6.0, "6 s of slow gpu pool", 30)
         window_end = time.monotonic()
         during = decisions()
         latencies = load.latencies(settle, window_end)
@@ -139,13 +132,13 @@ def test_slow_gpu_pool_spills_to_cpu_keeps_the_slo_and_traffic_returns(pools):
 
         # Recovered: probes see it; traffic returns to the gpu pool, and the gate did not flap.
         delay_file.write_text("0")
-        _wait(lambda: _gate(gateway, "gpu") == "open", "the gpu pool's gate to open again", 30)
+        wait_until(lambda: _gate(gateway, "gpu") == "open", "the gpu pool's gate to open again", 30)
         # The estimate decays towards the fast answers within a few tau (routing.ewma_tau_s, 0.5 s by
         # default); meanwhile requests whose predicted queue still misses spill one by one.
         reopened = time.monotonic()
-        _wait(lambda: time.monotonic() > reopened + 3.0, "3 s (6 tau) after the gate opened", 10)
+        wait_until(lambda: time.monotonic() > reopened + 3.0, "3 s (6 tau) after the gate opened", 10)
         returned = decisions()
-        _wait(lambda: decisions()["gpu/preferred"] >= returned["gpu/preferred"] + 300, "300 more requests on the gpu pool", 60)
+        wait_until(lambda: decisions()["gpu/preferred"] >= returned["gpu/preferred"] + 300, "300 more requests on the gpu pool", 60)
         after = decisions()
         spilled_after = after["cpu/spill"] - returned["cpu/spill"]
         assert spilled_after <= 0.05 * (after["gpu/preferred"] - returned["gpu/preferred"]), (returned, after, gateway.snapshot()["placement"])

@@ -22,6 +22,7 @@ from gateway.admin.gateway_service import ReloadConfigRequest, ReloadConfigRespo
 from gateway.local.triton import find_free_port
 from tests.conftest import gateway_on
 from tests.servers import SteadyLoad
+from tests.waiting import wait_until
 
 TENSORGATE = [sys.executable, "-m", "gateway"]
 
@@ -34,13 +35,6 @@ def admin(address: str):
                                  request_serializer=ReloadConfigRequest.SerializeToString,
                                  response_deserializer=ReloadConfigResponse.FromString)
     return channel, (lambda: json.loads(snapshot(SnapshotRequest(), timeout=10).json)), reload
-
-
-def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def config_on(backend: str, **extra) -> dict:
@@ -126,11 +120,11 @@ def test_sighup_and_a_changed_file_reload_under_load(tmp_path, tritons, engine):
             time.sleep(1.5)
             assert set(snapshot()["backends"]) == {first}, "reloaded without being asked"
             process.send_signal(signal.SIGHUP)
-            wait_for(lambda: set(snapshot()["backends"]) == {second}, "SIGHUP to reload")
+            wait_until(lambda: set(snapshot()["backends"]) == {second}, "SIGHUP to reload")
             assert process.poll() is None, "SIGHUP ended the gateway"
 
             write(config_on(first, server={"config_poll_s": 0.2}))  # now watched: the change alone reloads
-            wait_for(lambda: set(snapshot()["backends"]) == {first}, "the changed file to be reloaded")
+            wait_until(lambda: set(snapshot()["backends"]) == {first}, "the changed file to be reloaded")
             served = load.outcome["OK"]
             load.served_more_than(served + 50)
 

@@ -21,6 +21,7 @@ from gateway.testing import GatewayThread
 from gateway.local.triton import find_free_port
 from tests.conftest import gateway_on, start_tritons
 from tests.servers import sample, scrape
+from tests.waiting import wait_until
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -35,14 +36,12 @@ def pair(tmp_path):
         server.stop()
 
 
-def _wait(predicate, timeout: float = 20.0, step: float = 0.02) -> float | None:
-    """Seconds until `predicate()` held, or None if it did not within `timeout`."""
+def _seconds_until(predicate, what: str, timeout: float, **options) -> float:
+    """Seconds until wait_until(predicate, what, timeout, **options) held, checking every 20 ms; an
+    AssertionError if it did not within `timeout`."""
     began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        if predicate():
-            return time.monotonic() - began
-        time.sleep(step)
-    return None
+    wait_until(predicate, what, timeout, step=0.02, **options)
+    return time.monotonic() - began
 
 
 def _steady_load(address: str, stop: threading.Event, outcomes: list, deadline_s: float = 10.0) -> None:
@@ -74,7 +73,8 @@ def _steady_load_over(gateway: GatewayThread, pair, clients: int = 4):
     pool = concurrent.futures.ThreadPoolExecutor(clients)
     workers = [pool.submit(_steady_load, gateway.address, stop, outcomes) for _ in range(clients)]
     try:
-        assert _wait(lambda: all(_backend(gateway, t.grpc_address)["served"] > 20 for t in pair)), gateway.snapshot()
+        wait_until(lambda: gateway.snapshot()["backends"], "every backend to serve over 20 requests", timeout=20,
+                   step=0.02, accept=lambda backends: all(backends[t.grpc_address]["served"] > 20 for t in pair))
         yield outcomes
     finally:
         stop.set()
@@ -94,16 +94,18 @@ def test_sigstopped_backend_is_ejected_its_pending_requests_move_and_it_rejoins(
     with GatewayThread(config) as gateway:
         with _steady_load_over(gateway, pair) as outcomes:
             os.kill(hung.pid, signal.SIGSTOP)
-            out_after = _wait(lambda: _out_of_rotation(gateway, hung), timeout=10)
-            assert out_after is not None and out_after <= 2.0, (
+            out_after = _seconds_until(lambda: _backend(gateway, hung.grpc_address),
+                                       "the hung backend to leave rotation", 10, accept=_out_of_rotation)
+            assert out_after <= 2.0, (
                 f"the hung backend left rotation after {out_after} s; expected within 2 s: {gateway.snapshot()}")
             stopped_outcomes = len(outcomes)
             time.sleep(2.0)
             assert len(outcomes) - stopped_outcomes > 50, "traffic must keep flowing through the other backend"
             os.kill(hung.pid, signal.SIGCONT)
             served = _backend(gateway, hung.grpc_address)["served"]
-            rejoined = _wait(lambda: _backend(gateway, hung.grpc_address)["served"] > served + 20, timeout=15)
-            assert rejoined is not None, f"the backend did not rejoin after SIGCONT: {gateway.snapshot()}"
+            wait_until(lambda: _backend(gateway, hung.grpc_address),
+                       f"the backend to rejoin after SIGCONT (over {served} + 20 served)", timeout=15, step=0.02,
+                       accept=lambda backend: backend["served"] > served + 20)
         failures = [o for o, _ in outcomes if o is not True]
         assert len(failures) <= 0.001 * len(outcomes), f"{len(failures)} of {len(outcomes)} failed: {failures[:3]}"
         slowest = max(seconds for _, seconds in outcomes)
@@ -115,8 +117,8 @@ def test_sigstopped_backend_is_ejected_its_pending_requests_move_and_it_rejoins(
         assert gateway.loop_errors == []
 
 
-def _out_of_rotation(gateway: GatewayThread, server) -> bool:
-    state = _backend(gateway, server.grpc_address)
+def _out_of_rotation(state: dict) -> bool:
+    """A backend's snapshot (_backend) says it is ejected or unhealthy."""
     return state["ejected"] or state["health"] != "healthy"
 
 
@@ -133,8 +135,10 @@ def test_sigkilled_backend_costs_no_request_and_rejoins_within_5_s_of_its_return
             time.sleep(1.5)
             dead.start()  # ready when it returns
             served = _backend(gateway, dead.grpc_address)["served"]
-            rejoined = _wait(lambda: _backend(gateway, dead.grpc_address)["served"] > served, timeout=15)
-            assert rejoined is not None and rejoined <= 5.0, f"rejoined after {rejoined} s; expected within 5 s"
+            rejoined = _seconds_until(lambda: _backend(gateway, dead.grpc_address),
+                                      f"the backend to rejoin (over {served} served)", 15,
+                                      accept=lambda backend: backend["served"] > served)
+            assert rejoined <= 5.0, f"rejoined after {rejoined} s; expected within 5 s"
         failures = [o for o, _ in outcomes if o is not True]
         assert not failures, f"{len(failures)} of {len(outcomes)} failed: {failures[:3]}"
 

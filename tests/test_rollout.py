@@ -22,6 +22,7 @@ import tritonclient.grpc as grpcclient
 from gateway.audit.log import AuditLog, verify_chain
 from gateway.local.triton import LocalTriton
 from gateway.testing import GatewayThread
+from tests.waiting import wait_until
 
 MODEL = "rollout_scale"
 FIXTURE = Path(__file__).parent / "fixtures" / "models" / MODEL
@@ -56,11 +57,10 @@ def tritons_at_v1(explicit_tritons):
             config = client.get_model_config(MODEL, as_json=True)["config"]
             config["version_policy"] = {"specific": {"versions": [1]}}
             client.load_model(MODEL, config=json.dumps(config))
-    deadline = time.monotonic() + 60
-    while any(_loaded(server) != ["1"] or not grpcclient.InferenceServerClient(server.grpc_address).is_server_ready()
-              for server in explicit_tritons):
-        assert time.monotonic() < deadline, [_loaded(s) for s in explicit_tritons]
-        time.sleep(0.2)
+    wait_until(lambda: [(_loaded(server), grpcclient.InferenceServerClient(server.grpc_address).is_server_ready())
+                        for server in explicit_tritons],
+               "version 1 alone loaded, and every server ready", 60, step=0.2,
+               accept=lambda states: all(state == (["1"], True) for state in states))
     return explicit_tritons
 
 
@@ -134,15 +134,12 @@ def test_a_good_candidate_is_loaded_shifted_and_promoted_with_no_failed_request(
         time.sleep(1.0)
         gateway.call(lambda: gateway.gateway.rollouts.begin(MODEL, "2", actor="test", reason="a good candidate"))
         seen_steps = set()
-        deadline = time.monotonic() + 240
-        while True:
-            state = gateway.call(lambda: gateway.gateway.rollouts.states(MODEL))[MODEL]
+
+        def note_step(state: dict) -> None:
             if state["status"] == "canary":
                 seen_steps.add(state["step"])
-            if state["status"] in ("promoted", "rolled-back", "failed"):
-                break
-            assert time.monotonic() < deadline, state
-            time.sleep(0.05)
+
+        state = _wait_for(gateway, MODEL, {"promoted", "rolled-back", "failed"}, 240, step=0.05, each=note_step)
         assert state["status"] == "promoted", state["reason"]
         time.sleep(1.0)
         promoted_at = dict(load.versions)
@@ -210,22 +207,18 @@ def test_a_bad_candidate_is_rolled_back_within_its_canary_share(tritons_at_v1, t
 
 
 def _audit_until(path: Path, action: str, timeout: float = 60.0) -> list[dict]:
-    """The audit log's records once its last action is `action` (written after the backends unload)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        records = list(AuditLog(path).records())
-        if (records and records[-1]["action"] == action) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
+    """The audit log's records once its last action is `action` (written after the backends unload),
+    or as they are after `timeout`."""
+    return wait_until(lambda: list(AuditLog(path).records()), f"the audit log's last action to be {action}", timeout,
+                      step=0.2, accept=lambda records: records and records[-1]["action"] == action,
+                      raise_on_timeout=False)
 
 
 def _wait_unloaded(gateway, tritons, version: str) -> dict:
-    deadline = time.monotonic() + 60
-    while True:
-        loaded = {t.grpc_address: _loaded(t) for t in tritons}
-        if all(version not in versions for versions in loaded.values()) or time.monotonic() > deadline:
-            return loaded
-        time.sleep(0.2)
+    """{backend: versions loaded} once no backend has `version` loaded, or as it is after 60 s."""
+    return wait_until(lambda: {t.grpc_address: _loaded(t) for t in tritons}, f"version {version} unloaded everywhere",
+                      60, step=0.2, accept=lambda loaded: all(version not in versions for versions in loaded.values()),
+                      raise_on_timeout=False)
 
 
 def test_a_sticky_key_stays_on_one_version_while_the_canary_grows(tritons_at_v1, tmp_path):
@@ -237,17 +230,15 @@ def test_a_sticky_key_stays_on_one_version_while_the_canary_grows(tritons_at_v1,
         time.sleep(0.5)
         gateway.call(lambda: gateway.gateway.rollouts.begin(MODEL, "2", actor="test"))
         at_half = None
-        deadline = time.monotonic() + 240
-        while True:
-            state = gateway.call(lambda: gateway.gateway.rollouts.states(MODEL))[MODEL]
+
+        def note_half(state: dict) -> None:
+            nonlocal at_half
             if state["status"] == "canary" and state["step"] == 1 and at_half is None:
                 time.sleep(1.0)
                 with load._lock:
                     at_half = {key: seen[-1] for key, seen in load.by_key.items()}
-            if state["status"] in ("promoted", "rolled-back", "failed"):
-                break
-            assert time.monotonic() < deadline, state
-            time.sleep(0.05)
+
+        state = _wait_for(gateway, MODEL, {"promoted", "rolled-back", "failed"}, 240, step=0.05, each=note_half)
         time.sleep(1.0)
     assert state["status"] == "promoted", state["reason"]
     assert load.failures == []
@@ -427,11 +418,14 @@ def test_packaged_versions_roll_out_with_their_digests_and_a_tampered_one_is_ref
     assert {r["digest"] for r in records[1:]} == {manifest["digest"]}
 
 
-def _wait_for(gateway: GatewayThread, model: str, wanted: set[str], timeout: float = 180.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+def _wait_for(gateway: GatewayThread, model: str, wanted: set[str], timeout: float = 180.0, step: float = 0.1,
+              each=None) -> dict:
+    """`model`'s rollout state once its status is one of `wanted`; `each(state)` sees every state read."""
+    def read() -> dict:
         state = gateway.call(lambda: gateway.gateway.rollouts.states(model))[model]
-        if state["status"] in wanted:
-            return state
-        assert time.monotonic() < deadline, state
-        time.sleep(0.1)
+        if each is not None:
+            each(state)
+        return state
+
+    return wait_until(read, f"{model}'s rollout to be {' or '.join(sorted(wanted))}", timeout, step,
+                      accept=lambda state: state["status"] in wanted)

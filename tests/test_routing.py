@@ -10,7 +10,6 @@ process that dies and returns.
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ import tritonclient.grpc as triton_grpc
 
 from gateway.testing import GatewayThread
 from tests.servers import UpstreamProxy, sample, scrape
+from tests.waiting import wait_until
 
 DECISIONS = "tensorgate_routing_decisions_total"
 
@@ -56,14 +56,6 @@ def _infer(address: str, model: str = "simple_scale", value: float = 1.0, versio
         client.close()
 
 
-def _wait(predicate, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def _health(gateway: GatewayThread, proxy: UpstreamProxy) -> str:
     return gateway.snapshot()["backends"][proxy.address]["health"]
 
@@ -86,7 +78,7 @@ def test_pools_in_preference_order_and_spill_to_the_next(proxies):
 
         # The primary pool's only backend dies: simple_scale spills to the secondary pool, no error.
         primary.stop()
-        _wait(lambda: _health(gateway, primary) == "unhealthy", "the primary backend to leave rotation")
+        wait_until(lambda: _health(gateway, primary) == "unhealthy", "the primary backend to leave rotation", timeout=20)
         for _ in range(4):
             assert _infer(gateway.address, "simple_scale", 2.0).as_numpy("OUTPUT0")[0, 0] == 4.0
         assert (primary.forwarded, secondary.forwarded) == (5, 5 + 4)
@@ -97,7 +89,7 @@ def test_pools_in_preference_order_and_spill_to_the_next(proxies):
 
         # It comes back: simple_scale returns to its preferred pool.
         primary.start()
-        _wait(lambda: _health(gateway, primary) == "healthy", "the primary backend to return")
+        wait_until(lambda: _health(gateway, primary) == "healthy", "the primary backend to return", timeout=20)
         for _ in range(3):
             _infer(gateway.address, "simple_scale")
         assert (primary.forwarded, secondary.forwarded) == (5 + 3, 5 + 4)
@@ -116,7 +108,7 @@ def test_failover_across_pools_of_requests_in_flight(proxies):
         primary.hold()
         with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
             futures = [pool.submit(_infer, gateway.address, "simple_scale", float(i)) for i in range(in_flight)]
-            _wait(lambda: primary.held == in_flight, f"{in_flight} requests held at the primary backend")
+            wait_until(lambda: primary.held == in_flight, f"{in_flight} requests held at the primary backend", timeout=20)
             primary.stop()  # dies with them in flight
             results = [future.result(30) for future in futures]
         assert [r.as_numpy("OUTPUT0")[0, 0] for r in results] == [2.0 * i for i in range(in_flight)]
@@ -135,7 +127,7 @@ def test_unavailable_when_no_backend_is_healthy(proxies):
         for version in ("", "1"):
             assert _infer(gateway.address, version=version).as_numpy("OUTPUT0")[0, 0] == 2.0
         only.stop()
-        _wait(lambda: _health(gateway, only) == "unhealthy", "the backend to leave rotation")
+        wait_until(lambda: _health(gateway, only) == "unhealthy", "the backend to leave rotation", timeout=20)
         for version, message in (("1", "model 'simple_scale' version 1: no healthy backend can serve it now"),
                                  # the default version is looked up again when the fleet changes
                                  ("", "model 'simple_scale': no backend answered for its metadata")):
@@ -144,7 +136,7 @@ def test_unavailable_when_no_backend_is_healthy(proxies):
             assert error.value.status() == "StatusCode.UNAVAILABLE"
             assert message in error.value.message()
         only.start()
-        _wait(lambda: _health(gateway, only) == "healthy", "the backend to return")
+        wait_until(lambda: _health(gateway, only) == "healthy", "the backend to return", timeout=20)
         for version in ("", "1"):
             assert _infer(gateway.address, version=version).as_numpy("OUTPUT0")[0, 0] == 2.0
         assert not gateway.loop_errors

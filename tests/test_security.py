@@ -25,6 +25,7 @@ from tritonclient.grpc import service_pb2
 
 from gateway.testing import EnvoyGatewayThread, GatewayThread
 from tests.pki import Pki
+from tests.waiting import wait_until
 
 ENGINES = ["grpcio", "envoy"]
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -69,10 +70,8 @@ def scale_request(rows: int = 1) -> service_pb2.ModelInferRequest:
 
 def wait_ready(client, headers=None, model: str = "simple_scale", timeout: float = 60.0) -> None:
     """Until the gateway routes `model` (its first health check may fail on a busy machine)."""
-    deadline = time.monotonic() + timeout
-    while not client.is_model_ready(model, headers=headers):
-        assert time.monotonic() < deadline, f"{model} not ready at the gateway after {timeout:g} s"
-        time.sleep(0.1)
+    wait_until(lambda: client.is_model_ready(model, headers=headers), f"{model} to be ready at the gateway", timeout,
+               step=0.1)
 
 
 def status_of(call) -> grpc.StatusCode:

@@ -10,7 +10,6 @@ same code on both engines (the stages run unchanged inside Envoy), so these run 
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +21,7 @@ from gateway.local.triton import LocalTriton
 from gateway.testing import GatewayThread
 from tests.pki import Pki
 from tests.servers import TlsRelay
+from tests.waiting import wait_until
 
 MODELS = Path(__file__).resolve().parent.parent / "examples" / "models"
 
@@ -77,13 +77,13 @@ def _infer(address: str):
 
 
 def _wait_health(gateway: GatewayThread, want: str, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+    """The only backend's snapshot once its health is `want`."""
+    def only_backend() -> dict:
         (backend,) = gateway.snapshot()["backends"].values()
-        if backend["health"] == want:
-            return backend
-        assert time.monotonic() < deadline, f"backend stayed {backend}, expected {want}"
-        time.sleep(0.1)
+        return backend
+
+    return wait_until(only_backend, f"the backend to be {want}", timeout, step=0.1,
+                      accept=lambda backend: backend["health"] == want)
 
 
 @pytest.mark.parametrize("transport", ["grpc-stream", "http"])

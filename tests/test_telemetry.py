@@ -17,6 +17,7 @@ import tritonclient.grpc as triton_grpc
 from gateway.config import config_from_mapping
 from gateway.errors import ConfigError
 from gateway.testing import GatewayThread
+from tests.waiting import wait_until
 
 PROMETHEUS = "/usr/bin/prometheus"
 MODEL = "simple_scale"
@@ -31,20 +32,6 @@ def _free_port() -> int:
 def _get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except OSError as error:
-            last = error
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
 @pytest.fixture
@@ -72,7 +59,7 @@ def prometheus(tmp_path):
             with urllib.request.urlopen(f"{api}/-/ready", timeout=2) as response:
                 return response.status == 200
 
-        _wait(ready, 30, "Prometheus to be ready")
+        wait_until(ready, "Prometheus to be ready", 30, step=0.25, ignore=(OSError,))
         yield metrics_port, api
     finally:
         process.terminate()
@@ -117,8 +104,8 @@ def test_prometheus_scrapes_request_counter_and_histogram(tritons, prometheus):
         selector = f'{{model="{MODEL}",rpc_response_status_code="OK"}}'
         requests = f"sum(tensorgate_requests_total{selector})"
         durations = f"sum(tensorgate_request_duration_seconds_count{selector})"
-        _wait(lambda: _query(api, requests) == n and _query(api, durations) == n, 30,
-              f"Prometheus to report {n} requests")
+        wait_until(lambda: _query(api, requests) == n and _query(api, durations) == n,
+                   f"Prometheus to report {n} requests", 30, step=0.25, ignore=(OSError,))
         assert _query(api, requests) == n
         assert _query(api, durations) == n
         assert _query(api, f'sum(tensorgate_errors_total{{model="{MODEL}"}})') is None  # no errors, no series
@@ -240,9 +227,9 @@ def test_prometheus_histograms_of_queue_backend_batch_size_and_routing(tritons, 
             'sum(tensorgate_routing_decisions_total{pool="primary",reason="preferred"})': batches,
             f"sum(tensorgate_batching_queue_depth{selector})": 0,
         }
-        _wait(lambda: all(_query(api, q) == want for q, want in queries.items()), 30,
-              f"Prometheus to report {n} requests in {batches} batches: "
-              + ", ".join(f"{q} = {_query(api, q)}" for q in queries))
+        wait_until(lambda: all(_query(api, q) == want for q, want in queries.items()),
+                   f"Prometheus to report {n} requests in {batches} batches: "
+                   + ", ".join(f"{q} = {_query(api, q)}" for q in queries), 30, step=0.25, ignore=(OSError,))
         assert batches < n  # a 20 ms delay gathers them
         # The backend label is the backend that served them; the buckets are the same √2 ladder for every series.
         backend = f'tensorgate_backend_duration_seconds_count{{model="{model}",backend="{tritons[0].grpc_address}",pool="primary"}}'
@@ -276,8 +263,9 @@ def test_prometheus_stores_drift_gauges_alerts_and_bin_counts_after_a_drifted_st
         psi = f'tensorgate_drift_statistic{{model="{MODEL}",tensor="input/INPUT0",statistic="psi"}}'
         alerts = f'sum(tensorgate_drift_alerts_total{{model="{MODEL}",level="alert"}})'
         rows = f'sum(tensorgate_drift_observations_bucket{{model="{MODEL}",le="+Inf"}})'
-        body = _wait(lambda: _get_json(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": psi}))["data"]["result"]
-                     if _query(api, alerts) and _query(api, rows) else None, 30, "drift series in Prometheus")
+        body = wait_until(lambda: _get_json(f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": psi}))["data"]["result"]
+                          if _query(api, alerts) and _query(api, rows) else None,
+                          "drift series in Prometheus", 30, step=0.25, ignore=(OSError,))
         assert {series["metric"]["feature"] for series in body} == {str(f) for f in range(16)}
         assert min(float(series["value"][1]) for series in body) > 0.25  # PSI's usual "significant shift"
         assert _query(api, alerts) >= 1
@@ -325,9 +313,9 @@ def test_queue_depth_and_backend_inflight_gauges_while_work_waits(tritons):
             in_flight = [pool.submit(infer, "fixed_cost") for _ in range(5)]
             queued = [pool.submit(infer, "simple_scale") for _ in range(3)]
             queue_depth = 'tensorgate_batching_queue_depth'
-            _wait(lambda: proxy.held == 5 and sample(scrape(port), queue_depth, model="simple_scale") == 3, 30,
-                  f"5 requests held at the backend and 3 in the batch queue ({proxy!r}, "
-                  f"{thread.snapshot()})")
+            wait_until(lambda: proxy.held == 5 and sample(scrape(port), queue_depth, model="simple_scale") == 3,
+                       f"5 requests held at the backend and 3 in the batch queue ({proxy!r}, "
+                       f"{thread.snapshot()})", 30, step=0.25, ignore=(OSError,))
             during = scrape(port)
             assert sample(during, queue_depth, model="simple_scale", version="1") == 3
             assert sample(during, "tensorgate_backend_inflight", backend=proxy.address, pool="primary") == 5

@@ -24,6 +24,7 @@ from gateway.local.triton import LocalTriton, default_model_repository
 from gateway.testing import GatewayThread
 from gateway.bench.otlp_receiver import GrpcReceiver, HttpTraceReceiver
 from tests.servers import HangingServer, UpstreamProxy
+from tests.waiting import wait_until
 
 SERVER, CLIENT = 2, 3  # OTLP SpanKind values
 
@@ -91,17 +92,9 @@ def _traceparent(sampled: bool = True) -> tuple[str, str, str]:
     return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}", trace_id, span_id
 
 
-def _wait_spans(receiver, predicate, what: str, timeout: float = 15.0, fail: bool = True) -> list:
-    deadline = time.monotonic() + timeout
-    spans = []
-    while time.monotonic() < deadline:
-        spans = receiver.spans()
-        if predicate(spans):
-            return spans
-        time.sleep(0.1)
-    if fail:
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; spans: {spans}")
-    return spans
+def _wait_spans(receiver, predicate, what: str, timeout: float = 15.0) -> list:
+    """The receiver's spans once `predicate(spans)` holds."""
+    return wait_until(receiver.spans, what, timeout, step=0.1, accept=predicate)
 
 
 def _of_trace(spans: list, trace_id: str) -> list:

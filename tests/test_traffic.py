@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-import time
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from gateway.routing.config import ShadowConfig
 from gateway.testing import GatewayThread
 from tests.conftest import gateway_on
 from tests.servers import sample, scrape
+from tests.waiting import wait_until
 
 MODEL = "versioned_scale"
 STICKY = "tensorgate-sticky-key"
@@ -58,14 +58,6 @@ def _send(address: str, count: int, headers=None, parameters=None, values=None) 
         client.close()
 
 
-def _wait(predicate, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_split_shares_within_binomial_bounds_and_a_failing_shadow_never_reaches_clients(tritons):
     requests, threads, canary = 1600, 8, 0.2
     route = {"split": {"1": 80, "2": 20}, "shadow": {"version": "3", "max_in_flight": 2}}
@@ -80,7 +72,7 @@ def test_split_shares_within_binomial_bounds_and_a_failing_shadow_never_reaches_
         assert abs(on_canary - requests * canary) <= 4 * sigma, (on_canary, requests * canary, sigma)
         assert versions.count("1") == requests - on_canary
 
-        _wait(lambda: gateway.snapshot()["traffic"][MODEL]["shadow"]["in_flight"] == 0, "the shadow's copies to finish")
+        wait_until(lambda: gateway.snapshot()["traffic"][MODEL]["shadow"]["in_flight"] == 0, "the shadow's copies to finish")
         snapshot = gateway.snapshot()
         traffic = snapshot["traffic"][MODEL]
         assert traffic["split"]["picked"] == {"1": requests - on_canary, "2": on_canary}
@@ -150,7 +142,7 @@ def test_shadow_outputs_are_compared_with_the_live_versions(tritons, shadow_vers
         gateway.call(traffic.set_shadow, MODEL, ShadowConfig(version=shadow_version, max_in_flight=64, learn_values=800))
         values = np.random.default_rng(3).normal(5.0, 1.0, (400, 16)).astype(np.float32)
         _send(gateway.address, 400, values=values)
-        _wait(lambda: gateway.snapshot()["traffic"][MODEL]["shadow"]["in_flight"] == 0, "the shadow's copies to finish")
+        wait_until(lambda: gateway.snapshot()["traffic"][MODEL]["shadow"]["in_flight"] == 0, "the shadow's copies to finish")
         shadow = gateway.snapshot()["traffic"][MODEL]["shadow"]
         assert shadow["errors"] == 0 and shadow["sent"] + shadow["dropped"] == 400, shadow
         outputs = shadow["outputs"]
@@ -195,7 +187,7 @@ def test_admin_set_traffic_drives_split_and_shadow_on_every_front_door(tritons, 
         state = _set_traffic(gateway.address, split={"1": 0, "2": 1}, shadow_json=json.dumps({"version": "3"}))
         assert state["split"]["weights"] == {"1": 0.0, "2": 1.0} and state["shadow"]["version"] == "3"
         assert {_version_of(r) for r in _send(gateway.address, 20)} == {"2"}
-        _wait(lambda: gateway.snapshot()["traffic"][MODEL]["shadow"]["requests"] >= 1, "a shadow answer")
+        wait_until(lambda: gateway.snapshot()["traffic"][MODEL]["shadow"]["requests"] >= 1, "a shadow answer")
         # Invalid changes are refused whole, naming what was wrong; the split in force stays.
         for fields, words in (({"split": {"1": -1.0}}, "expected a weight >= 0"),
                               ({"shadow_json": json.dumps({"pool": "nowhere"})}, "unknown pool 'nowhere'"),

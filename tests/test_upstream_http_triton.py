@@ -25,6 +25,7 @@ from gateway.local.triton import LocalTriton, default_model_repository
 from gateway.testing import GatewayThread
 from tests.conftest import start_tritons
 from tests.test_conformance import assert_same_result, make_inputs
+from tests.waiting import wait_until
 
 BATCHING_OFF = {"default": {"enabled": False}}
 
@@ -212,17 +213,14 @@ def test_backend_killed_under_load_costs_no_request(tmp_path):
                 snapshot = gateway.snapshot()["backends"][pair[0].grpc_address]
                 assert snapshot["health"] == "unhealthy", snapshot
                 pair[0].restart()
-                deadline = time.monotonic() + 20
-                while gateway.snapshot()["backends"][pair[0].grpc_address]["health"] != "healthy":
-                    assert time.monotonic() < deadline, "the restarted backend never came back"
-                    time.sleep(0.1)
-                served_before = gateway.snapshot()["backends"][pair[0].grpc_address]["served"]
+                restarted_backend = lambda: gateway.snapshot()["backends"][pair[0].grpc_address]  # noqa: E731
+                wait_until(restarted_backend, "the restarted backend to come back", 20, step=0.1,
+                           accept=lambda backend: backend["health"] == "healthy")
+                served_before = restarted_backend()["served"]
                 # Back in rotation, it gets requests again: at once with p2c on outstanding requests, within
                 # a few EWMA time constants with placement's load score (which remembers its failed calls).
-                deadline = time.monotonic() + 10
-                while gateway.snapshot()["backends"][pair[0].grpc_address]["served"] <= served_before:
-                    assert time.monotonic() < deadline, "the restarted backend got no request in 10 s"
-                    time.sleep(0.1)
+                wait_until(restarted_backend, "the restarted backend to get a request", 10, step=0.1,
+                           accept=lambda backend: backend["served"] > served_before)
             finally:  # the load threads must end even when an assertion failed
                 stop.set()
                 for worker in workers:
@@ -264,9 +262,7 @@ def _decoupled_and_sequence_round(address: str, sequence_id: int):
         item.set_data_from_numpy(np.array([[step + 1]], np.int32))
         client.async_stream_infer("accumulate_sequence", [item], sequence_id=sequence_id, sequence_start=step == 0,
                                   sequence_end=step == 2, request_id=f"s{step}")
-    deadline = time.monotonic() + 20
-    while len(responses) < 6 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: len(responses) >= 6, "6 responses", 20, step=0.01, raise_on_timeout=False)
     client.stop_stream(cancel_requests=len(responses) < 6)  # a stream a dying Triton never ends must not hang here
     client.close()
     assert not [r for r in responses if isinstance(r, Exception)], responses

@@ -8,8 +8,6 @@ with a detail naming it; the config refuses what cannot work, saying what it exp
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import tritonclient.grpc as triton_grpc
 
@@ -19,6 +17,7 @@ from gateway.local.triton import LocalTriton, default_model_repository
 from gateway.testing import GatewayThread
 from tests.pki import Pki
 from tests.test_conformance import assert_same_result, make_inputs
+from tests.waiting import wait_until
 
 
 def _config(triton: LocalTriton, http_address: str) -> dict:
@@ -58,13 +57,9 @@ def test_requests_ride_the_unix_socket_and_answer_as_triton(socket_triton):
 def test_a_missing_socket_makes_the_backend_unhealthy_and_says_which(socket_triton, tmp_path):
     missing = f"unix:{tmp_path / 'nothing-here.sock'}"
     with GatewayThread(_config(socket_triton, missing)) as gateway:
-        give_up = time.monotonic() + 10
-        while time.monotonic() < give_up:
-            backend = gateway.snapshot()["backends"][socket_triton.grpc_address]
-            if backend["health"] == "unhealthy":
-                break
-            time.sleep(0.1)
-        assert backend["health"] == "unhealthy", backend
+        backend = wait_until(lambda: gateway.snapshot()["backends"][socket_triton.grpc_address],
+                             "the backend to be unhealthy", 10, step=0.1,
+                             accept=lambda backend: backend["health"] == "unhealthy")
         assert missing in backend["detail"], backend
 
 

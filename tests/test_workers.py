@@ -26,6 +26,7 @@ from gateway.admin.gateway_service import Snapshot, SnapshotRequest
 from gateway.testing import WorkersProcess
 from tests.conftest import start_tritons
 from tests.servers import UpstreamProxy, sample, scrape
+from tests.waiting import wait_until
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
@@ -58,13 +59,10 @@ def connect_to(address: str, worker: int, attempts: int = 200) -> Connection:
 
 
 def poll(read, expected, timeout: float = 30.0):
-    """`read()` until it equals `expected` (reports arrive every server.workers_report_s)."""
-    deadline = time.monotonic() + timeout
-    value = read()
-    while value != expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-        value = read()
-    return value
+    """`read()` until it equals `expected` (reports arrive every server.workers_report_s): the last
+    value read, equal or not after `timeout` (the callers compare it with what they expected)."""
+    return wait_until(read, f"a value equal to {expected!r}", timeout, step=0.1,
+                      accept=lambda value: value == expected, raise_on_timeout=False)
 
 
 def _scale_inputs(rows: np.ndarray):
