@@ -565,7 +565,7 @@ class EnvoyGateway:
             max_concurrent_streams=server.max_concurrent_streams,
             initial_stream_window_bytes=server.http2_stream_window_bytes,
             initial_connection_window_bytes=server.http2_connection_window_bytes,
-            http2_codec=server.http2_codec,
+            http2_codec=server.http2_codec, stats=server.envoy_stats,
             # Paths, not contents: Envoy reads the files itself and the key never enters its config.
             tls_cert=None if tls is None else Path(tls.cert_file),
             tls_key=None if tls is None else Path(tls.key_file),

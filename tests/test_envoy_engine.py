@@ -288,11 +288,9 @@ def test_deadline_exceeded_and_the_handler_cancelled_at_it(channel):
         sleep(b"5", timeout=0.3)
     assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 2.0
-    for _ in range(100):  # the server cancels the handler at the deadline (within a tick)
-        cancelled = json.loads(cancellations(b"", timeout=5))
-        if len(cancelled) > before:
-            break
-        time.sleep(0.02)
+    # the server cancels the handler at the deadline (within a tick)
+    cancelled = wait_until(lambda: json.loads(cancellations(b"", timeout=5)), "the handler to be cancelled", 2,
+                           step=0.02, accept=lambda cancelled: len(cancelled) > before)
     assert cancelled[before].startswith("sleep") and "deadline None" not in cancelled[before]
 
 
@@ -681,3 +679,28 @@ def test_a_config_naming_an_unknown_http2_codec_is_refused():
     with pytest.raises(ConfigError, match="server.http2_codec.*expected one of nghttp2, oghttp2, got 'h2o'"):
         config_from_mapping({"listen": "127.0.0.1:0", "pools": {"p": {"backends": ["127.0.0.1:9"]}},
                              "server": {"http2_codec": "h2o"}})
+
+
+@pytest.mark.parametrize("stats", ["needed", "all"])
+async def test_envoy_keeps_only_the_stats_the_engine_reads_unless_told_all(tmp_path, stats):
+    engine = EnvoyEngine("127.0.0.1:0", METHODS, argument=str(tmp_path / "a.log"), options=EnvoyOptions(stats=stats))
+    async with engine:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}") as channel:
+            assert await channel.unary_unary(path("Echo"))(b"x", timeout=10) == b"x"
+        names = {line.split(":")[0] for line in (await asyncio.to_thread(engine._admin, "GET", "/stats")).splitlines()}
+        assert await asyncio.to_thread(engine.active_requests) == 0  # what the drain reads, kept either way
+    assert "http.ingress_http.downstream_rq_active" in names
+    assert ("http.ingress_http.downstream_rq_total" in names) is (stats == "all")
+    if stats == "needed":
+        assert all(name.endswith("downstream_rq_active") for name in names), sorted(names)[:20]
+
+
+def test_an_unknown_stats_choice_is_refused():
+    from gateway.config import config_from_mapping
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ValueError, match="stats: expected one of needed, all, got 'some'"):
+        EnvoyEngine("127.0.0.1:0", METHODS, options=EnvoyOptions(stats="some")).envoy_config()
+    with pytest.raises(ConfigError, match="server.envoy_stats.*expected one of needed, all, got 'some'"):
+        config_from_mapping({"listen": "127.0.0.1:0", "pools": {"p": {"backends": ["127.0.0.1:9"]}},
+                             "server": {"envoy_stats": "some"}})

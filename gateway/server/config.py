@@ -11,6 +11,7 @@ from typing import Any
 
 ENGINES = ("auto", "envoy", "grpcio")
 HTTP2_CODECS = ("nghttp2", "oghttp2")  # the envoy engine's HTTP/2 codecs (EnvoyOptions.http2_codec)
+ENVOY_STATS = ("needed", "all")  # what Envoy's own statistics keep (EnvoyOptions.stats)
 
 from gateway.errors import ConfigError
 
@@ -121,6 +122,11 @@ class ServerConfig:
     http2_codec: str = "nghttp2"
     """envoy engine: Envoy's HTTP/2 codec, `nghttp2` or `oghttp2` (Envoy's own default). nghttp2
     cost Envoy's C++ 4–7 µs less per call in this project's measurements (benchmarks/RESULTS.md)."""
+    envoy_stats: str = "needed"
+    """envoy engine: Envoy's own statistics. `needed` keeps only those the engine reads (the drain's
+    count of requests in flight); `all` keeps Envoy's whole set, readable at its admin endpoint, for
+    debugging Envoy itself. The gateway's metrics come from its telemetry either way; Envoy's full
+    set cost 2–4 % more CPU a request here (benchmarks/RESULTS.md, "Seventh session")."""
     gc_freeze: bool = True
     """Freeze what start-up built out of the cyclic garbage collector's reach (`gc.freeze()`), in
     the serving process only (gateway/server/gc_policy.py): later collections skip it."""
@@ -160,6 +166,8 @@ class ServerConfig:
             raise ConfigError(f"{path}.engine", "envoy needs the pyvoy package (Python 3.11+); use grpcio")
         if self.http2_codec not in HTTP2_CODECS:
             raise ConfigError(f"{path}.http2_codec", f"expected one of {', '.join(HTTP2_CODECS)}, got {self.http2_codec!r}")
+        if self.envoy_stats not in ENVOY_STATS:
+            raise ConfigError(f"{path}.envoy_stats", f"expected one of {', '.join(ENVOY_STATS)}, got {self.envoy_stats!r}")
         if self.envoy_threads is not None and self.envoy_threads < 1:
             raise ConfigError(f"{path}.envoy_threads", "expected at least 1 thread")
         auto = self.workers == "auto"
