@@ -353,7 +353,9 @@ def _stage(model_config: dict | None = None):
     monitor = stage.monitors["m"]
     calls = []
     observe_many = monitor.observe_many
-    monitor.observe_many = lambda pairs, batches=(): (calls.append((len(pairs), len(batches))), observe_many(pairs, batches))
+    monitor.observe_many = lambda finished: (  # (requests, batches) counted in each call
+        calls.append((sum(len(item) == 2 for item in finished), sum(len(item) == 3 for item in finished))),
+        observe_many(finished))
     return stage, monitor, calls
 
 
@@ -411,3 +413,31 @@ async def test_a_batch_counts_once_for_its_requests_and_as_they_would(sample_rat
     a, b = monitor.tensors[("input", "X")], alone.monitors["m"].tensors[("input", "X")]
     assert np.array_equal(a.reference, b.reference) and np.array_equal(a.edges, b.edges)
     assert a.observed.sum() > 0 and np.array_equal(a.observed, b.observed)
+
+
+async def test_requests_and_batches_are_counted_in_the_order_they_were_answered():
+    """One flush can hold requests answered alone and merged batches from many loop turns; the
+    reference is learned from the first rows answered, so they must be counted in that order (a
+    flush that counted its batches first learned rows answered after the reference's last)."""
+    from gateway.batching.merge import merge
+
+    config = {"reference": {"learn_rows": 200}}
+    stage, monitor, _ = _stage(config)
+    alone, _, _ = _stage(config)
+    rng = np.random.default_rng(8)
+    for turn in range(60):  # a request alone, then a batch of 3 (2 rows each); the rows drift by turn
+        single = _exchange(_fake_request(rng.standard_normal((2, 3)) + turn))
+        requests = [_fake_request(rng.standard_normal((2, 3)) + turn + 0.5) for _ in range(3)]
+        batch = _exchange(merge(requests, [2] * 3))
+        batch.members = [_exchange(request) for request in requests]
+        for member in batch.members:
+            member.took_batch(batch)
+        stage.observer(single, None, None)
+        stage.batch_observer(batch, None)
+        for exchange in [single, *batch.members]:
+            alone.observer(_exchange(exchange.request), None, None)
+            alone.flush()  # each request counted on its own, in order
+    stage.flush()  # all 60 turns in one count
+    a, b = monitor.tensors[("input", "X")], alone.monitors["m"].tensors[("input", "X")]
+    assert np.array_equal(a.reference, b.reference) and np.array_equal(a.edges, b.edges)
+    assert np.array_equal(a.observed, b.observed)

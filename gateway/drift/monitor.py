@@ -551,41 +551,45 @@ class ModelMonitor:
         """Count one finished request's watched tensors (sampled at `sample_rate`)."""
         self.observe_many(((request, response),))
 
-    def observe_many(self, pairs, batches=()) -> None:
-        """Count the watched tensors of several finished requests, (request, response) each, and of
-        merged batches, (batch request, batch response, requests in it) each.
+    def observe_many(self, finished) -> None:
+        """Count the watched tensors of finished requests and merged batches, in the order they
+        were answered: `(request, response)` for a request, `(batch request, batch response,
+        requests in it)` for a merged batch.
 
         Each request is sampled on its own (`sample_rate`); a batch is counted whole (the stage hands
         over batches only when `counts_whole_batches`). The sampled tensors of one name, datatype and
         trailing shape are joined and counted with one compiled update, so the gateway's cost per
         request is a few list appends (DriftStage calls this with what finished in the last
-        ≤ 20 ms). A sub-window that fills is evaluated after the whole call.
+        ≤ 20 ms). The order matters where the rows cross a boundary (the reference's last row, a
+        sub-window's). A sub-window that fills is evaluated after the whole call.
         """
-        groups = self.sample(pairs, batches)
+        groups = self.sample(finished)
         if groups:
             self.count(groups)
 
-    def sample(self, pairs, batches=()) -> dict[tuple, list]:
-        """The sampled requests' watched tensors, joined: {(kind, name, datatype, trailing shape):
-        [rows, [raw parts]]} (empty when none was sampled). What `count` takes, here or in the
-        process that merges several workers' windows (gateway/workers/). `batches`: merged batches,
-        (request, response, requests in it), counted whole (see `counts_whole_batches`)."""
+    def sample(self, finished) -> dict[tuple, list]:
+        """The sampled requests' watched tensors, joined in order: {(kind, name, datatype, trailing
+        shape): [rows, [raw parts]]} (empty when none was sampled). What `count` takes, here or in
+        the process that merges several workers' windows (gateway/workers/). `finished`: as
+        `observe_many` takes it; merged batches are counted whole (see `counts_whole_batches`)."""
         step, period = self._sample_step, self._sample_period
         credit = self._sample_credit
-        sampled = []
-        for pair in pairs:
+        kept, sampled = [], 0
+        for item in finished:
+            if len(item) == 3:  # a merged batch, counted whole
+                kept.append(item)
+                sampled += item[2]
+                continue
             credit += step
             if credit >= period:
                 credit -= period
-                sampled.append(pair)
+                kept.append(item)
+                sampled += 1
         self._sample_credit = credit
         groups: dict[tuple, list] = {}  # (kind, name, datatype, trailing shape) -> [rows, raw parts]
-        if batches:  # first: a turn's batches were answered before the requests that finished alone
-            self.sampled += sum(batch[2] for batch in batches)
-            self._gather(batches, groups)
-        if sampled:
-            self.sampled += len(sampled)
-            self._gather(sampled, groups)
+        if kept:
+            self.sampled += sampled
+            self._gather(kept, groups)
         return groups
 
     def _gather(self, pairs, groups: dict[tuple, list]) -> None:

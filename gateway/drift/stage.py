@@ -38,7 +38,7 @@ class DriftStage:
         self.alerts: list[dict] = []
         self.observe_errors = 0
         self.serving: dict[str, dict] = {}  # model -> {"version", "digest"}: what a capture says was serving
-        self._pending: dict = {}  # ModelMonitor -> ([(request, response)], [(request, response, requests)]) not yet counted
+        self._pending: dict = {}  # ModelMonitor -> [(request, response) or (batch request, response, requests)], as answered
         self._waiting = 0  # requests in _pending (a batch's count for a batch)
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flush_soon = False
@@ -125,7 +125,7 @@ class DriftStage:
         monitor = self.monitors.get(exchange.entry.name)
         if monitor is None or (exchange.merged and monitor.counts_whole_batches):
             return  # unwatched, or counted with the batch it rode in (batch_observer)
-        self._pending_of(monitor)[0].append((exchange.request, response))
+        self._pending_of(monitor).append((exchange.request, response))
         self._held(1)
 
     def batch_observer(self, batch, response) -> None:
@@ -133,17 +133,18 @@ class DriftStage:
         lookup and one list append for the whole batch (when the model counts every request)."""
         monitor = self.monitors.get(batch.entry.name)
         if monitor is not None and monitor.counts_whole_batches:
-            self._pending_of(monitor)[1].append((batch.request, response, len(batch.members)))
+            self._pending_of(monitor).append((batch.request, response, len(batch.members)))
             self._held(len(batch.members))
 
-    def _pending_of(self, monitor) -> tuple[list, list]:
-        """The (requests, batches) of `monitor` waiting to be counted. They are counted together,
+    def _pending_of(self, monitor) -> list:
+        """The requests and batches of `monitor` waiting to be counted, in the order they were
+        answered (which the reference's and the windows' boundaries follow). They are counted together,
         one compiled update per tensor (ModelMonitor.observe_many), FLUSH_AFTER_S after the first
         of them or once FLUSH_REQUESTS wait, whichever comes first: a count costs ~15 µs whatever
         its size, so counting every event-loop turn's few requests cost more than the counting."""
         pending = self._pending.get(monitor)
         if pending is None:
-            pending = self._pending[monitor] = ([], [])
+            pending = self._pending[monitor] = []
             if self._flush_timer is None:
                 self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_AFTER_S, self.flush)
         return pending
@@ -162,16 +163,16 @@ class DriftStage:
         self._flush_soon = False
         self._waiting = 0
         pending, self._pending = self._pending, {}
-        for monitor, (pairs, batches) in pending.items():
-            self._count(monitor, pairs, batches)
+        for monitor, finished in pending.items():
+            self._count(monitor, finished)
 
-    def _count(self, monitor, pairs: list, batches: list) -> None:
+    def _count(self, monitor, finished: list) -> None:
         try:
             if self.forward is None:
-                monitor.observe_many(pairs, batches)
+                monitor.observe_many(finished)
             else:
                 sampled_before = monitor.sampled
-                groups = monitor.sample(pairs, batches)
+                groups = monitor.sample(finished)
                 if groups:
                     self.forward(monitor.model, groups, monitor.sampled - sampled_before)
         except Exception:  # drift bookkeeping must never fail the requests it watches

@@ -123,8 +123,8 @@ class ServerConfig:
     """envoy engine: Envoy's HTTP/2 codec, `nghttp2` or `oghttp2` (Envoy's own default). nghttp2
     cost Envoy's C++ 4–7 µs less per call in this project's measurements (benchmarks/RESULTS.md)."""
     envoy_stats: str = "needed"
-    """envoy engine: Envoy's own statistics. `needed` keeps only those the engine reads (the drain's
-    count of requests in flight); `all` keeps Envoy's whole set, readable at its admin endpoint, for
+    """envoy engine: Envoy's own statistics. `needed` keeps only the drain's count of requests in
+    flight and the connections closed by Envoy's rapid-reset protection; `all` keeps Envoy's whole set, readable at its admin endpoint, for
     debugging Envoy itself. The gateway's metrics come from its telemetry either way; Envoy's full
     set cost 2–4 % more CPU a request here (benchmarks/RESULTS.md, "Seventh session")."""
     gc_freeze: bool = True
