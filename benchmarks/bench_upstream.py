@@ -10,6 +10,9 @@ tasks send a fixed number of requests through `gateway.upstream.backend.Backend.
 the request bytes, send, answer, serialize the response — over
   grpc-stream  today's InferStream (one ModelStreamInfer stream, grpc.aio)
   http         Triton's HTTP/REST with the binary tensor extension (gateway/upstream/http.py, rest.py)
+  h2-probe     not a transport of the gateway's: benchmarks/h2_probe.py, unary ModelInfer over one
+               lean multiplexed HTTP/2 connection to Triton's gRPC port, the same work around it
+               (parse, serialize the request, send, parse the answer, serialize it)
 and, as the baseline, `await` (the same loop with a future resolved on the next loop turn
 instead of a backend). CPU µs/request is the process's CPU time (every thread) over the measured
 requests; `net` subtracts the baseline's. The target's CPU per request (the tritonserver process
@@ -48,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 MODEL = "simple_scale"
 CONCURRENCY = 64
-CLIENT_TRANSPORTS = ("await", "grpc-stream", "http")
+CLIENT_TRANSPORTS = ("await", "grpc-stream", "http", "h2-probe")
 PYVOY_MODES = ("await", "grpc-stream", "http", "envoy-h2", "envoy-h1")
 
 
@@ -70,7 +73,14 @@ async def _drive(transport: str, grpc_address: str, http_address: str, requests:
     parse = pb.ModelInferRequest.FromString
     loop = asyncio.get_running_loop()
     backend = None
-    if transport != "await":
+    if transport == "h2-probe":
+        from h2_probe import H2Client
+
+        host, _, port = grpc_address.rpartition(":")
+        _, probe = await loop.create_connection(
+            lambda: H2Client(grpc_address.encode(), b"/inference.GRPCInferenceService/ModelInfer"), host, int(port))
+        decode = pb.ModelInferResponse.FromString
+    elif transport != "await":
         config = UpstreamConfig(transport="http" if transport == "http" else "grpc-stream")
         backend = Backend(grpc_address, "bench", config, http_address=http_address if transport == "http" else None)
     canned = pb.ModelInferResponse(model_name=MODEL, model_version="1")
@@ -80,7 +90,9 @@ async def _drive(transport: str, grpc_address: str, http_address: str, requests:
 
     async def one() -> None:
         request = parse(payload)
-        if backend is None:
+        if transport == "h2-probe":
+            response = decode(await probe.request(request.SerializeToString()))
+        elif backend is None:
             future = loop.create_future()
             loop.call_soon(future.set_result, canned)
             response = await future
@@ -107,6 +119,8 @@ async def _drive(transport: str, grpc_address: str, http_address: str, requests:
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     if backend is not None:
         await backend.close()
+    if transport == "h2-probe":
+        probe.transport.close()
     return {"transport": transport, "requests": requests, "cpu_s": cpu, "wall_s": wall,
             "errors": len(errors), "error_samples": sorted(set(errors))[:3]}
 
