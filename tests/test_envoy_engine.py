@@ -34,7 +34,7 @@ from gateway.server.engines.envoy_server import EnvoyEngine, EnvoyOptions  # noq
 from gateway.server.engines.grpc_wire import MessageDecoder, WireError  # noqa: E402
 from gateway.server.engines.watch import DEADLINE, DISCONNECT, CallWatch  # noqa: E402
 from tests.envoy_engine_methods import SERVICE, STATUS_MESSAGE  # noqa: E402
-from tests.waiting import wait_until  # noqa: E402
+from tests.waiting import process_running, wait_until  # noqa: E402
 
 LIMIT = 1024 * 1024  # the test engine's max_receive_bytes
 METHODS = "tests.envoy_engine_methods:build"
@@ -563,20 +563,12 @@ def test_an_envoy_dies_with_its_launcher_killed_outright(tmp_path):
             assert channel.unary_unary(path("Echo"))(b"x", timeout=10) == b"x"
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
-        wait_until(lambda: not _running(envoy_pid), f"Envoy (pid {envoy_pid}) to end with its launcher", 20)
+        wait_until(lambda: not process_running(envoy_pid), f"Envoy (pid {envoy_pid}) to end with its launcher", 20)
     finally:
         launcher.kill()
         launcher.wait()
-        if envoy_pid is not None and _running(envoy_pid):  # the test failed: leave no Envoy behind
+        if envoy_pid is not None and process_running(envoy_pid):  # the test failed: leave no Envoy behind
             os.kill(envoy_pid, signal.SIGKILL)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except OSError:
-        return False
 
 
 async def test_two_engines_share_a_port_with_reuse_port(tmp_path):

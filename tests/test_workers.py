@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
@@ -26,7 +25,7 @@ from gateway.admin.gateway_service import Snapshot, SnapshotRequest
 from gateway.testing import WorkersProcess
 from tests.conftest import start_tritons
 from tests.servers import UpstreamProxy, sample, scrape
-from tests.waiting import wait_until
+from tests.waiting import process_running, wait_until
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
@@ -277,16 +276,8 @@ def test_a_killed_worker_comes_back_and_the_other_fails_nothing(backends, engine
         # A parent killed outright takes its workers with it (they would serve on, unsupervised).
         workers_now = list(process.worker_pids().values())
         process.process.kill()
-        assert poll(lambda: [pid for pid in workers_now if _alive(pid)], [], timeout=60) == []
+        assert poll(lambda: [pid for pid in workers_now if process_running(pid)], [], timeout=60) == []
     assert f"worker 1 (pid {pids[1]}) exited with status -9" in process.output()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except OSError:
-        return False
 
 
 def test_sigterm_under_load_drains_both_workers_with_no_failed_request(backends, engine):

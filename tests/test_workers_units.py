@@ -112,21 +112,13 @@ time.sleep(600)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except OSError:
-        return False
-
-
 async def test_a_killed_worker_is_restarted_while_a_process_it_started_holds_its_output(tmp_path):
     import asyncio
     import signal
     import sys
 
     from gateway.workers.supervisor import Supervisor
-    from tests.waiting import wait_until_async
+    from tests.waiting import process_running, wait_until_async
 
     child_file = tmp_path / "child.pid"
 
@@ -147,8 +139,8 @@ async def test_a_killed_worker_is_restarted_while_a_process_it_started_holds_its
         await wait_until_async(lambda: slot.restarts == 1 and slot.ready and child_file.exists(),
                                "the killed worker to be restarted", 30)
         assert slot.pid != worker and slot.exits == [-signal.SIGKILL]
-        assert not _alive(child)
+        assert not process_running(child)
     finally:
         supervisor._stopping.set()
         assert await asyncio.wait_for(running, 60) == 0
-    assert not _alive(int(child_file.read_text()))  # the second worker's child went with it at the stop
+    assert not process_running(int(child_file.read_text()))  # the second worker's child went with it at the stop

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["wait_until", "wait_until_async"]
+__all__ = ["process_running", "wait_until", "wait_until_async"]
 
 
 class _Polls:
@@ -78,3 +78,13 @@ async def wait_until_async(predicate: Callable[[], Any], what: str, timeout: flo
     for _ in polls:
         await asyncio.sleep(step)
     return polls.result
+
+
+def process_running(pid: int) -> bool:
+    """True while process `pid` exists and has not ended (a zombie, ended but not yet reaped by its
+    parent, counts as ended), read from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
