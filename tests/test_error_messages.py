@@ -20,6 +20,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from gateway.local.triton import LocalTriton, default_model_repository
 from gateway.server.rpc import MAX_MESSAGE_CHARS
 from tests.conftest import gateway_on
+from tests.waiting import wait_until
 
 ENGINES = ["grpcio-uvloop", "envoy"]
 
@@ -97,3 +98,30 @@ def test_a_dead_backend_is_unavailable_without_its_address(doomed_triton, engine
         assert "retry" in details
         if engine == "grpcio-uvloop":  # in this process: the log line keeps what the client is not told
             assert any(address in record.getMessage() for record in caplog.records), caplog.text
+
+
+def test_a_model_asked_before_any_backend_reported_is_unavailable_then_known(tmp_path):
+    """Before any backend has passed a health check the gateway cannot tell an unknown model from one
+    not reported yet: UNAVAILABLE (retry), without the backend's address. Once one reports: the
+    model is served, and a model it does not serve is NOT_FOUND again."""
+    from gateway.local.triton import find_free_port
+
+    grpc_port = find_free_port()
+    address = f"127.0.0.1:{grpc_port}"  # nothing listens there yet
+    config = {"listen": "127.0.0.1:0", "pools": {"p": {"backends": [address]}}, "health": {"interval_s": 0.2}}
+    with gateway_on("grpcio-uvloop", config) as gateway, grpc.insecure_channel(gateway.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(infer_request(), timeout=30)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "simple_scale" in error.value.details() and "retry" in error.value.details()
+        assert str(grpc_port) not in error.value.details()
+        server = LocalTriton(default_model_repository(), name="late", log_dir=tmp_path, grpc_port=grpc_port).start()
+        try:
+            wait_until(lambda: gateway.snapshot()["backends"][address]["health"] == "healthy", "the late Triton to report", 30)
+            assert stub.ModelInfer(infer_request(), timeout=30).model_name == "simple_scale"
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ModelInfer(infer_request("no_such_model"), timeout=30)
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            server.stop()

@@ -60,7 +60,7 @@ class ModelCatalog:
         candidates = [b for b in self._fleet.backends() if b.serves(model, version)]
         candidates.sort(key=lambda b: not b.routable)  # an ejected (maybe hung) backend last
         if not candidates:
-            raise self.not_found(model, version)
+            raise self.unreported(model, version)
         last_error: GatewayError | None = None
         for backend in candidates:
             try:
@@ -84,6 +84,21 @@ class ModelCatalog:
             return info
         raise Unavailable(f"model '{shown(model)}': no backend answered for its metadata: {last_error.message}",
                           detail=last_error.detail)
+
+    def unreported(self, model: str, version: str) -> GatewayError:
+        """The refusal of a routed model no backend reports: not_found, except while no backend has
+        passed a health check yet (the gateway started before its Tritons, or they are still
+        loading). Then the gateway cannot tell an unknown model from one not reported yet, and says
+        UNAVAILABLE: a client should retry, not give up."""
+        triton_version(version)  # a version Triton could not read is the client's error either way
+        backends = self._fleet.backends()
+        if backends and not any(backend.checked_ok_at for backend in backends):
+            first = backends[0]
+            return Unavailable(
+                f"model '{shown(model)}' is not known yet: none of the gateway's {len(backends)} backend(s) has "
+                "passed a health check, so no backend has reported its models; retry",
+                detail=f"{first.address} ({first.pool}): {first.health_detail}")
+        return self.not_found(model, version)
 
     def not_found(self, model: str, version: str) -> GatewayError:
         """The refusal of a model (or version) no backend serves, in Triton's words, then what is
