@@ -161,11 +161,12 @@ def _infer(address: str, model: str, inputs: dict[str, np.ndarray], deadline_s: 
         tensor.set_data_from_numpy(array)
         tensors.append(tensor)
 
-    def answer():  # the gateway learns the models at its first health checks: until then, unknown
+    def answer():  # the gateway learns the models at its first health checks: until then, UNAVAILABLE
         try:
             return client.infer(model, tensors)
         except InferenceServerException as error:
-            if "unknown model" in str(error).lower() or "not found" in str(error).lower():
+            text = str(error).lower()
+            if error.status() == "StatusCode.UNAVAILABLE" or "unknown model" in text or "not found" in text:
                 return error
             raise
 
