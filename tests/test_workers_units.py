@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
+import sys
 
 import pytest
 
@@ -14,6 +17,8 @@ from gateway.workers.hub import Hub
 from gateway.workers.merge import merged_backends, merged_batching_snapshot
 from gateway.workers.report import BackendGauge, WorkerReport
 from gateway.workers.role import WorkerRole
+from gateway.workers.supervisor import Supervisor
+from tests.waiting import process_running, wait_until_async
 
 POOLS = {"main": {"backends": ["127.0.0.1:1"]}}
 
@@ -113,13 +118,6 @@ time.sleep(600)
 
 
 async def test_a_killed_worker_is_restarted_while_a_process_it_started_holds_its_output(tmp_path):
-    import asyncio
-    import signal
-    import sys
-
-    from gateway.workers.supervisor import Supervisor
-    from tests.waiting import process_running, wait_until_async
-
     child_file = tmp_path / "child.pid"
 
     class StandInWorkers(Supervisor):

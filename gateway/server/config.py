@@ -124,9 +124,10 @@ class ServerConfig:
     cost Envoy's C++ 4–7 µs less per call in this project's measurements (benchmarks/RESULTS.md)."""
     envoy_stats: str = "needed"
     """envoy engine: Envoy's own statistics. `needed` keeps only the drain's count of requests in
-    flight and the connections closed by Envoy's rapid-reset protection; `all` keeps Envoy's whole set, readable at its admin endpoint, for
-    debugging Envoy itself. The gateway's metrics come from its telemetry either way; Envoy's full
-    set cost 2–4 % more CPU a request here (benchmarks/RESULTS.md, "Seventh session")."""
+    flight and the connections closed by Envoy's rapid-reset protection; `all` keeps Envoy's whole
+    set, readable at its admin endpoint, for debugging Envoy itself. The gateway's metrics come from
+    its telemetry either way; Envoy's full set cost 2–4 % more CPU a request here
+    (benchmarks/RESULTS.md, "Seventh session")."""
     gc_freeze: bool = True
     """Freeze what start-up built out of the cyclic garbage collector's reach (`gc.freeze()`), in
     the serving process only (gateway/server/gc_policy.py): later collections skip it."""

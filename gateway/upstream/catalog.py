@@ -90,7 +90,7 @@ class ModelCatalog:
         passed a health check yet (the gateway started before its Tritons, or they are still
         loading). Then the gateway cannot tell an unknown model from one not reported yet, and says
         UNAVAILABLE: a client should retry, not give up."""
-        triton_version(version)  # a version Triton could not read is the client's error either way
+        refusal = self.not_found(model, version)  # raises first for a version Triton could not read
         backends = self._fleet.backends()
         if backends and not any(backend.checked_ok_at for backend in backends):
             first = backends[0]
@@ -98,7 +98,7 @@ class ModelCatalog:
                 f"model '{shown(model)}' is not known yet: none of the gateway's {len(backends)} backend(s) has "
                 "passed a health check, so no backend has reported its models; retry",
                 detail=f"{first.address} ({first.pool}): {first.health_detail}")
-        return self.not_found(model, version)
+        return refusal
 
     def not_found(self, model: str, version: str) -> GatewayError:
         """The refusal of a model (or version) no backend serves, in Triton's words, then what is

@@ -99,8 +99,8 @@ class EnvoyOptions:
     stats: str = "needed"
     """Envoy's own statistics: `needed` keeps only the drain's count (`active_requests`) and the
     rapid-reset closures (`downstream_rq_too_many_premature_resets`); `all` keeps Envoy's whole set
-    at its admin endpoint. Each kept stat is counted
-    on every request by Envoy's worker: the whole set cost 2–4 % more CPU a request here."""
+    at its admin endpoint. Each kept stat is counted on every request by Envoy's worker: the whole
+    set cost 2–4 % more CPU a request here."""
     extra_envoy_args: tuple[str, ...] = field(default_factory=tuple)
     """More command-line arguments for Envoy."""
 
