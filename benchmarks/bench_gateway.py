@@ -92,6 +92,7 @@ sys.path.insert(0, str(REPO))
 from gateway.bench.cpu import descendants  # noqa: E402
 from gateway.bench.loadgen import LoadResult, run_load_in_subprocess  # noqa: E402
 from gateway.local.triton import LocalTriton, default_model_repository, find_free_port  # noqa: E402
+from gateway.server import interpreter  # noqa: E402
 
 MODEL = "simple_scale"
 ROWS, COLS = 1, 16
@@ -678,7 +679,7 @@ def _machine() -> dict[str, str]:
             versions[module] = __import__(module).__version__
         except ImportError:
             versions[module] = "?"
-    return {"cpus": str(os.cpu_count()), "cpu_model": model, "python": platform.python_version(),
+    return {"cpus": str(os.cpu_count()), "cpu_model": model, "python": interpreter.describe(),
             "grpcio": versions["grpc"], "numpy": versions["numpy"], "numba": versions["numba"],
             "platform": platform.platform()}  # fmt: skip
 
@@ -823,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"tensorgate gateway benchmark — {ROWS}×{COLS} FP32; {rounds} round(s) × {seconds:g} s; "
           f"median [min–max] of per-round figures; {machine['cpus']} CPUs ({machine['cpu_model']}), "
-          f"Python {machine['python']}, grpcio {machine['grpcio']}, numpy {machine['numpy']}, numba {machine['numba']}")  # fmt: skip
+          f"{machine['python']}, grpcio {machine['grpcio']}, numpy {machine['numpy']}, numba {machine['numba']}")  # fmt: skip
     print(_table(sections, summary, rounds, f"batching: {args.batching}" if args.batching else "adaptive, defaults",
                  args.telemetry or json.dumps(TELEMETRY_CONFIG), args.ab or ""))
     if summary["errors"]["max"]:

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_gateway's proc
 from gateway.protocol import pb  # noqa: E402
 from gateway.security.config import AuthConfig, LimitsConfig, ModelLimits, RateLimit, Secret, TenantConfig  # noqa: E402
 from gateway.security.guard import Guard  # noqa: E402
+from gateway.server import interpreter  # noqa: E402
 from gateway.server.access import guarded  # noqa: E402
 from gateway.server.rpc import Call, Method  # noqa: E402
 
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         values = results[name]
         return f"{statistics.median(values):.2f} [{min(values):.2f}–{max(values):.2f}]"
 
-    print(f"Python {sys.version.split()[0]}, {args.rounds} rounds × {args.calls} calls, µs per call, median [min–max]")
+    print(f"{interpreter.describe()}, {args.rounds} rounds × {args.calls} calls, µs per call, median [min–max]")
     for name in cases:
         print(f"  {name:28s} {figure(name)}")
     wrapper = [w - b - a for w, b, a in zip(results["wrapped handler"], results["bare handler"],

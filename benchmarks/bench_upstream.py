@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -356,6 +355,7 @@ def main() -> int:
     if args.quick:
         args.rounds, args.requests = 1, 5000
     from gateway.bench.measure import machine
+    from gateway.server import interpreter
 
     print(f"machine: {machine('grpc')}; {CONCURRENCY} in flight, {args.requests} requests per run, "
           f"{args.rounds} rounds, 1×16 FP32 {MODEL}")
@@ -367,7 +367,7 @@ def main() -> int:
             print("section pyvoy skipped: pyvoy is not installed (pip install pyvoy)")
             sections.remove("pyvoy")
     stack: list = []
-    report: dict = {"machine": machine("grpc"), "python": platform.python_version(), "requests": args.requests,
+    report: dict = {"machine": machine("grpc"), "python": interpreter.describe(), "requests": args.requests,
                     "rounds": args.rounds, "concurrency": CONCURRENCY}
     try:
         targets = _targets(stack)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from gateway.server import gc_policy
+from gateway.server import gc_policy, interpreter
 from gateway.server.model_statistics import GatewayCounts
 
 from gateway.admin.control import ControlError, send_control, serve_control
@@ -267,7 +267,7 @@ class Gateway:
         await self.start_stages()
         self.port = await engine.start()
         self._engine = engine
-        log.info("tensorgate serving on %s (grpcio engine); %r", self.address, self.fleet)
+        log.info("tensorgate serving on %s (grpcio engine, %s); %r", self.address, interpreter.describe(), self.fleet)
         return self
 
     async def _sweep_sequences(self) -> None:
@@ -590,7 +590,8 @@ class EnvoyGateway:
 
     async def start(self) -> "EnvoyGateway":
         self.port = await self.engine.start()
-        log.info("tensorgate serving on %s (envoy engine, pid %s)", self.address, self.engine.pid)
+        log.info("tensorgate serving on %s (envoy engine, pid %s, %s)", self.address, self.engine.pid,
+                 interpreter.describe())
         return self
 
     async def stop(self, grace: float | None = None) -> None:

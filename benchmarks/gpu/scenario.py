@@ -26,7 +26,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -157,8 +156,9 @@ def machine_text(cpu_mode: bool) -> str:
         torch_text = "no torch"
     import numpy
     from gateway.bench.measure import cpu_model
+    from gateway.server import interpreter
 
-    return (f"{cpu_model()}, {os.cpu_count()} CPUs; GPU: {gpu}; Python {platform.python_version()}, "
+    return (f"{cpu_model()}, {os.cpu_count()} CPUs; GPU: {gpu}; {interpreter.describe()}, "
             f"numpy {numpy.__version__}, grpcio {grpc.__version__}, {torch_text}")
 
 

@@ -8,6 +8,8 @@ import time
 import timeit
 from typing import Callable
 
+from gateway.server import interpreter
+
 
 def best_time(calls: dict[str, Callable[[], object]], rounds: int, round_s: float,
               clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
@@ -45,7 +47,7 @@ def machine(*libraries: str) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     versions = ", ".join(f"{name} {__import__(name).__version__}" for name in libraries)
     return (f"{cpu_model()}, {os.cpu_count()} CPUs, load {load:.1f}, {platform.system()} {platform.release()}; "
-            f"Python {platform.python_version()}" + (f", {versions}" if versions else ""))
+            f"{interpreter.describe()}" + (f", {versions}" if versions else ""))
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
