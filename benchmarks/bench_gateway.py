@@ -10,7 +10,7 @@ baseline is unchanged (clients reach Triton over gRPC on TCP either way).
 `--gateway-env` sets variables in the gateway processes alone, for gRPC settings that only the
 environment reaches (GRPC_EXPERIMENTS, GRPC_POLL_STRATEGY, …): gRPC reads them when it is imported.
 
-Starts one local Triton with the example models, two gateways (`tensorgate serve`) in front of it —
+Starts one local Triton with the example models (a second one for the side-by-side pair), gateways (`tensorgate serve`) in front of it —
 one with gateway batching off (`batching: {default: {enabled: false}}`, the pass-through path) and
 one with the default batching config (adaptive; `--batching` replaces it) — and the echo server, each a process of its own;
 the load generator is a process of its own too. Then, in rounds that alternate the order of
@@ -21,7 +21,13 @@ overhead (`--only overhead`), on `simple_scale`, through the pass-through gatewa
       of a bare grpc.aio server on uvloop) at the same load; also, for information, the batching
       gateway's CPU µs per request at the same load;
   (b) requests/s through the gateway ÷ requests/s direct to Triton, 64 in flight;
-  (c) the p50 and p99 latency the gateway adds at concurrency 1.
+  (c) the p50 and p99 latency the gateway adds at concurrency 1;
+  (a, side by side) the gateway's CPU µs per request ÷ Triton's, the two loaded AT THE SAME TIME,
+      each paced at PAIR_RATE req/s (1,500; TENSORGATE_BENCH_PAIR_RATE) over 64 workers: direct to
+      the Triton above, and through a pass-through gateway in front of a second Triton of its own
+      (so neither Triton's CPU holds the other's requests). One after the other, Triton's own CPU
+      a request moved by more than the gateway's distance to it between runs; side by side the
+      machine's noise hits both alike, and at one rate neither is cheaper for being busier.
 
 batching (`--only batching`), 64 in flight, through the batching gateway (adaptive, defaults):
   (d) backend-bound: rps via the gateway on `fixed_cost` ÷ rps direct to `fixed_cost` (Triton
@@ -98,7 +104,12 @@ MODEL = "simple_scale"
 ROWS, COLS = 1, 16
 HIGH_CONCURRENCY = 64
 SECTIONS = ("overhead", "batching", "drift", "telemetry")
+#: The roles that are gateways (`tensorgate serve`); "pairgw" fronts a Triton of its own.
+GATEWAY_ROLES = ("gateway", "batchgw", "driftgw", "telgw", "abgw", "pairgw")
 AB_RATE = float(os.environ.get("TENSORGATE_BENCH_AB_RATE", "1500")) or None
+#: The overhead section's side-by-side pair: direct Triton and the pass-through gateway in front of a
+#: second Triton of its own, loaded at the same time, each paced at this many requests/s.
+PAIR_RATE = float(os.environ.get("TENSORGATE_BENCH_PAIR_RATE", "1500"))
 AB_CONCURRENCY = 32
 TELEMETRY_CONCURRENCY = int(os.environ.get("TENSORGATE_BENCH_TELEMETRY_CONCURRENCY", "32"))
 # Each gateway gets the same paced load, below what the machine saturates at: CPU per request is
@@ -136,6 +147,7 @@ TARGETS = {
     # costlier than the Triton server process it fronts (its Python-backend stubs not counted).
     "cpu_ratio": ("<=", 0.8),
     "cpu_ratio_triton": ("<=", 1.0),
+    "cpu_ratio_triton_paired": ("<=", 1.0),
     "cpu_ratio_batching_on": None,
     "rps_ratio": None,
     "added_p50_ms": ("<=", 0.5),
@@ -308,6 +320,10 @@ def _plan(sections: list[str]) -> list[Run]:
             Run("batchgw", MODEL, HIGH_CONCURRENCY),
             Run("direct", MODEL, 1),
             Run("gateway", MODEL, 1),
+            # The same ÷ Triton, side by side at an equal rate: the machine's noise (Triton's own CPU
+            # a request moved by ±15 % between runs here) then hits both in the same seconds.
+            Run("pairdirect", MODEL, HIGH_CONCURRENCY, "pair", PAIR_RATE),
+            Run("pairgw", MODEL, HIGH_CONCURRENCY, "pair", PAIR_RATE),
         ]
     if "batching" in sections:
         for model, dynbatch in BATCHING_CASES.values():
@@ -346,10 +362,11 @@ def _load(run: Run, addresses: dict[str, str], seconds: float, warmup: float, cp
     return result
 
 
-def _round(index: int, plan: list[Run], addresses: dict[str, str], pids: dict[str, int], triton_pids: list[int],
+def _round(index: int, plan: list[Run], addresses: dict[str, str], pids: dict[str, int], behind: dict[str, list[int]],
            stats: TritonStats, seconds: float, warmup: float) -> tuple[dict[str, LoadResult], dict[str, float]]:  # fmt: skip
     """One round: every run once; odd rounds run them in reverse order. Also returns, per run, the
-    mean batch size Triton executed during it (nan for the echo server)."""
+    mean batch size Triton executed during it (nan for the echo server). `behind`: per target, the
+    pids of the Triton (server and stubs) its requests reach."""
     order = list(reversed(plan)) if index % 2 else plan
     steps: list[list[Run]] = []
     for run in order:
@@ -360,8 +377,8 @@ def _round(index: int, plan: list[Run], addresses: dict[str, str], pids: dict[st
     results, batch = {}, {}
 
     def watch(run: Run) -> list[int]:
-        watched = [pids[run.target]] if run.target in ("echo", "gateway", "batchgw", "driftgw", "telgw", "abgw") else []
-        return watched + (triton_pids if run.target != "echo" else [])
+        watched = [pids[run.target]] if run.target in GATEWAY_ROLES + ("echo",) else []
+        return watched + behind[run.target]
 
     for step in steps:
         if len(step) > 1:  # side by side: Triton's batches are shared, so no batch size per run
@@ -380,7 +397,7 @@ def _round(index: int, plan: list[Run], addresses: dict[str, str], pids: dict[st
             else:
                 batch[run.label] = float("nan")
         for run in step:
-            _print_run(index, run, results[run.label], batch[run.label], pids, triton_pids)
+            _print_run(index, run, results[run.label], batch[run.label], pids, behind[run.target])
     return results, batch
 
 
@@ -454,6 +471,14 @@ def _figures(sections: list[str], results: dict[str, LoadResult], batch: dict[st
             "direct_p99_ms": direct1.p99_ms,
             "gateway_p99_ms": gw1.p99_ms,
             "added_p99_ms": gw1.p99_ms - direct1.p99_ms,
+        })  # fmt: skip
+        (pair_direct, _), (pair_gw, _) = get("pairdirect", MODEL), get("pairgw", MODEL)
+        figures.update({
+            "pair_triton_cpu_us": pair_direct.cpu_us_per_request(pids["triton"]),
+            "pair_gateway_cpu_us": pair_gw.cpu_us_per_request(pids["pairgw"]),
+            "cpu_ratio_triton_paired": pair_gw.cpu_us_per_request(pids["pairgw"]) / pair_direct.cpu_us_per_request(pids["triton"]),
+            "pair_direct_rps": pair_direct.rps,
+            "pair_gateway_rps": pair_gw.rps,
         })  # fmt: skip
     if "batching" in sections:
         for case, (model, dynbatch) in BATCHING_CASES.items():
@@ -564,6 +589,8 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
              f"×{spread('cpu_ratio', '.2f')}", "cpu_ratio"),
             ("    same ÷ Triton server (direct)", f"Triton {med('triton_cpu_us_direct', '.0f')}",
              f"{med('gateway_cpu_us', '.0f')}", f"×{spread('cpu_ratio_triton', '.2f')}", "cpu_ratio_triton"),
+            ("    same ÷ Triton, side by side", f"Triton {med('pair_triton_cpu_us', '.0f')}",
+             f"{med('pair_gateway_cpu_us', '.0f')}", f"×{spread('cpu_ratio_triton_paired', '.2f')}", "cpu_ratio_triton_paired"),
             ("    same, batching ON (info)", f"echo {med('echo_cpu_us', '.0f')}", f"{med('batchgw_cpu_us', '.0f')}",
              f"×{spread('cpu_ratio_batching_on', '.2f')}", "cpu_ratio_batching_on"),
             ("(b) requests/s, 64 in flight", f"direct {med('direct_rps', ',.0f')}", f"{med('gateway_rps', ',.0f')}",
@@ -580,6 +607,11 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
         lines.append(f"overhead — {MODEL}, gateway batching OFF (pass-through) unless noted")
         lines += _render(("measure", "baseline", "gateway", "ratio / added", "target", "", "naive proxy (measured)"), body)
         lines.append("")
+        lines.append(
+            f"side by side: direct Triton and the pass-through gateway in front of a second Triton, loaded at the same "
+            f"time, each paced at {PAIR_RATE:,.0f} req/s over {HIGH_CONCURRENCY} workers (got "
+            f"{med('pair_direct_rps', ',.0f')} and {med('pair_gateway_rps', ',.0f')} req/s)"
+        )  # fmt: skip
         lines.append(
             f"context (medians): Triton server CPU µs/request {med('triton_cpu_us_direct', '.0f')} direct, "
             f"{med('triton_cpu_us_via_gateway', '.0f')} via gateway (with Python stubs "
@@ -724,15 +756,18 @@ def main(argv: list[str] | None = None) -> int:
     plan = _plan(sections)
 
     workdir = Path(tempfile.mkdtemp(prefix="tensorgate-bench-"))
-    triton = stats = scraper = None
+    triton = triton_b = stats = scraper = None
     procs: dict[str, subprocess.Popen] = {}
     gateway_configs: dict[str, dict] = {}
     try:
         triton = LocalTriton(default_model_repository(), name="bench-triton", log_dir=workdir,
                              http_unix_socket=workdir / "triton-http.sock" if args.upstream_socket else None).start()
         gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
-        addresses = {"direct": triton.grpc_address}
+        addresses = {"direct": triton.grpc_address, "pairdirect": triton.grpc_address}
         roles = {run.target for run in plan}
+        if "pairgw" in roles:
+            triton_b = LocalTriton(default_model_repository(), name="bench-triton-b", log_dir=workdir,
+                                   http_unix_socket=workdir / "triton-b-http.sock" if args.upstream_socket else None).start()
         batching_on = json.loads(args.batching) if args.batching else None
         telemetry = None
         if "telgw" in roles:
@@ -748,13 +783,15 @@ def main(argv: list[str] | None = None) -> int:
             scraper = _Scraper(f"http://127.0.0.1:{metrics_port}/metrics", SCRAPE_S)
         for role, batching, drift in (("gateway", {"default": {"enabled": False}}, None), ("batchgw", batching_on, None),
                                       ("driftgw", batching_on, DRIFT_CONFIG), ("telgw", batching_on, None),
-                                      ("abgw", {"default": {"enabled": False}}, None)):  # fmt: skip
+                                      ("abgw", {"default": {"enabled": False}}, None),
+                                      ("pairgw", {"default": {"enabled": False}}, None)):  # fmt: skip
             if role not in roles:
                 continue
             port = find_free_port()
-            pool = {"backends": [triton.grpc_address]}
+            backend = triton_b if role == "pairgw" else triton
+            pool = {"backends": [backend.grpc_address]}
             if args.upstream_socket:
-                pool["http_backends"] = [triton.http_address]
+                pool["http_backends"] = [backend.http_address]
             config = {"listen": f"127.0.0.1:{port}", "pools": {"cpu": pool}}
             if args.streams:
                 config["upstream"] = {"streams_per_backend": args.streams}
@@ -787,6 +824,10 @@ def main(argv: list[str] | None = None) -> int:
         # which runs the gateway's Python: the child's CPU is the gateway's.
         pids = {"triton": triton.pid, **{role: _serving_pid(proc) for role, proc in procs.items()}}
         triton_pids = _process_group(triton.pid)
+        behind = {role: triton_pids for role in roles}
+        behind["echo"] = []
+        if triton_b is not None:
+            behind["pairgw"] = _process_group(triton_b.pid)
         for role, model in sorted({(run.target, run.model) for run in plan}):
             _wait_serving(addresses[role], role, model)
         if "drift" in sections:
@@ -805,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_rounds = []
         per_round = []
         for index in range(rounds):
-            results, batch = _round(index, plan, addresses, pids, triton_pids, stats, seconds, warmup)
+            results, batch = _round(index, plan, addresses, pids, behind, stats, seconds, warmup)
             raw_rounds.append({label: {**asdict(result), "triton_mean_batch": batch[label]} for label, result in results.items()})
             per_round.append(_figures(sections, results, batch, pids, triton_pids))
         summary = _summarize(per_round)
@@ -817,8 +858,9 @@ def main(argv: list[str] | None = None) -> int:
             stats.close()
         for proc in procs.values():
             _stop(proc)
-        if triton is not None:
-            triton.stop()
+        for server in (triton, triton_b):
+            if server is not None:
+                server.stop()
 
     machine = _machine()
     print()
