@@ -22,7 +22,7 @@ import signal
 import sys
 
 from gateway.errors import ConfigError
-from gateway.server import gc_policy
+from gateway.server import cpu_pinning, gc_policy
 from gateway.server.config import ENGINES
 
 EXIT_CONFIG = 2
@@ -108,12 +108,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # engine the gateway itself reads them inside Envoy, where it could only fail the start).
         Guard.from_config(config.auth, config.limits)
         count = 1 if worker is not None else _worker_count(args, config)
+        if config.server.cpus is not None:
+            cpu_pinning.check(config.server.cpus)
     except ConfigError as error:
         print(f"tensorgate: invalid config {args.config}: {error}", file=sys.stderr)
         return EXIT_CONFIG
     _install_loop()
     if count > 1:
         return asyncio.run(_supervise(config, args.config, count, args.listen, args.verbose))
+    if config.server.cpus is not None:  # before the engine starts: Envoy and its threads inherit it
+        cpu_pinning.pin(cpu_pinning.cpus_for(config.server.cpus, None if worker is None else worker.worker_id))
     asyncio.run(_serve(config, mapping, args.config, worker))
     return 0
 
