@@ -27,7 +27,8 @@ overhead (`--only overhead`), on `simple_scale`, through the pass-through gatewa
       the Triton above, and through a pass-through gateway in front of a second Triton of its own
       (so neither Triton's CPU holds the other's requests). One after the other, Triton's own CPU
       a request moved by more than the gateway's distance to it between runs; side by side the
-      machine's noise hits both alike, and at one rate neither is cheaper for being busier.
+      machine's noise hits both alike, and at one rate neither is cheaper for being busier. (The
+      second Triton and its gateway stay up, idle, through the section's other runs.)
 
 batching (`--only batching`), 64 in flight, through the batching gateway (adaptive, defaults):
   (d) backend-bound: rps via the gateway on `fixed_cost` ÷ rps direct to `fixed_cost` (Triton
@@ -109,7 +110,7 @@ GATEWAY_ROLES = ("gateway", "batchgw", "driftgw", "telgw", "abgw", "pairgw")
 AB_RATE = float(os.environ.get("TENSORGATE_BENCH_AB_RATE", "1500")) or None
 #: The overhead section's side-by-side pair: direct Triton and the pass-through gateway in front of a
 #: second Triton of its own, loaded at the same time, each paced at this many requests/s.
-PAIR_RATE = float(os.environ.get("TENSORGATE_BENCH_PAIR_RATE", "1500"))
+PAIR_RATE = float(os.environ.get("TENSORGATE_BENCH_PAIR_RATE", "1500")) or None  # 0: as fast as answered
 AB_CONCURRENCY = 32
 TELEMETRY_CONCURRENCY = int(os.environ.get("TENSORGATE_BENCH_TELEMETRY_CONCURRENCY", "32"))
 # Each gateway gets the same paced load, below what the machine saturates at: CPU per request is
@@ -295,7 +296,8 @@ class TritonStats:
 @dataclass(frozen=True)
 class Run:
     """One load run: `target` (a role in `addresses`), `model`, `concurrency`; CPU watched of
-    `watch` (roles) plus, for every target but the echo server, Triton and its stubs."""
+    `watch` (roles) plus, for every target but the echo server, the Triton it reaches and its stubs
+    (`pairgw`'s is a second Triton of its own)."""
 
     target: str
     model: str
@@ -609,7 +611,7 @@ def _table(sections: list[str], summary: dict[str, dict[str, float]], rounds: in
         lines.append("")
         lines.append(
             f"side by side: direct Triton and the pass-through gateway in front of a second Triton, loaded at the same "
-            f"time, each paced at {PAIR_RATE:,.0f} req/s over {HIGH_CONCURRENCY} workers (got "
+            f"time, each {f'paced at {PAIR_RATE:,.0f} req/s' if PAIR_RATE else 'as fast as answered'} over {HIGH_CONCURRENCY} workers (got "
             f"{med('pair_direct_rps', ',.0f')} and {med('pair_gateway_rps', ',.0f')} req/s)"
         )  # fmt: skip
         lines.append(

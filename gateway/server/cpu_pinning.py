@@ -28,8 +28,9 @@ def check(cpus: tuple[int, ...]) -> None:
     available = os.sched_getaffinity(0)
     missing = [cpu for cpu in cpus if cpu not in available]
     if missing:
-        raise ConfigError("server.cpus", f"CPU {', '.join(map(str, missing))} is not among those this process "
-                          f"may run on ({', '.join(map(str, sorted(available)))})")
+        which = f"CPU {missing[0]} is" if len(missing) == 1 else f"CPUs {', '.join(map(str, missing))} are"
+        raise ConfigError("server.cpus", f"{which} not among those this process may run on "
+                          f"({', '.join(map(str, sorted(available)))})")
 
 
 def cpus_for(cpus: tuple[int, ...], worker_id: int | None) -> set[int]:
@@ -40,9 +41,18 @@ def cpus_for(cpus: tuple[int, ...], worker_id: int | None) -> set[int]:
 
 
 def pin(cpus: set[int]) -> None:
-    """Every thread of this process onto `cpus` (its children and later threads inherit them)."""
-    for entry in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(entry), cpus)
-        except ProcessLookupError:  # the thread ended meanwhile
-            pass
+    """Every thread of this process onto `cpus` (its children and later threads inherit them).
+
+    Listed again until a pass finds no thread it had not pinned: one that an unpinned thread started
+    meanwhile would otherwise keep the old affinity."""
+    pinned: set[int] = set()
+    while True:
+        threads = {int(entry) for entry in os.listdir("/proc/self/task")} - pinned
+        if not threads:
+            return
+        for thread in threads:
+            try:
+                os.sched_setaffinity(thread, cpus)
+            except ProcessLookupError:  # the thread ended meanwhile
+                pass
+        pinned |= threads

@@ -3,8 +3,8 @@
 Every request's Python (the envoy engine's app, the pipeline's stages, the upstream client) runs on
 CPython, and how CPython itself was compiled moves that cost: a build with profile-guided and
 link-time optimization (`./configure --enable-optimizations --with-lto`, as the official `python`
-Docker images that deploy/docker builds on are) spent 16 % less user CPU a request in-process and
-about 9 % less gateway CPU a request end to end than pyenv's default build of the same 3.11
+Docker images that deploy/docker builds on are) spent 17 % less user CPU a request in-process and
+about 6 % less gateway CPU a request end to end than pyenv's default build of 3.11
 (benchmarks/RESULTS.md, "Eighth session"). So the gateway says at start which kind it runs on, and
 the benchmarks print it beside their figures.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import platform
 import sysconfig
 
-__all__ = ["build_of", "describe", "optimized"]
+__all__ = ["build_of", "describe"]
 
 
 def build_of(cflags: str) -> str:
@@ -38,11 +38,6 @@ def build_of(cflags: str) -> str:
 
 def _build() -> str:
     return build_of(sysconfig.get_config_var("PY_CFLAGS_NODIST") or "")
-
-
-def optimized() -> bool:
-    """True when this interpreter was built with profile-guided optimization."""
-    return _build().startswith("PGO")
 
 
 def describe() -> str:

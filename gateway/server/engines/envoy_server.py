@@ -59,7 +59,8 @@ class EnvoyOptions:
     """How Envoy serves: threads, TLS, HTTP/2 and buffer limits, drain. None keeps Envoy's default."""
 
     envoy_threads: int | None = None
-    """Envoy's worker threads (--concurrency); None: one per core. They run Envoy's C++ only."""
+    """Envoy's worker threads (--concurrency); None: one per CPU this process may run on (so a pinned
+    gateway's, server.cpus). They run Envoy's C++ only."""
     python_threads: int = 1
     """pyvoy's event loops (worker_threads), each with the services built on it. More than one only
     helps a free-threaded Python; with the GIL they take turns."""
@@ -188,8 +189,9 @@ class EnvoyEngine:
         # No hot restart: the gateway never hands its sockets to a new Envoy, and with it on every
         # Envoy leaves a /dev/shm/envoy_shared_memory_* file behind when it exits.
         args = ["--disable-hot-restart", "--drain-strategy", "immediate", "--drain-time-s", str(max(1, math.ceil(options.drain_s)))]
-        if options.envoy_threads is not None:
-            args += ["--concurrency", str(options.envoy_threads)]
+        # Envoy's own default is one worker per CPU of the machine, affinity ignored: a gateway pinned
+        # to one CPU (server.cpus) of a large node would run dozens of workers on it.
+        args += ["--concurrency", str(options.envoy_threads or len(os.sched_getaffinity(0)))]
         args += list(options.extra_envoy_args)
         self._server = _pyvoy_server_class()(
             APP,
