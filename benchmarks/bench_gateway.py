@@ -10,10 +10,11 @@ baseline is unchanged (clients reach Triton over gRPC on TCP either way).
 `--gateway-env` sets variables in the gateway processes alone, for gRPC settings that only the
 environment reaches (GRPC_EXPERIMENTS, GRPC_POLL_STRATEGY, …): gRPC reads them when it is imported.
 
-Starts one local Triton with the example models (a second one for the side-by-side pair), gateways (`tensorgate serve`) in front of it —
-one with gateway batching off (`batching: {default: {enabled: false}}`, the pass-through path) and
-one with the default batching config (adaptive; `--batching` replaces it) — and the echo server, each a process of its own;
-the load generator is a process of its own too. Then, in rounds that alternate the order of
+Starts one local Triton with the example models (a second one for the side-by-side pair), gateways
+(`tensorgate serve`) in front of it — one with gateway batching off (`batching: {default:
+{enabled: false}}`, the pass-through path) and one with the default batching config (adaptive;
+`--batching` replaces it) — and the echo server, each a process of its own; the load generator is
+a process of its own too. Then, in rounds that alternate the order of
 baseline and subject, measures with 1×16 FP32 requests:
 
 overhead (`--only overhead`), on `simple_scale`, through the pass-through gateway (batching OFF):

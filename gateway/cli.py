@@ -75,7 +75,7 @@ def _worker_count(args: argparse.Namespace, config) -> int:
     if args.workers is None:
         return config.server.resolved_workers()
     if args.workers == "auto":
-        return len(config.server.cpus) if config.server.cpus is not None else len(os.sched_getaffinity(0))
+        return config.server.auto_workers()
     if not args.workers.isdigit() or int(args.workers) < 1:
         raise ConfigError("--workers", f"expected a number of processes (1 or more) or auto, got {args.workers!r}")
     return int(args.workers)

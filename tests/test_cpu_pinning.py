@@ -49,11 +49,6 @@ def test_workers_auto_is_one_per_listed_cpu():
     assert config.server.resolved_workers() == 1
 
 
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[1])
-
-
 def _allowed(pid: int) -> set[str]:
     """Cpus_allowed_list of every thread of `pid` and of every process below it, e.g. {"1"}."""
     lists = set()
@@ -94,7 +89,8 @@ def test_each_worker_runs_on_its_own_cpu_and_the_supervisor_on_all(triton, engin
         pids = wait_until(lambda: process.worker_pids(), accept=lambda found: len(found) == 2 and all(found.values()),
                           timeout=60, what="both workers in the snapshot")
         supervisor = process.process.pid
-        children = [pid for pid in descendants(supervisor) if _parent(pid) == supervisor]
+        below = descendants(supervisor)
+        children = set(below).difference(*(descendants(pid) for pid in below))  # the supervisor's own
         # The pid a worker reports is its process's, or (envoy engine) its Envoy's below it.
         workers = {worker: next(child for child in children if pid == child or pid in descendants(child))
                    for worker, pid in pids.items()}

@@ -140,25 +140,32 @@ class ServerConfig:
     cpus: tuple[int, ...] | None = None
     """CPUs (as numbered by the OS) the serving process runs on, every thread of it and what it
     starts (Envoy) included; None: wherever the OS puts it. With `workers`, worker k gets
-    `cpus[k % len(cpus)]` alone, and `workers: auto` is one per listed CPU. The envoy engine hands each request between its threads ~8 times,
-    and on one CPU those wake-ups are cheaper: 19 % less CPU a request at 800 req/s here, ~10 % at
-    full load (gateway/server/cpu_pinning.py). Leave the CPUs Triton and the load need to them."""
+    `cpus[k % len(cpus)]` alone, and `workers: auto` is one per listed CPU. The envoy engine hands
+    each request between its threads ~8 times, and on one CPU those wake-ups are cheaper: 19 % less
+    CPU a request at 800 req/s here, ~10 % at full load (gateway/server/cpu_pinning.py). Leave the
+    CPUs Triton and the load need to them."""
     workers: Any = 1
     """Worker processes serving the one listen port (SO_REUSEPORT; Envoy's reuse_port), supervised
     by a parent that restarts a dead one, drains them all on SIGTERM, and merges their metrics,
     drift windows, statistics and admin answers (gateway/workers/): an integer, or `auto` for one
-    per core this process may run on (per CPU of `cpus` when set). 1: the single process of old, with no parent. Clients spread
-    over workers by connection (the kernel picks a worker per TCP connection): see README."""
+    per core this process may run on (per CPU of `cpus` when set). 1: the single process of old,
+    with no parent. Clients spread over workers by connection (the kernel picks a worker per TCP
+    connection): see README."""
     workers_report_s: float = 0.25
     """With several workers: how often each ships its counters and drift rows to the parent, so
     how stale the merged metrics, ModelStatistics and admin answers may be (the worker that answers
     adds its own live counters)."""
 
     def resolved_workers(self) -> int:
-        """The number of worker processes: `workers`, or the cores available to this process."""
+        """The number of worker processes: `workers`, or `auto_workers()`."""
         if self.workers == "auto":
-            return len(self.cpus) if self.cpus is not None else len(os.sched_getaffinity(0))
+            return self.auto_workers()
         return int(self.workers)
+
+    def auto_workers(self) -> int:
+        """What `workers: auto` (or `--workers auto`) means: one per CPU of `cpus` when set, else one
+        per core this process may run on."""
+        return len(self.cpus) if self.cpus is not None else len(os.sched_getaffinity(0))
 
     def resolved_engine(self) -> str:
         if self.engine != "auto":
