@@ -24,7 +24,7 @@ $(DESCRIPTORS): $(STAMP) $(wildcard protos/*.proto)
 
 # The Cython kernels, rebuilt in place whenever a .pyx or .pxd changes (a fresh .venv builds them).
 KERNELS := .venv/.kernels
-$(KERNELS): $(STAMP) $(wildcard ext/*.pyx ext/*.pxd)
+$(KERNELS): $(STAMP) $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 	$(PY) setup.py build_ext --inplace --quiet
 	touch $(KERNELS)
 

@@ -38,17 +38,43 @@ def compile_protos() -> None:
     subprocess.check_call(command, cwd=os.path.join(HERE, "protos"))
 
 
+# ext/h2server.pyx (the h2 engine's HTTP/2) links libnghttp2 by its runtime soname: distributions ship
+# the library (curl depends on it) without headers or the unversioned .so, and ext/nghttp2_api.h
+# declares the part of its stable ABI that is used.
+NGHTTP2_SONAME = "libnghttp2.so.14"
+
+
+def nghttp2_found() -> bool:
+    import ctypes.util
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(NGHTTP2_SONAME)
+        return True
+    except OSError:
+        return ctypes.util.find_library("nghttp2") is not None
+
+
 def extensions() -> list[Extension]:
     modules = []
     for source in sorted(glob.glob(os.path.join("ext", "*.pyx"))):
         name = os.path.splitext(os.path.basename(source))[0]
+        link_args = []
+        if name == "h2server":
+            if not nghttp2_found():
+                print(f"setup.py: {NGHTTP2_SONAME} not found: the h2 engine is not built "
+                      "(install it: Debian/Ubuntu libnghttp2-14, Fedora libnghttp2)", file=sys.stderr)
+                continue
+            link_args = [f"-l:{NGHTTP2_SONAME}"]
         modules.append(
             Extension(
                 f"gateway.ext.{name}",
                 [source],
-                include_dirs=[numpy.get_include()],
+                include_dirs=[numpy.get_include(), "ext"],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                 extra_compile_args=["-O3"],
+                extra_link_args=link_args,
             )
         )
     return cythonize(modules, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})

@@ -243,6 +243,14 @@ class GrpcioStreamEcho(GrpcioEcho):
     command = [sys.executable, __file__, "--serve-grpcio-stream"]
 
 
+class H2Echo(GrpcioEcho):
+    """The h2 engine (gateway/server/engines/h2.py: the same gRPC layer as envoy's, on libnghttp2 in
+    the event loop's thread) serving the echo's Methods: this script with --serve-h2."""
+
+    name = "h2"
+    command = [sys.executable, __file__, "--serve-h2"]
+
+
 class Streaming:
     """The stream measurement of a server already started for the unary one."""
 
@@ -281,6 +289,15 @@ async def _serve_grpcio_stream() -> None:
     await server.start()
     print(f"echo serving on 127.0.0.1:{port}", flush=True)
     await server.wait_for_termination()
+
+
+async def _serve_h2() -> None:
+    from gateway.server.engines.h2 import H2Engine
+
+    engine = H2Engine("127.0.0.1:0", echo_services())
+    port = await engine.start()
+    print(f"echo serving on 127.0.0.1:{port}", flush=True)
+    await engine.wait()
 
 
 async def _stream_client(target: str, pid: int, streams: int, seconds: float, warmup: float) -> dict:
@@ -363,14 +380,14 @@ def _machine() -> str:
 
 async def _run(args: argparse.Namespace) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="bench-engines-"))
-    servers = [GrpcioEcho(folder), EnvoyEcho(folder, args.envoy_threads)]
+    servers = [GrpcioEcho(folder), EnvoyEcho(folder, args.envoy_threads), H2Echo(folder)]
     if args.connectrpc:
         sys.path.append(args.connectrpc)  # Envoy's Python gets this process's sys.path
         servers.append(PyvoyEcho(folder, args.envoy_threads, "connectrpc", "connect_app"))
     if args.bare:
         servers.append(PyvoyEcho(folder, args.envoy_threads, "pyvoy-bare", "bare_app"))
     if args.stream:
-        servers += [GrpcioStreamEcho(folder), Streaming(servers[1], "envoy stream")]
+        servers += [GrpcioStreamEcho(folder), Streaming(servers[1], "envoy stream"), Streaming(servers[2], "h2 stream")]
     rounds: list[dict[str, dict[str, float]]] = []
     try:
         for server in servers:
@@ -431,14 +448,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true", help="also measure ModelStreamInfer per message (grpc.aio vs envoy)")
     parser.add_argument("--json", metavar="OUT", help="write every round's figures to OUT")
     parser.add_argument("--serve-grpcio-stream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-h2", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stream-client", nargs=5, metavar=("TARGET", "PID", "STREAMS", "SECONDS", "WARMUP"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.serve_grpcio_stream or args.stream_client:
+    if args.serve_grpcio_stream or args.serve_h2 or args.stream_client:
         import uvloop
 
         if args.serve_grpcio_stream:
             uvloop.run(_serve_grpcio_stream())
+        elif args.serve_h2:
+            uvloop.run(_serve_h2())
         else:
             target, pid, streams, seconds, warmup = args.stream_client
             print(json.dumps(uvloop.run(_stream_client(target, int(pid), int(streams), float(seconds), float(warmup)))))
