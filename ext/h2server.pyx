@@ -34,7 +34,7 @@ import logging
 from urllib.parse import unquote_to_bytes
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdint cimport int32_t, uint8_t, uint32_t
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy
 
@@ -74,6 +74,7 @@ cdef extern from "nghttp2_api.h":
     ctypedef int (*nghttp2_on_data_chunk_recv_callback)(
         nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t, void *) noexcept
     ctypedef int (*nghttp2_on_frame_recv_callback)(nghttp2_session *, const nghttp2_frame *, void *) noexcept
+    ctypedef int (*nghttp2_on_frame_send_callback)(nghttp2_session *, const nghttp2_frame *, void *) noexcept
     ctypedef int (*nghttp2_on_stream_close_callback)(nghttp2_session *, int32_t, uint32_t, void *) noexcept
 
     enum:
@@ -100,6 +101,7 @@ cdef extern from "nghttp2_api.h":
     void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks *, nghttp2_on_header_callback)
     void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *, nghttp2_on_data_chunk_recv_callback)
     void nghttp2_session_callbacks_set_on_frame_recv_callback(nghttp2_session_callbacks *, nghttp2_on_frame_recv_callback)
+    void nghttp2_session_callbacks_set_on_frame_send_callback(nghttp2_session_callbacks *, nghttp2_on_frame_send_callback)
     void nghttp2_session_callbacks_set_on_stream_close_callback(nghttp2_session_callbacks *, nghttp2_on_stream_close_callback)
     int nghttp2_option_new(nghttp2_option **option_ptr)
     void nghttp2_option_del(nghttp2_option *option)
@@ -125,6 +127,31 @@ cdef extern from "nghttp2_api.h":
     int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *, size_t)
     const char *nghttp2_strerror(int lib_error_code)
 
+
+cdef extern from "<dlfcn.h>":
+    void *dlsym(void *handle, const char *symbol)
+    void *RTLD_DEFAULT
+
+ctypedef void (*_option_setter)(nghttp2_option *option, int value)
+ctypedef void (*_rate_setter)(nghttp2_option *option, uint64_t burst, uint64_t rate)
+
+# libnghttp2 1.50+ refuses a header value with leading or trailing whitespace (RFC 9113 §8.2.1) by
+# resetting the stream: a client that sends `authorization: Bearer ` (grpc clients pass such values
+# through) would get a bare PROTOCOL_ERROR where Envoy and grpc.aio hand the value to the gateway,
+# which answers UNAUTHENTICATED with a message. Turned off where the library has the option; looked
+# up at run time, so that an older library (without the check) still loads.
+cdef _option_setter _no_ws_validation = <_option_setter>dlsym(
+    RTLD_DEFAULT, b"nghttp2_option_set_no_rfc9113_leading_and_trailing_ws_validation")
+
+# libnghttp2's rapid-reset protection (1.57+, and Debian's 1.52 since its CVE-2023-44487 fix) sends
+# GOAWAY once a connection's resets exceed a token bucket: 1,000, refilled at 33 a second. It counts
+# every RST_STREAM a client sends, a client's own cancellations and deadlines included, so a busy
+# client whose calls time out at more than 33 a second lost its connection. The bucket is kept
+# (a flood of 100,000 resets a second is still cut off after the first 1,000), refilled at 1,000 a
+# second: one reset a millisecond costs the gateway a task it starts and cancels.
+cdef _rate_setter _reset_rate_limit = <_rate_setter>dlsym(RTLD_DEFAULT, b"nghttp2_option_set_stream_reset_rate_limit")
+RESET_BURST = 1000
+RESET_RATE_PER_S = 1000
 
 log = logging.getLogger("gateway.server.engines.h2")
 
@@ -414,6 +441,10 @@ cdef class Connection:
         if nghttp2_option_new(&option) != 0:
             raise MemoryError()
         nghttp2_option_set_no_auto_window_update(option, 1)
+        if _no_ws_validation != NULL:
+            _no_ws_validation(option, 1)
+        if _reset_rate_limit != NULL:
+            _reset_rate_limit(option, RESET_BURST, RESET_RATE_PER_S)
         rv = nghttp2_session_server_new2(&self.session, _callbacks(), <void *>self, option)
         nghttp2_option_del(option)
         if rv != 0:
@@ -437,7 +468,7 @@ cdef class Connection:
             return
         rv = nghttp2_session_mem_recv(self.session, <const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if rv < 0:
-            log.debug("HTTP/2 connection from %s: %s; closing it", self.client, _error_text(<int>rv))
+            log.warning("HTTP/2 connection from %s: %s; closing it", self.client, _error_text(<int>rv))
             self._flush()  # libnghttp2 may have queued a GOAWAY that says why
             if self.transport is not None:
                 self.transport.close()
@@ -634,6 +665,7 @@ cdef nghttp2_session_callbacks *_callbacks() except NULL:
         nghttp2_session_callbacks_set_on_header_callback(_CALLBACKS, _on_header)
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(_CALLBACKS, _on_data_chunk)
         nghttp2_session_callbacks_set_on_frame_recv_callback(_CALLBACKS, _on_frame_recv)
+        nghttp2_session_callbacks_set_on_frame_send_callback(_CALLBACKS, _on_frame_send)
         nghttp2_session_callbacks_set_on_stream_close_callback(_CALLBACKS, _on_stream_close)
     return _CALLBACKS
 
@@ -730,6 +762,21 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, vo
     if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
         stream.request_ended = True
         stream.wake()
+    return 0
+
+
+cdef int _on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
+    """The answer's last frame left while the client is still sending: RST_STREAM(NO_ERROR) asks it to
+    stop (RFC 9113 §8.1) instead of leaving it to reset the stream itself, which libnghttp2 would
+    count against its rapid-reset limit (a refused large upload, one after another). Only once the
+    last frame is out: a reset submitted earlier makes libnghttp2 drop the answer still queued."""
+    cdef void *found
+    if not (frame.hd.flags & NGHTTP2_FLAG_END_STREAM) or (frame.hd.type != NGHTTP2_HEADERS
+                                                          and frame.hd.type != NGHTTP2_DATA):
+        return 0
+    found = nghttp2_session_get_stream_user_data(session, frame.hd.stream_id)
+    if found != NULL and not (<Stream>found).request_ended:
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame.hd.stream_id, NGHTTP2_NO_ERROR)
     return 0
 
 

@@ -45,6 +45,7 @@ from gateway.security.guard import Guard
 from gateway.server.access import guarded
 from gateway.server.config import ServerTls
 from gateway.server.engines.grpcio import GrpcioEngine
+from gateway.server.engines.h2 import H2Engine
 from gateway.server.health import SERVICE as HEALTH_SERVICE
 from gateway.server.health import HealthService
 from gateway.server.inference import InferenceService
@@ -84,7 +85,7 @@ class Gateway:
 
     `start_stages()` / `stop_stages()` run what serving needs besides a front door (backend health
     checks, drift, telemetry, the config file watch); `methods()` is every gRPC method, for an
-    engine to serve. `start()` and `stop()` do both with the grpc.aio engine, in this process;
+    engine to serve. `start()` and `stop()` do both with an in-process engine (grpc.aio, or h2);
     `EnvoyGateway` serves the same stages from inside Envoy's process. `drain()` takes the gateway
     out of rotation and lets its work finish (SIGTERM); `reload()` applies a new config without
     dropping a request (SIGHUP, the admin ReloadConfig, a changed config file; gateway/reload.py
@@ -119,7 +120,7 @@ class Gateway:
                                           readiness=self.readiness)
         self.health = HealthService(self.fleet, self.readiness)
         self.drift_service = DriftService(self.drift)
-        self._engine: GrpcioEngine | None = None
+        self._engine: GrpcioEngine | H2Engine | None = None
         self._sweeper: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()
@@ -252,22 +253,39 @@ class Gateway:
             await asyncio.to_thread(self.telemetry.close)  # a final OTLP export may wait on the network
         await self.fleet.close()
 
-    async def start(self) -> "Gateway":
-        """Start the stages and serve them with the grpc.aio engine on config.listen (port 0 picks one)."""
+    def _front_door(self) -> "GrpcioEngine | H2Engine":
+        """The in-process engine: h2 when the config names it, else grpc.aio (the envoy engine
+        serves these stages from Envoy's process: EnvoyGateway)."""
         server = self.config.server
-        engine = GrpcioEngine(
+        if server.resolved_engine() == "h2":
+            return H2Engine(
+                self.config.listen, self.methods(),
+                max_message_bytes=server.max_message_bytes,
+                ssl_context=None if server.tls is None else server.tls.ssl_context(),
+                max_concurrent_streams=server.max_concurrent_streams,
+                stream_window_bytes=server.http2_stream_window_bytes,
+                connection_window_bytes=server.http2_connection_window_bytes,
+                reuse_port=self.worker is not None,
+            )
+        return GrpcioEngine(
             self.config.listen, self.methods(),
             max_receive_bytes=server.max_message_bytes,
             max_send_bytes=self.config.upstream.max_message_bytes,
-            max_pending_calls=self.config.server.max_pending_calls,
+            max_pending_calls=server.max_pending_calls,
             reuse_port=self.worker is not None,
             credentials=None if server.tls is None else server_credentials(server.tls),
             max_concurrent_streams=server.max_concurrent_streams,
         )
+
+    async def start(self) -> "Gateway":
+        """Start the stages and serve them with the in-process engine (grpc.aio, or h2 when the
+        config names it) on config.listen (port 0 picks one)."""
+        engine = self._front_door()
         await self.start_stages()
         self.port = await engine.start()
         self._engine = engine
-        log.info("tensorgate serving on %s (grpcio engine, %s); %r", self.address, interpreter.describe(), self.fleet)
+        kind = "h2" if isinstance(engine, H2Engine) else "grpcio"
+        log.info("tensorgate serving on %s (%s engine, %s); %r", self.address, kind, interpreter.describe(), self.fleet)
         return self
 
     async def _sweep_sequences(self) -> None:

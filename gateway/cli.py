@@ -43,7 +43,7 @@ async def _serve(config, mapping, config_path: str, worker=None) -> None:
 
     gateway = serving_gateway(config, mapping, worker=worker, config_path=config_path)
     await gateway.start()
-    if config.server.resolved_engine() == "grpcio":  # the envoy engine's stages live in Envoy: applied there
+    if config.server.resolved_engine() != "envoy":  # the envoy engine's stages live in Envoy: applied there
         gc_policy.apply(config.server)
     print(f"tensorgate serving on {gateway.address} ({config.server.resolved_engine()} engine)", flush=True)
     stop = asyncio.Event()
@@ -265,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where Triton's and Envoy's logs and the drift captures are kept (default: a temp dir)")
     demo.add_argument("--engine", choices=ENGINES, default="auto",
                       help="what serves the gateway (server.engine): envoy (Envoy's HTTP/2 through pyvoy, the "
-                           "gateway's stages inside the Envoy process), grpcio (grpc.aio in this process), or auto: "
-                           "envoy where pyvoy is installed (default)")
+                           "gateway's stages inside the Envoy process), h2 (libnghttp2 on this process's event loop), "
+                           "grpcio (grpc.aio in this process), or auto: envoy where pyvoy is installed (default)")
     demo.set_defaults(run=cmd_demo)
 
     from gateway.audit import cli as audit_cli

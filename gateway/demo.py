@@ -61,6 +61,7 @@ ADMIN_TIMEOUT_S = 10.0
 CAPTURE_WAIT_S = 15.0
 ENGINE_WORDS = {
     "envoy": "Envoy's HTTP/2 through pyvoy, the gateway's stages inside the Envoy process",
+    "h2": "HTTP/2 by libnghttp2 on this process's event loop, the gateway's stages beside it",
     "grpcio": "grpc.aio, the gateway's stages in this process",
 }
 

@@ -107,10 +107,13 @@ def triton(tritons) -> LocalTriton:
 
 
 def gateway_on(front_door: str, config: dict) -> GatewayThread:
-    """A gateway handle (not started) on the given front door: "envoy", "grpcio-uvloop" or "grpcio-asyncio"."""
+    """A gateway handle (not started) on the given front door: "envoy", "h2", "grpcio-uvloop" or
+    "grpcio-asyncio"."""
     if front_door == "envoy":
         return EnvoyGatewayThread(config)
-    return GatewayThread(config, use_uvloop=front_door == "grpcio-uvloop")
+    engine = "h2" if front_door == "h2" else "grpcio"
+    config = {**config, "server": {**(config.get("server") or {}), "engine": engine}}
+    return GatewayThread(config, use_uvloop=front_door != "grpcio-asyncio")
 
 
 @pytest.fixture(scope="session", params=["uvloop", "asyncio"])
@@ -120,10 +123,10 @@ def event_loop_kind(request) -> str:
     return request.param
 
 
-@pytest.fixture(scope="session", params=["grpcio-uvloop", "grpcio-asyncio", "envoy"])
+@pytest.fixture(scope="session", params=["grpcio-uvloop", "grpcio-asyncio", "envoy", "h2"])
 def front_door(request) -> str:
     """The engine (and loop) the shared gateway is served by: every test that takes `gateway` runs
-    on the grpcio engine on uvloop and on the stock loop, and on the envoy engine."""
+    on the grpcio engine on uvloop and on the stock loop, on the envoy engine, and on the h2 engine."""
     return request.param
 
 

@@ -80,7 +80,7 @@ def test_a_single_gateway_and_its_envoy_run_on_the_cpu_given(tmp_path, triton):
 
 
 @needs_two_cpus
-@pytest.mark.parametrize("engine", ["envoy", "grpcio"])
+@pytest.mark.parametrize("engine", ["envoy", "grpcio", "h2"])
 def test_each_worker_runs_on_its_own_cpu_and_the_supervisor_on_all(triton, engine):
     first, second = AVAILABLE[-1], AVAILABLE[0]
     config = {"listen": "127.0.0.1:0", "pools": {"cpu": {"backends": [triton.grpc_address]}},

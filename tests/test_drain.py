@@ -100,7 +100,7 @@ async def drain_under_load(process: subprocess.Popen, address: str) -> dict:
     return outcome
 
 
-@pytest.mark.parametrize("engine", ["grpcio", "envoy"])
+@pytest.mark.parametrize("engine", ["grpcio", "envoy", "h2"])
 def test_sigterm_under_load_drops_no_request(tmp_path, triton, engine):
     process, address = serve(tmp_path, triton, engine)
     try:

@@ -149,7 +149,7 @@ class Fuzzer:
         self._thread.join(10)
 
 
-@pytest.fixture(scope="module", params=["grpcio", "envoy"])
+@pytest.fixture(scope="module", params=["grpcio", "envoy", "h2"])
 def served(request, tmp_path_factory, tritons):
     """`tensorgate serve` on one engine: (address, the pid whose memory is the gateway's)."""
     engine = request.param
@@ -163,7 +163,7 @@ def served(request, tmp_path_factory, tritons):
     process = subprocess.Popen([*TENSORGATE, "serve", "--config", str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert "serving on" in process.stdout.readline()
-        pid = process.pid if engine == "grpcio" else children(process.pid)[0]  # envoy: the Envoy process
+        pid = children(process.pid)[0] if engine == "envoy" else process.pid  # envoy: the Envoy process
         yield engine, f"127.0.0.1:{port}", pid, process
     finally:
         process.terminate()

@@ -15,7 +15,7 @@ from gateway.testing import GatewayThread
 from tests.test_reload import admin, serve_process
 
 
-@pytest.mark.parametrize("engine", ["grpcio", "envoy"])
+@pytest.mark.parametrize("engine", ["grpcio", "envoy", "h2"])
 @pytest.mark.parametrize("server, threshold, frozen", [({}, 700, True), ({"gc_threshold": 5000, "gc_freeze": False}, 5000, False)])
 def test_serve_applies_the_collector_policy(tmp_path, tritons, engine, server, threshold, frozen):
     config = {"pools": {"p": {"backends": [tritons[0].grpc_address]}}, "server": server}

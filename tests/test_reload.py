@@ -41,7 +41,7 @@ def config_on(backend: str, **extra) -> dict:
     return {"listen": "127.0.0.1:0", "pools": {"p": {"backends": [backend]}}, **extra}
 
 
-@pytest.mark.parametrize("engine", ["grpcio-uvloop", "envoy"])
+@pytest.mark.parametrize("engine", ["grpcio-uvloop", "envoy", "h2"])
 def test_reload_through_the_admin_api_under_load(tritons, engine):
     first, second = tritons[0].grpc_address, tritons[1].grpc_address
     with gateway_on(engine, config_on(first)) as gateway, SteadyLoad(gateway.address) as load:
@@ -105,7 +105,7 @@ def serve_process(tmp_path, config: dict, engine: str) -> tuple[subprocess.Popen
     return process, f"127.0.0.1:{port}", write
 
 
-@pytest.mark.parametrize("engine", ["grpcio", "envoy"])
+@pytest.mark.parametrize("engine", ["grpcio", "envoy", "h2"])
 def test_sighup_and_a_changed_file_reload_under_load(tmp_path, tritons, engine):
     first, second = tritons[0].grpc_address, tritons[1].grpc_address
     # Not watched at first (config_poll_s: 0): only SIGHUP reloads.

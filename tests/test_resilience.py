@@ -203,7 +203,7 @@ def _quantile(values: list[float], q: float) -> float:
     return float(np.quantile(np.array(values), q)) if values else float("nan")
 
 
-@pytest.fixture(scope="module", params=["grpcio-uvloop", "envoy"])
+@pytest.fixture(scope="module", params=["grpcio-uvloop", "envoy", "h2"])
 def engine(request) -> str:
     return request.param
 

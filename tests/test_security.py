@@ -27,14 +27,16 @@ from gateway.testing import EnvoyGatewayThread, GatewayThread
 from tests.pki import Pki
 from tests.waiting import wait_until
 
-ENGINES = ["grpcio", "envoy"]
+ENGINES = ["grpcio", "envoy", "h2"]
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 SNAPSHOT = "/tensorgate.admin.v1.GatewayService/GetSnapshot"
 
 
 def serve(engine: str, config: dict) -> GatewayThread:
-    return EnvoyGatewayThread(config) if engine == "envoy" else GatewayThread(config)
+    if engine == "envoy":
+        return EnvoyGatewayThread(config)
+    return GatewayThread({**config, "server": {**(config.get("server") or {}), "engine": engine}})
 
 
 def base_config(tritons) -> dict:

@@ -76,7 +76,7 @@ def _sequence_inputs(value: int):
     return [tensor]
 
 
-@pytest.fixture(scope="module", params=["grpcio", "envoy"])
+@pytest.fixture(scope="module", params=["grpcio", "envoy", "h2"])
 def engine(request) -> str:
     """Both engines: SO_REUSEPORT on grpc.aio's socket, Envoy's reuse_port on Envoy's listener."""
     return request.param

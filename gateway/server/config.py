@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-ENGINES = ("auto", "envoy", "grpcio")
+ENGINES = ("auto", "envoy", "h2", "grpcio")
 HTTP2_CODECS = ("nghttp2", "oghttp2")  # the envoy engine's HTTP/2 codecs (EnvoyOptions.http2_codec)
 ENVOY_STATS = ("needed", "all")  # what Envoy's own statistics keep (EnvoyOptions.stats)
 
@@ -67,6 +67,18 @@ class ServerTls:
     def mutual(self) -> bool:
         return self.client_ca_file is not None
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The h2 engine's TLS: this certificate, HTTP/2 by ALPN, TLS 1.2 or later (RFC 9113), and
+        client certificates verified against client_ca_file when it is given."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file is not None:
+            context.load_verify_locations(self.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED if self.require_client_certificate else ssl.CERT_OPTIONAL
+        context.set_alpn_protocols(["h2"])
+        return context
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -83,9 +95,10 @@ class ServerConfig:
 
     engine: str = "auto"
     """What serves the front door: `envoy` (Envoy's HTTP/2 through pyvoy, the gateway's Python
-    inside the Envoy process; ~0.3× grpc.aio's CPU per request, benchmarks/RESULTS.md), `grpcio`
-    (grpc.aio, in the gateway's own process), or `auto`: envoy where pyvoy is installed (Python
-    3.11+), grpcio otherwise."""
+    inside the Envoy process; ~0.3× grpc.aio's CPU per request, benchmarks/RESULTS.md), `h2`
+    (HTTP/2 by libnghttp2 on the gateway's own event loop, no thread hand-overs; ~0.1× grpc.aio's),
+    `grpcio` (grpc.aio, in the gateway's own process), or `auto`: envoy where pyvoy is installed
+    (Python 3.11+), grpcio otherwise."""
     envoy_threads: int | None = None
     """envoy engine: Envoy's worker threads (its C++ side); None: one per core."""
     reflection: bool = False
@@ -178,6 +191,10 @@ class ServerConfig:
             raise ConfigError(f"{path}.engine", f"expected one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "envoy" and importlib.util.find_spec("pyvoy") is None:
             raise ConfigError(f"{path}.engine", "envoy needs the pyvoy package (Python 3.11+); use grpcio")
+        if self.engine == "h2" and importlib.util.find_spec("gateway.ext.h2server") is None:
+            raise ConfigError(f"{path}.engine", "h2 needs its extension, built only where libnghttp2 "
+                              "(libnghttp2.so.14; Debian: libnghttp2-14) is installed; install it and "
+                              "run make compile, or use envoy or grpcio")
         if self.http2_codec not in HTTP2_CODECS:
             raise ConfigError(f"{path}.http2_codec", f"expected one of {', '.join(HTTP2_CODECS)}, got {self.http2_codec!r}")
         if self.envoy_stats not in ENVOY_STATS:
