@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip
 
-.PHONY: demo test test-tools bench install protos compile clean
+.PHONY: demo test test-tools native-libs bench install protos compile clean
 
 # The venv is (re)built when the project's dependency list changes.
 $(STAMP): pyproject.toml setup.py
@@ -22,9 +22,10 @@ $(DESCRIPTORS): $(STAMP) $(wildcard protos/*.proto)
 	$(PY) setup.py --name >/dev/null
 	touch $(DESCRIPTORS)
 
-# The Cython kernels, rebuilt in place whenever a .pyx or .pxd changes (a fresh .venv builds them).
+# The Cython kernels and the h2 engine's HTTP/2 server, rebuilt in place whenever a .pyx, .pxd or .h
+# changes (a fresh .venv builds them).
 KERNELS := .venv/.kernels
-$(KERNELS): $(STAMP) $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
+$(KERNELS): $(STAMP) $(wildcard ext/*.pyx ext/*.pxd ext/*.h) | native-libs
 	$(PY) setup.py build_ext --inplace --quiet
 	touch $(KERNELS)
 
@@ -44,6 +45,22 @@ demo: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 
 test: $(STAMP) $(DESCRIPTORS) $(KERNELS) test-tools
 	$(PY) -m pytest -q
+
+# libnghttp2's shared library, which ext/h2server links (the h2 engine, the default): on every Debian
+# and Ubuntu that has curl; installed from Debian's libnghttp2-14 where it is missing (as root, else
+# through sudo). Without apt-get, setup.py builds the rest and `auto` serves on envoy instead.
+NGHTTP2 := libnghttp2.so.14
+native-libs:
+	@if $(PYTHON) -c "import ctypes; ctypes.CDLL('$(NGHTTP2)')" 2>/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+		echo "make: $(NGHTTP2) is missing and there is no apt-get here: the h2 engine will not be built (install libnghttp2, then make compile)" >&2; exit 0; \
+	fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null; then SUDO=sudo; \
+	else echo "make: $(NGHTTP2) is missing; install the Debian package libnghttp2-14 as root for the h2 engine" >&2; exit 0; \
+	fi; \
+	echo "make: installing the Debian package libnghttp2-14 (the h2 engine links it)"; \
+	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnghttp2-14 >/dev/null
 
 # What the tests need beside .venv: a real Prometheus server (tests/test_telemetry.py runs
 # $(PROMETHEUS)), from the Debian package `prometheus`, installed when it is missing: as root

@@ -39,7 +39,7 @@ from gateway.bench.loadgen import build_infer_request  # noqa: E402
 from gateway.bench.measure import machine  # noqa: E402
 from gateway.local.triton import LocalTriton, default_model_repository  # noqa: E402
 from gateway.protocol import pb  # noqa: E402
-from gateway.server.engines.envoy import GrpcAsgiApp  # noqa: E402
+from gateway.server.engines.grpc_asgi import GrpcAsgiApp  # noqa: E402
 from gateway.server.engines.grpc_wire import frame  # noqa: E402
 from gateway.server.rpc import Method  # noqa: E402
 

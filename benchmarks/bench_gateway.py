@@ -1,6 +1,6 @@
 """End-to-end benchmark: the gateway against direct Triton and a bare grpc.aio echo server, one run.
 
-    python benchmarks/bench_gateway.py [--quick] [--only overhead|batching|drift|telemetry] [--engine envoy|grpcio] [--json OUT]
+    python benchmarks/bench_gateway.py [--quick] [--only overhead|batching|drift|telemetry] [--engine envoy|h2|grpcio] [--json OUT]
                                        [--batching JSON] [--gateway-env NAME=VALUE ...] [--upstream-socket]
 
 `--upstream-socket` serves Triton's HTTP endpoint on a Unix socket and every gateway's inference
@@ -730,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--ab); default all but ab")
     parser.add_argument("--ab", metavar="JSON", help="section ab: gateway B's `server:` section, e.g. "
                         "'{\"gc_freeze\": false, \"gc_threshold\": 700}'")
-    parser.add_argument("--engine", choices=("envoy", "grpcio"), help="the gateways' server.engine (default: theirs, auto)")
+    parser.add_argument("--engine", choices=("envoy", "h2", "grpcio"), help="the gateways' server.engine (default: theirs, auto)")
     parser.add_argument("--server", metavar="JSON",
                         help="`server:` section of every gateway's config (default: none, the gateway's defaults), "
                              "e.g. '{\"envoy_threads\": 1}'; --engine sets its `engine` key")

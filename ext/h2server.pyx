@@ -17,9 +17,9 @@ HTTP trailers extension (`http.response.trailers`), which is what gRPC needs:
 - `send()` only queues: the response's HEADERS go out with its first body (or alone, ending the
   stream, for a trailers-only answer), DATA is taken from the queue by libnghttp2's data provider,
   and trailers end the stream after it. Frames are serialized once per loop turn (`_flush`);
-- flow control is manual: the connection window is returned as DATA arrives, a stream's only when
-  the app has taken the bytes, so a client can make the server hold at most one stream window per
-  stream it may open (SETTINGS_MAX_CONCURRENT_STREAMS, which libnghttp2 enforces);
+- flow control is manual: a stream's window and the connection's are returned only when the app
+  has taken the bytes (or they were dropped: the stream was answered or reset), so what a client
+  makes the server hold unread is bounded by the connection window, whatever number of streams;
 - a stream the client resets (or whose connection is lost) before its answer is complete has its
   task cancelled, its pending `receive()` answered with `http.disconnect`, and any later `send()`
   raises ConnectionResetError;
@@ -113,8 +113,7 @@ cdef extern from "nghttp2_api.h":
     int nghttp2_session_want_read(nghttp2_session *session)
     int nghttp2_session_want_write(nghttp2_session *session)
     int nghttp2_session_resume_data(nghttp2_session *session, int32_t stream_id)
-    int nghttp2_session_consume_connection(nghttp2_session *session, size_t size)
-    int nghttp2_session_consume_stream(nghttp2_session *session, int32_t stream_id, size_t size)
+    int nghttp2_session_consume(nghttp2_session *session, int32_t stream_id, size_t size)
     int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t)
     void *nghttp2_session_get_stream_user_data(nghttp2_session *session, int32_t stream_id)
     int nghttp2_session_set_stream_user_data(nghttp2_session *session, int32_t stream_id, void *data)
@@ -365,6 +364,9 @@ cdef class Stream:
     cdef void ended_by(self, bint reset):
         """libnghttp2 closed the stream (reset: before its answer was complete)."""
         self.closed = True
+        if self.unconsumed:  # what the app will not read any more: the connection's window back
+            self.conn.consume(self.id, self.unconsumed)
+            self.unconsumed = 0
         if reset:
             self.reset = True
             self.chunks = []
@@ -426,6 +428,11 @@ cdef class Connection:
     def open_streams(self):
         return len(self.streams)
 
+    @property
+    def unread_bytes(self):
+        """Request bytes received and not yet taken by the app (they hold flow-control window)."""
+        return sum((<Stream>stream).unconsumed for stream in self.streams.values())
+
     # ---------------------------------------------------------------------- asyncio Protocol
 
     def connection_made(self, transport):
@@ -468,7 +475,9 @@ cdef class Connection:
             return
         rv = nghttp2_session_mem_recv(self.session, <const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if rv < 0:
-            log.warning("HTTP/2 connection from %s: %s; closing it", self.client, _error_text(<int>rv))
+            # Not HTTP/2 (a port scan, an HTTP/1.1 client) or a protocol error libnghttp2 answered
+            # with GOAWAY: the client's doing, and not worth more than a debug line.
+            log.debug("HTTP/2 connection from %s: %s; closing it", self.client, _error_text(<int>rv))
             self._flush()  # libnghttp2 may have queued a GOAWAY that says why
             if self.transport is not None:
                 self.transport.close()
@@ -530,8 +539,9 @@ cdef class Connection:
     # ------------------------------------------------------------------ called by streams
 
     cdef void consume(self, int32_t stream_id, size_t size):
+        """The app took `size` bytes of the stream: both windows open by as much."""
         if self.session != NULL:
-            nghttp2_session_consume_stream(self.session, stream_id, size)
+            nghttp2_session_consume(self.session, stream_id, size)
             self.want_flush()
 
     cdef void resume(self, int32_t stream_id):
@@ -725,14 +735,11 @@ cdef int _on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_
                         size_t length, void *user_data) noexcept:
     cdef void *found
     cdef Stream stream
-    nghttp2_session_consume_connection(session, length)
     found = nghttp2_session_get_stream_user_data(session, stream_id)
-    if found == NULL:
+    if found == NULL or (<Stream>found).reset or (<Stream>found).complete:
+        nghttp2_session_consume(session, stream_id, length)  # no one will read it: dropped
         return 0
     stream = <Stream>found
-    if stream.reset or stream.complete:
-        nghttp2_session_consume_stream(session, stream_id, length)  # answered already: dropped
-        return 0
     try:
         stream.chunks.append(PyBytes_FromStringAndSize(<char *>data, length))
     except BaseException:

@@ -122,8 +122,7 @@ ssize_t nghttp2_session_mem_send(nghttp2_session *session, const uint8_t **data_
 int nghttp2_session_want_read(nghttp2_session *session);
 int nghttp2_session_want_write(nghttp2_session *session);
 int nghttp2_session_resume_data(nghttp2_session *session, int32_t stream_id);
-int nghttp2_session_consume_connection(nghttp2_session *session, size_t size);
-int nghttp2_session_consume_stream(nghttp2_session *session, int32_t stream_id, size_t size);
+int nghttp2_session_consume(nghttp2_session *session, int32_t stream_id, size_t size);
 int nghttp2_session_set_local_window_size(nghttp2_session *session, uint8_t flags,
                                           int32_t stream_id, int32_t window_size);
 void *nghttp2_session_get_stream_user_data(nghttp2_session *session, int32_t stream_id);

@@ -521,9 +521,9 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
 
 @contextlib.asynccontextmanager
 async def envoy_services(config_json: str):
-    """The envoy engine's services factory (gateway/server/engines/envoy.py): inside Envoy's process,
-    on its event loop, build the Gateway from its config (the JSON of the config mapping), start its
-    stages, serve its Methods, and stop the stages when Envoy shuts down."""
+    """The envoy engine's services factory (the app of gateway/server/engines/envoy.py calls it):
+    inside Envoy's process, on its event loop, build the Gateway from its config (the JSON of the
+    config mapping), start its stages, serve its Methods, and stop the stages when Envoy shuts down."""
     gateway = Gateway(config_from_mapping(json.loads(config_json)), worker=WorkerRole.from_environment(),
                       config_path=os.environ.get(ENV_CONFIG_PATH))
     await gateway.start_stages()

@@ -11,8 +11,8 @@ What it shows, on any machine with the `local` extra installed and no GPU needed
   4. a readable summary: requests, errors, latency percentiles per model, who served what.
 
 The gateway is served the way `tensorgate serve` serves it: on the engine its config resolves to
-(`server.engine`; auto = envoy where pyvoy is installed, the gateway's stages then run inside the
-Envoy process). So the demo sees the gateway only as its users do: the admin API
+(`server.engine`; auto = h2 where its extension is built, the gateway's stages in this process;
+with envoy they run inside the Envoy process). So the demo sees the gateway only as its users do: the admin API
 (`tensorgate.admin.v1.GatewayService/GetSnapshot` for backends, health, routing and batching;
 `DriftService` GetDriftReport and ListAlerts for the drift reference and alerts), the Prometheus
 endpoint, and the capture folder on disk (`drift.capture_dir`).

@@ -111,8 +111,9 @@ def _short_demo(tmp_path, *options: str) -> str:
 
 
 def test_demo_in_a_short_run_shows_the_drift_alert(tmp_path):
-    """The demo serves the gateway on the engine the default config resolves to (envoy where pyvoy
-    is installed) and sees it only through the admin API, the metrics endpoint and the capture folder."""
+    """The demo serves the gateway on the engine the default config resolves to (h2 where its
+    extension is built) and sees it only through the admin API, the metrics endpoint and the capture
+    folder."""
     from gateway.server.config import ServerConfig
 
     engine = ServerConfig().resolved_engine()
@@ -123,10 +124,11 @@ def test_demo_in_a_short_run_shows_the_drift_alert(tmp_path):
         assert (tmp_path / "envoy.log").exists()
 
 
-def test_demo_on_the_grpcio_engine(tmp_path):
-    output = _short_demo(tmp_path, "--engine", "grpcio")
-    assert "\n  engine   grpcio (" in output
-    assert not (tmp_path / "envoy.log").exists()
+@pytest.mark.parametrize("engine", ["grpcio", "envoy"])
+def test_demo_on_the_other_engines(tmp_path, engine):
+    output = _short_demo(tmp_path, "--engine", engine)
+    assert f"\n  engine   {engine} (" in output
+    assert (tmp_path / "envoy.log").exists() == (engine == "envoy")
 
 
 def test_demo_refuses_an_unknown_engine():

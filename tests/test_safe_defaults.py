@@ -46,7 +46,7 @@ def test_metrics_endpoint_binds_loopback_by_default(tritons):
             assert answer.status == 200
 
 
-@pytest.mark.parametrize("engine", ["grpcio-uvloop", "envoy"])
+@pytest.mark.parametrize("engine", ["grpcio-uvloop", "envoy", "h2"])
 def test_reflection_is_off_unless_configured(tritons, engine):
     config = {"listen": "127.0.0.1:0", "pools": {"p": {"backends": [tritons[0].grpc_address]}}}
     with gateway_on(engine, config) as gateway, grpc.insecure_channel(gateway.address) as channel:

@@ -94,11 +94,11 @@ class ServerConfig:
     apart by its version and the ServerMetadata extension "tensorgate"."""
 
     engine: str = "auto"
-    """What serves the front door: `envoy` (Envoy's HTTP/2 through pyvoy, the gateway's Python
-    inside the Envoy process; ~0.3× grpc.aio's CPU per request, benchmarks/RESULTS.md), `h2`
-    (HTTP/2 by libnghttp2 on the gateway's own event loop, no thread hand-overs; ~0.1× grpc.aio's),
-    `grpcio` (grpc.aio, in the gateway's own process), or `auto`: envoy where pyvoy is installed
-    (Python 3.11+), grpcio otherwise."""
+    """What serves the front door: `h2` (HTTP/2 by libnghttp2 on the gateway's own event loop, no
+    thread hand-overs; the echo's CPU a request ~0.1× grpc.aio's, benchmarks/RESULTS.md), `envoy`
+    (Envoy's HTTP/2 through pyvoy, the gateway's Python inside the Envoy process; ~0.3×), `grpcio`
+    (grpc.aio, in the gateway's own process), or `auto`: h2 where its extension is built (it links
+    libnghttp2), else envoy where pyvoy is installed (Python 3.11+), else grpcio."""
     envoy_threads: int | None = None
     """envoy engine: Envoy's worker threads (its C++ side); None: one per core."""
     reflection: bool = False
@@ -183,6 +183,8 @@ class ServerConfig:
     def resolved_engine(self) -> str:
         if self.engine != "auto":
             return self.engine
+        if importlib.util.find_spec("gateway.ext.h2server") is not None:
+            return "h2"
         available = sys.version_info >= (3, 11) and importlib.util.find_spec("pyvoy") is not None
         return "envoy" if available else "grpcio"
 

@@ -35,12 +35,8 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from gateway.server.config import ENVOY_STATS, HTTP2_CODECS
-from gateway.server.engines.envoy import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    ENV_ARGUMENT,
-    ENV_OPTIONS,
-    ENV_SERVICES,
-)
+from gateway.server.engines.envoy import ENV_ARGUMENT, ENV_OPTIONS, ENV_SERVICES
+from gateway.server.engines.grpc_asgi import DEFAULT_MAX_MESSAGE_BYTES
 from gateway.server.engines.launcher_link import ENV_LAUNCHER_PID
 
 __all__ = ["EnvoyEngine", "EnvoyOptions"]

@@ -1,7 +1,7 @@
 """gRPC over HTTP/2, the pieces an engine below gRPC needs: framing, timeouts, status, compression.
 
 Written from the gRPC over HTTP/2 specification (PROTOCOL-HTTP2.md) for an engine that sees
-HTTP/2 requests as ASGI events (gateway/server/engines/envoy.py):
+HTTP/2 requests as ASGI events (gateway/server/engines/grpc_asgi.py):
 
 - a message travels as a 5-byte prefix (compressed flag, big-endian length) and its bytes;
   `MessageDecoder` takes body chunks as they come and gives back whole messages, refusing one

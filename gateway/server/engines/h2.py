@@ -1,6 +1,6 @@
 """The h2 engine: gRPC over HTTP/2 on the gateway's own event loop, with libnghttp2 as the codec.
 
-The envoy engine's gRPC layer (GrpcAsgiApp, gateway/server/engines/envoy.py) served by
+The gRPC layer the envoy engine runs too (GrpcAsgiApp, gateway/server/engines/grpc_asgi.py) served by
 `gateway.ext.h2server`, an HTTP/2 server written for this: a Cython asyncio Protocol over libnghttp2.
 Nothing crosses a thread: the loop reads the socket, libnghttp2 parses frames and headers in C, the
 handlers run on the same loop, and what one loop turn answers leaves in one write. On the envoy
@@ -21,7 +21,7 @@ import socket
 import ssl
 from typing import Iterable
 
-from gateway.server.engines.envoy import DEFAULT_MAX_MESSAGE_BYTES, GrpcAsgiApp
+from gateway.server.engines.grpc_asgi import DEFAULT_MAX_MESSAGE_BYTES, GrpcAsgiApp
 from gateway.server.rpc import Method
 
 log = logging.getLogger(__name__)
