@@ -46,40 +46,38 @@ demo: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 test: $(STAMP) $(DESCRIPTORS) $(KERNELS) test-tools
 	$(PY) -m pytest -q
 
+# Install a Debian package for a tool the project needs: as root directly, else through sudo.
+# $(call debian_install,PACKAGE,WHAT NEEDS IT,EXIT STATUS WHEN IT CANNOT: 1 stops make, 0 goes on)
+define debian_install
+if ! command -v apt-get >/dev/null; then \
+	echo "make: the Debian package $(1) is missing and there is no apt-get here ($(2)); install its equivalent, then re-run make" >&2; exit $(3); \
+fi; \
+if [ "$$(id -u)" = 0 ]; then SUDO=; \
+elif command -v sudo >/dev/null; then SUDO=sudo; \
+else echo "make: the Debian package $(1) is missing ($(2)); install it as root: apt-get install $(1)" >&2; exit $(3); \
+fi; \
+echo "make: installing the Debian package $(1) ($(2))"; \
+$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null
+endef
+
 # libnghttp2's shared library, which ext/h2server links (the h2 engine, the default): on every Debian
-# and Ubuntu that has curl; installed from Debian's libnghttp2-14 where it is missing (as root, else
-# through sudo). Without apt-get, setup.py builds the rest and `auto` serves on envoy instead.
+# and Ubuntu that has curl; installed from Debian's libnghttp2-14 where it is missing. Without it,
+# setup.py builds the rest and `server.engine: auto` serves on envoy instead.
 NGHTTP2 := libnghttp2.so.14
 native-libs:
 	@if $(PYTHON) -c "import ctypes; ctypes.CDLL('$(NGHTTP2)')" 2>/dev/null; then exit 0; fi; \
-	if ! command -v apt-get >/dev/null; then \
-		echo "make: $(NGHTTP2) is missing and there is no apt-get here: the h2 engine will not be built (install libnghttp2, then make compile)" >&2; exit 0; \
-	fi; \
-	if [ "$$(id -u)" = 0 ]; then SUDO=; \
-	elif command -v sudo >/dev/null; then SUDO=sudo; \
-	else echo "make: $(NGHTTP2) is missing; install the Debian package libnghttp2-14 as root for the h2 engine" >&2; exit 0; \
-	fi; \
-	echo "make: installing the Debian package libnghttp2-14 (the h2 engine links it)"; \
-	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnghttp2-14 >/dev/null
+	$(call debian_install,libnghttp2-14,the h2 engine links $(NGHTTP2),0)
 
 # What the tests need beside .venv: a real Prometheus server (tests/test_telemetry.py runs
-# $(PROMETHEUS)), from the Debian package `prometheus`, installed when it is missing: as root
-# directly, else through sudo; without either, stop and say what to install. And kubectl, whose
-# built-in kustomize (v5) renders deploy/k8s (tests/test_deploy_k8s.py): on the project's machines
-# already; Debian's own kubectl (1.20) embeds a kustomize too old for the overlays.
+# $(PROMETHEUS)), from the Debian package `prometheus`, installed when it is missing; without it,
+# stop and say what to install. And kubectl, whose built-in kustomize (v5) renders deploy/k8s
+# (tests/test_deploy_k8s.py): on the project's machines already; Debian's own kubectl (1.20) embeds
+# a kustomize too old for the overlays.
 PROMETHEUS := /usr/bin/prometheus
 test-tools:
 	@command -v kubectl >/dev/null || { echo "make test: kubectl is missing; tests/test_deploy_k8s.py renders deploy/k8s with its built-in kustomize: install kubectl 1.27 or newer (https://kubernetes.io/docs/tasks/tools/), then re-run make test" >&2; exit 1; }
 	@if [ -x $(PROMETHEUS) ]; then exit 0; fi; \
-	if ! command -v apt-get >/dev/null; then \
-		echo "make test: $(PROMETHEUS) is missing and there is no apt-get here; install Prometheus so that $(PROMETHEUS) runs it, then re-run make test" >&2; exit 1; \
-	fi; \
-	if [ "$$(id -u)" = 0 ]; then SUDO=; \
-	elif command -v sudo >/dev/null; then SUDO=sudo; \
-	else echo "make test: $(PROMETHEUS) is missing (the telemetry tests run a real Prometheus server); install the Debian package as root: apt-get install prometheus" >&2; exit 1; \
-	fi; \
-	echo "make test: installing the Debian package prometheus (the telemetry tests run a real Prometheus server)"; \
-	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+	$(call debian_install,prometheus,the telemetry tests run a real Prometheus server at $(PROMETHEUS),1)
 
 # benchmarks/record.py runs the kernel suites (kernels, validation, drift) under pytest-benchmark and a
 # `tensorgate bench` sweep, and appends a dated section (machine, tables, plots) to benchmarks/RESULTS.md.

@@ -1,4 +1,4 @@
-"""Front-door engines side by side: the same ModelInfer echo on grpc.aio and on the envoy engine.
+"""Front-door engines side by side: the same ModelInfer echo on grpc.aio, the envoy engine and the h2 engine.
 
     python benchmarks/bench_engines.py [--rounds 3] [--seconds 4] [--warmup 1] [--concurrency 64]
                                        [--envoy-threads N] [--connectrpc SITE_PACKAGES] [--bare] [--stream]
@@ -11,6 +11,8 @@ measured is the engine alone:
 - grpc.aio   `python -m gateway.bench.echo` (grpc.aio on uvloop, raw bytes), a process of its own;
 - envoy      the envoy engine (gateway/server/engines/envoy_server.py): Envoy + the embedded
              CPython running the engine's ASGI app, serving a one-Method table;
+- h2         the h2 engine (gateway/server/engines/h2.py): the same ASGI app on libnghttp2 in the
+             event loop's thread, a process of its own (this script with --serve-h2);
 - connectrpc (with --connectrpc DIR, a site-packages holding `connectrpc`) the Connect team's ASGI
              server runtime on the same pyvoy, with a bytes-in/bytes-out codec;
 - pyvoy-bare (with --bare) the floor: an ASGI app that reads the body and sends the prebuilt frame
