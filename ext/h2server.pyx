@@ -200,6 +200,7 @@ cdef class Stream:
     cdef list outbound             # body bytes for the data provider
     cdef Py_ssize_t offset         # how much of outbound[0] was sent
     cdef Py_ssize_t queued         # bytes in outbound
+    cdef size_t header_bytes       # the request's header list so far, as RFC 9113 counts it
     cdef bint deferred             # the data provider is waiting for more
 
     def __cinit__(self, Connection conn, int32_t stream_id):
@@ -292,14 +293,16 @@ cdef class Stream:
             if not self.wants_trailers:
                 self.answered = True
         if not self.submitted:
-            self.submitted = True
             headers = self.response_headers
+            alone = self.body_ended and not self.outbound and not self.wants_trailers
+            try:  # headers alone end the stream (a trailers-only gRPC answer)
+                self.conn.submit_response(self, headers, not alone)
+            except BaseException:
+                self.answered = False  # not sent: the app's end resets the stream
+                raise
+            self.submitted = True
             self.response_headers = None
-            if self.body_ended and not self.outbound and not self.wants_trailers:
-                self.complete = True  # headers alone end the stream (a trailers-only gRPC answer)
-                self.conn.submit_response(self, headers, False)
-            else:
-                self.conn.submit_response(self, headers, True)
+            self.complete = alone
         else:
             self.resume()
 
@@ -355,7 +358,7 @@ cdef class Stream:
                 return written
             data_flags[0] |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM
             if self.conn.submit_trailer(self.id, self.trailers) != 0:
-                return NGHTTP2_ERR_CALLBACK_FAILURE
+                return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE  # this stream is reset, the connection lives
         else:
             data_flags[0] |= NGHTTP2_DATA_FLAG_EOF
         self.complete = True
@@ -397,7 +400,7 @@ cdef class Connection:
     cdef uint32_t max_concurrent_streams
     cdef int32_t stream_window
     cdef int32_t connection_window
-    cdef uint32_t max_header_list_bytes
+    cdef readonly uint32_t max_header_list_bytes
     cdef public Py_ssize_t send_buffer_bytes
 
     def __cinit__(self):
@@ -608,10 +611,11 @@ cdef class Connection:
         self.want_flush()
 
     def close(self):
-        """Close the connection now: streams still open end as reset (their tasks cancelled)."""
+        """Close the connection now: what is ready is written, then the socket is dropped without
+        waiting for a client that does not read; streams still open end as reset (tasks cancelled)."""
         if self.transport is not None:
             self._flush()
-            self.transport.close()
+            self.transport.abort()
 
     # ------------------------------------------------------------------------ the app side
 
@@ -717,6 +721,11 @@ cdef int _on_header(nghttp2_session *session, const nghttp2_frame *frame, const 
     stream = <Stream>found
     if stream.started or stream.closed:
         return 0  # trailers
+    # SETTINGS_MAX_HEADER_LIST_SIZE is only advertised by libnghttp2, not enforced: without this a
+    # client could make one stream hold megabytes of fields (HPACK references to one large entry).
+    stream.header_bytes += namelen + valuelen + 32
+    if stream.header_bytes > (<Connection>user_data).max_header_list_bytes:
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE  # this stream is reset, the connection lives
     try:
         if namelen and name[0] == 58:  # ':', a pseudo-header
             if namelen == 7 and memcmp(name, b":method", 7) == 0:
@@ -742,8 +751,10 @@ cdef int _on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t stream_
     stream = <Stream>found
     try:
         stream.chunks.append(PyBytes_FromStringAndSize(<char *>data, length))
-    except BaseException:
-        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
+    except BaseException:  # (libnghttp2 ignores a non-fatal error here: reset the stream ourselves)
+        nghttp2_session_consume(session, stream_id, length)
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, stream_id, NGHTTP2_INTERNAL_ERROR)
+        return 0
     stream.unconsumed += length
     stream.wake()
     return 0
@@ -763,9 +774,10 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, vo
         if kind == NGHTTP2_HEADERS and not stream.started:
             stream.started = True
             (<Connection>user_data).start(stream)
-    except BaseException:
+    except BaseException:  # (any error returned here would end the connection: reset the stream only)
         log.exception("HTTP/2 stream %d: the app could not be started", frame.hd.stream_id)
-        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame.hd.stream_id, NGHTTP2_INTERNAL_ERROR)
+        return 0
     if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
         stream.request_ended = True
         stream.wake()
@@ -796,8 +808,8 @@ cdef int _on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t 
         return 0
     stream = <Stream>found
     try:
-        stream.ended_by(not stream.complete)
         conn.streams.pop(stream_id, None)
+        stream.ended_by(not stream.complete)
     except BaseException:
         pass
     return 0

@@ -175,3 +175,20 @@ def test_a_client_that_does_not_speak_http2_is_closed_and_others_are_served():
             assert await channel.unary_unary("/t.T/Echo")(b"fine", timeout=10) == b"fine"
 
     run(test)
+
+
+def test_a_header_list_over_the_limit_resets_only_its_own_stream():
+    """libnghttp2 only advertises SETTINGS_MAX_HEADER_LIST_SIZE; the server enforces it (64 KiB by
+    default): a call with 100 KiB of metadata is reset, the next call on the connection is served."""
+
+    async def test(engine, probe, target):
+        async with grpc.aio.insecure_channel(target) as channel:
+            echo = channel.unary_unary("/t.T/Echo")
+            big = tuple((f"x-pad-{i}", "p" * 1000) for i in range(100))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await echo(b"a", metadata=big, timeout=10)
+            assert refused.value.code() is not grpc.StatusCode.DEADLINE_EXCEEDED
+            assert await echo(b"fine", metadata=big[:10], timeout=10) == b"fine"  # 10 KiB is within it
+            assert len(engine.connections) == 1
+
+    run(test)
