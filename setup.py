@@ -45,15 +45,14 @@ NGHTTP2_SONAME = "libnghttp2.so.14"
 
 
 def nghttp2_found() -> bool:
-    import ctypes.util
+    """Whether the soname the extension links against loads here."""
+    import ctypes
 
     try:
-        import ctypes
-
         ctypes.CDLL(NGHTTP2_SONAME)
-        return True
     except OSError:
-        return ctypes.util.find_library("nghttp2") is not None
+        return False
+    return True
 
 
 def extensions() -> list[Extension]:

@@ -171,6 +171,12 @@ cdef str _error_text(int code):
 cdef class Connection
 
 
+cdef inline void _release(object waiter):
+    """Wake what awaits `waiter` (a receive() or a send() held back), if anything does."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 cdef class Stream:
     """One request/response exchange: what the client sent, and the answer the app is making."""
 
@@ -243,16 +249,17 @@ cdef class Stream:
                 self.receiver = None
 
     cdef void wake(self):
-        receiver = self.receiver
-        if receiver is not None and not receiver.done():
-            receiver.set_result(None)
+        _release(self.receiver)
+
+    cdef object gone(self):
+        return ConnectionResetError(f"HTTP/2 stream {self.id}: the client reset it")
 
     # --------------------------------------------------------------------------- ASGI send
 
     async def send(self, dict message):
         kind = message["type"]
         if self.reset:
-            raise ConnectionResetError(f"HTTP/2 stream {self.id}: the client reset it")
+            raise self.gone()
         if kind == "http.response.body":
             self.body(message.get("body", b""), message.get("more_body", False))
             if self.queued > self.conn.send_buffer_bytes:
@@ -320,7 +327,7 @@ cdef class Stream:
             finally:
                 self.drained = None
         if self.reset:
-            raise ConnectionResetError(f"HTTP/2 stream {self.id}: the client reset it")
+            raise self.gone()
 
     # ------------------------------------------------------------------ libnghttp2's side
 
@@ -342,9 +349,8 @@ cdef class Stream:
             else:
                 self.offset += n
         self.queued -= written
-        drained = self.drained
-        if drained is not None and self.queued <= self.conn.send_buffer_bytes and not drained.done():
-            drained.set_result(None)
+        if self.queued <= self.conn.send_buffer_bytes:
+            _release(self.drained)
         if self.outbound or not self.body_ended:
             if written == 0:
                 self.deferred = True
@@ -376,9 +382,7 @@ cdef class Stream:
             task = self.task
             if task is not None and not task.done():
                 task.cancel()
-            drained = self.drained
-            if drained is not None and not drained.done():
-                drained.set_result(None)
+            _release(self.drained)
         self.wake()
 
 

@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--engine", choices=ENGINES, default="auto",
                       help="what serves the gateway (server.engine): envoy (Envoy's HTTP/2 through pyvoy, the "
                            "gateway's stages inside the Envoy process), h2 (libnghttp2 on this process's event loop), "
-                           "grpcio (grpc.aio in this process), or auto: envoy where pyvoy is installed (default)")
+                           "grpcio (grpc.aio in this process), or auto: h2 where it is built, else envoy where pyvoy is "
+                           "installed, else grpcio (default)")
     demo.set_defaults(run=cmd_demo)
 
     from gateway.audit import cli as audit_cli

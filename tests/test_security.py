@@ -1,4 +1,4 @@
-"""Security at the front door, on both engines: TLS and mutual TLS with certificates made here,
+"""Security at the front door, on every engine: TLS and mutual TLS with certificates made here,
 tenants (bearer tokens, API keys), model allow-lists, rates, request limits, streams per connection.
 
 Real Tritons from the wheel (the session's shared pair), the real gateway on a real port, stock
@@ -23,7 +23,7 @@ import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2
 
-from gateway.testing import EnvoyGatewayThread, GatewayThread
+from tests.conftest import gateway_on
 from tests.pki import Pki
 from tests.waiting import wait_until
 
@@ -31,12 +31,6 @@ ENGINES = ["grpcio", "envoy", "h2"]
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 SNAPSHOT = "/tensorgate.admin.v1.GatewayService/GetSnapshot"
-
-
-def serve(engine: str, config: dict) -> GatewayThread:
-    if engine == "envoy":
-        return EnvoyGatewayThread(config)
-    return GatewayThread({**config, "server": {**(config.get("server") or {}), "engine": engine}})
 
 
 def base_config(tritons) -> dict:
@@ -120,7 +114,7 @@ def _refused(client) -> None:
 def test_tls_front_door(engine, tritons, pki):
     config = base_config(tritons)
     config["server"] = {"tls": {"cert_file": str(pki.server.cert), "key_file": str(pki.server.key)}}
-    with serve(engine, config) as gateway:
+    with gateway_on(engine, config) as gateway:
         client = _tls_client(gateway.address, pki)
         wait_ready(client)
         result = client.infer("simple_scale", scale_inputs(), client_timeout=20)
@@ -135,7 +129,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate_of_the_ca(engine, trit
     config = base_config(tritons)
     config["server"] = {"tls": {"cert_file": str(pki.server.cert), "key_file": str(pki.server.key),
                                 "client_ca_file": str(pki.ca.cert)}}
-    with serve(engine, config) as gateway:
+    with gateway_on(engine, config) as gateway:
         client = _tls_client(gateway.address, pki, cert=pki.client)
         wait_ready(client)
         result = client.infer("simple_scale", scale_inputs(), client_timeout=20)
@@ -168,7 +162,7 @@ def tenants(request, tritons, tmp_path_factory):
                  "rate": {"requests_per_s": 0.05, "burst": 3}},
         "ops": {"tokens": [{"env": "TENSORGATE_TEST_TOKEN_OPS"}], "models": ["*"], "admin": True},
     }}
-    thread = serve(request.param, config)
+    thread = gateway_on(request.param, config)
     with thread:
         ops = bearer(credentials["ops"])
         for model in ("simple_scale", "add_sub"):
@@ -348,7 +342,7 @@ def limited(request, tritons):
     config = base_config(tritons)
     config["limits"] = {"max_tensors": 3, "max_bytes_element_bytes": 16,
                         "models": {"simple_scale": {"max_message_bytes": 200}}}
-    with serve(request.param, config) as thread:
+    with gateway_on(request.param, config) as thread:
         wait_ready(triton_grpc.InferenceServerClient(thread.address))
         yield thread
 
@@ -395,7 +389,7 @@ def test_a_message_over_its_model_limit_is_resource_exhausted(limited):
 def test_streams_per_connection_are_bounded(engine, tritons):
     config = base_config(tritons)
     config["server"] = {"max_concurrent_streams": 2}
-    with serve(engine, config) as gateway, grpc.insecure_channel(gateway.address) as channel:
+    with gateway_on(engine, config) as gateway, grpc.insecure_channel(gateway.address) as channel:
         stream = channel.stream_stream(STREAM, request_serializer=service_pb2.ModelInferRequest.SerializeToString,
                                        response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
         live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
@@ -427,7 +421,7 @@ def test_a_rapid_reset_flood_does_not_take_the_gateway_down(engine, tritons):
     """HTTP/2 rapid reset: streams opened and reset at once, 1,500 of them on one connection. Envoy
     counts them as premature resets and closes such connections (its default protection, kept on);
     either engine goes on serving everyone else."""
-    with serve(engine, base_config(tritons)) as gateway:
+    with gateway_on(engine, base_config(tritons)) as gateway:
         client = triton_grpc.InferenceServerClient(gateway.address)
         wait_ready(client)
         with grpc.insecure_channel(gateway.address) as channel:
