@@ -258,11 +258,16 @@ def test_a_killed_worker_comes_back_and_the_other_fails_nothing(backends, engine
             time.sleep(0.5)
             os.kill(pids[1], signal.SIGKILL)
 
-            def restarted():
-                worker = survivor.snapshot()["workers"]["1"]
+            def worker_1():
+                return survivor.snapshot()["workers"]["1"]
+
+            def restarted(worker):
                 return worker["pid"] not in (None, pids[1]) and worker["ready"] and worker["restarts"] == 1
 
-            assert poll(restarted, True, timeout=60)
+            last = wait_until(worker_1, "worker 1 restarted once and ready", 60, step=0.1, accept=restarted,
+                              raise_on_timeout=False)
+            assert restarted(last), (f"worker 1 (was pid {pids[1]}) not back after 60 s; the parent says {last}; "
+                                     f"its output ends:\n{process.output()[-6000:]}")
             comeback = connect_to(process.address, 1)  # the new worker 1 serves new connections
             comeback.client.infer("simple_scale", _scale_inputs(np.ones((1, 16))))
             comeback.close()
