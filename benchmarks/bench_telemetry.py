@@ -6,7 +6,8 @@ Rows (CPU time of this process, best of interleaved rounds; exporter threads inc
 
   metrics observer         RequestAggregates.record of a batched request: duration, backend-call and
                            queue-time histograms (three dict lookups, three bisects)
-  trace decision, no ctx   Tracing.start for a request without trace context, not sampled (ratio 1 %)
+  trace decision, no ctx   Tracing.start for a request without trace context, not sampled (ratio 1 %),
+                           its call's headers as the h2 and envoy engines hand them over
   trace decision, ctx 00   the same with a client traceparent whose sampled flag is off
   traced request           a sampled request's spans: request span, backend span, queue span, ended and
                            exported over OTLP to a receiver in this process (at this benchmark's rate the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +39,8 @@ from gateway.bench.otlp_receiver import GrpcReceiver  # noqa: E402
 from gateway.protocol import pb  # noqa: E402
 from gateway.pipeline.exchange import Exchange, ModelEntry  # noqa: E402
 from gateway.protocol.tensors import ModelSignature  # noqa: E402
+from gateway.server.engines.grpc_asgi import metadata_of  # noqa: E402
+from gateway.server.rpc import Call  # noqa: E402
 from gateway.telemetry.aggregates import OK, RequestAggregates  # noqa: E402
 from gateway.telemetry.config import TelemetryConfig  # noqa: E402
 from gateway.telemetry.tracing import Tracing  # noqa: E402
@@ -56,6 +60,15 @@ def _exchange(entry: ModelEntry, trace=None) -> Exchange:
     return exchange
 
 
+def _call(extra: tuple) -> Call:
+    """A call as the ASGI engines (h2, envoy) hand it over: the request headers a stock gRPC client
+    sends, plus `extra`."""
+    headers = [(b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"grpc-timeout", b"30S"),
+               (b"user-agent", b"grpc-python/1.85.3 grpc-c/50.0.0 (linux; chttp2)"),
+               (b"grpc-accept-encoding", b"identity, deflate, gzip"), *extra]
+    return Call(None, partial(metadata_of, headers), "", dict(headers))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
@@ -72,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     config = TelemetryConfig(otlp_endpoint=f"127.0.0.1:{receiver.port}", trace_sampling_ratio=SAMPLING)
     tracing = Tracing(config, Resource.create({"service.name": "bench"}))
     request = pb.ModelInferRequest(model_name="simple_scale", id="r1")
-    unsampled = (("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),)
-    sampled = (("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),)
+    plain = _call(())
+    unsampled = _call(((b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),))
+    sampled = _call(((b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),))
 
     def traced_request() -> None:
         trace = tracing.start(entry, request, sampled, time.perf_counter_ns())
@@ -88,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     calls = {
         "metrics observer": lambda: aggregates.record(exchange, OK),
-        "trace decision, no ctx": lambda: tracing.start(entry, request, None, 0),
+        "trace decision, no ctx": lambda: tracing.start(entry, request, plain, 0),
         "trace decision, ctx 00": lambda: tracing.start(entry, request, unsampled, 0),
         "traced request": traced_request,
         "SDK histogram.record": lambda: histogram.record(0.0009, attributes),

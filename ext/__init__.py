@@ -12,6 +12,7 @@ USING_EXTENSIONS = not os.environ.get("TENSORGATE_NO_EXTENSIONS")
 
 if USING_EXTENSIONS:
     from gateway.ext.batching import bytes_typed_to_raw, gather, gather_into, scatter, scatter_bytes, typed_to_raw
+    from gateway.ext.histogram import BucketCounts
     from gateway.ext.tensorcheck import bytes_element_count, bytes_longest_element
 else:
     from gateway.ext.batching_py import (
@@ -22,10 +23,12 @@ else:
         scatter_bytes,
         typed_to_raw,
     )
+    from gateway.ext.histogram_py import BucketCounts
     from gateway.ext.tensorcheck_py import bytes_element_count, bytes_longest_element
 
 __all__ = [
     "USING_EXTENSIONS",
+    "BucketCounts",
     "bytes_element_count",
     "bytes_longest_element",
     "bytes_typed_to_raw",

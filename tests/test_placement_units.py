@@ -19,6 +19,7 @@ from gateway.routing.config import ModelRoute
 from gateway.routing.mirror import Mirror
 from gateway.routing.placement import LatencyEstimate, PoolGate, load_score
 from gateway.routing.router import CANARY, PREFERRED, PROBE, SHADOW, SPILL, Router
+from gateway.server.rpc import Call
 from gateway.traffic.split import VersionSplit, key_fraction
 from gateway.traffic.stats import OutputComparison
 from tests.test_routing_units import StandInBackend, StandInFleet
@@ -278,7 +279,7 @@ def test_sticky_key_keeps_a_client_on_one_version_and_is_removed():
             assert "tensorgate-sticky-key" not in message.parameters
         assert len(versions) == 1
     message = request()
-    split.pick(message, (("tensorgate-sticky-key", "alice"),))  # the header works the same
+    split.pick(message, Call(metadata=(("tensorgate-sticky-key", "alice"),)))  # the header works the same
     by_param = request(sticky="alice")
     split.pick(by_param, None)
     assert message.model_version == by_param.model_version

@@ -160,6 +160,7 @@ def test_unreachable_otlp_collector_never_fails_requests(tritons, collector_stat
     [
         ({"prometheus_port": 70000}, "telemetry.prometheus_port"),
         ({"otlp_endpoint": "x", "otlp_interval_s": 0}, "telemetry.otlp_interval_s"),
+        ({"otlp_endpoint": "x", "trace_export_interval_s": 0}, "telemetry.trace_export_interval_s"),
         ({"otlp_endpoint": "x", "otlp_headers": {"Api-Key": "k"}}, "telemetry.otlp_headers.Api-Key"),
         ({"otlp_endpoint": "x", "otlp_histogram": "native"}, "telemetry.otlp_histogram"),
         ({"otlp_endpoint": "x", "trace_sampling_ratio": 1.5}, "telemetry.trace_sampling_ratio"),

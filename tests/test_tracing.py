@@ -22,6 +22,7 @@ import tritonclient.grpc.aio as triton_aio
 
 from gateway.local.triton import LocalTriton, default_model_repository
 from gateway.testing import GatewayThread
+from tests.conftest import gateway_on
 from gateway.bench.otlp_receiver import GrpcReceiver, HttpTraceReceiver
 from tests.servers import HangingServer, UpstreamProxy
 from tests.waiting import wait_until
@@ -71,7 +72,8 @@ def _config(backend: LocalTriton | UpstreamProxy, endpoint: str, ratio: float, *
     config = {
         "listen": "127.0.0.1:0",
         "pools": {"primary": {"backends": [address]}},
-        "telemetry": {"otlp_endpoint": endpoint, "otlp_interval_s": 0.5, "trace_sampling_ratio": ratio},
+        "telemetry": {"otlp_endpoint": endpoint, "otlp_interval_s": 0.5, "trace_sampling_ratio": ratio,
+                      "trace_export_interval_s": 0.5},
         # gRPC upstream, where the trace context rides call metadata (the proxy records it); the
         # HTTP transport's traceparent header is tested in test_upstream_http_triton.py.
         "upstream": {"transport": "grpc-stream"},
@@ -149,11 +151,13 @@ def _assert_triton_spans_under_backend_calls(triton_spans, backend_spans: list, 
     assert children or not require_child, "no Triton span under any of the gateway's backend spans"
 
 
-def test_client_traceparent_is_parent_of_gateway_span_and_reaches_triton(proxy, triton_spans, collector):
+# The ASGI engines (h2, envoy) look the header up in the request's headers, grpc.aio's in its metadata.
+@pytest.mark.parametrize("door", ["h2", "grpcio-uvloop"])
+def test_client_traceparent_is_parent_of_gateway_span_and_reaches_triton(proxy, triton_spans, collector, door):
     config = _config(proxy, f"127.0.0.1:{collector.port}", ratio=1e-9)  # only client-sampled requests
     header, trace_id, client_span = _traceparent()
     more = [_traceparent() for _ in range(5)]  # more traced requests, so Triton's side shows some children
-    with GatewayThread(config) as gateway:
+    with gateway_on(door, config) as gateway:
         client = triton_grpc.InferenceServerClient(gateway.address)
         window_start = time.time_ns()
         try:
@@ -345,7 +349,7 @@ def test_collector_down_requests_still_succeed(traced_triton, collector_state):
         latencies = []
         try:
             began = time.monotonic()
-            while time.monotonic() - began < 2.5:  # past two of the span processor's 1 s schedules, many metric exports
+            while time.monotonic() - began < 2.5:  # past four of the span processor's 0.5 s schedules, many metric exports
                 started = time.perf_counter()
                 client.infer("simple_scale", _inputs())
                 latencies.append(time.perf_counter() - started)
@@ -362,7 +366,7 @@ def test_collector_down_requests_still_succeed(traced_triton, collector_state):
         stopped_in = time.monotonic() - started
         if hanging is not None:
             hanging.close()
-    # Were requests to wait on the exporters (the span processor's 1 s schedule, the exporters'
+    # Were requests to wait on the exporters (the span processor's schedule, the exporters'
     # 1-2-4 s retry backoff, their 10 s timeout), most would take a second or more and few would be
     # answered in the time. They take their usual few milliseconds; a busy shared machine
     # stretches a handful, which only the maximum sees.

@@ -14,6 +14,15 @@ from gateway.errors import GatewayError
 from gateway.pipeline.exchange import Exchange, ModelEntry
 
 
+class CallHeaders(Protocol):
+    """What the pipeline reads of a call (gateway/server/rpc.py's Call): a metadata value by key,
+    for the client's trace context and a traffic split's sticky key. Only the requests that need a
+    header look it up, so handing the call over costs nothing."""
+
+    def header(self, key: str) -> str | bytes | None:
+        """A value of metadata `key` (lower case), or None."""
+
+
 class Dispatcher(Protocol):
     """Sends an admitted, validated request to a backend and returns what the backend answered.
 
@@ -78,10 +87,11 @@ class RefusalObserver(Protocol):
 
 class TraceStarter(Protocol):
     """Decides on arrival whether a request is traced; returns the trace handle the exchange carries
-    (`Exchange.trace`), or None when the request is not sampled. `metadata` is the call's metadata
-    (the client's trace context), `started_ns` the arrival time (perf_counter_ns)."""
+    (`Exchange.trace`), or None when the request is not sampled. `call` is what the front door
+    knows of the call (its `header(key)` holds the client's trace context; None when there is no
+    call), `started_ns` the arrival time (perf_counter_ns)."""
 
-    def __call__(self, entry: ModelEntry, request: object, metadata: tuple | None, started_ns: int) -> object | None: ...
+    def __call__(self, entry: ModelEntry, request: object, call: CallHeaders | None, started_ns: int) -> object | None: ...
 
 
 class TracedSend(Protocol):

@@ -21,7 +21,7 @@ from typing import Callable
 
 from gateway.errors import GatewayError, NotFound, Unimplemented
 from gateway.pipeline.admission import Admission
-from gateway.pipeline.contracts import BatchObserver, Dispatcher, Observer, RefusalObserver, TraceStarter
+from gateway.pipeline.contracts import BatchObserver, CallHeaders, Dispatcher, Observer, RefusalObserver, TraceStarter
 from gateway.pipeline.exchange import Exchange, ModelEntry
 from gateway.protocol import triton_messages as triton
 from gateway.protocol.tensors import FINAL_FLAG_REQUEST, FINAL_FLAG_RESPONSE
@@ -47,7 +47,7 @@ class Pipeline:
         self.in_flight = 0
         """Requests inside infer/infer_stream now: a config reload retires this pipeline at 0."""
         self.version_pickers: dict[str, Callable] = {}
-        """model -> pick(request, metadata): sets the version of a request that names none (a traffic
+        """model -> pick(request, call): sets the version of a request that names none (a traffic
         split; gateway/traffic/). Runs before the model is resolved; empty: nothing to pick."""
         self._entries: dict[tuple[str, str], ModelEntry] = {}
 
@@ -74,18 +74,13 @@ class Pipeline:
 
     @property
     def traced(self) -> bool:
-        """Whether requests may be traced (the front door then reads each call's metadata)."""
+        """Whether requests may be traced."""
         return self.trace_starter is not None
 
-    @property
-    def reads_metadata(self) -> bool:
-        """Whether the front door should hand each call's metadata over (tracing, or a traffic split's sticky key)."""
-        return self.trace_starter is not None or bool(self.version_pickers)
-
-    def _pick_version(self, request, metadata) -> None:
+    def _pick_version(self, request, call) -> None:
         picker = self.version_pickers.get(request.model_name)
         if picker is not None:
-            picker(request, metadata)
+            picker(request, call)
 
     def __repr__(self) -> str:
         return f"<Pipeline models={len(self._entries)} observers={len(self.observers)}>"
@@ -163,8 +158,8 @@ class Pipeline:
         for observe in self.refusal_observers:
             observe(model, version, error, elapsed)
 
-    def _exchange(self, entry: ModelEntry, request, metadata, started_ns: int, layout: tuple | None) -> Exchange:
-        trace = self.trace_starter(entry, request, metadata, started_ns) if self.trace_starter is not None else None
+    def _exchange(self, entry: ModelEntry, request, call, started_ns: int, layout: tuple | None) -> Exchange:
+        trace = self.trace_starter(entry, request, call, started_ns) if self.trace_starter is not None else None
         exchange = Exchange(entry, request, started_ns, trace)
         exchange.layout = layout
         return exchange
@@ -189,20 +184,20 @@ class Pipeline:
         gate.held_bytes = held + size
         return gate
 
-    async def infer(self, request, deadline: float | None, metadata=None, size: int = 0):
-        """One response for one request (ModelInfer). `metadata`: the call's gRPC metadata (trace
-        context); `size`: the request's serialized bytes (what the model's gate counts)."""
+    async def infer(self, request, deadline: float | None, call: CallHeaders | None = None, size: int = 0):
+        """One response for one request (ModelInfer). `call`: the call's headers (trace context, a
+        split's sticky key); `size`: the request's serialized bytes (what the model's gate counts)."""
         started = time.perf_counter_ns()
         self.in_flight += 1
         try:
             if self.version_pickers:
-                self._pick_version(request, metadata)
+                self._pick_version(request, call)
             # No coroutine layer for a model already resolved: resolving awaits only the first time.
             entry = self._known_entry(request) or await self._resolve_admitting(request, started)
             layout = self._admit(entry, request, started, unary=True)
             gate = self._enter_gate(entry, request, size, started)
             try:
-                response = await self._infer_one(self._exchange(entry, request, metadata, started, layout), deadline)
+                response = await self._infer_one(self._exchange(entry, request, call, started, layout), deadline)
             finally:
                 gate.inflight -= 1
                 gate.held_bytes -= size
@@ -226,21 +221,21 @@ class Pipeline:
         finally:
             self._observe(exchange, response, error)
 
-    async def infer_stream(self, request, deadline: float | None, metadata=None, size: int = 0):
+    async def infer_stream(self, request, deadline: float | None, call: CallHeaders | None = None, size: int = 0):
         """Yield every response of one request (one for ordinary models, any number if decoupled)."""
         self.in_flight += 1
         try:
-            async for response in self._infer_stream(request, deadline, metadata, size):
+            async for response in self._infer_stream(request, deadline, call, size):
                 yield response
         finally:
             self.in_flight -= 1
 
-    async def _infer_stream(self, request, deadline: float | None, metadata=None, size: int = 0):
+    async def _infer_stream(self, request, deadline: float | None, call: CallHeaders | None = None, size: int = 0):
         started = time.perf_counter_ns()
         if self.version_pickers:
-            self._pick_version(request, metadata)
+            self._pick_version(request, call)
         entry = self._known_entry(request) or await self._resolve_admitting(request, started)
-        exchange = self._exchange(entry, request, metadata, started, self._admit(entry, request, started))
+        exchange = self._exchange(entry, request, call, started, self._admit(entry, request, started))
         gate = self._enter_gate(entry, request, size, started)
         try:
             if not entry.signature.decoupled:

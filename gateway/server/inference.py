@@ -167,10 +167,6 @@ class InferenceService:
 
     # ---- inference -----------------------------------------------------------------------------
 
-    def _trace_metadata(self, call: Call):
-        """The call's metadata, read only when tracing or a traffic split needs it (reading it costs on every request)."""
-        return call.metadata if self.pipeline.reads_metadata else None
-
     def _parse_infer(self, raw: bytes):
         started = time.perf_counter_ns()
         try:
@@ -194,7 +190,7 @@ class InferenceService:
             size = len(raw)
             request = self._parse_infer(raw)
             raw = None  # parsed: the client's bytes may go (the envoy engine holds no other reference)
-            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call), size)
+            response = await self.pipeline.infer(request, call.deadline, call, size)
             request = None  # answered and observed: its tensors may go before the answer is serialized
         finally:
             readiness.finished()
@@ -210,7 +206,7 @@ class InferenceService:
             request = self._parse_infer(raw)
             raw = None
             self.guard.check_infer(call, request, size, False)
-            response = await self.pipeline.infer(request, call.deadline, self._trace_metadata(call), size)
+            response = await self.pipeline.infer(request, call.deadline, call, size)
             request = None
         finally:
             readiness.finished()
@@ -225,8 +221,7 @@ class InferenceService:
         outbox: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         last_step: dict[object, asyncio.Task] = {}  # sequence id -> the task of its latest step
-        deadline = call.deadline
-        metadata = self._trace_metadata(call)  # a stream's trace context applies to each of its requests
+        deadline = call.deadline  # the stream's deadline and headers (trace context) apply to each of its requests
         check = None if self.guard is None else self.guard.check_infer  # each request spends from the rate
         done_reading = object()
 
@@ -244,7 +239,7 @@ class InferenceService:
                     await asyncio.wait((after,))  # its outcome is its own; only the order matters here
                 gate = self._enter_gateway(size)
                 try:
-                    async for response in self.pipeline.infer_stream(request, deadline, metadata, size):
+                    async for response in self.pipeline.infer_stream(request, deadline, call, size):
                         outbox.put_nowait(pb.ModelStreamInferResponse(infer_response=response).SerializeToString())
                 finally:
                     gate.release(size)

@@ -1,8 +1,8 @@
-"""Request aggregates kept on the hot path as plain Python counters, read at collection time.
+"""Request aggregates kept on the hot path as C counters (ext/histogram.pyx), read at collection time.
 
-Recording through the OpenTelemetry SDK costs ~9 µs a call; an observer that finds its series by a
-tuple of objects it already holds (model entry, backend, status) and bumps a few ints costs ~1-2 µs
-for all three histograms. The SDK sees these counts only when a reader collects (a Prometheus
+Recording through the OpenTelemetry SDK costs ~5-9 µs a call; an observer that finds a request's
+three series with one dict lookup by a tuple of objects it already holds (model entry, backend,
+status) and counts in C costs a few hundred ns for all three (benchmarks/bench_telemetry.py). The SDK sees these counts only when a reader collects (a Prometheus
 scrape, an OTLP export), as cumulative sums and cumulative histograms.
 
 Thread model: `record` runs on the gateway's event loop thread; `snapshot` runs on an exporter's
@@ -65,8 +65,8 @@ class _Family:
     def __len__(self) -> int:
         return len(self._all)
 
-    def record(self, key, value: int, labels: Callable[..., dict], *args) -> None:
-        """Record `value` in the series of `key`. On the first sight of a key, its attributes are
+    def series(self, key, labels: Callable[..., dict], *args) -> BucketCounts:
+        """The counts of `key`'s series. On the first sight of a key, its attributes are
         `labels(*args)`; two keys with the same attributes (say, a refused and an admitted request
         that both failed before reaching a backend) share one series, as an exporter requires."""
         series = self._series.get(key)
@@ -78,7 +78,11 @@ class _Family:
                 series = self._by_attributes[identity] = Series(attributes)
                 self._all.append(series)
             self._series[key] = series
-        series.histogram.record(value)
+        return series.histogram
+
+    def record(self, key, value: int, labels: Callable[..., dict], *args) -> None:
+        """Record `value` in the series of `key` (see `series`)."""
+        self.series(key, labels, *args).record(value)
 
     def snapshot(self) -> list[SeriesSnapshot]:
         out = []
@@ -113,18 +117,31 @@ class RequestAggregates:
         self.requests = _Family()
         self.backend_time = _Family()
         self.queue_time = _Family()
+        # (entry, backend, status) -> [duration, backend-call, queue-time counts]: one lookup a
+        # request finds all three (the last two made on first need: a series is exported once used).
+        self._rows: dict[tuple, list] = {}
 
     def __repr__(self) -> str:
         return f"<RequestAggregates series={len(self.requests)}>"
 
     def record(self, exchange, code: grpc.StatusCode) -> None:
         entry, backend = exchange.entry, exchange.backend
-        self.requests.record((entry, backend, code), exchange.elapsed_ns,
-                             _request_labels, entry.name, entry.version, backend, code)
+        row = self._rows.get((entry, backend, code))
+        if row is None:
+            row = self._rows[entry, backend, code] = [
+                self.requests.series((entry, backend, code), _request_labels, entry.name, entry.version, backend, code),
+                None, None]
+        row[0].record(exchange.elapsed_ns)
         if backend is not None and exchange.upstream_ns:
-            self.backend_time.record((entry, backend), exchange.upstream_ns, _backend_time_labels, entry, backend)
+            counts = row[1]
+            if counts is None:
+                counts = row[1] = self.backend_time.series((entry, backend), _backend_time_labels, entry, backend)
+            counts.record(exchange.upstream_ns)
         if exchange.batch_rows:
-            self.queue_time.record(entry, exchange.queued_ns, _queue_time_labels, entry)
+            counts = row[2]
+            if counts is None:
+                counts = row[2] = self.queue_time.series(entry, _queue_time_labels, entry)
+            counts.record(exchange.queued_ns)
 
     def record_refusal(self, model: str, version: str, code: grpc.StatusCode, elapsed_ns: int) -> None:
         """A request refused before admission (unknown model, invalid tensors): no backend saw it."""

@@ -7,16 +7,19 @@ handed to OTLP either as an explicit-bucket histogram (what Prometheus-bound pip
 an exponential one (what OpenTelemetry-native backends merge at any scale) without re-binning.
 Adjacent bounds differ by 41 %, so a percentile read from the buckets is within about ±20 %.
 
-Recording is a `bisect` into a list of ints and four int updates (~0.3 µs); nothing here takes a
-lock: the event loop thread writes, an exporter thread copies the counts (under the GIL) and may
-be at most one observation behind.
+The counts themselves are `BucketCounts` (ext/histogram.pyx, a C binary search and four integer
+updates a record); nothing takes a lock: the event loop thread writes, an exporter thread copies the
+counts (under the GIL) and may be at most one observation behind.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
-
 from opentelemetry.sdk.metrics.export import Buckets, ExponentialHistogramDataPoint, HistogramDataPoint
+
+from gateway.ext import BucketCounts
+
+__all__ = ["BucketCounts", "DURATION_BOUNDS_NS", "DURATION_BOUNDS_S", "DURATION_FIRST_INDEX", "exponential_bounds",
+           "exponential_point", "explicit_point"]
 
 #: Exponential-histogram scale of the bounds: base = 2 ** (2 ** -SCALE) = √2.
 SCALE = 1
@@ -31,31 +34,6 @@ def exponential_bounds(first_index: int, last_index: int) -> tuple[float, ...]:
 DURATION_FIRST_INDEX = -30
 DURATION_BOUNDS_S = exponential_bounds(DURATION_FIRST_INDEX, 12)
 DURATION_BOUNDS_NS = tuple(round(bound * 1e9) for bound in DURATION_BOUNDS_S)
-
-
-class BucketCounts:
-    """Counts of one series over fixed inclusive upper bounds (ints, e.g. nanoseconds), plus sum, min, max."""
-
-    __slots__ = ("bounds", "counts", "total", "minimum", "maximum")
-
-    def __init__(self, bounds: tuple[int, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0
-        self.minimum = 0
-        self.maximum = 0
-
-    def record(self, value: int) -> None:
-        if value > self.maximum:
-            self.maximum = value
-        if value < self.minimum or not self.total:
-            self.minimum = value
-        self.total += value
-        self.counts[bisect_right(self.bounds, value - 1)] += 1  # bounds are inclusive upper limits
-
-    def snapshot(self) -> tuple[tuple[int, ...], int, int, int]:
-        """(bucket counts, sum, min, max): one copy, so the count is the sum of exactly these buckets."""
-        return tuple(self.counts), self.total, self.minimum, self.maximum
 
 
 def explicit_point(attributes: dict, counts: tuple[int, ...], total: float, minimum: float, maximum: float,

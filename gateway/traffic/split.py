@@ -24,7 +24,7 @@ def key_fraction(key: str | bytes) -> float:
 
 
 class VersionSplit:
-    """{version: weight} of one model; `pick(request, metadata)` sets the request's version."""
+    """{version: weight} of one model; `pick(request, call)` sets the request's version."""
 
     __slots__ = ("model", "weights", "sticky_key", "_header", "stable", "canaries", "_versions", "_bounds", "_random", "picked")
 
@@ -55,9 +55,9 @@ class VersionSplit:
     def version_at(self, fraction: float) -> str:
         return self._versions[min(bisect_right(self._bounds, fraction), len(self._versions) - 1)]
 
-    def sticky_value(self, request, metadata) -> str | None:
+    def sticky_value(self, request, call) -> str | None:
         """The request's sticky key: its parameter (removed: Triton need not see it, and it would keep
-        the request from batching with others) or else the call's metadata."""
+        the request from batching with others) or else the call's metadata (`call.header`)."""
         parameters = request.parameters
         key = self.sticky_key
         if key in parameters:
@@ -67,15 +67,16 @@ class VersionSplit:
             del parameters[key]
             if found:
                 return found
-        if metadata:
-            for name, value in metadata:
-                if name == self._header:
-                    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+        if call is not None:
+            value = call.header(self._header)
+            if value is not None:
+                return value if isinstance(value, str) else value.decode("utf-8", "replace")
         return None
 
-    def pick(self, request, metadata) -> None:
-        """Give a request that names no version its version (a request that names one keeps it)."""
-        sticky = self.sticky_value(request, metadata)
+    def pick(self, request, call) -> None:
+        """Give a request that names no version its version (a request that names one keeps it).
+        `call`: the call's headers (gateway/pipeline/contracts.py's CallHeaders), or None."""
+        sticky = self.sticky_value(request, call)
         if request.model_version:
             return
         version = self.version_at(key_fraction(sticky) if sticky is not None else self._random())

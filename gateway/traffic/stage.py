@@ -40,7 +40,7 @@ class TrafficStage:
         self._router = router
         self._rng = rng or random.Random()
         self.pickers: dict[str, object] = {}
-        """model -> its split's `pick(request, metadata)`: the dict the pipeline reads (same object)."""
+        """model -> its split's `pick(request, call)`: the dict the pipeline reads (same object)."""
         self.splits: dict[str, VersionSplit] = {}
         self.shadows: dict[str, ShadowTarget] = {}
         self.counters: dict[tuple[str, str], TrafficCounters] = {}
@@ -59,11 +59,6 @@ class TrafficStage:
     def _sticky_key(self, model: str) -> str:
         route = self._router.route_of(model)
         return route.sticky_key if route is not None else STICKY_KEY
-
-    @property
-    def reads_metadata(self) -> bool:
-        """Whether a split may read the sticky key from a call's metadata."""
-        return bool(self.splits)
 
     def routes(self, model: str) -> bool:
         return self._router.routes(model)
