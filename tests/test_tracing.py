@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
 
+from gateway.bench.otlp_receiver import GrpcReceiver, HttpTraceReceiver
 from gateway.local.triton import LocalTriton, default_model_repository
 from gateway.testing import GatewayThread
 from tests.conftest import gateway_on
-from gateway.bench.otlp_receiver import GrpcReceiver, HttpTraceReceiver
 from tests.servers import HangingServer, UpstreamProxy
 from tests.waiting import wait_until
 
@@ -235,6 +236,36 @@ def test_stream_traceparent_applies_to_each_request_on_the_stream(proxy, triton_
     _assert_each_backend_call_carried_its_span(proxy, backend_spans)
     assert proxy.forwarded == sent
     _assert_triton_spans_under_backend_calls(triton_spans, backend_spans, proxy.forwarded, window)
+
+
+def test_a_failed_traced_request_carries_its_status_and_the_clients_tracestate(proxy, collector):
+    """The spans of a request the backend fails say so (status ERROR, the gRPC code), and the
+    client's tracestate and random flag travel on to Triton with the backend span's context, as
+    the SDK's propagator writes them (W3C trace-context)."""
+    config = _config(proxy, f"127.0.0.1:{collector.port}", ratio=1e-9, enabled=False)
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    header = f"00-{trace_id}-{client_span}-03"  # sampled, and its trace id random (level 2)
+    mode = triton_grpc.InferInput("MODE", [1, 1], "INT32")
+    mode.set_data_from_numpy(np.array([[2]], dtype=np.int32))  # fail_on_demand: an INVALID_ARG error response
+    with GatewayThread(config) as gateway:
+        client = triton_grpc.InferenceServerClient(gateway.address)
+        try:
+            with pytest.raises(InferenceServerException, match="MODE 2 asked for INVALID_ARG"):
+                client.infer("fail_on_demand", [*_inputs(), mode],
+                             headers={"traceparent": header, "tracestate": "vendor=abc,other=1"})
+        finally:
+            client.close()
+        spans = _wait_spans(collector, lambda s: len(_of_trace(s, trace_id)) >= 2, "the failed request's spans")
+        assert not gateway.loop_errors
+    [request_span] = [s for s in spans if s.name == "infer fail_on_demand"]
+    [backend_span] = [s for s in spans if s.name == "tensorgate.backend"]
+    assert request_span.parent_span_id == client_span and backend_span.parent_span_id == request_span.span_id
+    for span in (request_span, backend_span):
+        assert span.status_code == 2  # STATUS_CODE_ERROR
+        assert span.attributes["rpc.response.status_code"] == "INVALID_ARGUMENT"
+    [sent] = proxy.metadata_of("ModelInfer")
+    assert sent["traceparent"] == f"00-{trace_id}-{backend_span.span_id}-03"
+    assert sent["tracestate"] == "vendor=abc,other=1"
 
 
 class _FakeEntry:
