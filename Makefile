@@ -86,7 +86,7 @@ bench: $(STAMP) $(DESCRIPTORS) $(KERNELS)
 	$(PY) benchmarks/bench_telemetry.py
 	$(PY) benchmarks/bench_drift_observe.py
 	$(PY) benchmarks/bench_hot_path.py
-	$(PY) benchmarks/bench_app_inprocess.py
+	$(PY) benchmarks/bench_app_inprocess.py --telemetry
 	$(PY) benchmarks/bench_engines.py
 	$(PY) benchmarks/bench_gateway.py
 	$(PY) benchmarks/bench_upstream.py
