@@ -80,6 +80,25 @@ class _Core:
         self.direct, self.batching, self.pipeline, self.traffic = direct, batching, pipeline, traffic
 
 
+#: How long one stage may take to stop before the gateway stops without it (a warning names it).
+STAGE_STOP_S = 5.0
+
+
+async def _bounded(what: str, closing, limit_s: float | None = None) -> None:
+    """Await `closing` for at most `limit_s` (STAGE_STOP_S); past that, cancel it without waiting on
+    the cancellation (what did not finish in time may not finish being cancelled either) and say
+    which stage it was."""
+    limit_s = STAGE_STOP_S if limit_s is None else limit_s
+    task = asyncio.ensure_future(closing)
+    done, _ = await asyncio.wait((task,), timeout=limit_s)
+    if not done:
+        task.cancel()
+        log.warning("stopping %s took more than %g s; the gateway stops without waiting for it", what, limit_s)
+        return
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stopping %s failed: %r", what, task.exception())
+
+
 class Gateway:
     """tensorgate: every stage of a Triton-compatible gRPC gateway, built from one config.
 
@@ -238,20 +257,25 @@ class Gateway:
             await self.link.start(self._report)
 
     async def stop_stages(self) -> None:
+        """Stop every stage, each within STAGE_STOP_S: a stage that does not finish is logged by name
+        and left behind, so a gateway told to stop always stops (SIGTERM must not wait on, say, a
+        backend channel's close that never returns)."""
         for task in (self._sweeper, self._watcher, *self._retiring):
             if task is not None:
                 task.cancel()
         self._sweeper = self._watcher = None
-        await self.rollouts.close()
-        await self.batching.close()
-        await self.traffic.close()
-        await self.direct.probes.close()
-        await self.drift.close()
+        await _bounded("the rollouts", self.rollouts.close())
+        await _bounded("batching", self.batching.close())
+        await _bounded("traffic", self.traffic.close())
+        await _bounded("the health probes", self.direct.probes.close())
+        await _bounded("drift", self.drift.close())
         if self.link is not None:
-            await self.link.close()  # the last report: this worker's final counts
+            # The last report (this worker's final counts) may take its call's 5 s timeout.
+            await _bounded("the link to the workers' parent", self.link.close(), 2 * STAGE_STOP_S)
         if self.telemetry is not None:
-            await asyncio.to_thread(self.telemetry.close)  # a final OTLP export may wait on the network
-        await self.fleet.close()
+            # A final OTLP export may wait on the network (bounded inside: Tracing.close, the reader's 2 s).
+            await _bounded("telemetry", asyncio.to_thread(self.telemetry.close), 3 * STAGE_STOP_S)
+        await _bounded("the backends", self.fleet.close())
 
     def _front_door(self) -> "GrpcioEngine | H2Engine":
         """The in-process engine: h2 when the config names it, else grpc.aio (the envoy engine

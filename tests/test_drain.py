@@ -116,3 +116,35 @@ def test_sigterm_under_load_drops_no_request(tmp_path, triton, engine):
     SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert outcome["health"][:2] == [SERVING, NOT_SERVING], outcome  # probes were told before the exit
     assert outcome["exit_s"] < GRACE_S + 10, outcome
+
+
+def test_a_stage_that_never_stops_does_not_hold_up_the_gateways_stop(triton, monkeypatch, caplog):
+    """Stopping waits for each stage at most STAGE_STOP_S: one whose close never returns is named
+    in a warning and left behind, and the others are still stopped (the backends' channels too)."""
+    from gateway import app
+    from gateway.testing import GatewayThread
+
+    monkeypatch.setattr(app, "STAGE_STOP_S", 0.5)
+    config = {"listen": "127.0.0.1:0", "pools": {"main": {"backends": [triton.grpc_address]}}}
+    gateway = GatewayThread(config).start()
+    never = asyncio.Event()
+
+    async def hangs() -> None:
+        await never.wait()
+
+    gateway.gateway.traffic.close = hangs
+    fleet_closed = []
+    real_fleet_close = gateway.gateway.fleet.close
+
+    async def fleet_close() -> None:
+        await real_fleet_close()
+        fleet_closed.append(True)
+
+    gateway.gateway.fleet.close = fleet_close
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="gateway.app"):
+        gateway.stop()
+    took = time.monotonic() - started
+    assert took < 10, f"stop took {took:.1f} s"
+    assert fleet_closed == [True]  # the stages after the stuck one were stopped all the same
+    assert "stopping traffic took more than 0.5 s" in caplog.text, caplog.text
