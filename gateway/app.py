@@ -355,7 +355,8 @@ class Gateway:
             if grace > 0:
                 await self.drain(grace)
             # grpc core cancels only what is still running when the rest of the grace is spent.
-            await self._engine.stop(max(0.0, deadline - loop.time()) if grace > 0 else 0)
+            rest = max(0.0, deadline - loop.time()) if grace > 0 else 0
+            await _bounded("the front door", self._engine.stop(rest), rest + STAGE_STOP_S)
             self._engine = None
         await self.stop_stages()
 
