@@ -268,6 +268,51 @@ def test_a_failed_traced_request_carries_its_status_and_the_clients_tracestate(p
     assert sent["tracestate"] == "vendor=abc,other=1"
 
 
+@pytest.mark.parametrize(("traceparent", "expected"), [
+    ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "sampled"),
+    ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00", "not sampled"),
+    ("cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later", "sampled"),  # a later version may add fields
+    ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later", None),  # version 00 may not
+    ("ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", None),  # version ff is invalid
+    ("00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01", None),  # upper-case hex
+    ("00-00000000000000000000000000000000-b7ad6b7169203331-01", None),  # all-zero trace id
+    ("00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01", None),  # all-zero span id
+    ("cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-" + "x" * 500, None),  # over 512 characters
+])
+def test_a_client_traceparent_is_read_as_the_sdk_propagator_reads_it(traceparent, expected):
+    """W3C trace-context as OpenTelemetry's TraceContextTextMapPropagator reads it, on both kinds of
+    call the engines hand over (headers by key on h2 and envoy, a metadata scan on grpc.aio)."""
+    from opentelemetry.trace import get_current_span
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from gateway.server.rpc import Call
+    from gateway.telemetry.tracing import _client_context
+
+    sdk = get_current_span(TraceContextTextMapPropagator().extract({"traceparent": traceparent})).get_span_context()
+    for call in (Call(headers={b"traceparent": traceparent.encode()}), Call(metadata=(("traceparent", traceparent),))):
+        context = _client_context(call)
+        if expected is None:
+            assert context is None and not sdk.is_valid
+        elif expected == "not sampled":
+            assert context is False and sdk.is_valid and not sdk.trace_flags.sampled
+        else:
+            assert (context.trace_id, context.span_id, context.trace_flags, context.is_remote) == (
+                sdk.trace_id, sdk.span_id, sdk.trace_flags, True)
+
+
+def test_a_tracestate_over_the_w3c_limit_is_dropped_and_the_parent_kept():
+    from gateway.server.rpc import Call
+    from gateway.telemetry.tracing import _client_context
+
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    long_state = ",".join(f"k{n}=" + "v" * 256 for n in range(32))  # 32 valid members, 8,341 characters
+    assert len(long_state) > 8192
+    context = _client_context(Call(headers={b"traceparent": parent.encode(), b"tracestate": long_state.encode()}))
+    assert context.span_id == 0xB7AD6B7169203331 and len(context.trace_state) == 0
+    context = _client_context(Call(headers={b"traceparent": parent.encode(), b"tracestate": b"vendor=abc"}))
+    assert context.trace_state.to_header() == "vendor=abc"
+
+
 class _FakeEntry:
     """The two fields Tracing.start reads of a ModelEntry."""
 

@@ -63,6 +63,8 @@ _ERROR = StatusCode.ERROR
 _UNSET = Status(StatusCode.UNSET)
 # W3C trace-context's traceparent, as the SDK's TraceContextTextMapPropagator reads it: lower-case
 # hex; a later version may append fields, version 00 may not.
+_TRACEPARENT_MAX = 512  # characters; longer is ignored, as the SDK's propagator ignores it
+_TRACESTATE_MAX = 8192  # longer is dropped (the parent kept): it would travel on to Triton in every call
 _TRACEPARENT = re.compile(r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*$")
 
 
@@ -88,7 +90,7 @@ def _client_context(call) -> SpanContext | bool | None:
         return None
     if not isinstance(parent, str):
         parent = parent.decode("ascii", "replace")
-    match = _TRACEPARENT.match(parent)
+    match = _TRACEPARENT.match(parent) if len(parent) <= _TRACEPARENT_MAX else None
     if match is None:
         return None
     version, trace_id, span_id, flags, rest = match.groups()
@@ -101,7 +103,8 @@ def _client_context(call) -> SpanContext | bool | None:
         return False
     state = call.header(TRACESTATE)
     if state is not None:
-        state = TraceState.from_header([state if isinstance(state, str) else state.decode("ascii", "replace")])
+        state = state if isinstance(state, str) else state.decode("ascii", "replace")
+        state = TraceState.from_header([state]) if len(state) <= _TRACESTATE_MAX else None
     return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags),
                        trace_state=state or _EMPTY_STATE)
 
