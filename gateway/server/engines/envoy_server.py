@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import subprocess
@@ -38,6 +39,8 @@ from gateway.server.config import ENVOY_STATS, HTTP2_CODECS
 from gateway.server.engines.envoy import ENV_ARGUMENT, ENV_OPTIONS, ENV_SERVICES
 from gateway.server.engines.grpc_asgi import DEFAULT_MAX_MESSAGE_BYTES
 from gateway.server.engines.launcher_link import ENV_LAUNCHER_PID
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EnvoyEngine", "EnvoyOptions"]
 
@@ -222,8 +225,21 @@ class EnvoyEngine:
         return self._server.get_envoy_config()
 
     async def start(self) -> int:
-        """Start Envoy and wait until it listens (the services are built by then); returns the port."""
-        await self._server.start()
+        """Start Envoy and wait until it listens (the services are built by then); returns the port.
+
+        An Envoy that exits while starting is started once more: in a process with many gRPC
+        threads the forked child has been seen to die before it ran Envoy at all (no output; once a
+        segfault report from the child), late in the full test suite. One that fails twice raises,
+        with what it said (a bad config or a taken port fails both times alike)."""
+        from pyvoy import StartupError
+
+        try:
+            await self._server.start()
+        except StartupError:
+            process = self._server._process
+            status = None if process is None else process.returncode
+            log.warning("Envoy exited while starting (status %s); starting it once more", status)
+            await self._server.start()
         self.port = self._server.listener_port
         return self.port
 
