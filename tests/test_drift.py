@@ -66,9 +66,9 @@ def test_half_sigma_shift_of_one_feature_alerts_within_two_windows(tritons, tmp_
     rng = np.random.default_rng(2)
     with GatewayThread(config) as gateway:
         _send(gateway.address, _blocks(rng, 160))  # 10,240 rows as trained: two full windows
-        assert gateway.call(lambda: list(gateway.gateway.drift.alerts)) == []
+        assert gateway.call(lambda: gateway.gateway.drift.alerts()) == []
         _send(gateway.address, _blocks(rng, 2 * 5000 // ROWS, shift=0.5))  # two windows, shifted
-        alerts = gateway.call(lambda: list(gateway.gateway.drift.alerts))
+        alerts = gateway.call(lambda: gateway.gateway.drift.alerts())
         report = gateway.call(lambda: gateway.gateway.drift.report("simple_scale"))
         _check_admin_api_and_cli(gateway.address, tmp_path)
     raised = [a for a in alerts if a["level"] != "ok"]
@@ -171,7 +171,7 @@ def test_webhook_that_hangs_or_refuses_never_slows_requests(tritons, receiver):
     rng = np.random.default_rng(3)
     with GatewayThread(config) as gateway:
         slowest = _send(gateway.address, _blocks(rng, 120))
-        alerts = gateway.call(lambda: len(gateway.gateway.drift.alerts))
+        alerts = gateway.call(lambda: len(gateway.gateway.drift.alerts()))
     assert alerts > 0
     assert slowest < 1.0, f"a request waited {slowest:.2f} s behind the webhook"
 

@@ -139,7 +139,7 @@ def test_calibrated_alert_through_the_gateway(tritons, tmp_path):
     with GatewayThread(config) as gateway:
         started = time.time()
         _send(gateway.address, quiet)
-        assert gateway.call(lambda: list(gateway.gateway.drift.alerts)) == []
+        assert gateway.call(lambda: gateway.gateway.drift.alerts()) == []
         _send(gateway.address, shifted)
         report = _admin(gateway.address, "GetDriftReport", "DriftReportRequest", "DriftReport", model="simple_scale")
         listed = _admin(gateway.address, "ListAlerts", "ListAlertsRequest", "ListAlertsResponse", model="simple_scale")

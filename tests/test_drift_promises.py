@@ -105,7 +105,7 @@ def test_webhook_receives_each_alert(tritons):
             # Triton answered, and a reference of mixed blocks failed this test (2 runs in 5 on main)
             _send(gateway.address, [_request("simple_scale", b) for b in reference])
             _send(gateway.address, [_request("simple_scale", b) for b in shifted])
-            raised = wait_until(lambda: gateway.call(lambda: [a for a in gateway.gateway.drift.alerts if a["level"] != "ok"]),
+            raised = wait_until(lambda: gateway.call(lambda: [a for a in gateway.gateway.drift.alerts() if a["level"] != "ok"]),
                                 "the alerts", 10)
             wait_until(lambda: len(receiver.posts) >= len(raised), f"{len(raised)} webhook posts", 10)
             assert not gateway.loop_errors

@@ -47,10 +47,19 @@ def _counted(request, metric: str = "tensorgate.requests") -> int | None:
     return sum(counts) if counts else None
 
 
-def _wait_for_export(receiver: GrpcReceiver, count: int, metric: str = "tensorgate.requests", timeout: float = 15.0):
-    """The first export in which `metric` counts `count` requests of MODEL, with its metadata."""
+def _errors(request) -> int:
+    """Every error one export counts, of any model (refusals of unknown models included)."""
+    return sum(p.as_int for m in _metrics(request, "tensorgate.errors") for p in m.sum.data_points)
+
+
+def _wait_for_export(receiver: GrpcReceiver, count: int, metric: str = "tensorgate.requests", timeout: float = 15.0,
+                     errors: int | None = None):
+    """The first export in which `metric` counts `count` requests of MODEL (and, given `errors`, the
+    errors counter that many of every model), with its metadata. Exports arrive every interval, each
+    collected when it was sent: an earlier one may count some of a test's requests and not the rest."""
     found = wait_until(lambda: next(((request, metadata) for request, metadata in receiver.received()
-                                     if _counted(request, metric) == count), None),
+                                     if _counted(request, metric) == count
+                                     and (errors is None or _errors(request) == errors)), None),
                        f"an OTLP export counting {count} requests of {MODEL} in {metric}", timeout, step=0.1,
                        raise_on_timeout=False)
     if found is not None:
@@ -59,8 +68,8 @@ def _wait_for_export(receiver: GrpcReceiver, count: int, metric: str = "tensorga
     last = exports[-1][0] if exports else None
     names = sorted({m.name for rm in last.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}) if last else []
     raise AssertionError(f"no OTLP export counted {count} requests of {MODEL} in {metric} within {timeout:.0f} s: "
-                         f"{len(exports)} exports, the last with {metric} = {last and _counted(last, metric)} "
-                         f"and metrics {names}")
+                         f"{len(exports)} exports, the last with {metric} = {last and _counted(last, metric)}, "
+                         f"errors = {last and _errors(last)} (wanted {errors}) and metrics {names}")
 
 
 def _send(client: triton_grpc.InferenceServerClient, count: int, shape=(1, 16), model: str = MODEL) -> None:
@@ -100,7 +109,8 @@ def test_otlp_receiver_gets_counter_histogram_resource_and_headers(tritons, rece
                 assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         finally:
             client.close()
-        request, metadata = _wait_for_export(receiver, n + 1)
+        # MODEL counts n + 1 (the invalid one), the errors three: the invalid, the unknown model, the garbage.
+        request, metadata = _wait_for_export(receiver, n + 1, errors=3)
         assert not thread.loop_errors
 
     assert metadata.get("x-tenant") == "t1", metadata

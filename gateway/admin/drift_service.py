@@ -85,10 +85,9 @@ class DriftService:
         return response
 
     def list_alerts(self, request):
-        self.drift.flush()
         if request.model:
             self._monitor(request.model)
-        alerts = [a for a in self.drift.alerts if not request.model or a["model"] == request.model]
+        alerts = self.drift.alerts(request.model or None)
         return self.m["ListAlertsResponse"](alerts=[self._alert(a) for a in alerts])
 
     def set_reference(self, request):

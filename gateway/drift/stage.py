@@ -35,14 +35,14 @@ class DriftStage:
     def __init__(self, config: DriftConfig, forward=None) -> None:
         self.config = config
         self.forward = forward
-        self.alerts: list[dict] = []
+        self._alerts: list[dict] = []  # every alert so far, oldest first: read through alerts()
         self.observe_errors = 0
         self.serving: dict[str, dict] = {}  # model -> {"version", "digest"}: what a capture says was serving
         self._pending: dict = {}  # ModelMonitor -> [(request, response) or (batch request, response, requests)], as answered
         self._waiting = 0  # requests in _pending (a batch's count for a batch)
         self._flush_timer: asyncio.TimerHandle | None = None
         self._flush_soon = False
-        self.hooks: list = [self.alerts.append, LogSink()]
+        self.hooks: list = [self._alerts.append, LogSink()]
         self.webhook = WebhookSink(config.webhook) if config.webhook else None
         if self.webhook is not None:
             self.hooks.append(self.webhook)
@@ -57,7 +57,7 @@ class DriftStage:
             self._load_reference(model, model_config)
 
     def __repr__(self) -> str:
-        return f"<DriftStage models={sorted(self.monitors)} alerts={len(self.alerts)}>"
+        return f"<DriftStage models={sorted(self.monitors)} alerts={len(self._alerts)}>"
 
     def _emit(self, alert: dict) -> None:
         for hook in self.hooks:
@@ -198,8 +198,14 @@ class DriftStage:
         monitor = self.monitors[model]
         report = dict(monitor.last_report or {"model": model, "windows_evaluated": 0, "features": []})
         report["histograms"] = monitor.histograms()
-        report["alerts"] = [a for a in self.alerts if a["model"] == model]
+        report["alerts"] = self.alerts(model)
         return report
+
+    def alerts(self, model: str | None = None) -> list[dict]:
+        """The alerts so far (raised and cleared), oldest first, of `model` or of every model. The
+        requests still waiting to be counted are counted first: an alert their windows raise is in."""
+        self.flush()
+        return [a for a in self._alerts if model is None or a["model"] == model]
 
     async def start(self) -> None:
         if self.forward is not None:
