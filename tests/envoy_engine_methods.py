@@ -22,6 +22,7 @@ SERVICE = "tensorgate.test.Echo"
 STATUS_MESSAGE = "no model 'ø' at 100% — try 'simple'"
 
 _cancelled: list[str] = []  # handlers that saw their task cancelled, in order
+_slept = 0  # sleep handlers started: a test waits for its call to reach the handler
 
 
 async def echo(request: bytes, call: Call) -> bytes:
@@ -55,6 +56,8 @@ async def fail_stream_at_once(requests, call: Call):
 
 async def sleep(request: bytes, call: Call) -> bytes:
     """Sleeps `request` seconds (a decimal string); records a cancellation."""
+    global _slept
+    _slept += 1
     try:
         await asyncio.sleep(float(request or b"10"))
     except asyncio.CancelledError:
@@ -84,6 +87,10 @@ async def cancellations(request: bytes, call: Call) -> bytes:
     return json.dumps(_cancelled).encode()
 
 
+async def sleeps_started(request: bytes, call: Call) -> bytes:
+    return b"%d" % _slept
+
+
 async def describe(request: bytes, call: Call) -> bytes:
     """What the handler knows of its call, as JSON ("-bin" values base64 here, to fit JSON)."""
     metadata = [
@@ -110,7 +117,7 @@ def methods() -> list[Method]:
     table = methods_of(
         SERVICE,
         {"Echo": echo, "FailStatus": fail_status, "FailBug": fail_bug, "Sleep": sleep,
-         "Cancellations": cancellations, "Describe": describe},
+         "Cancellations": cancellations, "SleepsStarted": sleeps_started, "Describe": describe},
         {"EchoStream": echo_stream, "StreamThenFail": stream_then_fail, "FailStreamAtOnce": fail_stream_at_once,
          "WaitStream": wait_stream},
     )  # fmt: skip

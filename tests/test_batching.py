@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.testing import GatewayThread
-from tests.waiting import wait_until
+from tests.waiting import wait_until, wait_until_async
 
 
 def batching_gateway(tritons, loop_kind: str = "uvloop", **batching) -> GatewayThread:
@@ -131,8 +131,12 @@ def test_malformed_request_rejected_alone(fixed_window):
 
 
 def test_backend_failure_fails_only_its_batch(tritons, event_loop_kind):
-    """A batch whose model raises fails with the backend's status; a later batch succeeds."""
-    with batching_gateway(tritons, event_loop_kind, default={"mode": "fixed", "max_queue_delay_us": 20_000}) as gateway:
+    """A batch whose model raises fails with the backend's status; a later batch succeeds.
+
+    Batches leave only full (four rows; the window is far longer than the test), so each group of
+    four is one batch however the requests straggle in on a busy machine."""
+    with batching_gateway(tritons, event_loop_kind,
+                          default={"mode": "fixed", "max_queue_delay_us": 30_000_000, "max_batch_size": 4}) as gateway:
         def request(mode):
             return [
                 _tensor("INPUT0", np.ones((1, 16), np.float32), "FP32"),
@@ -160,11 +164,16 @@ def test_backend_failure_fails_only_its_batch(tritons, event_loop_kind):
 
 
 def test_queue_full_is_refused_at_once(tritons, event_loop_kind):
-    with batching_gateway(tritons, event_loop_kind, default={"mode": "fixed", "max_queue_delay_us": 300_000, "max_queue_size": 2}) as gateway:
+    window_s = 2.0
+    with batching_gateway(tritons, event_loop_kind,
+                          default={"mode": "fixed", "max_queue_delay_us": int(window_s * 1e6), "max_queue_size": 2}) as gateway:
+        def queued() -> int:
+            return gateway.call(gateway.gateway.snapshot)["batching"].get("simple_scale:1", {}).get("waiting", 0)
+
         async def scenario():
             client = triton_aio.InferenceServerClient(gateway.address)
             waiting = [asyncio.ensure_future(client.infer("simple_scale", _request_inputs("simple_scale", 1, i))) for i in range(2)]
-            await asyncio.sleep(0.1)  # both are queued, the window is still open
+            await wait_until_async(lambda: queued() == 2, "both requests queued", timeout=window_s / 2)
             loop = asyncio.get_running_loop()
             started = loop.time()
             with pytest.raises(triton_grpc.InferenceServerException) as error:
@@ -184,13 +193,13 @@ def test_queue_full_is_refused_at_once(tritons, event_loop_kind):
 def test_unmeetable_deadline_is_not_sent(tritons, event_loop_kind):
     """A request with less time left than its backend takes is refused without a backend call.
 
-    slow_on_demand is made to take 20 ms per call. grpc carries a deadline in whole milliseconds,
-    rounded up (a 1.5 ms timeout reached a grpc.aio server here with up to 2.86 ms left), so the
-    backend's time must exceed the client's timeout by more than that rounding. Which side ends
-    the call first (the gateway's refusal or the client's own timer) is a race on a busy machine;
-    the refusal counter says the gateway refused it."""
+    slow_on_demand is made to take 300 ms per call and the client allows 100 ms: the request
+    reaches the queue with time left (a busy machine may take tens of ms to hand it over; with
+    only a few ms, the deadline sometimes passed before the queue saw it), and far less time than
+    the backend takes. Which side ends the call first (the gateway's refusal or the client's own
+    timer) is a race on a busy machine; the refusal counter says the gateway refused it."""
     delay_file = Path(tritons[0].env["TENSORGATE_DELAY_FILE"])
-    delay_file.write_text("20")
+    delay_file.write_text("300")
     try:
         with batching_gateway(tritons, event_loop_kind) as gateway:
             client = triton_grpc.InferenceServerClient(gateway.address)
@@ -199,7 +208,7 @@ def test_unmeetable_deadline_is_not_sent(tritons, event_loop_kind):
                 client.infer("slow_on_demand", inputs)
             served = gateway.call(lambda: sum(b.served for b in gateway.gateway.fleet.backends()))
             with pytest.raises(triton_grpc.InferenceServerException) as error:
-                client.infer("slow_on_demand", inputs, client_timeout=0.005)
+                client.infer("slow_on_demand", inputs, client_timeout=0.1)
             stats = gateway.call(gateway.gateway.snapshot)
     finally:
         delay_file.unlink()
@@ -211,15 +220,16 @@ def test_unmeetable_deadline_is_not_sent(tritons, event_loop_kind):
 
 def test_deadline_sends_a_batch_early(tritons, event_loop_kind):
     """A request whose deadline ends before the window closes is sent early (reason: deadline)."""
-    with batching_gateway(tritons, event_loop_kind, default={"mode": "fixed", "max_queue_delay_us": 1_000_000}) as gateway:
+    # The request leaves a tenth of its 1 s before its deadline (100 ms for the backend's answer).
+    with batching_gateway(tritons, event_loop_kind, default={"mode": "fixed", "max_queue_delay_us": 2_000_000}) as gateway:
         client = triton_grpc.InferenceServerClient(gateway.address)
         inputs = _request_inputs("simple_scale", 1, 0)
         client.infer("simple_scale", inputs)  # waits out the window; the queue learns the latency
-        result = client.infer("simple_scale", inputs, client_timeout=0.3)
+        result = client.infer("simple_scale", inputs, client_timeout=1.0)
         assert result.as_numpy("OUTPUT0").shape == (1, 16)
         stats = gateway.call(gateway.gateway.snapshot)["batching"]["simple_scale:1"]
         assert stats["reasons"] == {"delay": 1, "deadline": 1}
-        assert stats["max_queue_delay_us"] < 1_000_000 + 50_000
+        assert stats["max_queue_delay_us"] < 2_000_000 + 50_000
 
 
 def test_unbatchable_models_pass_straight_through(gateway):

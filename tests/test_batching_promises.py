@@ -11,7 +11,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 
 from gateway.testing import GatewayThread
-from tests.waiting import wait_until_async
+from tests.waiting import wait_until, wait_until_async
 
 
 def _inputs(value: float, rows: int = 1):
@@ -76,7 +76,11 @@ def test_adaptive_batching_gathers_requests_while_the_backend_is_busy(triton):
 
             rows_before, executions_before = _triton_counts(triton, "fixed_cost")
             before, results = asyncio.run(scenario())
-            rows_after, executions_after = _triton_counts(triton, "fixed_cost")
+            # Triton's Python backend counts an execution after its responses are sent: a client can
+            # hold every answer before Triton counts the last batch. Wait for its rows (or 10 s).
+            rows_after, executions_after = wait_until(
+                lambda: _triton_counts(triton, "fixed_cost"), "Triton to count the 36 rows", 10,
+                accept=lambda counts: counts[0] >= rows_before + 3 + 33, raise_on_timeout=False)
             after = _batching(gateway)
             assert not gateway.loop_errors
     finally:

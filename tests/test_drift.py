@@ -16,6 +16,7 @@ from gateway.drift.config import ModelDriftConfig, ReferenceConfig
 from gateway.drift.monitor import ModelMonitor
 from gateway.protocol import pb
 from gateway.testing import GatewayThread
+from tests.waiting import wait_until_async
 
 FEATURES = 16
 ROWS = 64
@@ -77,7 +78,7 @@ def test_half_sigma_shift_of_one_feature_alerts_within_two_windows(tritons, tmp_
     assert all(a["tensor"] == "input/INPUT0" for a in raised)
     flagged = [f for f in report["features"] if f["level"] != "ok"]
     assert [f["feature"] for f in flagged] == [3]
-    time.sleep(0.5)  # captures are written by a worker thread
+    # Written by a worker thread; the gateway's stop waited for them.
     captures = sorted((tmp_path / "captures" / "simple_scale").iterdir())
     assert captures
     evidence = json.loads((captures[0] / "report.json").read_text())
@@ -359,19 +360,25 @@ def _stage(model_config: dict | None = None):
     return stage, monitor, calls
 
 
-async def test_the_drift_stage_counts_waiting_requests_in_one_update():
+async def test_the_drift_stage_counts_waiting_requests_in_one_update(monkeypatch):
     """Finished requests are counted together: FLUSH_AFTER_S after the first, or at once (next loop
     turn) when FLUSH_REQUESTS wait; a report counts what waits before it answers."""
-    from gateway.drift.stage import FLUSH_AFTER_S, FLUSH_REQUESTS
+    from gateway.drift import stage as stage_module
+    from gateway.drift.stage import FLUSH_REQUESTS
 
+    # 0.5 s instead of 20 ms: a busy machine may stall the three turns below for more than 20 ms.
+    FLUSH_AFTER_S = 0.5
+    monkeypatch.setattr(stage_module, "FLUSH_AFTER_S", FLUSH_AFTER_S)
     stage, monitor, calls = _stage()
     rng = np.random.default_rng(6)
+    first = time.monotonic()
     for _ in range(3):  # three event-loop turns of 8 requests each
         for _ in range(8):
             stage.observer(_exchange(_fake_request(rng.standard_normal((1, 3)))), None, None)
         await asyncio.sleep(0)
     assert calls == []  # waiting
-    await asyncio.sleep(FLUSH_AFTER_S * 3)
+    await wait_until_async(lambda: calls, "the timer's count", timeout=10, step=0.01)
+    assert time.monotonic() - first >= FLUSH_AFTER_S - 0.01  # counted by the timer, not before
     assert calls == [(24, 0)] and monitor.sampled == 24
     for _ in range(FLUSH_REQUESTS + 44):  # one turn of more than FLUSH_REQUESTS: counted on the next turn
         stage.observer(_exchange(_fake_request(rng.standard_normal((1, 3)))), None, None)

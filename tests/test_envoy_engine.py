@@ -423,13 +423,27 @@ async def test_2000_concurrent_unary_calls_on_one_channel_all_ok(target):
     print(f"2000 concurrent unary calls: {elapsed:.2f} s")
 
 
+async def _sleeps_started(channel) -> int:
+    return int(await channel.unary_unary(path("SleepsStarted"))(b"", timeout=5))
+
+
+async def _sleep_started(channel, before: int) -> None:
+    """Wait until a Sleep call has reached its handler (the engine's process counted more than `before`)."""
+    for _ in range(500):
+        if await _sleeps_started(channel) > before:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the Sleep call never reached its handler")
+
+
 async def test_a_client_that_cancels_gets_its_handler_cancelled(target):
     """Unary: the watch polls long calls' clients; streaming: the request iterator sees the reset."""
     async with grpc.aio.insecure_channel(target) as channel:
         cancellations = channel.unary_unary(path("Cancellations"))
         before = len(json.loads(await cancellations(b"", timeout=5)))
+        sleeps = await _sleeps_started(channel)
         call = channel.unary_unary(path("Sleep"))(b"30")  # no deadline: only the client's cancel ends it
-        await asyncio.sleep(0.3)
+        await _sleep_started(channel, sleeps)
         call.cancel()
         stream = channel.stream_stream(path("WaitStream"))()
         await stream.write(b"one")
@@ -486,7 +500,7 @@ async def test_stop_drains_calls_in_flight_then_shuts_the_services(tmp_path):
     await engine.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}") as channel:
         slow = asyncio.ensure_future(channel.unary_unary(path("Sleep"))(b"1.0", timeout=10))
-        await asyncio.sleep(0.3)
+        await _sleep_started(channel, 0)
         started = time.monotonic()
         await engine.stop(grace_s=5)
         stopped_after = time.monotonic() - started

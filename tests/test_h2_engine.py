@@ -19,6 +19,7 @@ import uvloop
 
 from gateway.server.engines.h2 import H2Engine
 from gateway.server.rpc import Method
+from tests.waiting import wait_until_async
 
 TEST_S = 60
 CONNECTION_WINDOW = 256 * 1024
@@ -80,8 +81,8 @@ def test_a_client_that_resets_its_stream_has_its_call_cancelled_at_once():
             # No polling on this engine (poll_s=None): only the server's own reaction to the
             # RST_STREAM can cancel the handler.
             await asyncio.wait_for(probe.cancelled.wait(), 10)
-            await asyncio.sleep(0.05)
-            assert engine.open_streams() == 0
+            await wait_until_async(engine.open_streams, "the reset stream closed", timeout=10,
+                                   accept=lambda streams: streams == 0)
 
     run(test)
 
@@ -123,8 +124,9 @@ def test_reset_streams_give_their_unread_bytes_back_to_the_connection():
                 await call.write(b"y" * (100 * 1024))
                 await asyncio.sleep(0.1)
                 call.cancel()
-            await asyncio.sleep(0.1)
-            assert sum(connection.unread_bytes for connection in engine.connections) == 0
+            # The last RST_STREAM leaves from grpc's own thread: wait for the server to read it.
+            await wait_until_async(lambda: sum(connection.unread_bytes for connection in engine.connections),
+                                   "the reset streams' bytes given back", timeout=10, accept=lambda unread: unread == 0)
             answer = await channel.unary_unary("/t.T/Echo")(b"w" * (200 * 1024), timeout=10)
             assert answer == b"w" * 16
 

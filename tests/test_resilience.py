@@ -331,8 +331,11 @@ def test_request_bytes_held_are_bounded_and_released_on_every_path(tritons, engi
     body = _bytes_request(1 << 20)
     with gateway_on(engine, config) as gateway:
         outcomes = _load_from_another_process(gateway.address, body, 24, 3.0, honour_pushback=True)
-        time.sleep(0.5)  # the last answers leave the gateway
-        admission = gateway.snapshot()["resilience"]["admission"]["gateway"]
+        # The engine releases a call's bytes after its trailers are sent: a client may see its
+        # answer first. Wait for the last ones (what the test checks is that they all come back).
+        admission = wait_until(lambda: gateway.snapshot()["resilience"]["admission"]["gateway"], "every byte released",
+                               timeout=10, accept=lambda admission: admission["held_bytes"] == 0 and admission["inflight"] == 0,
+                               raise_on_timeout=False)
     codes = [code for code, _, _ in outcomes]
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
     shed = [trailers for code, _, trailers in outcomes if code is grpc.StatusCode.RESOURCE_EXHAUSTED]

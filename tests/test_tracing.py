@@ -173,9 +173,11 @@ def test_client_traceparent_is_parent_of_gateway_span_and_reaches_triton(proxy, 
             client.close()
         window = (window_start, time.time_ns())
         traces = [trace_id] + [other_trace for _, other_trace, _ in more]
-        spans = _wait_spans(collector, lambda s: all(any(x.name == "tensorgate.backend" for x in _of_trace(s, t))
-                                                     for t in traces)
-                            and any(x.name == "infer simple_scale" for x in _of_trace(s, trace_id)), "the gateway's spans")
+        # Each trace's backend span is exported before its request span (the request ends after its
+        # backend call): wait for both of every trace, which may come in different exports.
+        spans = _wait_spans(collector, lambda s: all({"tensorgate.backend", "infer simple_scale"}
+                                                     <= {x.name for x in _of_trace(s, t)} for t in traces),
+                            "the gateway's spans")
         assert not gateway.loop_errors
 
     ours = _of_trace(spans, trace_id)
@@ -225,8 +227,9 @@ def test_stream_traceparent_applies_to_each_request_on_the_stream(proxy, triton_
         finally:
             client.close()
         window = (window_start, time.time_ns())
-        spans = _wait_spans(collector, lambda s: len([x for x in _of_trace(s, trace_id) if x.name == "tensorgate.backend"]) == sent,
-                            f"{sent} backend spans")
+        spans = _wait_spans(collector, lambda s: [x.name for x in _of_trace(s, trace_id)].count("tensorgate.backend") == sent
+                            and [x.name for x in _of_trace(s, trace_id)].count("infer simple_scale") == sent,
+                            f"{sent} backend spans and {sent} request spans")
     assert [error for _, error in results] == [None] * sent
     requests = [s for s in _of_trace(spans, trace_id) if s.name == "infer simple_scale"]
     assert sorted(s.attributes["tensorgate.request.id"] for s in requests) == [str(i) for i in range(sent)]
@@ -255,7 +258,8 @@ def test_a_failed_traced_request_carries_its_status_and_the_clients_tracestate(p
                              headers={"traceparent": header, "tracestate": "vendor=abc,other=1"})
         finally:
             client.close()
-        spans = _wait_spans(collector, lambda s: len(_of_trace(s, trace_id)) >= 2, "the failed request's spans")
+        spans = _wait_spans(collector, lambda s: {"infer fail_on_demand", "tensorgate.backend"}
+                            <= {x.name for x in _of_trace(s, trace_id)}, "the failed request's spans")
         assert not gateway.loop_errors
     [request_span] = [s for s in spans if s.name == "infer fail_on_demand"]
     [backend_span] = [s for s in spans if s.name == "tensorgate.backend"]

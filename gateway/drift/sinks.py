@@ -91,6 +91,8 @@ class CaptureSink:
         self.directory = directory
         self.evidence = evidence
         self.written: list[str] = []
+        self.failed = 0
+        self._writing: set[asyncio.Future] = set()  # captures handed to the thread, not yet on disk
 
     def __call__(self, alert: dict) -> None:
         if alert["level"] == "ok":
@@ -103,7 +105,20 @@ class CaptureSink:
         except RuntimeError:
             self._write(target, alert, report, sample)
             return
-        loop.run_in_executor(None, self._write, target, alert, report, sample)
+        writing = loop.run_in_executor(None, self._write, target, alert, report, sample)
+        self._writing.add(writing)
+        writing.add_done_callback(self._written)
+
+    def _written(self, writing: asyncio.Future) -> None:
+        self._writing.discard(writing)
+        if not writing.cancelled() and writing.exception() is not None:
+            self.failed += 1
+            log.error("drift capture could not be written: %r", writing.exception())
+
+    async def close(self) -> None:
+        """Wait for the captures being written: an alert raised just before a stop keeps its evidence."""
+        if self._writing:
+            await asyncio.wait(set(self._writing))
 
     def _write(self, target: str, alert: dict, report: dict, sample: dict) -> None:
         os.makedirs(target, exist_ok=True)

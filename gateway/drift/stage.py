@@ -220,5 +220,7 @@ class DriftStage:
 
     async def close(self) -> None:
         self.flush()
+        if self.capture is not None:
+            await self.capture.close()
         if self.webhook is not None:
             await self.webhook.close()
