@@ -448,3 +448,22 @@ async def test_requests_and_batches_are_counted_in_the_order_they_were_answered(
     a, b = monitor.tensors[("input", "X")], alone.monitors["m"].tensors[("input", "X")]
     assert np.array_equal(a.reference, b.reference) and np.array_equal(a.edges, b.edges)
     assert np.array_equal(a.observed, b.observed)
+
+
+async def test_a_capture_being_written_is_on_disk_when_the_sink_closes(tmp_path):
+    """The capture of an alert raised just before a stop: close() waits for the writer thread, so
+    the evidence for retraining is not lost with the process."""
+    from gateway.drift.sinks import CaptureSink
+
+    rows = np.arange(12.0).reshape(4, 3)
+    sink = CaptureSink(str(tmp_path), lambda model: ({"model": model}, {"input/X": rows}))
+    write = sink._write
+    sink._write = lambda *args: (time.sleep(0.3), write(*args))  # a slow disk
+    sink({"model": "m", "level": "alert", "time": time.time(), "tensor": "input/X", "feature": 1, "statistic": "psi"})
+    sink({"model": "m", "level": "ok", "time": time.time(), "tensor": "input/X", "feature": 1, "statistic": "psi"})
+    assert sink.written == []  # being written, off the loop
+    await sink.close()
+    [target] = sink.written
+    with np.load(f"{target}/sample.npz") as sample:
+        np.testing.assert_array_equal(sample["input__X"], rows)
+    assert json.loads((tmp_path / target / "report.json").read_text())["alert"]["feature"] == 1
