@@ -233,12 +233,14 @@ class EnvoyEngine:
         with what it said (a bad config or a taken port fails both times alike)."""
         from pyvoy import StartupError
 
+        began = time.monotonic()
         try:
             await self._server.start()
         except StartupError:
             process = self._server._process
             status = None if process is None else process.returncode
-            log.warning("Envoy exited while starting (status %s); starting it once more", status)
+            log.warning("Envoy exited while starting (status %s, %.2f s after it was started); starting it once more",
+                        status, time.monotonic() - began)
             await self._server.start()
         self.port = self._server.listener_port
         return self.port
