@@ -29,6 +29,7 @@ pytest.importorskip("pyvoy", reason="the envoy engine needs pyvoy (Python 3.11+)
 
 from pyqwest import HTTPVersion, SyncClient, SyncHTTPTransport  # noqa: E402 - pyvoy's own HTTP client
 
+from gateway.child_process import ChildProcess  # noqa: E402
 from gateway.server.engines import grpc_wire  # noqa: E402
 from gateway.server.engines.envoy_server import EnvoyEngine, EnvoyOptions  # noqa: E402
 from gateway.server.engines.grpc_wire import MessageDecoder, WireError  # noqa: E402
@@ -498,6 +499,7 @@ async def test_stop_drains_calls_in_flight_then_shuts_the_services(tmp_path):
     lifespan_log = tmp_path / "lifespan.log"
     engine = EnvoyEngine("127.0.0.1:0", METHODS, argument=str(lifespan_log), options=EnvoyOptions(drain_s=1))
     await engine.start()
+    assert isinstance(engine._server._process, ChildProcess)  # started by CPython's subprocess, not uvloop's
     async with grpc.aio.insecure_channel(f"127.0.0.1:{engine.port}") as channel:
         slow = asyncio.ensure_future(channel.unary_unary(path("Sleep"))(b"1.0", timeout=10))
         await _sleep_started(channel, 0)

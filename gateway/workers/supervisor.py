@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from gateway.child_process import ChildProcess, create_subprocess_exec
 from gateway.config import GatewayConfig
 from gateway.workers.hub import Hub
 from gateway.workers.role import WorkerRole
@@ -60,36 +61,12 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
     return holder, f"{host}:{holder.getsockname()[1]}"
 
 
-async def process_ended(process: asyncio.subprocess.Process) -> None:
-    """Until `process` has ended. Not `process.wait()`: asyncio's returns only once the process's
-    pipes are closed too, and a grandchild that inherited the worker's standard output (its Envoy,
-    say) would keep them open after the worker died, so the worker would never be seen to end, nor
-    restarted. A pidfd (Linux 5.3+) becomes readable when the process itself ends."""
-    if process.returncode is not None:
-        return
-    try:
-        pidfd = os.pidfd_open(process.pid)
-    except ProcessLookupError:
-        return  # ended and reaped already
-    except (AttributeError, OSError):  # no pidfd here: the pipes will have to do
-        await process.wait()
-        return
-    loop = asyncio.get_running_loop()
-    ended = loop.create_future()
-    loop.add_reader(pidfd, lambda: ended.done() or ended.set_result(None))
-    try:
-        await ended
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-
-
 @dataclass
 class WorkerSlot:
     """One worker's place: the process now in it, and its history."""
 
     worker_id: int
-    process: asyncio.subprocess.Process | None = None
+    process: ChildProcess | None = None
     started_at: float = 0.0
     ready: bool = False
     ready_at: float = 0.0
@@ -189,7 +166,10 @@ class Supervisor:
 
     async def _spawn(self, slot: WorkerSlot) -> None:
         role = WorkerRole(slot.worker_id, self._hub_address, self.config.server.workers_report_s)
-        slot.process = await asyncio.create_subprocess_exec(
+        # Started by CPython's subprocess, not the loop's (gateway/child_process.py); its wait()
+        # returns when the worker ends, even while a grandchild (its Envoy, say) that inherited
+        # its standard output still holds the pipe.
+        slot.process = await create_subprocess_exec(
             *self._command(), env={**os.environ, **role.environment()}, stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group: killed with everything it started
         )
@@ -217,9 +197,8 @@ class Supervisor:
             await self._spawn(slot)
             process = slot.process
             relay = asyncio.ensure_future(self._relay(slot, process))
-            await process_ended(process)
-            self._kill_group(process.pid)  # what it started goes with it, and lets go of its output
             status = await process.wait()
+            self._kill_group(process.pid)  # what it started goes with it, and lets go of its output
             await asyncio.gather(relay, return_exceptions=True)
             self.hub.worker_exited(slot.worker_id, process.pid)
             slot.exits.append(status)
@@ -263,7 +242,7 @@ class Supervisor:
             if process is None or process.returncode is not None:
                 continue
             try:
-                await asyncio.wait_for(process_ended(process), max(0.1, deadline - time.monotonic()))
+                await asyncio.wait_for(process.wait(), max(0.1, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 log.warning("worker %d (pid %d) did not stop in time; killing it", slot.worker_id, process.pid)
                 self._kill_group(process.pid)

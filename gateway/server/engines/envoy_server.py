@@ -35,6 +35,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import IO
 
+from gateway.child_process import asyncio_for_pyvoy
 from gateway.server.config import ENVOY_STATS, HTTP2_CODECS
 from gateway.server.engines.envoy import ENV_ARGUMENT, ENV_OPTIONS, ENV_SERVICES
 from gateway.server.engines.grpc_asgi import DEFAULT_MAX_MESSAGE_BYTES
@@ -142,6 +143,12 @@ def _patch_config(config: dict, options: EnvoyOptions) -> dict:
 
 def _pyvoy_server_class():
     from pyvoy import PyvoyServer
+    from pyvoy import _server as pyvoy_server
+
+    # pyvoy starts Envoy with asyncio.create_subprocess_exec; on uvloop that runs Python in the
+    # forked child before exec, which crashed now and then (gateway/child_process.py).
+    if pyvoy_server.asyncio is asyncio:
+        pyvoy_server.asyncio = asyncio_for_pyvoy()
 
     class GrpcPyvoyServer(PyvoyServer):
         """PyvoyServer whose generated Envoy config is patched with EnvoyOptions."""
@@ -227,10 +234,11 @@ class EnvoyEngine:
     async def start(self) -> int:
         """Start Envoy and wait until it listens (the services are built by then); returns the port.
 
-        An Envoy that exits while starting is started once more: in a process with many gRPC
-        threads the forked child has been seen to die before it ran Envoy at all (no output; once a
-        segfault report from the child), late in the full test suite. One that fails twice raises,
-        with what it said (a bad config or a taken port fails both times alike)."""
+        An Envoy that exits while starting is started once more, with a WARNING. It guards against
+        what was seen before Envoy was started by CPython's subprocess (gateway/child_process.py):
+        a child that died before it ran Envoy (SIGSEGV, nothing on its stderr), about once per full
+        test run. One that fails twice raises, with what it said (a bad config or a taken port
+        fails both times alike)."""
         from pyvoy import StartupError
 
         began = time.monotonic()
