@@ -115,7 +115,8 @@ def test_slow_gpu_pool_spills_to_cpu_keeps_the_slo_and_traffic_returns(pools):
         slowed = time.monotonic()
         wait_until(lambda: _gate(gateway, "gpu") == "closed", "the gpu pool's gate to close", 30)
         closed = time.monotonic()
-        spill_start = decisions().get("cpu/spill", 0)
+        at_close = decisions()
+        spill_start = at_close.get("cpu/spill", 0)
         settle = closed + 1.0  # requests already queued at the gpu pool when it slowed finish meanwhile
         wait_until(lambda: time.monotonic() > settle + 6.0, "6 s of slow gpu pool", 30)
         window_end = time.monotonic()
@@ -126,7 +127,9 @@ def test_slow_gpu_pool_spills_to_cpu_keeps_the_slo_and_traffic_returns(pools):
         assert p99_ms <= SLO_MS, f"p99 {p99_ms:.0f} ms over {len(latencies)} requests while spilled; objective {SLO_MS} ms"
         assert during["cpu/spill"] - spill_start >= 300
         assert during.get("gpu/probe", 0) >= 3, during  # the closed pool is measured by copies meanwhile
-        gpu_live_while_closed = during.get("gpu/preferred", 0) - before["gpu/preferred"]
+        # Counted from the moment the gate was seen closed: before it closed, live requests went to
+        # the slow pool as they should (a loaded machine took 4 s: two 2 s answers per client).
+        gpu_live_while_closed = during.get("gpu/preferred", 0) - at_close["gpu/preferred"]
         print(f"slowed at +0, gate closed after {closed - slowed:.2f} s; p99 while spilled {p99_ms:.1f} ms "
               f"over {len(latencies)} requests; {during}")
 
@@ -154,5 +157,6 @@ def test_slow_gpu_pool_spills_to_cpu_keeps_the_slo_and_traffic_returns(pools):
                          backend=gpu.grpc_address)
         assert service is not None and 0 < service < SLO_MS / 1e3 * 0.5  # fast again: below the return line
         # While closed, live requests stayed off the slow pool (only the probes' copies went there).
-        assert gpu_live_while_closed <= CLIENTS * 3, gpu_live_while_closed
+        # (A request decided just before the snapshot may be counted after it: one per client at most.)
+        assert gpu_live_while_closed <= CLIENTS, gpu_live_while_closed
         assert not gateway.loop_errors
