@@ -91,16 +91,29 @@ async def create_subprocess_exec(program, *args, stdin=None, stdout=None, stderr
     """asyncio.create_subprocess_exec, started by subprocess.Popen (see the module).
 
     stdout may be asyncio.subprocess.PIPE: it is then read through a StreamReader on this loop.
-    `options` other than these are refused, rather than silently dropped."""
+    Pipes to stdin or stderr, and `options` other than these, are refused rather than left with
+    nobody at the other end (a child writing to an unread pipe blocks once it is full)."""
     if options:
         raise TypeError(f"create_subprocess_exec: unsupported options {sorted(options)}")
+    if subprocess.PIPE in (stdin, stderr):
+        raise ValueError("create_subprocess_exec: only stdout may be a pipe; give stdin and stderr a file, "
+                         "DEVNULL or None (inherited)")
     popen = subprocess.Popen([program, *args], stdin=stdin, stdout=stdout, stderr=stderr, env=env,
                              start_new_session=start_new_session)
     reader = None
     if stdout == subprocess.PIPE:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(loop=loop)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), popen.stdout)
+        try:
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop), popen.stdout)
+        except BaseException:  # cancelled or failed: no child is left running without an owner
+            popen.kill()
+            popen.wait()
+            try:
+                popen.stdout.close()
+            except OSError:
+                pass
+            raise
     return ChildProcess(popen, reader)
 
 

@@ -9,49 +9,50 @@ runs in uvloop's child, and not in ours.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import uvloop
 
 from gateway.child_process import ChildProcess, create_subprocess_exec
+from tests.waiting import process_running
 
 
-def run(coroutine_function, *args):
-    return uvloop.run(coroutine_function(*args))
+def run(coroutine_function, *args, **kwargs):
+    return uvloop.run(coroutine_function(*args, **kwargs))
 
 
-_marks: list = []  # the folder the at-fork hook marks while the test below runs
+_BOTH_STARTS = """
+import asyncio, os, sys, uvloop
+from gateway.child_process import create_subprocess_exec
 
+marks = sys.argv[1]
+os.register_at_fork(after_in_child=lambda: open(os.path.join(marks, str(os.getpid())), "w").close())
 
-def _mark() -> None:
-    """An at-fork hook (PyOS_AfterFork_Child runs these in the child): leaves the child's pid."""
-    if _marks:
-        try:
-            open(_marks[0] / str(os.getpid()), "w").close()
-        except OSError:
-            pass
+async def start_both():
+    uv_child = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    ours = await create_subprocess_exec(sys.executable, "-c", "pass")
+    print(await uv_child.wait(), await ours.wait(), uv_child.pid, ours.pid)
 
-
-os.register_at_fork(after_in_child=_mark)  # hooks cannot be removed: it does nothing outside the test
+uvloop.run(start_both())
+"""
 
 
 def test_no_python_runs_in_the_child_before_exec(tmp_path):
+    """An at-fork hook (PyOS_AfterFork_Child runs these in a forked child) that leaves the child's
+    pid: uvloop's child runs it, ours does not. In a process of its own, so that the hook (which
+    cannot be removed) adds no Python to any other child of the test run."""
     marks = tmp_path / "marks"
     marks.mkdir()
-
-    async def start_both():
-        uv_child = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
-        ours = await create_subprocess_exec(sys.executable, "-c", "pass")
-        return await uv_child.wait(), await ours.wait(), uv_child.pid, ours.pid
-
-    _marks.append(marks)
-    try:
-        uv_status, our_status, uv_pid, our_pid = run(start_both)
-    finally:
-        _marks.clear()
+    done = subprocess.run([sys.executable, "-c", _BOTH_STARTS, str(marks)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    uv_status, our_status, uv_pid, our_pid = (int(word) for word in done.stdout.split())
     assert (uv_status, our_status) == (0, 0)
     marked = {int(name) for name in os.listdir(marks)}
     assert uv_pid in marked  # uvloop's child ran the hook: Python between fork and exec
@@ -103,3 +104,49 @@ def test_unknown_options_are_refused():
 
     with pytest.raises(TypeError, match="preexec_fn"):
         run(scenario)
+
+
+def test_wait_polls_where_there_is_no_pidfd(monkeypatch):
+    def no_pidfd(pid):
+        raise OSError(errno.ENOSYS, "no pidfd here")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+
+    async def scenario():
+        child = await create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(0.3); raise SystemExit(4)")
+        return await asyncio.wait_for(child.wait(), 10)
+
+    assert run(scenario) == 4
+
+
+def test_a_start_that_fails_after_the_child_started_leaves_no_child(monkeypatch, tmp_path):
+    """The pipe's reader cannot be set up (cancelled, say): the child is killed and reaped, not left
+    running with nobody to wait for it."""
+    pid_file = tmp_path / "pid"
+    script = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(30)"
+
+    async def refuse(self, protocol_factory, pipe):
+        for _ in range(500):  # until the child has written its pid
+            if pid_file.exists() and pid_file.read_text():
+                break
+            await asyncio.sleep(0.01)
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(asyncio.unix_events._UnixSelectorEventLoop, "connect_read_pipe", refuse)
+
+    async def scenario():
+        with pytest.raises(asyncio.CancelledError):
+            await create_subprocess_exec(sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE)
+
+    asyncio.run(scenario())  # the stdlib loop, whose connect_read_pipe is patched
+    child = int(pid_file.read_text())
+    assert not process_running(child)
+
+
+def test_pipes_for_stdin_or_stderr_are_refused():
+    async def scenario(**pipe):
+        await create_subprocess_exec(sys.executable, "-c", "pass", **pipe)
+
+    for pipe in ({"stderr": asyncio.subprocess.PIPE}, {"stdin": asyncio.subprocess.PIPE}):
+        with pytest.raises(ValueError, match="only stdout may be a pipe"):
+            run(scenario, **pipe)
