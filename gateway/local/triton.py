@@ -256,6 +256,16 @@ def _kill_leftovers() -> None:
             server.kill()
 
 
+def _group_emptied(pgid: int, seconds: float) -> bool:
+    """Wait up to `seconds` until process group `pgid` has no live member; whether it has none."""
+    deadline = time.monotonic() + seconds
+    while _group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_INTERVAL_S)
+    return True
+
+
 def _group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes in process group `pgid`, read from /proc."""
     members = []
@@ -609,11 +619,11 @@ class LocalTriton:
         """Once the server has exited: make sure no stub outlives it, remove temporary files."""
         if self._proc is not None:
             pgid = self._proc.pid
-            deadline = time.monotonic() + _STUB_EXIT_GRACE_S
-            while _group_members(pgid) and time.monotonic() < deadline:
-                time.sleep(_POLL_INTERVAL_S)
-            if _group_members(pgid):
+            if not _group_emptied(pgid, _STUB_EXIT_GRACE_S):
                 self._signal_group(signal.SIGKILL)
+                # A SIGKILL is delivered when the process next runs: wait until it has (a caller,
+                # or a restart on the same ports, must find the stubs gone when this returns).
+                _group_emptied(pgid, _STUB_EXIT_GRACE_S)
         for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
             region.unlink(missing_ok=True)
         if self._backend_dir is not None:
